@@ -1,0 +1,47 @@
+"""transformers' own BitNet model, loaded in float32, as the reference every conversion is checked against."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import ConvertError
+
+
+def load_reference(hf_dir: str | os.PathLike):
+    """`AutoModelForCausalLM.from_pretrained` on an HF BitNet folder, every floating tensor in float32.
+
+    The folder's config.json must carry its `quantization_config`: without it transformers builds plain
+    nn.Linear layers and computes no BitNet quantization (formats.md §2). transformers leaves unpacked
+    autobitlinear weights in bf16 and refuses `.float()` on quantized models, so the cast is done by hand;
+    ternary values and bf16 norms cast to float32 exactly.
+    """
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConvertError(f"{hf_dir}: transformers cannot load this reference: {str(exc).splitlines()[0]}") from exc
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(module, name, buf.float())
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if hasattr(module, "dtype") and getattr(module, "dtype", None) == torch.bfloat16:
+            module.dtype = torch.float32  # BitLinear unpacks its weights to this dtype in every forward
+    model.eval()
+    return model
+
+
+def reference_logits(model, token_ids: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] of the reference for int token ids [B, T] (no padding)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64)))
+    return out.logits.float().numpy()

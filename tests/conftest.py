@@ -1,0 +1,32 @@
+"""Test-wide settings: CPU JAX in float32, no network, and tiny checkpoints built once per session."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+from fixtures import write_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: hf_checkpoint(layout="autobitlinear", **config_overrides) -> folder of a tiny HF checkpoint.
+
+    Folders are cached per argument set for the whole session; treat them as read-only."""
+    cache = {}
+
+    def make(layout: str = "autobitlinear", seed: int = 0, **overrides):
+        key = (layout, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{layout}")
+            cache[key] = write_hf_checkpoint(folder / "model", layout, seed=seed, **overrides)
+        return cache[key]
+
+    return make
