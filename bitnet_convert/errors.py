@@ -11,3 +11,7 @@ class ConvertError(Exception):
 
 class CorruptData(ConvertError):
     """Tensor bytes that no valid writer produces (invalid ternary code, non-finite multiplier ...)."""
+
+
+class CheckFailed(ConvertError):
+    """An integrity check (`inspect --check`) found the file changed: the command exits 1, not 2."""

@@ -21,6 +21,7 @@ def load_reference(hf_dir: str | os.PathLike):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -32,7 +33,8 @@ def load_reference(hf_dir: str | os.PathLike):
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != torch.float32:
                 param.data = param.data.float()
-        if hasattr(module, "dtype") and getattr(module, "dtype", None) == torch.bfloat16:
+        # BitLinear keeps its unpack dtype as a plain attribute; PreTrainedModel.dtype is a read-only property.
+        if vars(module).get("dtype") == torch.bfloat16:
             module.dtype = torch.float32  # BitLinear unpacks its weights to this dtype in every forward
     model.eval()
     return model

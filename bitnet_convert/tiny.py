@@ -102,7 +102,7 @@ def tiny_config(
 
 
 def tiny_checkpoint(seed: int = 0, masters: bool = False, **config_overrides) -> Checkpoint:
-    """A random tiny model: ternary projections (density ~2/3) with bf16-exact multipliers ~1.5,
+    """A random tiny model: ternary projections (density ~2/3) with bf16-exact multipliers ~1/sqrt(in),
     bf16 norms near 1 and bf16 embeddings. With `masters`, projections are bf16 master weights instead."""
     tokenizer = tiny_tokenizer_files()
     vocab = json.loads(tokenizer["tokenizer.json"])
@@ -117,7 +117,9 @@ def tiny_checkpoint(seed: int = 0, masters: bool = False, **config_overrides) ->
             arrays[name] = (rng.standard_normal(shape) * 0.05).astype(BF16)
         elif kind == "ternary":
             codes = rng.choice(np.array([-1, 0, 1], np.int8), size=shape, p=[1 / 3, 1 / 3, 1 / 3])
-            multiplier = np.float32(np.float32(rng.uniform(1.0, 2.0)).astype(BF16))
+            # ~1/sqrt(fan-in) keeps every layer's output O(1), as in a trained model; with 2B4T's ~1.5 a
+            # random tiny model is chaotic and one int8 rounding tie moves its logits by percents.
+            multiplier = np.float32(np.float32(rng.uniform(0.5, 1.0) / np.sqrt(shape[1])).astype(BF16))
             arrays[name] = Ternary(codes, multiplier)
         elif len(shape) == 1:
             arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(BF16)

@@ -82,6 +82,30 @@ class ModelConfig:
                 raise
             raise ConfigError(f"config.json has a malformed value: {bad}") from None
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face `config.json` dict (without quantization_config) describing this model; for models
+        that never had a checkpoint (trained from scratch). Loaded models keep their checkpoint's own dict."""
+        return {
+            "architectures": [self.architecture],
+            "model_type": "bitnet" if self.architecture == "BitNetForCausalLM" else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+
     @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim

@@ -24,9 +24,10 @@ def pack(codes: np.ndarray) -> np.ndarray:
         raise ValueError(f"cannot pack a ternary tensor of shape {codes.shape}")
     out = codes.shape[0]
     rows = packed_rows(out)
-    biased = (codes.astype(np.int16) + 1).astype(np.uint8)
-    if biased.size and biased.max() > 2:
+    # Check the caller's values before any narrowing cast, which would wrap e.g. 65535 or 256 into a legal code.
+    if codes.size and (codes.min() < -1 or codes.max() > 1 or (codes.dtype.kind == "f" and (codes != np.round(codes)).any())):
         raise ValueError("ternary codes must be -1, 0 or +1")
+    biased = (codes.astype(np.int16) + 1).astype(np.uint8)
     if out % VALUES_PER_BYTE:  # pad with code 0 rows; unpack drops them again
         pad = np.zeros((rows * VALUES_PER_BYTE - out, *codes.shape[1:]), np.uint8)
         biased = np.concatenate([biased, pad])

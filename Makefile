@@ -1,0 +1,34 @@
+# make demo  — install into .venv if needed, then convert the built-in tiny BitNet HF -> Flax -> HF (+ npz, GGUF)
+# make test  — install into .venv if needed, then run the test suite
+# make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md (needs ~8 GB of disk and ~30 minutes)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export JAX_PLATFORMS ?= cpu
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build that lies on these machines' disk (an unpinned torch pulls CUDA)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m bitnet_convert.demo demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

@@ -1,0 +1,214 @@
+"""The `bitnet-convert` command line: a thin shell over registry, verify and inspect.
+
+Every X-to-Y command is generated from registry.FORMATS and registry.WRITER_OPTIONS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__, registry
+from .errors import CheckFailed, ConvertError
+from .verify import DEFAULT_MAX_KL, DEFAULT_MIN_TOP1, DEFAULT_RTOL, run_verify
+
+EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
+EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
+
+
+class _Cli(click.Group):
+    """Turns every error into one line on stderr and a non-zero exit; --debug keeps the traceback."""
+
+    def invoke(self, ctx):
+        # ctx.params, not sys.argv: main() may be called with its own argument list (tests, other programs)
+        debug = bool(ctx.params.get("debug")) or os.environ.get("BITNET_CONVERT_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except ConvertError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_FAILED_CHECK if isinstance(exc, CheckFailed) else EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # a bug, or input we did not foresee: still one line
+            if debug:
+                traceback.print_exc()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bitnet-convert")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def main(debug: bool) -> None:
+    """Move BitNet b1.58 models between Hugging Face, Flax, packed-ternary .npz and GGUF, and prove nothing
+    was lost.
+
+    \b
+    Example:
+      bitnet-convert hf-to-flax microsoft/bitnet-b1.58-2B-4T ./2b4t-flax
+      bitnet-convert verify ./2b4t-flax --reference microsoft/bitnet-b1.58-2B-4T
+    """
+    # Library warnings (a relu2 model exported for llama.cpp, degenerate weights) reach the user as one line each.
+    logging.basicConfig(format="warning: %(message)s", level=logging.DEBUG if debug else logging.WARNING)
+
+
+def _writer_options(fmt: str, with_defaults: bool):
+    """click options for the writer of `fmt`, from registry.WRITER_OPTIONS."""
+    decorators = []
+    for name, (choices, default, help_text) in registry.WRITER_OPTIONS[fmt].items():
+        flag = "--" + name.replace("_", "-")
+        kind = click.Choice(choices, case_sensitive=False) if choices else str
+        decorators.append(click.option(flag, name, type=kind, default=default if with_defaults else None,
+                                       show_default=with_defaults and default is not None,
+                                       help=f"[{fmt} outputs] {help_text}"))
+    return decorators
+
+
+_common_source = [
+    click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub repo id SRC."),
+]
+_common_output = [
+    click.option("--force", is_flag=True, help="Overwrite OUT if it exists."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+]
+
+
+def _apply(decorators, func):
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+_EXAMPLE_PATHS = {"hf": "./model-hf", "flax": "./model-flax", "npz": "./model.npz", "gguf": "./model.gguf"}
+
+
+def _make_pair_command(src_fmt: str, dst_fmt: str) -> None:
+    def command(src, out, revision, force, quiet, **options):
+        path = registry.convert(src, out, src_fmt, dst_fmt, revision=revision, force=force, quiet=quiet, **options)
+        click.echo(f"wrote {path}", err=True)
+
+    command.__doc__ = (
+        f"Convert a {registry.FORMATS[src_fmt][1]} SRC into a {registry.FORMATS[dst_fmt][1]} OUT.\n\n"
+        f"\b\nExample:\n  bitnet-convert {src_fmt}-to-{dst_fmt} "
+        f"{'microsoft/bitnet-b1.58-2B-4T' if src_fmt == 'hf' else _EXAMPLE_PATHS[src_fmt]} {_EXAMPLE_PATHS[dst_fmt]}"
+    )
+    params = [click.argument("src"), click.argument("out")]
+    params += _common_source + _common_output + _writer_options(dst_fmt, with_defaults=True)
+    short = f"Convert {src_fmt} SRC to {dst_fmt} OUT."
+    main.command(f"{src_fmt}-to-{dst_fmt}", short_help=short)(_apply(params, command))
+
+
+for _src in registry.FORMATS:
+    for _dst in registry.FORMATS:
+        if _src != _dst:
+            _make_pair_command(_src, _dst)
+
+
+def _all_writer_options():
+    seen, decorators = set(), []
+    for fmt in registry.FORMATS:
+        for deco, name in zip(_writer_options(fmt, with_defaults=False), registry.WRITER_OPTIONS[fmt]):
+            if name not in seen:
+                seen.add(name)
+                decorators.append(deco)
+    return decorators
+
+
+def convert_command(src, dst, src_format, dst_format, revision, force, quiet, **options):
+    """Convert SRC to DST, inferring both formats from the paths.
+
+    \b
+    Example:
+      bitnet-convert convert ./model-hf ./model.gguf --target bitnet.cpp
+      bitnet-convert convert ./model.gguf ./model-flax
+    """
+    path = registry.convert(src, dst, src_format, dst_format, revision=revision, force=force, quiet=quiet, **options)
+    click.echo(f"wrote {path}", err=True)
+
+
+main.command("convert")(_apply(
+    [click.argument("src"), click.argument("dst"),
+     click.option("--from", "src_format", type=click.Choice(list(registry.FORMATS)), default=None,
+                  help="Format of SRC (default: detected from its contents)."),
+     click.option("--to", "dst_format", type=click.Choice(list(registry.FORMATS)), default=None,
+                  help="Format of DST (default: from its name: *.gguf, *.npz, *-flax folder, other folder = hf).")]
+    + _common_source + _common_output + _all_writer_options(),
+    convert_command,
+))
+
+
+@main.command("verify")
+@click.argument("candidate")
+@click.option("--reference", "reference", required=True, help="Hugging Face checkpoint (folder or hub id) to compare with.")
+@click.option("--revision", default=None, help="Hub revision of the reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
+              help="Tolerance on the largest |logit difference|, relative to the largest |reference logit|.")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance added to rtol's.")
+@click.option("--min-top1", type=float, default=DEFAULT_MIN_TOP1, show_default=True,
+              help="Least top-1 agreement that passes.")
+@click.option("--max-kl", type=float, default=DEFAULT_MAX_KL, show_default=True,
+              help="Largest mean KL(reference || candidate) that passes.")
+def verify_command(candidate, reference, revision, as_json, rtol, atol, min_top1, max_kl):
+    """Compare CANDIDATE (any format) run in the JAX model with transformers' BitNetForCausalLM on REFERENCE.
+
+    Runs the same token batches through both (a batch of 2 sequences of 160 tokens, and shorter ones) and
+    reports the largest absolute logit difference, top-1 agreement and mean KL divergence. Exit 0 when all three
+    are within tolerance, 1 when not, 2 on bad input.
+
+    \b
+    Example:
+      bitnet-convert verify ./model.gguf --reference microsoft/bitnet-b1.58-2B-4T --json
+    """
+    result = run_verify(candidate, reference, revision=revision, rtol=rtol, atol=atol, min_top1=min_top1,
+                        max_kl=max_kl)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(result.table())
+    sys.exit(0 if result.passed else EXIT_FAILED_CHECK)
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--check", is_flag=True, help="Recompute the recorded content hash; exit 1 if it differs.")
+@click.option("--revision", default=None, help="Hub revision, when PATH is a hub repo id.")
+def inspect_command(path, as_json, check, revision):
+    """Show format, architecture, tensors (shapes, dtypes, sizes), ternary statistics and multipliers.
+
+    \b
+    Example:
+      bitnet-convert inspect ./model.gguf
+      bitnet-convert inspect --check --json ./model-flax
+
+    With --check: exit 0 when the recomputed content hash matches, 1 when it differs or a tensor holds bytes
+    no writer produces, 2 when PATH cannot be read as a checkpoint at all.
+    """
+    from .errors import CorruptData
+    from .inspect import inspect_path
+
+    try:
+        report = inspect_path(path, check=check, revision=revision)
+    except CorruptData as exc:
+        if check:  # tensor bytes no writer produces: the file changed, so the check fails (exit 1, not 2)
+            raise CheckFailed(str(exc)) from exc
+        raise
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if check and not report.check_passed:
+        sys.exit(EXIT_FAILED_CHECK)

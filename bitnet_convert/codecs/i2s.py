@@ -1,0 +1,67 @@
+"""bitnet.cpp's I2_S layout of a ternary weight (formats.md §4).
+
+The `[out, in]` matrix is flattened row-major and cut into blocks of 128 values; each block is split into four
+groups of 32, and value `32*g + p` of a block sits in byte `p` of the block's 32 bytes at shift `6 - 2*g`
+(the first group in the high bits). Codes 0, 1, 2 mean -1, 0, +1; code 3 is invalid. After the `n/4` packed
+bytes comes a 32-byte tail whose first 4 bytes are the float32 multiplier (the rest is padding, zero here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CorruptData
+
+GGML_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork; means something else in mainline ggml
+FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's fork
+BLOCK_VALUES = 128
+GROUPS = 4  # groups of 32 values per block, one 2-bit plane each
+GROUP_SIZE = BLOCK_VALUES // GROUPS
+BLOCK_BYTES = BLOCK_VALUES // 4
+TAIL_BYTES = 32
+_SHIFTS = np.array([6, 4, 2, 0], np.uint8)  # shift of group g
+
+
+def nbytes(n_values: int) -> int:
+    """Stored size of an I2_S tensor of `n_values` values: packed codes plus the 32-byte tail."""
+    return n_values // 4 + TAIL_BYTES
+
+
+def check_codes(codes: np.ndarray) -> None:
+    """ValueError unless `codes` holds integers in {-1, 0, +1}; checked in the caller's dtype, before any
+    narrowing cast could wrap a bad value (256 in int16 -> 0 in uint8) into range."""
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"ternary codes must be integers, got dtype {codes.dtype}")
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError(f"ternary codes must be -1, 0 or +1 (found values in [{codes.min()}, {codes.max()}])")
+
+
+def pack(codes: np.ndarray, multiplier) -> np.ndarray:
+    """int8 codes in {-1, 0, +1} (any shape, row-major) and a multiplier -> uint8 [n/4 + 32]."""
+    codes = np.asarray(codes)
+    if codes.size == 0 or codes.size % BLOCK_VALUES:
+        raise ValueError(f"I2_S needs a multiple of {BLOCK_VALUES} values, got {codes.size} (shape {codes.shape})")
+    check_codes(codes)
+    biased = (codes.reshape(-1, GROUPS, GROUP_SIZE) + 1).astype(np.uint8)  # [blocks, g, p], values 0..2
+    planes = biased << _SHIFTS[None, :, None]
+    packed = np.bitwise_or.reduce(planes, axis=1)  # [blocks, 32]: byte p holds group g at shift 6 - 2g
+    tail = np.zeros(TAIL_BYTES, np.uint8)
+    tail[:4] = np.frombuffer(np.float32(multiplier).astype("<f4").tobytes(), np.uint8)
+    return np.concatenate([packed.reshape(-1), tail])
+
+
+def unpack(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.float32]:
+    """uint8 [n/4 + 32] -> (int8 codes of `shape`, float32 multiplier); CorruptData on code 3 or a bad size."""
+    raw = np.asarray(raw, np.uint8).reshape(-1)
+    n = int(np.prod(shape))
+    if n % BLOCK_VALUES:
+        raise CorruptData(f"I2_S tensor of shape {list(shape)} is not a whole number of {BLOCK_VALUES}-value blocks")
+    if raw.size != nbytes(n):
+        raise CorruptData(f"I2_S tensor of shape {list(shape)} needs {nbytes(n)} bytes, found {raw.size}")
+    packed = raw[: n // 4].reshape(-1, 1, BLOCK_BYTES)
+    planes = (packed >> _SHIFTS[None, :, None]) & 3  # [blocks, g, p]
+    if (planes == 3).any():
+        raise CorruptData("I2_S weight holds the invalid code 3")
+    codes = (planes.astype(np.int8) - 1).reshape(shape)
+    multiplier = raw[n // 4 : n // 4 + 4].view("<f4")[0].astype(np.float32)
+    return codes, np.float32(multiplier)

@@ -1,0 +1,261 @@
+"""Checkpoint -> GGUF for llama.cpp (`bitnet`) or bitnet.cpp (`bitnet-b1.58`), streamed tensor by tensor.
+
+Multipliers travel exactly: for TQ1_0/TQ2_0 and the float outtypes the codes are stored with unit scale (TQ
+blocks get d = 1.0, float outtypes hold -1/0/+1) and the float32 multiplier goes into the tensor
+`blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp multiplies into the projection's output. Folding it
+into the TQ blocks' f16 `d` instead would round it to 11 bits. I2_S keeps the float32 multiplier in its own
+tail, as bitnet.cpp reads it.
+
+gguf-py writes the header, the key/values and every tensor's info before any data, so the content hash
+(integrity.TensorHasher over the stored bytes, in file order) is not known when the provenance key is written.
+The key holds a fixed-width placeholder that is overwritten in the temporary file once the data is out,
+before atomic_path renames it into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from .. import integrity, validate
+from ..atomic import atomic_path
+from ..checkpoint import Checkpoint, TensorEntry, Ternary
+from ..codecs import i2s, tq
+from ..errors import ConvertError
+from ..names import hf_to_gguf, is_projection
+from ..progress import progress_bar
+from . import gguf_tokenizer
+from .gguf_types import (
+    EMBED_TYPES,
+    KEY_HIDDEN_ACT,
+    KEY_MULTIPLIER_SOURCE,
+    KEY_PROVENANCE,
+    MODEL_KEYS,
+    OUTTYPES,
+    SCALE_SUFFIX,
+    TARGETS,
+    I2_S,
+    OutType,
+)
+from .hf import as_ternary
+
+log = logging.getLogger("bitnet_convert")
+T = GGMLQuantizationType
+NAME = "gguf"
+HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
+QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One GGUF tensor as gguf-py's add_tensor_info wants it, and how to make its bytes."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    array_shape: tuple[int, ...]  # shape of the array handed to gguf-py (bytes for block types)
+    array_dtype: np.dtype
+    nbytes: int
+    produce: Callable[[], np.ndarray] = dataclasses.field(repr=False, compare=False)
+
+
+def write(
+    ckpt: Checkpoint,
+    out: str,
+    *,
+    force: bool = False,
+    quiet: bool = True,
+    target: str = "llama.cpp",
+    outtype: str | None = None,
+    embed_type: str = "f16",
+) -> Path:
+    """Write `ckpt` as one GGUF file for `target` ("llama.cpp" or "bitnet.cpp").
+
+    outtype: projections as tq1_0 | tq2_0 (llama.cpp) | i2_s (bitnet.cpp) | f16 | bf16 | f32; default tq2_0 for
+        llama.cpp, i2_s for bitnet.cpp. embed_type: token embeddings as f16 | bf16 | f32 | q8_0.
+    """
+    if target not in TARGETS:
+        raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
+    tgt = TARGETS[target]
+    outtype = outtype or tgt.default_outtype
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    kind = OUTTYPES[outtype]
+    if target not in kind.targets:
+        raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
+    if embed_type not in EMBED_TYPES:
+        raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
+    where = str(ckpt.provenance.get("source") or "checkpoint")
+    cfg = validate.check_tensors(ckpt, where)
+    if not cfg.sub_norms:
+        raise ConvertError(f"{where}: {cfg.architecture} has no sub-norms; the GGUF bitnet graphs need them")
+    if not cfg.tie_word_embeddings:
+        raise ConvertError(f"{where}: untied lm_head; {target}'s BitNet graph always ties the output to token_embd")
+    if cfg.hidden_act != "silu" and target == "llama.cpp":
+        log.warning(
+            "%s: this model uses %s but llama.cpp's bitnet graph computes SiLU in the FFN: its outputs will be wrong",
+            where, cfg.hidden_act,
+        )
+    vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
+    plan = _plan(ckpt, kind, EMBED_TYPES[embed_type], where)
+
+    record = integrity.provenance_record(
+        ckpt.provenance, HASH_PLACEHOLDER, NAME, target=target, outtype=outtype, embed_type=embed_type,
+        hidden_act=cfg.hidden_act,
+    )
+    with atomic_path(out, force=force) as tmp:
+        writer = GGUFWriter(tmp, tgt.architecture)
+        try:
+            _add_model_keys(writer, tgt, kind, cfg, ckpt, vocab)
+            writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
+            kv_end, digest = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
+        finally:
+            writer.close()
+        _patch_hash(tmp, kv_end, digest)
+    return Path(out)
+
+
+def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quiet: bool) -> tuple[int, str]:
+    """Header, key/values, tensor infos, then the data one tensor at a time; returns (end of KVs, content hash)."""
+    for t in plan:
+        writer.add_tensor_info(t.name, t.array_shape, t.array_dtype, t.nbytes, raw_dtype=t.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    kv_end = writer.fout[0].tell()
+    writer.write_ti_data_to_file()
+    hasher = integrity.TensorHasher()
+    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
+        for t in plan:
+            data = np.ascontiguousarray(t.produce())
+            if data.nbytes != t.nbytes:  # a bug here would shift every later tensor's offset
+                raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+            hasher.add(t.name, data)
+            writer.write_tensor_data(data)
+            bar.update(t.nbytes)
+    return kv_end, hasher.hexdigest()
+
+
+def _add_model_keys(writer: GGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
+    arch = tgt.architecture
+    writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
+    writer.add_file_type(int(kind.file_type))
+    if kind.ggml_type not in (T.F16, T.BF16, T.F32):
+        writer.add_quantization_version(QUANTIZATION_VERSION)
+    values = {
+        "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+    }
+    for field, (key, vtype) in MODEL_KEYS.items():
+        add = writer.add_uint32 if vtype == "u32" else writer.add_float32
+        add(f"{arch}.{key}", values[field])
+    if tgt.vocab_and_rope_dims:
+        writer.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+        writer.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp assumes hidden / heads otherwise
+        writer.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
+        writer.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+    writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
+    writer.add_string(KEY_MULTIPLIER_SOURCE, "scale_tensor" if kind.scale_tensor else "i2_s_tail")
+    if vocab is not None:
+        vocab.add_to(writer)
+
+
+def _plan(ckpt: Checkpoint, kind: OutType, embed_type, where: str) -> list[StoredTensor]:
+    """Every stored tensor in file order; each checkpoint entry is loaded once, when its first tensor is due."""
+    plan: list[StoredTensor] = []
+    for entry in ckpt:
+        name = hf_to_gguf(entry.name)
+        if is_projection(entry.name):
+            plan += _projection(entry, name, kind, where)
+        elif len(entry.shape) == 1:
+            plan.append(_float_tensor(entry, name, T.F32, where))
+        else:
+            plan.append(_float_tensor(entry, name, embed_type, where))
+    return plan
+
+
+def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> StoredTensor:
+    shape = tuple(entry.shape)
+    if ggml_type in (T.F32, T.F16):
+        dtype = np.dtype(np.float32 if ggml_type == T.F32 else np.float16)
+        array_shape, nbytes = shape, int(np.prod(shape)) * dtype.itemsize
+    else:
+        _check_blocks(shape, ggml_type, name, where)
+        dtype = np.dtype(np.uint8)
+        array_shape = quants.quant_shape_to_byte_shape(shape, ggml_type)
+        nbytes = int(np.prod(array_shape))
+
+    def produce() -> np.ndarray:
+        value = entry.load()
+        if isinstance(value, Ternary):
+            raise ConvertError(f"{where}: tensor {entry.name} should be a plain array, found ternary")
+        return _encode_float(np.asarray(value, np.float32), ggml_type, name, where)
+
+    return StoredTensor(name, ggml_type, array_shape, dtype, nbytes, produce)
+
+
+def _encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.ndarray:
+    if ggml_type == T.F16 and np.abs(values).max(initial=0) > F16_MAX:
+        raise ConvertError(f"{where}: {name} has values beyond the float16 range; use an embedding type of bf16 or f32")
+    return quants.quantize(values, ggml_type)  # BF16 rounds to nearest even like ggml: bf16 sources pass unchanged
+
+
+def _check_blocks(shape, ggml_type, name: str, where: str) -> None:
+    block = quants.GGML_QUANT_SIZES[ggml_type][0]
+    if shape[-1] % block:
+        raise ConvertError(
+            f"{where}: {name} has rows of {shape[-1]} values; {ggml_type.name} needs a multiple of {block} "
+            "(choose a float outtype)"
+        )
+
+
+def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> list[StoredTensor]:
+    """The weight (codes) and, unless the multiplier lives in an I2_S tail, its `.scale` tensor."""
+    shape = tuple(entry.shape)
+    loaded: dict[str, Ternary] = {}  # the weight's producer loads; the scale's producer (next in file) reads
+
+    def ternary() -> Ternary:
+        value = as_ternary(entry.load())
+        loaded["value"] = value
+        return value
+
+    t = kind.ggml_type
+    if t == I2_S:
+        if int(np.prod(shape)) % i2s.BLOCK_VALUES:
+            raise ConvertError(f"{where}: {name} has {int(np.prod(shape))} values, I2_S needs a multiple of 128")
+        weight = StoredTensor(
+            name, t, quants.quant_shape_to_byte_shape(shape, t), np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))),
+            lambda: (lambda v: i2s.pack(v.codes, v.multiplier))(ternary()),
+        )
+        return [weight]
+    if t in (T.TQ1_0, T.TQ2_0):
+        _check_blocks(shape, t, name, where)
+        byte_shape = quants.quant_shape_to_byte_shape(shape, t)
+        weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                              lambda: tq.pack(ternary().codes, t))
+    else:
+        weight = _float_tensor(dataclasses.replace(entry, load=lambda: ternary().codes), name, t, where)
+    scale = StoredTensor(
+        name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32), 4,
+        lambda: np.array([loaded.pop("value").multiplier], np.float32),
+    )
+    return [weight, scale]
+
+
+def _patch_hash(path: Path, kv_end: int, digest: str) -> None:
+    """Overwrite the placeholder in the provenance key (the last key) with the real content hash."""
+    with open(path, "r+b") as fh:
+        header = fh.read(kv_end)
+        at = header.rfind(HASH_PLACEHOLDER.encode())
+        if at < 0:
+            raise AssertionError("provenance placeholder not found in the GGUF header")
+        fh.seek(at)
+        fh.write(digest.encode())

@@ -1,0 +1,178 @@
+"""Checkpoint (bitnet_convert.checkpoint) <-> BitNetForCausalLM.
+
+Loading builds an *abstract* model (`nnx.eval_shape`, nothing allocated), fills each leaf from the checkpoint
+by the name table in `state_names`, checks every shape, collects all errors and raises them together, then
+merges. Dense tensors become float32 in the model; their checkpoint dtypes are remembered on the model
+(`stored_dtypes`) so that export casts them back (bf16 -> f32 -> bf16 is exact): HF -> model -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
+import numpy as np
+from flax import nnx
+
+from bitnet_convert.checkpoint import DENSE, Checkpoint, Ternary, dense_entry, ternary_entry
+from bitnet_convert.errors import ConvertError, CorruptData
+from bitnet_convert.formats.hf import ternarize_master
+from bitnet_convert.names import expected_tensors, is_projection
+from bitnet_convert.validate import check_tensors, model_config
+
+from .bitlinear import INFERENCE, MODES, TRAINING
+from .decoding import logits  # noqa: F401  (verify calls params.logits)
+from .modeling import BitNetForCausalLM
+from .state_names import dense_key, key_path, path_key, ternary_keys
+
+MAX_ERRORS_SHOWN = 5
+
+
+def _where(ckpt: Checkpoint) -> str:
+    prov = ckpt.provenance
+    return str(prov.get("path") or prov.get("source") or "checkpoint")
+
+
+def masters_from_ternary(t: Ternary) -> np.ndarray:
+    """Float32 master weights whose absmean ternarization gives back exactly `t`'s codes and multiplier.
+
+    codes * m alone would not: its mean|W| is m times the density of non-zeros. Scaling by m / density makes
+    mean|W| = m, and |W| / m = 1 / density >= 1 rounds and clips back to 1 for every non-zero code.
+    """
+    codes = t.codes.astype(np.float32)
+    density = float(np.mean(np.abs(codes))) if codes.size else 0.0
+    if density == 0.0:
+        return np.zeros_like(codes)
+    return codes * np.float32(t.multiplier / np.float32(density))
+
+
+def _leaves(entry, mode: str) -> dict[str, np.ndarray]:
+    """State key -> host array for one checkpoint tensor, in the form `mode` holds it."""
+    value = entry.load()
+    if not is_projection(entry.name):
+        return {dense_key(entry.name): np.asarray(value)}
+    codes_key, multiplier_key = ternary_keys(entry.name)
+    if mode == TRAINING:
+        master = masters_from_ternary(value) if isinstance(value, Ternary) else np.asarray(value, np.float32)
+        return {dense_key(entry.name): master}
+    if not isinstance(value, Ternary):
+        # Master weights: quantize them as transformers' online layout does, with the host-side quantizer every
+        # format writer uses (float64 mean), so the model and converted files agree on every code.
+        value = ternarize_master(value)
+    if value.codes.size and np.abs(value.codes.astype(np.int16)).max() > 1:
+        raise CorruptData(f"tensor {entry.name} holds codes outside {{-1, 0, +1}}")
+    if not np.isfinite(value.multiplier):
+        raise CorruptData(f"tensor {entry.name} has a non-finite multiplier {value.multiplier}")
+    return {codes_key: value.codes, multiplier_key: np.asarray(value.multiplier, np.float32)}
+
+
+def _nest(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def model_from_checkpoint(ckpt: Checkpoint, *, mode: str = INFERENCE) -> BitNetForCausalLM:
+    """A ready model from any Checkpoint; raises ConvertError listing every missing or mis-shaped tensor.
+
+    mode "inference": ternary projections as int8 codes + multiplier (dense master projections are ternarized
+    on load, like transformers' online mode). mode "training": float32 master weights (ternary projections
+    become masters that ternarize back to the same codes and multiplier, see `masters_from_ternary`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    where = _where(ckpt)
+    cfg = check_tensors(ckpt, where)
+    abstract = nnx.eval_shape(lambda: BitNetForCausalLM(cfg, mode=mode))
+    graphdef, state = nnx.split(abstract)
+    leaves = {path: var.get_value() for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
+    filled: dict[tuple, jnp.ndarray] = {}
+    errors: list[str] = []
+    stored_dtypes: list[tuple[str, str]] = []
+    for entry in ckpt:
+        try:
+            arrays = _leaves(entry, mode)
+        except ConvertError as exc:
+            errors.append(str(exc))
+            continue
+        if entry.kind == DENSE:
+            stored_dtypes.append((entry.name, np.dtype(entry.dtype).name))
+        for key, array in arrays.items():
+            path = key_path(key)
+            if path not in leaves:
+                errors.append(f"tensor {entry.name}: the model has no parameter {key}")
+                continue
+            want = leaves[path]
+            if tuple(array.shape) != tuple(want.shape):
+                errors.append(f"{key} has shape {list(array.shape)}, the model expects {list(want.shape)}")
+                continue
+            filled[path] = jnp.asarray(array, dtype=want.dtype)  # bf16 -> f32 is exact
+    if not errors:  # a missing leaf is worth reporting only when no error above already explains it
+        errors = [f"nothing fills model parameter {path_key(p)}" for p in leaves if p not in filled]
+    if errors:
+        more = f" (and {len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
+        raise ConvertError(f"{where}: " + "; ".join(errors[:MAX_ERRORS_SHOWN]) + more)
+    nnx.replace_by_pure_dict(state, _nest(filled))
+    model = nnx.merge(graphdef, state)
+    model.stored_dtypes = tuple(stored_dtypes)
+    model.hf_config_json = json.dumps(ckpt.config, sort_keys=True)
+    return model
+
+
+def checkpoint_from_model(
+    model: BitNetForCausalLM,
+    *,
+    config: dict | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
+    provenance: dict | None = None,
+    keep_stored_dtypes: bool = True,
+) -> Checkpoint:
+    """The model as a lazy Checkpoint: inference models give Ternary projections, training models their dense
+    float32 masters. Each tensor is copied off the device only when a writer loads it.
+
+    Dense tensors go back to the dtype they were loaded from (`keep_stored_dtypes`, exact for a model that was
+    not trained); float32 for tensors the model did not load, or for all of them when `keep_stored_dtypes` is
+    False (use that after training, so updates smaller than a bf16 step survive).
+    """
+    if config is None:
+        config = json.loads(model.hf_config_json) if model.hf_config_json else model.config.to_hf()
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg = model_config(config, "model config")
+    state = {path_key(path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+    dtypes = dict(model.stored_dtypes) if keep_stored_dtypes else {}
+    entries = {}
+    for name, (shape, _kind) in expected_tensors(cfg).items():
+        if is_projection(name) and model.mode == INFERENCE:
+            codes_key, multiplier_key = ternary_keys(name)
+            entries[name] = ternary_entry(name, shape, _ternary_loader(state[codes_key], state[multiplier_key]))
+        else:
+            dtype = np.dtype(dtypes.get(name, "float32"))
+            entries[name] = dense_entry(name, shape, dtype, _dense_loader(state[dense_key(name)], dtype))
+    return Checkpoint(
+        config,
+        entries,
+        tokenizer_files=dict(tokenizer_files or {}),
+        provenance=dict(provenance or {"format": "bitnet_model", "source": "bitnet_model"}),
+    )
+
+
+def _ternary_loader(codes_var, multiplier_var):
+    return lambda: Ternary(np.asarray(codes_var.get_value(), np.int8), np.float32(multiplier_var.get_value()))
+
+
+def _dense_loader(var, dtype):
+    return lambda: np.asarray(var.get_value(), np.float32).astype(dtype)
+
+
+def load(path: str | os.PathLike, *, mode: str = INFERENCE, revision: str | None = None) -> BitNetForCausalLM:
+    """A ready model from any checkpoint bitnet-convert reads (HF folder or hub id, Flax folder, .npz, GGUF)."""
+    from bitnet_convert import registry
+
+    ckpt = registry.read_checkpoint(os.fspath(path), revision=revision)
+    return model_from_checkpoint(ckpt, mode=mode)

@@ -1,0 +1,754 @@
+"""Bad input gets one clear error, from every command, on every format (issue #5, part 1).
+
+Each case below builds one damaged or wrong input; `test_bad_input_is_refused_cleanly` runs it through the
+real command line (click's CliRunner, in process) with every command that reads a source:
+
+    convert SRC to each of the four formats (and GGUF for bitnet.cpp), the SRC-to-X pair command of the
+    format it claims to be, inspect, inspect --check and verify
+
+and asserts, for each: a non-zero exit, exactly one `error:` line on stderr that names the file and says what
+is wrong (the case's `why`), no traceback, nothing at the output path (no target, no `.partial-` leftover),
+and the input left byte-identical.
+
+THE LIST GROWS: every new failure found (by a user, the fuzzer, a review) becomes one more `Case` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bitnet_convert import cli
+from damage import (
+    GGUF_NORM,
+    GGUF_PROJ,
+    NORM,
+    PROJ,
+    copy,
+    gguf_kv_value_offset,
+    gguf_tensor_info_type_offset,
+    gguf_tensor_offsets,
+    lenient_writers,
+    npz_array,
+    npz_rewrite,
+    npy_bytes,
+    patch,
+    patch_tensor,
+    rewrite_safetensors_header,
+    safetensors_offsets,
+    small_checkpoint,
+    tree_digest,
+    truncate,
+    write,
+)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def bf16_bytes(value: float) -> bytes:
+    return np.array([value], np.float32).astype(BF16).tobytes()
+
+
+def f32_bytes(value: float) -> bytes:
+    return np.array([value], "<f4").tobytes()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict[str, Path]:
+    """Valid inputs of every format, written once; cases copy what they damage."""
+    root = tmp_path_factory.mktemp("good")
+    ckpt = small_checkpoint(seed=5)
+    files = {
+        "hf": write(ckpt, root / "m-hf", "hf"),
+        "hf-bitlinear": write(ckpt, root / "m-bitlinear-hf", "hf", layout="bitlinear"),
+        "flax": write(ckpt, root / "m-flax", "flax"),
+        "npz": write(ckpt, root / "m.npz", "npz"),
+        "tq2_0": write(ckpt, root / "m-tq2.gguf", "gguf", outtype="tq2_0"),
+        "i2_s": write(ckpt, root / "m-i2s.gguf", "gguf", target="bitnet.cpp"),
+        "f16": write(ckpt, root / "m-f16.gguf", "gguf", outtype="f16"),
+    }
+    return files
+
+
+# ----------------------------------------------------------------------------------------------- the cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    fmt: str | None  # the format the damaged source claims to be (for its SRC-to-X command); None: not a format
+    make: Callable[[dict[str, Path], Path], Path]  # (good files, scratch dir) -> the bad source
+    why: str  # regex the error line must match (case-insensitive): says what is wrong
+    marks: tuple = ()
+    pair_only: bool = False  # bad only for its format's own command (convert/inspect detect by content)
+
+
+def _in(tmp: Path, good: Path, name: str | None = None) -> Path:
+    return copy(good, tmp / (name or good.name))
+
+
+# --- paths that are not a checkpoint at all
+
+
+def missing_path(good, tmp):
+    return tmp / "does-not-exist"
+
+
+def missing_file_with_suffix(good, tmp):
+    return tmp / "nothing-here.gguf"
+
+
+def hub_id_not_cached(good, tmp):
+    return Path("bitnet-convert-tests/no-such-model-anywhere")
+
+
+def folder_without_config(good, tmp):
+    folder = _in(tmp, good["hf"])
+    (folder / "config.json").unlink()
+    return folder
+
+
+def empty_folder(good, tmp):
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def random_bytes_npz(good, tmp):
+    path = tmp / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    return path
+
+
+def random_bytes_gguf(good, tmp):
+    path = tmp / "noise.gguf"
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    return path
+
+
+def empty_file_gguf(good, tmp):
+    path = tmp / "empty.gguf"
+    path.write_bytes(b"")
+    return path
+
+
+def text_file(good, tmp):
+    path = tmp / "notes.txt"
+    path.write_text("not a model\n")
+    return path
+
+
+# --- Hugging Face folders
+
+
+def hf_config_not_json(good, tmp):
+    folder = _in(tmp, good["hf"])
+    (folder / "config.json").write_text('{"hidden_size": 256,')
+    return folder
+
+
+def hf_config_without_quantization(good, tmp):
+    folder = _in(tmp, good["hf"])
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hf_config_sizes_disagree(good, tmp):
+    folder = _in(tmp, good["hf"])
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 768
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def hf_config_more_layers(good, tmp):
+    folder = _in(tmp, good["hf"])
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _rename(header: dict, name: str, new: str) -> None:
+    """Rename one tensor in a safetensors header (its bytes stay: the data remains contiguous)."""
+    header[new] = header.pop(name)
+
+
+def hf_missing_tensor(good, tmp):  # renamed away: the expected name is missing, and an unexpected one is there
+    folder = _in(tmp, good["hf"])
+    rewrite_safetensors_header(folder / "model.safetensors",
+                               lambda h: _rename(h, NORM, NORM.replace("post_attention_layernorm", "renamed")))
+    return folder
+
+
+def hf_missing_weight_scale(good, tmp):
+    folder = _in(tmp, good["hf"])
+    scale = PROJ.replace(".weight", ".weight_scale")
+    rewrite_safetensors_header(folder / "model.safetensors", lambda h: _rename(h, scale, scale + "_gone"))
+    return folder
+
+
+def hf_extra_tensor(good, tmp):
+    folder = tmp / "extra-hf"
+    ckpt = small_checkpoint(seed=5)
+    arrays = ckpt.materialize()
+    arrays["model.layers.1.input_layernorm.weight"] = arrays[NORM]
+    with lenient_writers():
+        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), folder, "hf")
+    return folder
+
+
+def hf_truncated_safetensors(good, tmp):
+    folder = _in(tmp, good["hf"])
+    path = folder / "model.safetensors"
+    truncate(path, path.stat().st_size - 1000)
+    return folder
+
+
+def hf_safetensors_header_garbage(good, tmp):
+    folder = _in(tmp, good["hf"])
+    patch(folder / "model.safetensors", 8, b"\xff\xfe not json")
+    return folder
+
+
+def hf_safetensors_header_length_huge(good, tmp):
+    folder = _in(tmp, good["hf"])
+    patch(folder / "model.safetensors", 0, struct.pack("<Q", 2**62))
+    return folder
+
+
+def hf_safetensors_offsets_outside(good, tmp):
+    folder = _in(tmp, good["hf"])
+
+    def edit(header):
+        begin, end = header[NORM]["data_offsets"]
+        header[NORM]["data_offsets"] = [begin + 2**40, end + 2**40]
+
+    rewrite_safetensors_header(folder / "model.safetensors", edit)
+    return folder
+
+
+def hf_code_3(good, tmp):
+    folder = _in(tmp, good["hf"])
+    patch_tensor(folder / "model.safetensors", PROJ, b"\xff")
+    return folder
+
+
+def _hf_scale(value: float, layout: str = "hf"):
+    def make(good, tmp):
+        folder = _in(tmp, good[layout])
+        patch_tensor(folder / "model.safetensors", PROJ.replace(".weight", ".weight_scale"), bf16_bytes(value))
+        return folder
+
+    return make
+
+
+def hf_index_points_outside(good, tmp):
+    folder = _in(tmp, good["hf"])
+    names = list(safetensors_offsets(folder / "model.safetensors"))
+    index = {"metadata": {}, "weight_map": {n: "../../etc/model.safetensors" for n in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def hf_tensor_wrong_dtype(good, tmp):
+    folder = _in(tmp, good["hf"])
+
+    def edit(header):  # same bytes, read as int16 instead of bf16
+        header[NORM]["dtype"] = "I16"
+
+    rewrite_safetensors_header(folder / "model.safetensors", edit)
+    return folder
+
+
+# --- Flax folders
+
+
+def flax_missing_params(good, tmp):
+    folder = _in(tmp, good["flax"])
+    (folder / "params.safetensors").unlink()
+    return folder
+
+
+def flax_truncated(good, tmp):
+    folder = _in(tmp, good["flax"])
+    path = folder / "params.safetensors"
+    truncate(path, path.stat().st_size // 2)
+    return folder
+
+
+def flax_codes_out_of_range(good, tmp):
+    folder = _in(tmp, good["flax"])
+    patch_tensor(folder / "params.safetensors", PROJ.replace(".weight", ".codes"), b"\x02")
+    return folder
+
+
+def _flax_multiplier(value: float):
+    def make(good, tmp):
+        folder = _in(tmp, good["flax"])
+        patch_tensor(folder / "params.safetensors", PROJ.replace(".weight", ".multiplier"), f32_bytes(value))
+        return folder
+
+    return make
+
+
+def flax_config_sizes_disagree(good, tmp):
+    folder = _in(tmp, good["flax"])
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 512
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def flax_missing_multiplier(good, tmp):
+    folder = _in(tmp, good["flax"])
+    key = PROJ.replace(".weight", ".multiplier")
+    rewrite_safetensors_header(folder / "params.safetensors", lambda h: _rename(h, key, key + "_gone"))
+    return folder
+
+
+# --- .npz files
+
+
+def npz_truncated(good, tmp):
+    path = _in(tmp, good["npz"])
+    truncate(path, path.stat().st_size - 100)
+    return path
+
+
+def npz_pickled_member(good, tmp):
+    return npz_rewrite(good["npz"], tmp / "pickle.npz", pickled={"tensor/evil/data": np.array([{"a": 1}], object)})
+
+
+def npz_missing_format_member(good, tmp):
+    return npz_rewrite(good["npz"], tmp / "nofmt.npz", drop=("meta/format.json",))
+
+
+def npz_missing_config_member(good, tmp):
+    return npz_rewrite(good["npz"], tmp / "nocfg.npz", drop=("meta/config.json",))
+
+
+def npz_missing_codes_member(good, tmp):
+    return npz_rewrite(good["npz"], tmp / "nocodes.npz", drop=(f"tensor/{PROJ}/codes",))
+
+
+def npz_missing_tensor(good, tmp):  # member and index entry both gone: only the config can tell
+    index = json.loads(bytes(npz_array(good["npz"], "meta/tensors.json")))
+    index = [r for r in index if r["name"] != NORM]
+    return npz_rewrite(good["npz"], tmp / "notensor.npz", drop=(f"tensor/{NORM}/data",),
+                       replace={"meta/tensors.json": np.frombuffer(json.dumps(index).encode(), np.uint8)})
+
+
+def npz_invalid_trit_byte(good, tmp):
+    codes = npz_array(good["npz"], f"tensor/{PROJ}/codes").copy()
+    codes[7] = 250
+    return npz_rewrite(good["npz"], tmp / "trit.npz", replace={f"tensor/{PROJ}/codes": codes})
+
+
+def _npz_multiplier(value: float):
+    def make(good, tmp):
+        return npz_rewrite(good["npz"], tmp / "mult.npz",
+                           replace={f"tensor/{PROJ}/multiplier": np.array([value], "<f4")})
+
+    return make
+
+
+def npz_config_sizes_disagree(good, tmp):
+    config = json.loads(bytes(npz_array(good["npz"], "meta/config.json")))
+    config["intermediate_size"] = 1024
+    return npz_rewrite(good["npz"], tmp / "cfg.npz",
+                       replace={"meta/config.json": np.frombuffer(json.dumps(config).encode(), np.uint8)})
+
+
+def npz_member_larger_than_file(good, tmp):
+    """meta/config.json whose .npy header declares 2^40 bytes: refused from the header, not by allocating it."""
+    member = npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (2**40,)}, b"{}")
+    return npz_rewrite(good["npz"], tmp / "huge.npz", raw={"meta/config.json": member})
+
+
+# --- GGUF files
+
+
+def gguf_truncated(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    truncate(path, path.stat().st_size // 2)
+    return path
+
+
+def gguf_truncated_in_header(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    truncate(path, 100)
+    return path
+
+
+def gguf_tensor_count_huge(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, 8, struct.pack("<Q", 2**62))  # magic, version u32, then tensor count u64
+    return path
+
+
+def gguf_kv_count_huge(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, 16, struct.pack("<Q", 2**62))
+    return path
+
+
+def gguf_wrong_version(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, 4, struct.pack("<I", 99))
+    return path
+
+
+def gguf_unsupported_architecture(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    _, value_at = gguf_kv_value_offset(path, "general.architecture")
+    patch(path, value_at + 8, b"falcon")  # u64 length 6, then "bitnet"
+    return path
+
+
+def gguf_unknown_tensor_type(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, gguf_tensor_info_type_offset(path, GGUF_PROJ), struct.pack("<I", 99))
+    return path
+
+
+def gguf_unsupported_projection_type(good, tmp):
+    path = _in(tmp, good["f16"])
+    # F16 -> Q4_0: a real GGML type, but not ternary storage (and half the bytes: fits in the file)
+    patch(path, gguf_tensor_info_type_offset(path, GGUF_PROJ), struct.pack("<I", 2))
+    return path
+
+
+def gguf_unsupported_norm_type(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, gguf_tensor_info_type_offset(path, GGUF_NORM), struct.pack("<I", 24))  # F32 -> I8 (same size/4)
+    return path
+
+
+def gguf_alignment_zero(good, tmp):
+    """general.alignment = 0 (a u32 key gguf-py divides by)."""
+    from gguf import GGUFReader, GGUFWriter
+
+    import bitnet_convert.formats.gguf_types  # noqa: F401
+
+    src = GGUFReader(good["tq2_0"])
+    path = tmp / "align0.gguf"
+    writer = GGUFWriter(path, "bitnet")
+    for field in src.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        _copy_field(writer, field)
+    writer.add_uint32("general.alignment", 0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def _copy_field(writer, field):
+    from gguf import GGUFValueType
+
+    kind = field.types[0]
+    if kind == GGUFValueType.ARRAY:
+        return  # tokenizer arrays are not needed to trigger the bug
+    value = field.contents()
+    writer.add_key_value(field.name, value, kind)
+
+
+def gguf_i2s_code_3(good, tmp):
+    path = _in(tmp, good["i2_s"])
+    patch(path, gguf_tensor_offsets(path)[GGUF_PROJ], b"\xff")
+    return path
+
+
+def gguf_tq2_code_3(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, gguf_tensor_offsets(path)[GGUF_PROJ], b"\xff")
+    return path
+
+
+def gguf_f16_not_ternary(good, tmp):
+    path = _in(tmp, good["f16"])
+    patch(path, gguf_tensor_offsets(path)[GGUF_PROJ], np.array([2.5], "<f2").tobytes())
+    return path
+
+
+def _gguf_i2s_multiplier(value: float):
+    def make(good, tmp):
+        path = _in(tmp, good["i2_s"])
+        offset = gguf_tensor_offsets(path)[GGUF_PROJ]
+        n_values = 512 * 256  # ffn_up of the small model: [intermediate 512, hidden 256]
+        patch(path, offset + n_values // 4, f32_bytes(value))
+        return path
+
+    return make
+
+
+def _gguf_scale_tensor(value: float):
+    def make(good, tmp):
+        path = _in(tmp, good["tq2_0"])
+        patch(path, gguf_tensor_offsets(path)["blk.0.ffn_up.scale"], f32_bytes(value))
+        return path
+
+    return make
+
+
+def gguf_config_key_disagrees(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    type_at, value_at = gguf_kv_value_offset(path, "bitnet.feed_forward_length")
+    patch(path, value_at, struct.pack("<I", 768))
+    return path
+
+
+def gguf_missing_tensor(good, tmp):
+    path = tmp / "missing.gguf"
+    ckpt = small_checkpoint(seed=5)
+    arrays = ckpt.materialize()
+    del arrays[NORM]
+    with lenient_writers():
+        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), path, "gguf")
+    return path
+
+
+def gguf_extra_tensor(good, tmp):
+    path = tmp / "extra.gguf"
+    ckpt = small_checkpoint(seed=5)
+    arrays = ckpt.materialize()
+    arrays["model.layers.1.input_layernorm.weight"] = arrays[NORM]
+    with lenient_writers():
+        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), path, "gguf")
+    return path
+
+
+def gguf_npz_in_disguise(good, tmp):
+    return copy(good["npz"], tmp / "really-an-npz.gguf")
+
+
+_GGUF_OWNER = "formats/gguf_read.py (owner still editing)"
+
+CASES = [
+    # not a checkpoint at all
+    Case("missing-path", None, missing_path, r"no such"),
+    Case("missing-file-with-gguf-suffix", None, missing_file_with_suffix, r"no such"),
+    Case("hub-id-not-cached-offline", "hf", hub_id_not_cached, r"not in the local .*cache.*offline"),
+    Case("folder-without-config", None, folder_without_config, r"config\.json"),
+    Case("empty-folder", None, empty_folder, r"config\.json"),
+    Case("text-file", None, text_file, r"not a format"),
+    Case("random-bytes-npz", "npz", random_bytes_npz, r"not a zip|truncated"),
+    Case("random-bytes-gguf", "gguf", random_bytes_gguf, r"not a format|not a gguf"),
+    Case("empty-gguf", "gguf", empty_file_gguf, r"not a format|not a gguf"),
+    # Hugging Face folders
+    Case("hf-config-not-json", "hf", hf_config_not_json, r"config\.json.*JSON"),
+    Case("hf-config-without-quantization", "hf", hf_config_without_quantization, r"quantization_config"),
+    Case("hf-config-sizes-disagree", "hf", hf_config_sizes_disagree, r"shape .* config says"),
+    Case("hf-config-more-layers", "hf", hf_config_more_layers, r"missing tensor model\.layers\.1"),
+    Case("hf-missing-tensor", "hf", hf_missing_tensor, r"missing tensor " + re.escape(NORM)),
+    Case("hf-missing-weight-scale", "hf", hf_missing_weight_scale, r"missing tensor .*weight_scale"),
+    Case("hf-extra-tensor", "hf", hf_extra_tensor, r"unexpected tensor model\.layers\.1"),
+    Case("hf-truncated-safetensors", "hf", hf_truncated_safetensors, r"model\.safetensors.*truncated"),
+    Case("hf-safetensors-header-garbage", "hf", hf_safetensors_header_garbage, r"model\.safetensors.*not JSON"),
+    Case("hf-safetensors-header-length-huge", "hf", hf_safetensors_header_length_huge,
+         r"model\.safetensors.*header length"),
+    Case("hf-safetensors-offsets-outside-file", "hf", hf_safetensors_offsets_outside, r"model\.safetensors"),
+    Case("hf-index-points-outside-folder", "hf", hf_index_points_outside, r"index\.json.*not a plain file name"),
+    Case("hf-tensor-wrong-dtype", "hf", hf_tensor_wrong_dtype, r"int16.*floating point"),
+    Case("hf-packed-code-3", "hf", hf_code_3, r"code 3"),
+    Case("hf-weight-scale-nan", "hf", _hf_scale(float("nan")), r"weight_scale.*(nan|finite)"),
+    Case("hf-weight-scale-inf", "hf", _hf_scale(float("inf")), r"weight_scale.*(inf|finite)"),
+    Case("hf-weight-scale-zero", "hf", _hf_scale(0.0), r"weight_scale.*positive"),
+    Case("hf-weight-scale-negative", "hf", _hf_scale(-1.5), r"weight_scale.*positive"),
+    Case("hf-bitlinear-weight-scale-zero", "hf", _hf_scale(0.0, "hf-bitlinear"), r"weight_scale.*positive"),
+    Case("hf-bitlinear-weight-scale-tiny", "hf", _hf_scale(1e-39, "hf-bitlinear"), r"weight_scale.*(inverse|positive)"),
+    # Flax folders
+    Case("flax-missing-params", None, flax_missing_params, r"config\.json|not a format"),
+    Case("flax-truncated-params", "flax", flax_truncated, r"params\.safetensors.*truncated"),
+    Case("flax-config-sizes-disagree", "flax", flax_config_sizes_disagree, r"config says|head_dim|hidden"),
+    Case("flax-missing-multiplier", "flax", flax_missing_multiplier, r"multiplier"),
+    Case("flax-codes-out-of-range", "flax", flax_codes_out_of_range, r"outside"),
+    Case("flax-multiplier-nan", "flax", _flax_multiplier(float("nan")), r"multiplier.*(nan|finite)"),
+    Case("flax-multiplier-inf", "flax", _flax_multiplier(float("inf")), r"multiplier.*(inf|finite)"),
+    Case("flax-multiplier-zero", "flax", _flax_multiplier(0.0), r"multiplier.*positive"),
+    Case("flax-multiplier-negative", "flax", _flax_multiplier(-1.5), r"multiplier.*positive"),
+    # .npz files
+    Case("npz-truncated", "npz", npz_truncated, r"not a zip|truncated"),
+    Case("npz-pickled-member", "npz", npz_pickled_member, r"pickle"),
+    Case("npz-missing-format-member", "npz", npz_missing_format_member, r"meta/format\.json"),
+    Case("npz-missing-config-member", "npz", npz_missing_config_member, r"meta/config\.json"),
+    Case("npz-missing-codes-member", "npz", npz_missing_codes_member, r"missing member .*codes"),
+    Case("npz-missing-tensor", "npz", npz_missing_tensor, r"missing tensor " + re.escape(NORM)),
+    Case("npz-invalid-trit-byte", "npz", npz_invalid_trit_byte, r"invalid byte 250"),
+    Case("npz-multiplier-nan", "npz", _npz_multiplier(float("nan")), r"multiplier.*(nan|finite)"),
+    Case("npz-multiplier-inf", "npz", _npz_multiplier(float("-inf")), r"multiplier.*(inf|finite)"),
+    Case("npz-multiplier-zero", "npz", _npz_multiplier(0.0), r"multiplier.*positive"),
+    Case("npz-multiplier-negative", "npz", _npz_multiplier(-2.0), r"multiplier.*positive"),
+    Case("npz-config-sizes-disagree", "npz", npz_config_sizes_disagree, r"config says"),
+    Case("npz-member-header-larger-than-file", "npz", npz_member_larger_than_file, r"bytes|size|truncated"),
+    # GGUF files
+    Case("gguf-truncated-data", "gguf", gguf_truncated, r"truncated"),
+    Case("gguf-truncated-header", "gguf", gguf_truncated_in_header, r"truncated|corrupt"),
+    Case("gguf-tensor-count-huge", "gguf", gguf_tensor_count_huge, r"truncated|corrupt"),
+    Case("gguf-kv-count-huge", "gguf", gguf_kv_count_huge, r"truncated|corrupt"),
+    Case("gguf-unsupported-version", "gguf", gguf_wrong_version, r"version|corrupt"),
+    Case("gguf-unsupported-architecture", "gguf", gguf_unsupported_architecture, r"architecture 'falcon'"),
+    Case("gguf-unknown-tensor-type", "gguf", gguf_unknown_tensor_type, r"unsupported tensor type|99"),
+    Case("gguf-unsupported-projection-type", "gguf", gguf_unsupported_projection_type, r"Q4_0"),
+    Case("gguf-unsupported-norm-type", "gguf", gguf_unsupported_norm_type, r"I8|not one of"),
+    Case("gguf-alignment-zero", "gguf", gguf_alignment_zero, r"alignment|corrupt"),
+    Case("gguf-i2s-code-3", "gguf", gguf_i2s_code_3, r"code 3"),
+    Case("gguf-tq2-code-3", "gguf", gguf_tq2_code_3, r"code 3"),
+    Case("gguf-f16-projection-not-ternary", "gguf", gguf_f16_not_ternary, r"not a ternary tensor"),
+    Case("gguf-i2s-multiplier-nan", "gguf", _gguf_i2s_multiplier(float("nan")), r"multiplier.*(nan|finite)"),
+    Case("gguf-i2s-multiplier-zero", "gguf", _gguf_i2s_multiplier(0.0), r"multiplier.*positive"),
+    Case("gguf-i2s-multiplier-negative", "gguf", _gguf_i2s_multiplier(-1.0), r"multiplier.*positive"),
+    Case("gguf-scale-tensor-inf", "gguf", _gguf_scale_tensor(float("inf")), r"(inf|finite)"),
+    Case("gguf-scale-tensor-zero", "gguf", _gguf_scale_tensor(0.0), r"multiplier.*positive"),
+    Case("gguf-config-key-disagrees", "gguf", gguf_config_key_disagrees, r"config says"),
+    Case("gguf-missing-tensor", "gguf", gguf_missing_tensor, r"missing tensor " + re.escape(NORM)),
+    Case("gguf-extra-tensor", "gguf", gguf_extra_tensor, r"unexpected tensor model\.layers\.1"),
+    Case("npz-named-gguf-given-to-gguf-to-flax", "gguf", gguf_npz_in_disguise, r"not a gguf", pair_only=True),
+    Case("gguf-given-to-npz-to-flax", "npz", lambda good, tmp: copy(good["tq2_0"], tmp / "m.gguf"),
+         r"not a zip", pair_only=True),
+    Case("npz-given-to-hf-to-flax", "hf", lambda good, tmp: copy(good["npz"], tmp / "m.npz"), r"found a file",
+         pair_only=True),
+    Case("hf-folder-given-to-flax-to-npz", "flax", lambda good, tmp: copy(good["hf"], tmp / "m-hf"),
+         r"not a Flax folder", pair_only=True),
+]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def commands(src: str, fmt: str | None, out: Path, reference: Path) -> list[tuple[list[str], Path | None]]:
+    """(argv, output path or None) for every command that reads `src`."""
+    runs = [
+        (["convert", src, str(out / "m.npz")], out / "m.npz"),
+        (["convert", src, str(out / "m.gguf")], out / "m.gguf"),
+        (["convert", src, str(out / "m-i2s.gguf"), "--target", "bitnet.cpp"], out / "m-i2s.gguf"),
+        (["convert", src, str(out / "m-hf")], out / "m-hf"),
+        (["convert", src, str(out / "m-flax")], out / "m-flax"),
+        (["inspect", src], None),
+        (["inspect", "--check", src], None),
+        (["verify", src, "--reference", str(reference)], None),
+    ]
+    if fmt is not None:
+        dst = "flax" if fmt != "flax" else "npz"
+        target = out / ("m-pair.npz" if dst == "npz" else "m-pair-flax")
+        runs.append(([f"{fmt}-to-{dst}", src, str(target)], target))
+    return runs
+
+
+def run_cli(argv: list[str]):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(cli.main, argv, catch_exceptions=True)
+
+
+def check_refused(argv: list[str], mentions: str, why: str, out: Path, target: Path | None) -> list[str]:
+    """Problems with one run, as strings (empty when it behaved)."""
+    result = run_cli(argv)
+    problems = []
+    stderr = result.stderr
+    errors = [line for line in stderr.splitlines() if line.lower().startswith("error:")]
+    if result.exit_code == 0:
+        problems.append("exit code 0")
+    if not isinstance(result.exception, (SystemExit, type(None))):
+        problems.append(f"exception escaped: {type(result.exception).__name__}: {result.exception}")
+    if "Traceback" in stderr or "Traceback" in result.stdout:
+        problems.append("traceback printed")
+    if len(errors) != 1:
+        problems.append(f"{len(errors)} error lines")
+    line = errors[0] if errors else ""
+    if mentions not in line:
+        problems.append(f"error does not name {mentions}")
+    if not re.search(why, line, re.IGNORECASE):
+        problems.append(f"error does not match /{why}/")
+    if len(line) > 400:
+        problems.append(f"error line of {len(line)} characters")
+    if target is not None and target.exists():
+        problems.append(f"{target.name} exists")
+    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
+    if leftovers:
+        problems.append(f"left in the output folder: {leftovers}")
+    if not problems:
+        return []
+    return [f"{argv[0]} -> {'; '.join(problems)}   [{line or stderr.strip()[-200:]}]"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_refused_cleanly(case: Case, good, tmp_path):
+    scratch = tmp_path / "in"
+    scratch.mkdir()
+    src = case.make(good, scratch)
+    before = tree_digest(src)
+    problems = []
+    runs = commands(str(src), case.fmt, tmp_path / "out", good["hf"])
+    for argv, target in runs[-1:] if case.pair_only else runs:
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        problems += check_refused(argv, str(src), case.why, out, target)
+        for leftover in out.iterdir():  # keep the next command's check independent of this one's failure
+            leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover)
+    assert tree_digest(src) == before, "the input was modified"
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------- requests, not files
+
+
+@pytest.mark.parametrize(
+    "argv, why",
+    [
+        (["convert", "{src}", "{out}/m.npz", "--to", "xyz"], r"invalid value for '--to'.*'xyz'"),
+        (["convert", "{src}", "{out}/m.npz", "--from", "safetensors"], r"invalid value for '--from'.*'safetensors'"),
+        (["convert", "{src}", "{out}/model.bin"], r"model\.bin.*cannot tell the output format"),
+        (["convert", "{src}", "{out}/m.npz", "--outtype", "tq2_0"], r"--outtype does not apply to npz"),
+        (["convert", "{src}", "{out}/m.gguf", "--target", "bitnet.cpp", "--outtype", "tq2_0"],
+         r"tq2_0 is for llama\.cpp, not bitnet\.cpp"),
+        (["convert", "{src}", "{out}/missing-folder/m.npz"], r"missing-folder.*does not exist"),
+        (["hf-to-npz", "{src}", "{out}/m.npz", "--revision", "main"], r"--revision applies to"),
+    ],
+    ids=["unknown-to", "unknown-from", "unknown-suffix", "option-of-other-format", "outtype-for-other-target",
+         "output-parent-missing", "revision-on-local-folder"],
+)
+def test_bad_requests_are_refused_cleanly(argv, why, good, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.format(src=good["hf"], out=out) for a in argv]
+    result = run_cli(argv)
+    errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error:")]
+    assert result.exit_code != 0
+    assert len(errors) == 1, result.stderr
+    assert re.search(why, errors[0], re.IGNORECASE), errors[0]
+    assert "Traceback" not in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_reference_that_is_not_a_checkpoint_is_refused_by_verify(good, tmp_path):
+    result = run_cli(["verify", str(good["npz"]), "--reference", str(tmp_path / "nowhere")])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.stderr
+    assert str(tmp_path / "nowhere") in errors[0]
+
+
+def test_debug_shows_the_traceback(good, tmp_path):
+    folder = hf_code_3(good, tmp_path)
+    quiet = run_cli(["inspect", str(folder)])
+    loud = run_cli(["--debug", "inspect", str(folder)])
+    assert quiet.exit_code == loud.exit_code == 2
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr and "CorruptData" in loud.stderr
+    assert loud.stderr.rstrip().splitlines()[-1].startswith("error:")  # the one line still ends the output

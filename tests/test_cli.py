@@ -1,0 +1,89 @@
+"""The command table: every X-to-Y pair, `convert` inference, help texts with examples."""
+
+import itertools
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bitnet_convert import registry
+from bitnet_convert.checkpoint import Ternary
+from bitnet_convert.cli import main
+from bitnet_convert.errors import ConvertError
+
+PAIRS = [f"{a}-to-{b}" for a, b in itertools.permutations(registry.FORMATS, 2)]
+
+
+def test_all_twelve_pair_commands_exist():
+    assert len(PAIRS) == 12
+    assert set(PAIRS) <= set(main.commands)
+
+
+@pytest.mark.parametrize("command", [*PAIRS, "convert", "verify", "inspect", "generate"])
+def test_every_command_has_help_with_an_example(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output and "bitnet-convert" in result.output
+
+
+@pytest.mark.parametrize(
+    "path, fmt",
+    [("out.gguf", "gguf"), ("a/b/model.NPZ", "npz"), ("x-flax", "flax"), ("x.flax", "flax"), ("x_flax", "flax"),
+     ("model-hf", "hf"), ("2b4t", "hf")],
+)
+def test_output_format_inferred_from_the_name(path, fmt):
+    assert registry.infer_output_format(path) == fmt
+
+
+def test_output_format_that_cannot_be_inferred_is_an_error():
+    with pytest.raises(ConvertError, match="--to"):
+        registry.infer_output_format("model.bin")
+
+
+def _codes(ckpt):
+    return {e.name: e.load().codes for e in ckpt if e.kind == "ternary"}
+
+
+def test_convert_chain_infers_formats_and_keeps_every_code(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("autobitlinear")
+    runner = CliRunner()
+    chain = [str(src), str(tmp_path / "m.gguf"), str(tmp_path / "m.npz"), str(tmp_path / "m-flax"),
+             str(tmp_path / "m-hf")]
+    for a, b in zip(chain, chain[1:]):
+        result = runner.invoke(main, ["convert", a, b, "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert [registry.detect_input_format(p) for p in chain] == ["hf", "gguf", "npz", "flax", "hf"]
+    first, last = registry.read_checkpoint(chain[0]), registry.read_checkpoint(chain[-1])
+    for name, codes in _codes(first).items():
+        np.testing.assert_array_equal(codes, _codes(last)[name])
+        assert first[name].load().multiplier == last[name].load().multiplier
+
+
+def test_writer_options_only_apply_to_their_format(hf_checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(hf_checkpoint()), str(tmp_path / "m.npz"), "--target", "bitnet.cpp"])
+    assert result.exit_code == 2
+    assert "--target does not apply to npz outputs" in result.output
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_pair_command_passes_writer_options(hf_checkpoint, tmp_path):
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(main, ["hf-to-gguf", str(hf_checkpoint()), str(out), "--target", "bitnet.cpp", "-q"])
+    assert result.exit_code == 0, result.output
+    from gguf import GGUFReader
+
+    reader = GGUFReader(out)
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "bitnet-b1.58"
+    assert any(t.tensor_type == 36 for t in reader.tensors)  # I2_S
+
+
+def test_refuses_to_overwrite_without_force(hf_checkpoint, tmp_path):
+    out = tmp_path / "m.npz"
+    out.write_bytes(b"precious")
+    result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"precious"
+    result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "--force", "-q"])
+    assert result.exit_code == 0
+    assert isinstance(registry.read_checkpoint(str(out))["model.layers.0.mlp.up_proj.weight"].load(), Ternary)
