@@ -250,7 +250,7 @@ def _floor(case: Case) -> str:
 
 
 def text_table(cases: Sequence[Case], baseline: Case) -> str:
-    head = (f"{'command':<34} {'wall s':>7} {'x cp':>6} {'peak RSS':>9} {'anon':>6} {'file':>6} "
+    head = (f"{'command':<34} {'wall s':>7} {'x base':>6} {'peak RSS':>9} {'anon':>6} {'file':>6} "
             f"{'output MB':>10}  {'floor':<18} verdict")
     lines = [head, "-" * len(head)]
     for case, row in zip(cases, rows(cases, baseline)):

@@ -165,19 +165,60 @@ def main(argv=None) -> int:
     cases = [cp, cp_sync, *conversions]
     log(f"input {src} ({src.stat().st_size:,} bytes); {args.repeat} round(s); baseline {args.baseline}")
     harness.run_cases(cases, warm=str(src), repeat=args.repeat, env=child_env(), log=log,
-                      keep_outputs=args.keep_outputs, timeout=args.timeout)
+                      keep_outputs=args.keep_outputs or bool(args.variant), timeout=args.timeout)
+    different = compare_variants(conversions, log) if args.variant else []
+    if args.variant and not args.keep_outputs:
+        for case in cases:
+            harness.remove(case.output)
     baseline = cp_sync if args.baseline == "cp+fsync" else cp
     extra = generate_cases(args, ckpt)  # noqa: F841  (hook: see generate_cases)
 
     print(harness.text_table(cases, baseline), file=sys.stderr)
-    md = markdown(cases, baseline, info, args)
+    md = markdown([c for c in cases if "[" not in c.label], baseline, info, args)  # variants: stderr table only
     print(md)
     if args.update:
         update_file(Path(args.update), md)
-    failed = harness.failures(cases, baseline)
+    failed = harness.failures(cases, baseline) + different
     for line in failed:
         log(f"FLOOR MISSED: {line}")
     return 1 if failed else 0
+
+
+def _files(path: Path) -> dict[str, Path]:
+    if path.is_dir():
+        return {str(p.relative_to(path)): p for p in sorted(path.rglob("*")) if p.is_file()}
+    return {"": path} if path.is_file() else {}
+
+
+def _same_file(a: Path, b: Path, block: int = 1 << 24) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(block), fb.read(block)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def compare_variants(conversions, log) -> list[str]:
+    """Each variant's output must be byte-identical to the plain run's (the provenance record may differ in
+    producer_version only if the variant says so; it does not here)."""
+    plain = {c.label: c for c in conversions if "[" not in c.label}
+    problems = []
+    for case in conversions:
+        if "[" not in case.label:
+            continue
+        ref = plain.get(case.label.split(" [")[0])
+        if ref is None or not ref.ok or not case.ok:
+            continue
+        a, b = _files(Path(ref.output)), _files(Path(case.output))
+        bad = sorted(set(a) ^ set(b)) + [k for k in sorted(set(a) & set(b)) if not _same_file(a[k], b[k])]
+        log(f"{case.label}: output {'identical to the plain run' if not bad else 'DIFFERS: ' + ', '.join(bad)}")
+        if bad:
+            problems.append(f"{case.label}: output differs from the plain run ({', '.join(bad)})")
+    return problems
 
 
 def markdown(cases, baseline, info: dict, args) -> str:

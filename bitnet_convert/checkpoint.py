@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConvertError
+from .errors import ConvertError, CorruptData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,39 @@ class Ternary:
         return (self.codes.astype(dtype) * dtype(self.multiplier)).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedTernary:
+    """A ternary weight in the bytes a source stores it in, for writers that can transcode them directly into
+    their own layout without making int8 codes (4x the memory, and time). Its bytes are *not* checked yet: the
+    codec that reads them raises CorruptData on an invalid code; `transcode` adds `where` to that message.
+
+    layout "hf2bit": uint8 [ceil(out/4), in] in transformers' `pack_weights` layout (codecs/hf2bit.py).
+    """
+
+    layout: str
+    data: np.ndarray
+    multiplier: np.float32
+    where: str  # the file and tensor, for error messages
+
+    def transcode(self, codec: Callable[..., np.ndarray], *args) -> np.ndarray:
+        """codec(data, *args), with CorruptData naming the file and tensor."""
+        try:
+            return codec(self.data, *args)
+        except CorruptData as exc:
+            raise CorruptData(f"{self.where}: {exc}") from None
+
+
+class PackedLoader:
+    """A TERNARY entry's `load` that can also return the weight as stored (`packed()`): see TensorEntry."""
+
+    def __init__(self, load: Callable[[], Ternary], packed: Callable[[], PackedTernary]):
+        self._load = load
+        self.packed = packed
+
+    def __call__(self) -> Ternary:
+        return self._load()
+
+
 TERNARY = "ternary"  # TensorEntry.kind of a projection held as codes + multiplier
 DENSE = "dense"  # TensorEntry.kind of any plain array (norms, embeddings, float master weights)
 
@@ -54,6 +87,15 @@ class TensorEntry:
     kind: str  # TERNARY or DENSE
     dtype: np.dtype | None  # stored dtype of a DENSE tensor (bf16 is ml_dtypes.bfloat16); None for TERNARY
     load: Callable[[], Ternary | np.ndarray] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def load_packed(self) -> Callable[[], PackedTernary] | None:
+        """The stored packed bytes of a TERNARY entry whose `load` is a PackedLoader, else None.
+
+        It lives on `load` so that an entry whose `load` is replaced (by a wrapper that checks, logs or fails)
+        loses it: a writer can never go around such a wrapper. Wrappers that mean to keep it wrap both.
+        """
+        return self.load.packed if isinstance(self.load, PackedLoader) else None
 
     @property
     def nbytes_hint(self) -> int:

@@ -212,3 +212,36 @@ def inspect_command(path, as_json, check, revision):
         click.echo(f"warning: {warning}", err=True)
     if check and not report.check_passed:
         sys.exit(EXIT_FAILED_CHECK)
+
+
+@main.command("generate")
+@click.argument("src")
+@click.option("--prompt", default=None, help="Prompt text (needs the checkpoint's tokenizer.json).")
+@click.option("--prompt-ids", default=None, help='Prompt as token ids separated by spaces, e.g. "128000 1502 25".')
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most tokens to generate.")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (the default without --temperature).")
+@click.option("--temperature", type=float, default=None, help="Sample from softmax(logits / T).")
+@click.option("--top-p", type=float, default=None, help="Sample among the most likely tokens up to this total probability.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (same seed, same text).")
+@click.option("--revision", default=None, help="Hub revision, when SRC is a hub repo id.")
+@click.option("--stats", is_flag=True, help="Print prefill time and decode speed to stderr.")
+def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats):
+    """Generate text from SRC (any format) with the JAX model, streaming it to stdout as it is produced.
+
+    Projections stay 2-bit packed in memory and compute exact W1.58A8 arithmetic. Stops at an end-of-sequence
+    token. Without a tokenizer in SRC, the prompt is --prompt-ids and the output is token ids.
+
+    \b
+    Example:
+      bitnet-convert generate ./2b4t-flax --prompt "User: How are you?<|eot_id|>Assistant: " --max-new-tokens 64
+      bitnet-convert generate ./model.gguf --prompt-ids "128000 1502 25" --temperature 0.7 --top-p 0.9 --seed 1
+    """
+    from .generate import run_generate
+
+    def write(text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    run_generate(src, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=greedy,
+                 temperature=temperature, top_p=top_p, seed=seed, revision=revision, write=write,
+                 stats=(lambda line: click.echo(line, err=True)) if stats else None)

@@ -8,16 +8,38 @@ import numpy as np
 
 from bitnet_model.config import ConfigError, ModelConfig
 
-from .checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary
+from .checkpoint import TERNARY, Checkpoint, PackedLoader, PackedTernary, TensorEntry, Ternary
+from .codecs import hf2bit
 from .errors import ConvertError, CorruptData
 from .names import expected_tensors
 
 
+# Far beyond any real model; a corrupt or hostile config.json claiming more would make `expected_tensors`
+# list billions of names (it loops over the layers) before the tensors could disprove it.
+MAX_LAYERS = 4096
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 def model_config(config: dict, where: str) -> ModelConfig:
+    """The model's hyper-parameters, refused with `where` named unless they can describe a real model."""
     try:
-        return ModelConfig.from_hf(config)
+        cfg = ModelConfig.from_hf(config)
     except ConfigError as exc:
         raise ConvertError(f"{where}: {exc}") from None
+    except ZeroDivisionError:  # head_dim derived as hidden_size // num_attention_heads
+        raise ConvertError(f"{where}: num_attention_heads is 0") from None
+    for name in _SIZES:
+        if getattr(cfg, name) <= 0:
+            raise ConvertError(f"{where}: {name} is {getattr(cfg, name)}, expected a positive integer")
+    if cfg.num_hidden_layers > MAX_LAYERS:
+        raise ConvertError(f"{where}: num_hidden_layers is {cfg.num_hidden_layers}, more than any real model "
+                           f"(at most {MAX_LAYERS})")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = getattr(cfg, name)
+        if not (np.isfinite(value) and value > 0):
+            raise ConvertError(f"{where}: {name} is {value}, expected a finite positive number")
+    return cfg
 
 
 def check_tensors(ckpt: Checkpoint, where: str) -> ModelConfig:
@@ -60,6 +82,21 @@ def check_loaded(entry: TensorEntry, value, where: str) -> None:
         raise CorruptData(f"{where}: tensor {entry.name} loaded with shape {list(shape)}, expected {list(entry.shape)}")
 
 
+def check_packed(entry: TensorEntry, value: PackedTernary, where: str) -> None:
+    """`check_loaded` for a weight handed out as stored: the multiplier, and the packed shape of its layout
+    (its codes are checked by the codec that reads them)."""
+    multiplier = value.multiplier
+    if not (np.isfinite(multiplier) and multiplier > 0):
+        raise CorruptData(f"{where}: tensor {entry.name} has the multiplier {multiplier} "
+                          "(expected a finite positive number)")
+    if value.layout != "hf2bit" or len(entry.shape) != 2:
+        raise ConvertError(f"{where}: tensor {entry.name}: unknown packed layout {value.layout!r}")
+    expected = (hf2bit.packed_rows(entry.shape[0]), entry.shape[1])
+    if value.data.dtype != np.uint8 or tuple(value.data.shape) != expected:
+        raise CorruptData(f"{where}: tensor {entry.name} loaded packed as {value.data.dtype}{list(value.data.shape)}, "
+                          f"expected uint8{list(expected)}")
+
+
 def checked(ckpt: Checkpoint, where: str) -> Checkpoint:
     """The same checkpoint, each of whose entries runs `check_loaded` on what it loads (the registry's guard)."""
 
@@ -69,6 +106,15 @@ def checked(ckpt: Checkpoint, where: str) -> Checkpoint:
             check_loaded(entry, value, where)
             return value
 
-        return dataclasses.replace(entry, load=load)
+        packed = entry.load_packed
+        if packed is None:
+            return dataclasses.replace(entry, load=load)
+
+        def load_packed() -> PackedTernary:
+            value = packed()
+            check_packed(entry, value, where)
+            return value
+
+        return dataclasses.replace(entry, load=PackedLoader(load, load_packed))
 
     return dataclasses.replace(ckpt, tensors={name: guard(e) for name, e in ckpt.tensors.items()})

@@ -51,6 +51,8 @@ class ModelConfig:
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
+            if heads <= 0:
+                raise ConfigError(f"num_attention_heads is {heads}, must be positive")
             act = cfg.get("hidden_act", "relu2" if arch == "BitNetForCausalLM" else "silu")
             if act not in ACTIVATIONS:
                 raise ConfigError(f"unsupported hidden_act {act!r} (expected one of {ACTIVATIONS})")

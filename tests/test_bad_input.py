@@ -172,6 +172,28 @@ def hf_config_sizes_disagree(good, tmp):
     return folder
 
 
+def _hf_config(**changes):
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
+def gguf_block_count_huge(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    _, value_at = gguf_kv_value_offset(path, "bitnet.block_count")
+    patch(path, value_at, struct.pack("<I", 2**32 - 1))
+    return path
+
+
 def hf_config_more_layers(good, tmp):
     folder = _in(tmp, good["hf"])
     config = json.loads((folder / "config.json").read_text())
@@ -505,6 +527,13 @@ def _gguf_scale_tensor(value: float):
     return make
 
 
+def gguf_string_not_utf8(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    _, value_at = gguf_kv_value_offset(path, "tokenizer.ggml.pre")
+    patch(path, value_at + 8, b"\xff")  # u64 length, then the string's first byte
+    return path
+
+
 def gguf_config_key_disagrees(good, tmp):
     path = _in(tmp, good["tq2_0"])
     type_at, value_at = gguf_kv_value_offset(path, "bitnet.feed_forward_length")
@@ -554,6 +583,11 @@ CASES = [
     Case("hf-config-without-quantization", "hf", hf_config_without_quantization, r"quantization_config"),
     Case("hf-config-sizes-disagree", "hf", hf_config_sizes_disagree, r"shape .* config says"),
     Case("hf-config-more-layers", "hf", hf_config_more_layers, r"missing tensor model\.layers\.1"),
+    Case("hf-config-a-billion-layers", "hf", _hf_config(num_hidden_layers=10**9), r"num_hidden_layers"),
+    Case("hf-config-zero-heads", "hf", _hf_config(num_attention_heads=0, head_dim=None), r"num_attention_heads"),
+    Case("hf-config-negative-size", "hf", _hf_config(intermediate_size=-512), r"intermediate_size is -512"),
+    Case("hf-config-negative-eps", "hf", _hf_config(rms_norm_eps=-1e-5), r"rms_norm_eps"),
+    Case("hf-config-string-size", "hf", _hf_config(hidden_size="big"), r"config\.json.*malformed"),
     Case("hf-missing-tensor", "hf", hf_missing_tensor, r"missing tensor " + re.escape(NORM)),
     Case("hf-missing-weight-scale", "hf", hf_missing_weight_scale, r"missing tensor .*weight_scale"),
     Case("hf-extra-tensor", "hf", hf_extra_tensor, r"unexpected tensor model\.layers\.1"),
@@ -614,6 +648,8 @@ CASES = [
     Case("gguf-i2s-multiplier-negative", "gguf", _gguf_i2s_multiplier(-1.0), r"multiplier.*positive"),
     Case("gguf-scale-tensor-inf", "gguf", _gguf_scale_tensor(float("inf")), r"(inf|finite)"),
     Case("gguf-scale-tensor-zero", "gguf", _gguf_scale_tensor(0.0), r"multiplier.*positive"),
+    Case("gguf-string-value-not-utf8", "gguf", gguf_string_not_utf8, r"tokenizer\.ggml\.pre|utf-?8"),
+    Case("gguf-block-count-huge", "gguf", gguf_block_count_huge, r"num_hidden_layers is 4294967295"),
     Case("gguf-config-key-disagrees", "gguf", gguf_config_key_disagrees, r"config says"),
     Case("gguf-missing-tensor", "gguf", gguf_missing_tensor, r"missing tensor " + re.escape(NORM)),
     Case("gguf-extra-tensor", "gguf", gguf_extra_tensor, r"unexpected tensor model\.layers\.1"),
@@ -752,3 +788,33 @@ def test_debug_shows_the_traceback(good, tmp_path):
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and "CorruptData" in loud.stderr
     assert loud.stderr.rstrip().splitlines()[-1].startswith("error:")  # the one line still ends the output
+
+
+# ------------------------------------------------------------------------------- readers used as a library
+
+_NON_POSITIVE = [
+    "hf-weight-scale-zero",
+    "hf-weight-scale-negative",
+    "npz-multiplier-zero",
+    "npz-multiplier-negative",
+    "flax-multiplier-zero",
+    "flax-multiplier-negative",
+    "gguf-i2s-multiplier-zero",
+    "gguf-i2s-multiplier-negative",
+    "gguf-scale-tensor-zero",
+]
+
+
+@pytest.mark.parametrize("case_id", _NON_POSITIVE)
+def test_each_reader_refuses_non_positive_multipliers_itself(case_id, good, tmp_path):
+    """The registry's guard (validate.checked) stops these for every command; a reader used directly as a
+    library must refuse them too."""
+    from bitnet_convert import registry
+    from bitnet_convert.errors import CorruptData
+
+    case = next(c for c in CASES if c.id == case_id)
+    src = case.make(good, tmp_path)
+    module = registry.format_module(case.fmt)
+    with pytest.raises(CorruptData, match=r"multiplier|weight_scale"):
+        for entry in module.read(str(src)):
+            entry.load()

@@ -193,6 +193,7 @@ def test_writing_refuses_to_overwrite_unless_forced(hf_checkpoint, tmp_path):
     ckpt = hf.read(str(hf_checkpoint("autobitlinear")))
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier model: --force may replace it (a folder of other files, never)
     (out / "keep").write_text("x")
     with pytest.raises(ConvertError, match="already exists"):
         hf.write(ckpt, str(out))
@@ -410,3 +411,27 @@ def test_detect(hf_checkpoint, tmp_path):
     assert hf.detect(hf_checkpoint("autobitlinear"))
     assert not hf.detect(tmp_path)
     assert hf.detect(Path("microsoft/bitnet-b1.58-2B-4T"))
+
+
+@pytest.mark.parametrize("layout", ["autobitlinear", "bitlinear"])
+def test_packed_projections_also_load_as_stored(hf_checkpoint, original, layout):
+    """load_packed: the stored bytes and the multiplier, for writers that transcode them without unpacking."""
+    from bitnet_convert import validate
+    from bitnet_convert.codecs import hf2bit
+
+    folder = hf_checkpoint(layout)
+    ckpt = hf.read(str(folder))
+    raw = stored(folder)
+    for guarded in (False, True):
+        entries = validate.checked(ckpt, "x").tensors if guarded else ckpt.tensors
+        for name, entry in entries.items():
+            if entry.kind != TERNARY:
+                assert entry.load_packed is None
+                continue
+            packed = entry.load_packed()
+            assert packed.layout == "hf2bit" and np.array_equal(packed.data, raw[name])
+            assert packed.multiplier == entry.load().multiplier  # 1/weight_scale for bitlinear
+            assert np.array_equal(packed.transcode(hf2bit.unpack, entry.shape[0]), original["ternary"][name].codes)
+    # A wrapper that replaces `load` must not be bypassed: the entry then has no packed loader.
+    entry = next(e for e in ckpt if e.kind == TERNARY)
+    assert dataclasses.replace(entry, load=lambda: entry.load()).load_packed is None

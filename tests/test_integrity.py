@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 
 from bitnet_convert import __version__, cli, registry
 from bitnet_convert.checkpoint import Checkpoint, Ternary
-from bitnet_convert.integrity import HASH_ALGORITHM, hash_stored
+from bitnet_convert.integrity import HASH_ALGORITHM, PROVENANCE_FILE, hash_stored
 from damage import (
     GGUF_NORM,
     GGUF_PROJ,
@@ -64,6 +65,7 @@ def hub_cache(tmp_path_factory):
     """An offline Hugging Face cache holding REPO_ID at COMMIT (refs/main points to it)."""
     cache = tmp_path_factory.mktemp("hub-cache")
     repo = cache / f"models--{REPO_ID.replace('/', '--')}"
+    (repo / "snapshots").mkdir(parents=True)
     write(small_checkpoint(seed=21), repo / "snapshots" / COMMIT, "hf")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
@@ -120,8 +122,16 @@ def test_a_local_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli(["convert", "src-hf", "out.npz", "-q"]).exit_code == 0
     record = registry.format_module("npz").recorded_provenance(tmp_path / "out.npz")
-    assert record["source"] == str(src.resolve())
+    assert (record["converted_from"], record["converted_from_format"]) == (str(src.resolve()), "hf")
+    assert (record["source"], record["source_format"]) == ("bitnet_convert.tiny seed=22", "tiny")  # its origin
     assert record["revision"] is None
+
+    foreign = tmp_path / "foreign-hf"  # an HF folder we did not write is its own source
+    shutil.copytree(src, foreign)
+    (foreign / PROVENANCE_FILE).unlink()
+    assert run_cli(["convert", "foreign-hf", "out2.npz", "-q"]).exit_code == 0
+    record = registry.format_module("npz").recorded_provenance(tmp_path / "out2.npz")
+    assert (record["source"], record["source_format"]) == (str(foreign.resolve()), "hf")
 
 
 def test_a_hub_revision_given_on_the_command_line_is_recorded(offline_hub, tmp_path):
@@ -138,9 +148,7 @@ def test_a_hub_revision_given_on_the_command_line_is_recorded(offline_hub, tmp_p
         "hf",
         "flax",
         "npz",
-        pytest.param("gguf", marks=pytest.mark.xfail(strict=True, reason=(
-            "formats/gguf_read.py read(): provenance is {'source': str(path)}; it ignores the file's recorded "
-            "bitnet_convert.provenance, so the original source and revision are lost after a GGUF hop"))),
+        "gguf",
     ],
 )
 def test_the_original_source_survives_a_chain_of_conversions(via, outputs, tmp_path):

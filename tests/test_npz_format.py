@@ -57,7 +57,8 @@ def test_round_trip_is_bit_exact(tmp_path, masters):
     assert back.tokenizer_files == ckpt.tokenizer_files
     assert {e.kind for e in back} == ({"dense"} if masters else {"dense", "ternary"})
     assert back[DOWN].dtype == (BF16 if masters else None)
-    assert back.provenance == {"format": "npz", "path": str(path), "source": ckpt.provenance["source"], "revision": None}
+    assert back.provenance == {"format": "npz", "path": str(path), "source": ckpt.provenance["source"],
+                               "source_format": "tiny", "revision": None}
 
 
 def test_read_then_write_again_gives_the_same_bytes(tiny_npz, tmp_path):

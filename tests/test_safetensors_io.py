@@ -269,3 +269,15 @@ def test_folder_without_weights_is_named(tmp_path):
     with pytest.raises(ConvertError, match="no model.safetensors") as info:
         open_model_files(tmp_path)
     assert str(tmp_path) in str(info.value)
+
+
+def test_read_is_a_private_copy_of_the_mapped_view(tmp_path):
+    from bitnet_convert.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(7, dtype=np.uint8)}
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, [TensorSpec.of(n, a) for n, a in arrays.items()], lambda spec: arrays[spec.name])
+    for tensor in SafetensorsFile(path):
+        got = tensor.read()
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and got.flags.writeable
+        assert got.tobytes() == tensor.array().tobytes() == arrays[tensor.name].tobytes()

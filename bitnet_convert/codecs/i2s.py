@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CorruptData
+from . import hf2bit
+from ._bits import pack_biased
 
 GGML_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork; means something else in mainline ggml
 FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's fork
@@ -42,12 +44,34 @@ def pack(codes: np.ndarray, multiplier) -> np.ndarray:
     if codes.size == 0 or codes.size % BLOCK_VALUES:
         raise ValueError(f"I2_S needs a multiple of {BLOCK_VALUES} values, got {codes.size} (shape {codes.shape})")
     check_codes(codes)
-    biased = (codes.reshape(-1, GROUPS, GROUP_SIZE) + 1).astype(np.uint8)  # [blocks, g, p], values 0..2
-    planes = biased << _SHIFTS[None, :, None]
-    packed = np.bitwise_or.reduce(planes, axis=1)  # [blocks, 32]: byte p holds group g at shift 6 - 2g
-    tail = np.zeros(TAIL_BYTES, np.uint8)
+    groups = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1, GROUPS, GROUP_SIZE)  # [blocks, g, p]
+    n_bytes = codes.size // 4
+    out = np.empty(n_bytes + TAIL_BYTES, np.uint8)
+    # byte p of a block holds group g at shift 6 - 2g
+    body = out[:n_bytes].view(np.int8).reshape(-1, GROUP_SIZE)
+    pack_biased([groups[:, g] for g in range(GROUPS)], _SHIFTS.tolist(), body)
+    _write_tail(out[n_bytes:], multiplier)
+    return out
+
+
+def from_hf2bit(packed: np.ndarray, out_features: int, multiplier) -> np.ndarray:
+    """= pack(hf2bit.unpack(packed, out_features), multiplier), without making the int8 codes."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if not hf2bit.transcodable(packed, out_features, BLOCK_VALUES):
+        return pack(hf2bit.unpack(packed, out_features), multiplier)
+    hf2bit.check(packed, out_features)
+    n_bytes = packed.size  # n/4
+    out = np.empty(n_bytes + TAIL_BYTES, np.uint8)
+    # A row's values are whole 128-value blocks here, so the flattened matrix's blocks are rows' chunks.
+    hf2bit.to_rows(packed, reverse_groups=True, out=out[:n_bytes])  # group g at shift 6 - 2g
+    _write_tail(out[n_bytes:], multiplier)
+    return out
+
+
+def _write_tail(tail: np.ndarray, multiplier) -> None:
+    """The 32-byte tail: the float32 multiplier, little endian, then zeros."""
+    tail[:] = 0
     tail[:4] = np.frombuffer(np.float32(multiplier).astype("<f4").tobytes(), np.uint8)
-    return np.concatenate([packed.reshape(-1), tail])
 
 
 def unpack(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.float32]:

@@ -8,7 +8,8 @@ foreign file whose multiplier was folded into `d`.
 
 TQ2_0 also has a direct packer from int8 codes: gguf-py works in float32 and rounds every value, which is
 needless for values that are already -1/0/+1. It is byte-identical to gguf-py's output (tested) and used
-for the big tensors; TQ1_0 (base-3 digits) goes through gguf-py.
+for the big tensors, as is `tq2_0_from_hf2bit`, which regroups HF packed bytes without making int8 codes;
+TQ1_0 (base-3 digits) goes through gguf-py.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from ..errors import CorruptData
-from . import i2s
+from . import hf2bit, i2s
+from ._bits import pack_biased
 
 TQ1_0 = GGMLQuantizationType.TQ1_0
 TQ2_0 = GGMLQuantizationType.TQ2_0
 BLOCK_VALUES = 256
 _D_BYTES = 2  # the f16 `d` closes every block of both types
 _ONE_F16 = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+_QS_BYTES = BLOCK_VALUES // 4
+_TQ2_0_BLOCK_BYTES = _QS_BYTES + _D_BYTES
+_ZERO_CODES_WORD = np.uint64(0x5555555555555555)  # eight bytes of four biased zeros (code 1) each
 
 
 def row_bytes(qtype: GGMLQuantizationType, in_features: int) -> int:
@@ -38,23 +43,50 @@ def _check_shape(codes: np.ndarray, qtype) -> None:
 
 def pack(codes: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """int8 codes [out, in] in {-1, 0, +1} -> uint8 [out, row_bytes] with d = 1 (0 for all-zero blocks)."""
+    if qtype == TQ2_0:
+        return pack_tq2_0(codes)  # checks shape and values itself
     codes = np.asarray(codes)
     _check_shape(codes, qtype)
     i2s.check_codes(codes)
-    if qtype == TQ2_0:
-        return pack_tq2_0(codes)
     return quants.quantize(codes.astype(np.float32), qtype)
 
 
 def pack_tq2_0(codes: np.ndarray) -> np.ndarray:
-    """TQ2_0 straight from int8 codes: per 128-value chunk, byte m holds values m + 32*l at bits 2*l."""
-    out, n_in = codes.shape
-    blocks = (codes.reshape(-1, BLOCK_VALUES // 128, 4, 32) + 1).astype(np.uint8)  # [b, chunk, l, m], values 0..2
-    qs = blocks[:, :, 0] | (blocks[:, :, 1] << 2) | (blocks[:, :, 2] << 4) | (blocks[:, :, 3] << 6)
-    nonzero = (blocks != 1).reshape(blocks.shape[0], -1).any(axis=1)
-    d = np.where(nonzero[:, None], _ONE_F16[None, :], np.uint8(0))  # f16 1.0, or +0.0 for a block of zeros
-    packed = np.concatenate([qs.reshape(blocks.shape[0], -1), d], axis=1)
-    return packed.reshape(out, row_bytes(TQ2_0, n_in))
+    """TQ2_0 straight from int8 codes [out, in]: per 128-value chunk, byte m holds values m + 32*l at bits 2*l."""
+    codes = np.asarray(codes)
+    _check_shape(codes, TQ2_0)
+    i2s.check_codes(codes)
+    n_out, n_in = codes.shape
+    codes = np.ascontiguousarray(codes, dtype=np.int8)
+    chunks = codes.reshape(-1, BLOCK_VALUES // 128, 4, 32)  # [block, 128-value chunk, l, m]
+    out = np.empty((chunks.shape[0], _TQ2_0_BLOCK_BYTES), np.uint8)
+    qs = out[:, :_QS_BYTES].view(np.int8).reshape(-1, BLOCK_VALUES // 128, 32)
+    pack_biased([chunks[:, :, l] for l in range(4)], (0, 2, 4, 6), qs)
+    zero = np.bitwise_or.reduce(codes.reshape(-1, BLOCK_VALUES).view(np.uint64), axis=1) == 0
+    _write_d(out, zero)
+    return out.reshape(n_out, row_bytes(TQ2_0, n_in))
+
+
+def tq2_0_from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
+    """= pack_tq2_0(hf2bit.unpack(packed, out_features)), without making the int8 codes."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if not hf2bit.transcodable(packed, out_features, BLOCK_VALUES):
+        return pack_tq2_0(hf2bit.unpack(packed, out_features))
+    hf2bit.check(packed, out_features)
+    rows, n_in = packed.shape
+    planes = hf2bit.to_rows(packed, reverse_groups=False)  # value m + 32l at bits 2l
+    qs = planes.reshape(-1, _QS_BYTES)  # [blocks of the [out, in] matrix, 64], in row-major order
+    out = np.empty((qs.shape[0], _TQ2_0_BLOCK_BYTES), np.uint8)
+    out[:, :_QS_BYTES] = qs
+    zero = np.bitwise_or.reduce(qs.view(np.uint64) ^ _ZERO_CODES_WORD, axis=1) == 0
+    _write_d(out, zero)
+    return out.reshape(4 * rows, row_bytes(TQ2_0, n_in))
+
+
+def _write_d(blocks: np.ndarray, zero: np.ndarray) -> None:
+    """The f16 `d` closing each block [.., 66]: 1.0, or +0.0 for a block whose 256 codes are all zero."""
+    blocks[:, _QS_BYTES] = _ONE_F16[0]
+    blocks[:, _QS_BYTES + 1] = np.where(zero, np.uint8(0), _ONE_F16[1])
 
 
 def unpack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -124,7 +124,7 @@ def _codes_producer(entry: TensorEntry, pending: dict, where: str):
         if not isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name} was listed as ternary but loaded a plain array")
         codes = np.asarray(value.codes)
-        if codes.size and np.abs(codes.astype(np.int16)).max() > 1:
+        if codes.size and (codes.min() < -1 or codes.max() > 1):  # in the codes' own dtype: no wrapping cast
             raise CorruptData(f"{where}: tensor {entry.name} holds codes outside {{-1, 0, +1}}")
         pending["multiplier"] = value.multiplier
         return codes.astype(np.int8, copy=False)
@@ -167,13 +167,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     params = open_safetensors(folder / PARAMS_FILE)
     where = str(params.path)
     entries = _entries(params.tensors, where)
-    record = recorded_provenance(folder) or {}
-    provenance = {
-        "format": NAME,
-        "path": str(folder),
-        "source": record.get("source") or str(folder.resolve()),
-        "revision": record.get("revision"),
-    }
+    provenance = integrity.reader_provenance(NAME, folder, recorded_provenance(folder), source=str(folder.resolve()))
     tokenizer = {
         p.name: p.read_bytes()
         for p in sorted(folder.iterdir())
@@ -211,12 +205,12 @@ def _ternary_entry(name: str, codes: StoredTensor, multiplier: StoredTensor, whe
     if multiplier.dtype != np.float32 or multiplier.shape != ():
         raise ConvertError(f"{where}: {multiplier.name} is {multiplier.dtype}{list(multiplier.shape)}, expected float32 []")
     value = np.float32(multiplier.array())
-    if not np.isfinite(value):
-        raise CorruptData(f"{where}: {multiplier.name} is not finite ({value})")
+    if not (np.isfinite(value) and value > 0):
+        raise CorruptData(f"{where}: {multiplier.name} is not a finite positive number ({value})")
 
     def load() -> Ternary:
         array = codes.array()
-        if array.size and np.abs(array.astype(np.int16)).max() > 1:
+        if array.size and (array.min() < -1 or array.max() > 1):
             raise CorruptData(f"{where}: {codes.name} holds codes outside {{-1, 0, +1}}")
         return Ternary(array, value)
 

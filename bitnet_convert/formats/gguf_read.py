@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, quants
 from gguf.gguf_reader import ReaderTensor
 
-from .. import validate
+from .. import integrity, validate
 from ..checkpoint import Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
 from ..codecs import i2s, tq
 from ..errors import ConvertError, CorruptData
@@ -43,6 +43,56 @@ def detect(path: Path) -> bool:
         return fh.read(4) == MAGIC
 
 
+NAME = "gguf"
+
+# GGUF value types: id -> fixed byte size (None: string, array) — for walking the key/values before gguf-py does.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_kv_bounds(path: Path, data: np.ndarray) -> None:
+    """Walk the header's key/values and refuse any length or count that runs past the end of the file.
+
+    gguf-py trusts these fields: an array count of 2^40 makes it loop (and allocate) 2^40 times before it
+    notices the file ended. Checking every count against the bytes left bounds work and memory by file size."""
+    size = data.size
+    pos = 24  # magic, version, tensor count, kv count
+
+    def u(n: int, at: int) -> int:
+        if at + n > size:
+            raise ConvertError(f"{path}: truncated or corrupt GGUF (header runs past the end of the file)")
+        return int.from_bytes(data[at:at + n].tobytes(), "little")
+
+    def skip_value(vtype: int, at: int) -> int:
+        if vtype in _SCALAR_BYTES:
+            return at + _SCALAR_BYTES[vtype]
+        if vtype == _STRING:
+            return at + 8 + u(8, at)
+        if vtype == _ARRAY:
+            item, count = u(4, at), u(8, at + 4)
+            at += 12
+            smallest = _SCALAR_BYTES.get(item, 8 if item == _STRING else 12)
+            if count * smallest > size - at:
+                raise ConvertError(f"{path}: truncated or corrupt GGUF (an array claims {count} items)")
+            if item in _SCALAR_BYTES:
+                return at + count * _SCALAR_BYTES[item]
+            for _ in range(count):
+                at = skip_value(item, at)
+                if at > size:
+                    break
+            return at
+        raise ConvertError(f"{path}: corrupt GGUF (unknown value type {vtype})")
+
+    kv_count = u(8, 16)
+    if kv_count * 12 > size:
+        raise ConvertError(f"{path}: truncated or corrupt GGUF (header claims {kv_count} keys)")
+    for _ in range(kv_count):
+        pos = pos + 8 + u(8, pos)  # key
+        pos = skip_value(u(4, pos), pos + 4)
+        if pos > size:
+            raise ConvertError(f"{path}: truncated or corrupt GGUF (header runs past the end of the file)")
+
+
 def open_gguf(path) -> GGUFReader:
     """gguf-py's reader (memory-mapped), with its exceptions turned into one-line errors naming the file."""
     path = Path(path)
@@ -50,6 +100,7 @@ def open_gguf(path) -> GGUFReader:
         raise ConvertError(f"{path}: no such file")
     if not detect(path):
         raise ConvertError(f"{path}: not a GGUF file (no GGUF magic)")
+    _check_kv_bounds(path, np.memmap(path, mode="r"))
     try:
         reader = GGUFReader(path)
     except ValueError as exc:
@@ -78,7 +129,10 @@ def raw_bytes(reader: GGUFReader, t: ReaderTensor) -> np.ndarray:
 def field_reader(reader: GGUFReader) -> Callable[[str], object]:
     def field(key: str):
         f = reader.get_field(key)
-        return None if f is None else f.contents()
+        try:
+            return None if f is None else f.contents()
+        except UnicodeDecodeError:
+            raise ConvertError(f"{getattr(reader.data, 'filename', 'GGUF')}: key {key} holds a string that is not UTF-8") from None
 
     return field
 
@@ -91,7 +145,11 @@ def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
 
 
 def recorded_provenance(path) -> dict | None:
-    value = field_reader(open_gguf(path))(KEY_PROVENANCE)
+    return _recorded(field_reader(open_gguf(path)), path)
+
+
+def _recorded(field, path) -> dict | None:
+    value = field(KEY_PROVENANCE)
     if value is None:
         return None
     try:
@@ -133,7 +191,8 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     tokenizer_files = {}
     if vocab is not None:
         tokenizer_files = gguf_tokenizer.tokenizer_files(vocab, config["max_position_embeddings"], str(path))
-    provenance = {"format": "gguf", "source": str(path), "architecture": arch}
+    provenance = integrity.reader_provenance(NAME, path, _recorded(field, path), source=str(path.resolve()),
+                                             architecture=arch)
     ckpt = Checkpoint(config, entries, tokenizer_files, provenance)
     validate.check_tensors(ckpt, str(path))
     return ckpt
@@ -201,8 +260,8 @@ def _ternary_entry(reader, t: ReaderTensor, scale: ReaderTensor | None, hf_name:
             raise CorruptData(f"{path}: {t.name}: {exc}") from None
         if scale is not None:
             multiplier = np.float32(multiplier * raw_bytes(reader, scale).view(np.float32)[0])
-        if not np.isfinite(multiplier):
-            raise CorruptData(f"{path}: {t.name}: multiplier {multiplier} is not finite")
+        if not (np.isfinite(multiplier) and multiplier > 0):
+            raise CorruptData(f"{path}: {t.name}: multiplier {multiplier} is not a finite positive number")
         return Ternary(codes, multiplier)
 
     return ternary_entry(hf_name, shape, load)

@@ -6,6 +6,11 @@ blocks get d = 1.0, float outtypes hold -1/0/+1) and the float32 multiplier goes
 into the TQ blocks' f16 `d` instead would round it to 11 bits. I2_S keeps the float32 multiplier in its own
 tail, as bitnet.cpp reads it.
 
+Tensors are produced in pieces (a 2B4T embedding is 328 M values: converted 8 M at a time, it never exists in
+float32), written with our own loop in place of gguf-py's `write_tensor_data` (same alignment padding), and
+hashed piece by piece. HF packed projections are transcoded straight into I2_S / TQ2_0 bytes
+(`PackedTernary`), never unpacked into int8 codes.
+
 gguf-py writes the header, the key/values and every tensor's info before any data, so the content hash
 (integrity.TensorHasher over the stored bytes, in file order) is not known when the provenance key is written.
 The key holds a fixed-width placeholder that is overwritten in the temporary file once the data is out,
@@ -17,15 +22,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from .. import integrity, validate
 from ..atomic import atomic_path
-from ..checkpoint import Checkpoint, TensorEntry, Ternary
+from ..checkpoint import Checkpoint, PackedTernary, TensorEntry, Ternary
 from ..codecs import i2s, tq
 from ..errors import ConvertError
 from ..names import hf_to_gguf, is_projection
@@ -51,6 +57,11 @@ NAME = "gguf"
 HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
 F16_MAX = float(np.finfo(np.float16).max)
+CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# bf16 bit patterns (sign cleared) below this are finite and under 65536 in magnitude: all convert to f16 as
+# the float32 detour would. 65520 and up round to f16 infinity; those go the checked way.
+_BF16_F16_SAFE = 0x4780
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +73,7 @@ class StoredTensor:
     array_shape: tuple[int, ...]  # shape of the array handed to gguf-py (bytes for block types)
     array_dtype: np.dtype
     nbytes: int
-    produce: Callable[[], np.ndarray] = dataclasses.field(repr=False, compare=False)
+    produce: Callable[[], Iterable[np.ndarray]] = dataclasses.field(repr=False, compare=False)  # stored bytes, in pieces
 
 
 def write(
@@ -129,15 +140,23 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
     writer.write_kv_data_to_file()
     kv_end = writer.fout[0].tell()
     writer.write_ti_data_to_file()
+    fout = writer.fout[0]
     hasher = integrity.TensorHasher()
     with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
         for t in plan:
-            data = np.ascontiguousarray(t.produce())
-            if data.nbytes != t.nbytes:  # a bug here would shift every later tensor's offset
-                raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            hasher.add(t.name, data)
-            writer.write_tensor_data(data)
-            bar.update(t.nbytes)
+            # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
+            writer.write_padding(fout, fout.tell())
+            hasher.begin(t.name, t.nbytes)
+            written = 0
+            for piece in t.produce():
+                raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+                hasher.update(raw)
+                fout.write(raw)
+                written += raw.nbytes
+                bar.update(raw.nbytes)
+            if written != t.nbytes:  # a bug here would shift every later tensor's offset
+                raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
+            writer.write_padding(fout, t.nbytes)
     return kv_end, hasher.hexdigest()
 
 
@@ -193,16 +212,30 @@ def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Store
         array_shape = quants.quant_shape_to_byte_shape(shape, ggml_type)
         nbytes = int(np.prod(array_shape))
 
-    def produce() -> np.ndarray:
+    def produce() -> Iterable[np.ndarray]:
         value = entry.load()
         if isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name} should be a plain array, found ternary")
-        return _encode_float(np.asarray(value, np.float32), ggml_type, name, where)
+        value = np.asarray(value)
+        if value.ndim < 2:
+            yield _encode_float(value, ggml_type, name, where)
+            return
+        # Whole rows at a time (block types quantize each row on its own), about CHUNK_VALUES values.
+        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(value.shape[1:]))))
+        for start in range(0, value.shape[0], rows):
+            yield _encode_float(value[start : start + rows], ggml_type, name, where)
 
     return StoredTensor(name, ggml_type, array_shape, dtype, nbytes, produce)
 
 
 def _encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.ndarray:
+    if ggml_type == T.F16 and values.dtype == BF16:
+        # bf16 -> f16 directly: ml_dtypes rounds exactly as bf16 -> f32 -> f16 does (bf16 -> f32 is exact)
+        # for every value whose magnitude bits are under _BF16_F16_SAFE; the rest (too large, inf, NaN) take
+        # the checked float32 way below.
+        if values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _BF16_F16_SAFE:
+            return values.astype(np.float16)
+    values = np.asarray(values, np.float32)
     if ggml_type == T.F16 and np.abs(values).max(initial=0) > F16_MAX:
         raise ConvertError(f"{where}: {name} has values beyond the float16 range; use an embedding type of bf16 or f32")
     return quants.quantize(values, ggml_type)  # BF16 rounds to nearest even like ggml: bf16 sources pass unchanged
@@ -220,32 +253,53 @@ def _check_blocks(shape, ggml_type, name: str, where: str) -> None:
 def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> list[StoredTensor]:
     """The weight (codes) and, unless the multiplier lives in an I2_S tail, its `.scale` tensor."""
     shape = tuple(entry.shape)
-    loaded: dict[str, Ternary] = {}  # the weight's producer loads; the scale's producer (next in file) reads
+    loaded: dict[str, np.float32] = {}  # the weight's producer loads; the scale's producer (next in file) reads
 
     def ternary() -> Ternary:
         value = as_ternary(entry.load())
-        loaded["value"] = value
+        loaded["multiplier"] = value.multiplier
+        return value
+
+    def hf_packed() -> PackedTernary | None:
+        """The weight as the source stores it, if that is the HF 2-bit layout: transcoded, never unpacked."""
+        if entry.load_packed is None:
+            return None
+        value = entry.load_packed()
+        if value.layout != "hf2bit":
+            return None
+        loaded["multiplier"] = value.multiplier
         return value
 
     t = kind.ggml_type
     if t == I2_S:
         if int(np.prod(shape)) % i2s.BLOCK_VALUES:
             raise ConvertError(f"{where}: {name} has {int(np.prod(shape))} values, I2_S needs a multiple of 128")
-        weight = StoredTensor(
-            name, t, quants.quant_shape_to_byte_shape(shape, t), np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))),
-            lambda: (lambda v: i2s.pack(v.codes, v.multiplier))(ternary()),
-        )
-        return [weight]
+
+        def i2s_bytes() -> list[np.ndarray]:
+            source = hf_packed()
+            if source is not None:
+                return [source.transcode(i2s.from_hf2bit, shape[0], source.multiplier)]
+            value = ternary()
+            return [i2s.pack(value.codes, value.multiplier)]
+
+        byte_shape = quants.quant_shape_to_byte_shape(shape, t)
+        return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
     if t in (T.TQ1_0, T.TQ2_0):
         _check_blocks(shape, t, name, where)
+
+        def tq_bytes() -> list[np.ndarray]:
+            source = hf_packed() if t == T.TQ2_0 else None
+            if source is not None:
+                return [source.transcode(tq.tq2_0_from_hf2bit, shape[0])]
+            return [tq.pack(ternary().codes, t)]
+
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
-        weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                              lambda: tq.pack(ternary().codes, t))
+        weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
     else:
         weight = _float_tensor(dataclasses.replace(entry, load=lambda: ternary().codes), name, t, where)
     scale = StoredTensor(
         name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32), 4,
-        lambda: np.array([loaded.pop("value").multiplier], np.float32),
+        lambda: [np.array([loaded.pop("multiplier")], np.float32)],
     )
     return [weight, scale]
 

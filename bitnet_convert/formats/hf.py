@@ -26,7 +26,9 @@ import numpy as np
 
 from .. import integrity, validate
 from ..atomic import atomic_path
-from ..checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
+from ..checkpoint import (
+    TERNARY, Checkpoint, PackedLoader, PackedTernary, TensorEntry, Ternary, dense_entry, ternary_entry,
+)
 from ..codecs import hf2bit
 from ..errors import ConvertError, CorruptData
 from ..hub import looks_like_repo_id, resolve_source, snapshot_revision
@@ -184,13 +186,13 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         raise ConvertError(f"{folder / CONFIG_FILE}: modules_to_not_convert leaves {plain} unquantized; not supported")
     files = open_model_files(folder)
     entries = _entries(files, layout, expected_tensors(cfg))
-    provenance = {
-        "format": NAME,
-        "layout": layout.name,
-        "source": str(path) if not Path(path).expanduser().is_dir() else str(folder.resolve()),
-        "revision": snapshot_revision(folder),
-        "quantization_config": quant,
-    }
+    local = Path(path).expanduser().is_dir()
+    # A hub repo is its own source (id + commit); a local folder we wrote names the source it came from.
+    provenance = integrity.reader_provenance(
+        NAME, folder, recorded_provenance(folder) if local else None,
+        source=str(folder.resolve()) if local else str(path),
+        revision=snapshot_revision(folder), layout=layout.name, quantization_config=quant,
+    )
     ckpt = Checkpoint(config, entries, tokenizer_files=_tokenizer_files(folder), provenance=provenance)
     validate.check_tensors(ckpt, str(files.where))
     return ckpt
@@ -266,14 +268,15 @@ def _packed_entry(weight: StoredTensor, scale: StoredTensor, layout: Layout, out
         out_features = rows * hf2bit.VALUES_PER_BYTE  # disagrees with the config: validation names it
     multiplier = _multiplier(scale, layout)
 
-    def load() -> Ternary:
-        try:
-            codes = hf2bit.unpack(weight.array(), out_features)
-        except CorruptData as exc:
-            raise CorruptData(f"{weight.path}: tensor {weight.name}: {exc}") from None
-        return Ternary(codes, multiplier)
+    # read(), not array(): pages touched through the mapping would stay resident to the end (formats.md
+    # has the 2B4T sizes: 1.1 GB of them), while a streaming writer needs one tensor at a time.
+    def packed() -> PackedTernary:
+        return PackedTernary("hf2bit", weight.read(), multiplier, f"{weight.path}: tensor {weight.name}")
 
-    return ternary_entry(weight.name, (out_features, in_features), load)
+    def load() -> Ternary:
+        return Ternary(packed().transcode(hf2bit.unpack, out_features), multiplier)
+
+    return ternary_entry(weight.name, (out_features, in_features), PackedLoader(load, packed))
 
 
 def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:

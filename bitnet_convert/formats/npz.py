@@ -70,7 +70,7 @@ from ..atomic import atomic_path
 from ..checkpoint import DENSE, TERNARY, Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
 from ..codecs import trits
 from ..errors import ConvertError, CorruptData
-from ..integrity import TensorHasher, provenance_record
+from ..integrity import TensorHasher, provenance_record, reader_provenance
 from ..progress import progress_bar
 from ..validate import check_tensors
 
@@ -148,8 +148,20 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
 
 def _stored_arrays(entry: TensorEntry, out, index: list) -> Iterator[tuple[str, np.ndarray]]:
     """Load one tensor and yield the arrays that store it; appends its index record."""
-    value = entry.load()
     where = f"{out}: tensor {entry.name}"
+    source = entry.load_packed() if entry.kind == TERNARY and entry.load_packed is not None else None
+    if source is not None and source.layout == "hf2bit" and len(entry.shape) == 2:
+        # HF packed bytes straight to base-3: no int8 codes (4x the packed size) are ever made.
+        if not np.isfinite(source.multiplier):
+            raise ConvertError(f"{where}: multiplier is {source.multiplier}")
+        packed = source.transcode(trits.from_hf2bit, entry.shape[0])
+        if packed.size != trits.packed_size(math.prod(entry.shape)):
+            raise ConvertError(f"{where}: packed codes do not hold shape {list(entry.shape)}")
+        index.append({"name": entry.name, "kind": TERNARY, "shape": list(entry.shape), "dtype": None})
+        yield codes_key(entry.name), packed
+        yield multiplier_key(entry.name), np.array([source.multiplier], _MULTIPLIER_DTYPE)
+        return
+    value = entry.load()
     if entry.kind == TERNARY:
         if not isinstance(value, Ternary):
             raise ConvertError(f"{where}: expected ternary codes and a multiplier, got {type(value).__name__}")
@@ -235,14 +247,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     if not isinstance(config, dict):
         raise ConvertError(f"{path}: {CONFIG_KEY} is not a JSON object")
     tensors = _entries(path, index, headers)
-    # Like the other readers: the original source travels on through a chain of conversions.
-    recorded = recorded or {}
-    provenance = {
-        "format": NAME,
-        "path": str(path),
-        "source": recorded.get("source") or str(path.resolve()),
-        "revision": recorded.get("revision"),
-    }
+    provenance = reader_provenance(NAME, path, recorded, source=str(path.resolve()))
     ckpt = Checkpoint(config, tensors, tokenizer_files, provenance)
     check_tensors(ckpt, str(path))
     return ckpt
@@ -367,7 +372,9 @@ def _member_headers(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[tuple[in
         try:
             with zf.open(info) as fh:
                 headers[key] = _npy_header(path, info, key, fh)
-        except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        except zipfile.BadZipFile as exc:  # zipfile reads small members whole: a CRC mismatch shows up here
+            raise CorruptData(f"{path}: member {key} is damaged: {exc}") from None
+        except (ValueError, EOFError, OSError) as exc:
             raise ConvertError(f"{path}: member {key} is not a valid .npy array: {exc}") from None
     return headers
 
@@ -383,12 +390,15 @@ def _npy_header(path: Path, info: zipfile.ZipInfo, key: str, fh) -> tuple[tuple[
     other than exactly the member's bytes: numpy would allocate the whole declared array before reading it.
     """
     version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    else:
+    if version not in ((1, 0), (2, 0)):
         raise ValueError(f"npy format version {version} is not written by numpy's savez")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read_header(fh)
+    except (zipfile.BadZipFile, EOFError, OSError):
+        raise  # damaged or short member: the callers say so
+    except Exception as exc:  # noqa: BLE001 - numpy parses the header with literal_eval: Syntax/Token/Type errors
+        raise ConvertError(f"{path}: member {key} has a corrupt .npy header ({type(exc).__name__})") from None
     if dtype.hasobject:
         raise ConvertError(f"{path}: member {key} holds a pickled object array (refused: never unpickled)")
     if fortran and len(shape) > 1:
