@@ -8,7 +8,9 @@
 Modules: `bitlinear` (the only place quantization happens), `modeling` (RMSNorm, Attention, MLP, DecoderLayer,
 BitNetModel, BitNetForCausalLM), `cache` (KV cache pytree), `decoding` (prefill / decode_step / greedy
 generation as pure functions of (graphdef, state)), `params` (Checkpoint <-> model), `training` (export of
-trained master weights to the inference form).
+trained master weights to the inference form). For generation: `packed` (2-bit ternary weights and their exact
+product), `engine` (the same forward over stacked packed layers in one scan: what `bitnet-convert generate`
+runs), `sharding` (a ("data", "model") mesh: tensor parallel over heads / FFN columns, data parallel over rows).
 
 Attributes are imported lazily: `bitnet_convert` imports `bitnet_model.config` for the config alone and must
 not pay for importing JAX.

@@ -49,7 +49,7 @@ from ..atomic import atomic_path
 from ..checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
 from ..errors import ConvertError, CorruptData
 from ..names import is_projection
-from ..progress import progress_bar
+from .folder import hashing_progress, write_side_files
 from ..safetensors_io import StoredTensor, TensorSpec, open_safetensors, write_safetensors
 from bitnet_model.state_names import CODES, MULTIPLIER, dense_key, hf_name_of, ternary_keys
 
@@ -77,19 +77,8 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     kinds = {entry.kind for entry in ckpt if is_projection(entry.name)}
     with atomic_path(out, force=force, directory=True) as tmp:
-        hasher = integrity.TensorHasher()
-        with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
-
-            def on_written(spec: TensorSpec, raw: memoryview) -> None:
-                hasher.add(spec.name, raw)
-                bar.update(raw.nbytes)
-
+        with hashing_progress(specs, out, quiet) as (hasher, on_written):
             write_safetensors(tmp / PARAMS_FILE, specs, produce, _METADATA, on_written=on_written)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for name, data in ckpt.tokenizer_files.items():
-            if Path(name).name != name or name in _OWN_FILES or name.startswith("."):
-                raise ConvertError(f"{where}: refusing to write tokenizer file {name!r}")
-            (tmp / name).write_bytes(data)
         record = integrity.provenance_record(
             ckpt.provenance,
             hasher.hexdigest(),
@@ -97,7 +86,7 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
             format_version=FORMAT_VERSION,
             projections="ternary" if kinds == {TERNARY} else "master weights" if TERNARY not in kinds else "mixed",
         )
-        (tmp / integrity.PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_side_files(tmp, config, ckpt.tokenizer_files, record, reserved=_OWN_FILES, where=where)
     return Path(out)
 
 

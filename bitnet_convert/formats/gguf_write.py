@@ -59,8 +59,8 @@ QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block
 F16_MAX = float(np.finfo(np.float16).max)
 CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
-# bf16 bit patterns (sign cleared) below this are finite and under 65536 in magnitude: all convert to f16 as
-# the float32 detour would. 65520 and up round to f16 infinity; those go the checked way.
+# bf16 bit patterns (sign cleared) below this are finite and at most 65280 in magnitude; the next bf16 value,
+# 65536, is beyond float16's 65504, and it, infinities and NaNs take the checked float32 way.
 _BF16_F16_SAFE = 0x4780
 
 
@@ -73,7 +73,7 @@ class StoredTensor:
     array_shape: tuple[int, ...]  # shape of the array handed to gguf-py (bytes for block types)
     array_dtype: np.dtype
     nbytes: int
-    produce: Callable[[], Iterable[np.ndarray]] = dataclasses.field(repr=False, compare=False)  # stored bytes, in pieces
+    produce: Callable[[], Iterable[np.ndarray]] = dataclasses.field(repr=False, compare=False)  # the bytes, in pieces
 
 
 def write(

@@ -33,7 +33,7 @@ from ..codecs import hf2bit
 from ..errors import ConvertError, CorruptData
 from ..hub import looks_like_repo_id, resolve_source, snapshot_revision
 from ..names import expected_tensors, is_projection
-from ..progress import progress_bar
+from .folder import hashing_progress, write_side_files
 from ..safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -268,8 +268,8 @@ def _packed_entry(weight: StoredTensor, scale: StoredTensor, layout: Layout, out
         out_features = rows * hf2bit.VALUES_PER_BYTE  # disagrees with the config: validation names it
     multiplier = _multiplier(scale, layout)
 
-    # read(), not array(): pages touched through the mapping would stay resident to the end (formats.md
-    # has the 2B4T sizes: 1.1 GB of them), while a streaming writer needs one tensor at a time.
+    # read(), not array(): pages touched through the mapping stay resident until the end (1.1 GB of them for
+    # 2B4T), while a streaming writer needs one tensor at a time.
     def packed() -> PackedTernary:
         return PackedTernary("hf2bit", weight.read(), multiplier, f"{weight.path}: tensor {weight.name}")
 
@@ -327,27 +327,16 @@ def write(
     config["quantization_config"] = dict(target.quantization_config)
 
     with atomic_path(out, force=force, directory=True) as tmp:
-        hasher = integrity.TensorHasher()
-        with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
-
-            def on_written(spec: TensorSpec, raw: memoryview) -> None:
-                hasher.add(spec.name, raw)
-                bar.update(raw.nbytes)
-
+        with hashing_progress(specs, out, quiet) as (hasher, on_written):
             files = write_sharded_safetensors(
                 tmp, specs, produce, {"format": "pt"},
                 max_shard_bytes=max_shard_bytes or 2**63, on_written=on_written,
             )
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for name, data in ckpt.tokenizer_files.items():
-            if Path(name).name != name or name in (CONFIG_FILE, integrity.PROVENANCE_FILE):
-                raise ConvertError(f"{where}: refusing to write tokenizer file {name!r}")
-            (tmp / name).write_bytes(data)
         record = integrity.provenance_record(
             ckpt.provenance, hasher.hexdigest(), NAME, layout=layout, scale_dtype=scale_dtype,
             files=[f.name for f in files],
         )
-        (tmp / integrity.PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_side_files(tmp, config, ckpt.tokenizer_files, record, reserved=[f.name for f in files], where=where)
     return Path(out)
 
 

@@ -1,0 +1,42 @@
+"""What both folder formats (hf, flax) write around their safetensors: config, tokenizer files, provenance."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from .. import integrity
+from ..errors import ConvertError
+from ..progress import progress_bar
+from ..safetensors_io import TensorSpec
+
+CONFIG_FILE = "config.json"
+
+
+@contextlib.contextmanager
+def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) -> Iterator[tuple]:
+    """(hasher, on_written) for safetensors_io's writers: hash each tensor's stored bytes, advance the bar."""
+    hasher = integrity.TensorHasher()
+    with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
+
+        def on_written(spec: TensorSpec, raw: memoryview) -> None:
+            hasher.add(spec.name, raw)
+            bar.update(raw.nbytes)
+
+        yield hasher, on_written
+
+
+def write_side_files(folder: Path, config: Mapping, tokenizer_files: Mapping[str, bytes], record: Mapping,
+                     *, reserved: Sequence[str], where: str) -> None:
+    """config.json, the tokenizer files verbatim, and the provenance record into `folder`.
+
+    A tokenizer file name is a plain file name: no path, no hidden file, none of the format's own files
+    (`reserved`), so a crafted checkpoint cannot write outside the output or replace its tensors."""
+    (folder / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+    for name, data in tokenizer_files.items():
+        if Path(name).name != name or name.startswith(".") or name in (*reserved, CONFIG_FILE, integrity.PROVENANCE_FILE):
+            raise ConvertError(f"{where}: refusing to write tokenizer file {name!r}")
+        (folder / name).write_bytes(data)
+    (folder / integrity.PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
