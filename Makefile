@@ -1,6 +1,6 @@
 # make demo  — install into .venv if needed, then convert the built-in tiny BitNet HF -> Flax -> HF (+ npz, GGUF)
 # make test  — install into .venv if needed, then run the test suite
-# make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md (needs ~8 GB of disk and ~30 minutes)
+# make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md (needs ~8 GB of disk and ~30 minutes; run on an idle machine)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +32,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -46,6 +46,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 
 
 def main(out_dir: str = "demo-out") -> int:
+    import logging
     import warnings
 
     from . import registry
@@ -53,6 +54,7 @@ def main(out_dir: str = "demo-out") -> int:
     from .verify import run_verify
 
     warnings.filterwarnings("ignore")
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"hf": out / "tiny-hf"}
@@ -63,7 +65,7 @@ def main(out_dir: str = "demo-out") -> int:
         print(f"converting {step}", file=sys.stderr)
         registry.convert(str(paths[source]), str(paths[name]), None, fmt, force=True, quiet=True, **options)
 
-    header = f"{'step':<32} {'output':<22} {'bytes':>10} {'max|dlogit|':>12} {'top-1':>7}  verify"
+    header = f"{'step':<32} {'output':<22} {'bytes':>10} {'max|dlogit|':>12} {'tolerance':>10} {'top-1':>7} {'mean KL':>9}  verify"
     print(header)
     print("-" * len(header))
     all_passed = True
@@ -71,7 +73,8 @@ def main(out_dir: str = "demo-out") -> int:
         result = run_verify(str(paths[name]), str(paths["hf"]))
         all_passed &= result.passed
         print(f"{step:<32} {name:<22} {_size(paths[name]):>10,} {result.max_abs_diff:>12.3g} "
-              f"{result.top1_agreement:>7.3f}  {'PASS' if result.passed else 'FAIL'}")
+              f"{result.tolerance:>10.3g} {result.top1_agreement:>7.3f} {result.mean_kl:>9.2g}  "
+              f"{'PASS' if result.passed else 'FAIL'}")
     identical = _same_tensors(paths["hf"], paths["tiny-hf-roundtrip"])
     all_passed &= identical
     print(f"\nHF -> Flax -> HF reproduced every tensor bit for bit: {'yes' if identical else 'NO'}")

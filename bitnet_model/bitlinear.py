@@ -12,21 +12,30 @@ bit-identical results (sums stay below 2^24 either way). One quirk: XLA's CPU in
 takes a slow path (31-65 ms); padding to two rows brings it to 1.2-1.6 ms, so one-token decode pads.
 
 Weight modes:
-  * inference: `codes` int8 [out, in] in {-1, 0, +1} and `multiplier` float32 [] (mean|W| of the masters).
-    int8 rather than 2-bit packed in memory: unpacking in every forward measured 1.4-2x slower (5.1 vs 3.7 ms at
-    64 tokens, 32 vs 19 ms at 512); the cost is 4x the memory of packed codes (2.1 GB vs 0.53 GB for 2B4T).
+  * inference: `packed` uint8 [out/4, in], the codes 2-bit packed four consecutive output rows per byte
+    (packed.py's layout), and `multiplier` float32 [] (mean|W| of the masters). The product unpacks the codes
+    block by block into an int8 x int8 -> int32 dot (`packed.packed_matmul`): on the CPU that is as fast as an
+    int8 dot over codes already in memory (the block stays in L2; packed.py has the numbers), at a quarter of
+    the memory (0.52 GB of ternary weights for 2B4T rather than 2.08 GB), and it is exactly what the Flax
+    format stores and the generation engine runs. out_features must be a multiple of 4 (every BitNet shape
+    is): a model of other widths is refused here rather than padded, which would leak padding rows into the
+    state, the file format and every consumer of it.
   * training: float32 master `weight` [out, in] (an nnx.Param). Absmean ternarization in the forward,
     `m = max(mean|W|, 1e-5)`, `T = clip(round(W / m), -1, 1)`, multiplier m, with a straight-through
     estimator on both the weight and the activation quantizer, as transformers' AutoBitLinear online mode.
-    The forward value is computed by the very same integer path as inference, so a trained model exported to
-    codes + multiplier (`ternarize`) gives bit-identical outputs.
+    The codes are freshly made in every step, so they stay int8 (`ternary_matmul`: the same exact int32 dot
+    without the unpack); a trained model exported to packed codes + multiplier (`export_inference`) gives
+    bit-identical outputs.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from . import packed as packed_ops
 
 INFERENCE = "inference"
 TRAINING = "training"
@@ -60,7 +69,8 @@ def ternarize(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def ternary_matmul(x_q: jax.Array, scale: jax.Array, codes: jax.Array, multiplier: jax.Array) -> jax.Array:
-    """(x_q @ codes.T) / scale * multiplier with exact int32 accumulation. x_q int8 [..., in] -> f32 [..., out]."""
+    """(x_q @ codes.T) / scale * multiplier with exact int32 accumulation. x_q int8 [..., in], int8 codes
+    [out, in] -> f32 [..., out]. The training forward's product (codes made in the step, never packed)."""
     lead = x_q.shape[:-1]
     rows = x_q.reshape(-1, x_q.shape[-1])  # [N, in]
     n = rows.shape[0]
@@ -71,6 +81,19 @@ def ternary_matmul(x_q: jax.Array, scale: jax.Array, codes: jax.Array, multiplie
     )  # [N, out]
     acc = acc[:n].reshape(*lead, codes.shape[0])
     return acc.astype(jnp.float32) / scale * multiplier
+
+
+def packed_ternary_matmul(
+    x_q: jax.Array, scale: jax.Array, packed: jax.Array, multiplier: jax.Array, *, block_bytes: int = 0
+) -> jax.Array:
+    """As `ternary_matmul` with the codes held 2-bit packed (uint8 [out/4, in]): the inference product."""
+    acc = packed_ops.packed_matmul(x_q, packed, block_bytes=block_bytes)  # int32 [..., out], exact
+    return acc.astype(jnp.float32) / scale * multiplier
+
+
+def pack_ternary(codes) -> jax.Array:
+    """int8 codes [out, in] (host or device) -> the inference leaf `packed`, uint8 [out/4, in]."""
+    return jnp.asarray(packed_ops.pack(np.asarray(codes, np.int8)))
 
 
 @jax.custom_vjp
@@ -101,17 +124,38 @@ ternary_linear_ste.defvjp(_ste_fwd, _ste_bwd)
 
 
 class BitLinear(nnx.Module):
-    """A bias-free W1.58A8 projection, in inference form (codes + multiplier) or training form (masters)."""
+    """A bias-free W1.58A8 projection, in inference form (packed codes + multiplier) or training form (masters).
 
-    def __init__(self, in_features: int, out_features: int, *, mode: str = INFERENCE, rngs: nnx.Rngs | None = None):
+    `block_bytes` (static): unpacked int8 codes per block of the inference product; by default what suits
+    JAX's default backend (packed.default_block_bytes). Sharding sets 0: blocks would cut across the rows
+    that a mesh splits over devices (sharding.shard_model).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        mode: str = INFERENCE,
+        rngs: nnx.Rngs | None = None,
+        block_bytes: int | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"BitLinear mode must be one of {MODES}, not {mode!r}")
+        if out_features % packed_ops.VALUES_PER_BYTE or out_features <= 0:
+            raise ValueError(
+                f"BitLinear with {out_features} output features: packed codes hold {packed_ops.VALUES_PER_BYTE} "
+                f"output rows per byte, so out_features must be a positive multiple of {packed_ops.VALUES_PER_BYTE}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
+        self.block_bytes = packed_ops.default_block_bytes() if block_bytes is None else block_bytes
         if mode == INFERENCE:
-            # Placeholders: real codes come from a checkpoint (bitnet_model.params) or `export_inference`.
-            self.codes = Quantized(jnp.zeros((out_features, in_features), jnp.int8))
+            # Placeholders (code 1 = value 0 in every field): real codes come from a checkpoint
+            # (bitnet_model.params) or `export_inference`.
+            rows = out_features // packed_ops.VALUES_PER_BYTE
+            self.packed = Quantized(jnp.full((rows, in_features), 0b01010101, jnp.uint8))
             self.multiplier = Quantized(jnp.ones((), jnp.float32))
         else:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -122,4 +166,6 @@ class BitLinear(nnx.Module):
         if self.mode == TRAINING:
             return ternary_linear_ste(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         x_q, scale = quantize_activations(x)
-        return ternary_matmul(x_q, scale, self.codes[...], self.multiplier[...])
+        return packed_ternary_matmul(
+            x_q, scale, self.packed[...], self.multiplier[...], block_bytes=self.block_bytes
+        )

@@ -1,7 +1,7 @@
 """The decode engine: the BitNet forward of `modeling.py` over stacked, 2-bit packed layer weights.
 
-`modeling.BitNetForCausalLM` is the reference (one module per layer, int8 codes, float32 embeddings, easy to
-read and to train); this file computes the same function for generation, lean and fast:
+`modeling.BitNetForCausalLM` is the reference (one module per layer, float32 embeddings, easy to read and to
+train); this file computes the same function for generation, lean and fast:
   * every projection is held 2-bit packed (`packed.py`), stacked over layers: uint8 [L, out/4, in];
   * the layers run inside one `jax.lax.scan`, so 30 layers compile once (seconds, not minutes) and the
     temporaries of one layer are reused by the next;
@@ -14,7 +14,9 @@ The arithmetic is the reference's, operation for operation (per-token int8 activ
 rounding of the attention sums; tests/test_engine.py checks them against the reference model.
 
 Weights come from a Checkpoint tensor by tensor (`weights_from_checkpoint`: peak memory is the packed model
-plus one tensor) or from a reference model (`weights_from_model`).
+plus one tensor) or from a reference model (`weights_from_model`). Both hold the one packed layout of
+packed.py: the engine stacks the reference model's `packed` leaves as they are, and a checkpoint's
+projections are converted by the reference loader's own `params.packed_projection`.
 """
 
 from __future__ import annotations
@@ -118,13 +120,15 @@ jax.tree_util.register_dataclass(Cache, data_fields=["keys", "values", "length"]
 def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     """Weights from a bitnet_convert Checkpoint, one tensor at a time.
 
-    Each projection is loaded (int8 codes), packed, and copied into its stacked host array; each stacked array
-    goes to the device as soon as its last layer is in. `release()` (optional) is called after every tensor,
+    Each projection is packed (`params.packed_projection`: HF and Flax bytes are regrouped without making int8
+    codes) and copied into its stacked host array; each stacked array goes to the device as soon as its last
+    layer is in. `release()` (optional) is called after every tensor,
     so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generate).
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it).
     """
-    from bitnet_convert.checkpoint import Ternary
     from bitnet_convert.validate import check_tensors
+
+    from .params import packed_projection
 
     cfg = check_tensors(ckpt, str(ckpt.provenance.get("path") or "checkpoint"))
     L = cfg.num_hidden_layers
@@ -136,35 +140,29 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     suffix_of = {suffix: name for name, suffix in PROJECTIONS.items()}
     norm_of = {suffix: name for name, suffix in LAYER_NORMS.items()}
     for entry in ckpt:
-        value = entry.load()
         match = _LAYER_TENSOR.match(entry.name)
         if match and match.group(2) in suffix_of:
             layer, name = int(match.group(1)), suffix_of[match.group(2)]
-            if not isinstance(value, Ternary):  # bf16 master weights: quantize as the reference loader does
-                from bitnet_convert.formats.hf import ternarize_master
-
-                value = ternarize_master(value)
-            rows = packed_ops.pack(np.asarray(value.codes, np.int8))
+            rows, multipliers[name][layer] = packed_projection(entry)
             if name not in host_packed:
                 host_packed[name] = np.empty((L, *rows.shape), np.uint8)
             host_packed[name][layer] = rows
-            multipliers[name][layer] = value.multiplier
             remaining[name] -= 1
             if remaining[name] == 0:
                 packed[name] = jax.device_put(host_packed.pop(name))
         elif match and match.group(2) in norm_of:
             layer, name = int(match.group(1)), norm_of[match.group(2)]
+            value = entry.load()
             host_norms.setdefault(name, np.empty((L, value.shape[0]), np.float32))[layer] = value
             remaining[name] -= 1
             if remaining[name] == 0:
                 norms[name] = jax.device_put(host_norms.pop(name))
         else:
-            array = np.asarray(value)
+            array = np.asarray(entry.load())
             if entry.name == "model.norm.weight":
                 dense[entry.name] = jax.device_put(array.astype(np.float32))
             else:
                 dense[entry.name] = jax.device_put(_table(array.astype(embed_dtype or array.dtype, copy=False)))
-        del value
         if release is not None:
             release()
     weights = Weights(
@@ -193,7 +191,7 @@ def weights_from_model(model) -> Weights:
     for name, suffix in PROJECTIONS.items():
         module_path = suffix.split(".")
         mods = [functools.reduce(getattr, module_path, layer) for layer in layers]
-        packed[name] = jnp.asarray(np.stack([packed_ops.pack(np.asarray(m.codes[...])) for m in mods]))
+        packed[name] = jnp.stack([m.packed[...] for m in mods])  # the model's own packed leaves, same layout
         multipliers[name] = jnp.asarray([float(m.multiplier[...]) for m in mods], jnp.float32)
     norms = {}
     for name, suffix in LAYER_NORMS.items():

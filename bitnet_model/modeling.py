@@ -1,8 +1,8 @@
 """BitNet b1.58 decoder in Flax NNX: RMSNorm, Attention, MLP, DecoderLayer, BitNetModel, BitNetForCausalLM.
 
 Module paths mirror the Hugging Face names (`model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`), so a
-dense tensor's NNX state path *is* its HF name and a projection `X.weight` becomes `X.codes` + `X.multiplier`
-(inference) or `X.weight` (training masters). Covers BitNetForCausalLM (sub-norms, relu2) and Llama-family
+dense tensor's NNX state path *is* its HF name and a projection `X.weight` becomes `X.packed` (uint8 [out/4, in],
+2-bit codes) + `X.multiplier` (inference) or `X.weight` (training masters). Covers BitNetForCausalLM (sub-norms, relu2) and Llama-family
 BitNets (no sub-norms, SiLU), any GQA ratio, tied or untied embeddings. Everything but the int8 products in
 BitLinear is float32; float products ask for HIGHEST precision so a GPU does not quietly use TF32.
 """
@@ -183,7 +183,7 @@ class BitNetModel(nnx.Module):
 class BitNetForCausalLM(nnx.Module):
     """The language model: `model(token_ids)` -> float32 logits [B, T, V].
 
-    `mode` is "inference" (ternary codes + multipliers, frozen) or "training" (float32 master weights).
+    `mode` is "inference" (2-bit packed ternary codes + multipliers, frozen) or "training" (float32 masters).
     `stored_dtypes` remembers the checkpoint dtype of each dense tensor (norms and embeddings are float32 here
     but bf16 in 2B4T), so exporting writes them back bit-exactly; `hf_config` is the checkpoint's config.json.
     """

@@ -1,11 +1,12 @@
-"""2-bit packed ternary weights and their exact W1.58A8 product: the decode engine's projections.
+"""2-bit packed ternary weights and their exact W1.58A8 product: how every BitLinear holds its weights.
 
-Layout ("interleaved rows"): a projection's int8 codes T [out, in] in {-1, 0, +1} are held as uint8
-`packed [out/4, in]`, byte (r, i) holding `T[4r + k, i] + 1` in bits 2k..2k+1. Four consecutive output rows
-share a byte, so unpacking a block of packed rows gives a contiguous block of output rows (`reshape`, no
+Layout ("rows4", bitnet_convert/codecs/rows4.py, which also packs on the host and transcodes HF bytes): a
+projection's int8 codes T [out, in] in {-1, 0, +1} are held as uint8 `packed [out/4, in]`, byte (r, i) holding
+`T[4r + k, i] + 1` in bits 2k..2k+1. Four consecutive output rows share a byte, so unpacking a block of packed rows gives a contiguous block of output rows (`reshape`, no
 interleave or concatenate), and slicing packed rows over devices slices output rows (heads, FFN columns)
 contiguously. 2B4T's 2.08 G ternary weights take 0.52 GB this way (int8: 2.08 GB, more than the 2 GiB the
-whole `generate` process may use).
+whole `generate` process may use). The reference model (bitlinear.py), the Flax format and the engine all hold
+this one layout.
 
 The product (`packed_matmul`) is exact: int8 activations x unpacked int8 codes, int32 accumulation. How it
 runs on the CPU, measured on this project's 2-core Xeon (XLA CPU, 6912x2560 gate projection, decode):
@@ -14,8 +15,9 @@ runs on the CPU, measured on this project's 2-core Xeon (XLA CPU, 6912x2560 gate
   * unpacking the whole matrix to int8 and one int8 dot: 2.3-3.5 ms (17.7 MB of int8 written and read back);
   * unpacking block by block inside `lax.map` and one int8 dot per block (~2 MB of int8 each, stays in L2):
     1.3 ms, on par with an int8 dot over codes already in memory (1.5 ms) while reading 4x fewer bytes.
-So the CPU path maps over blocks of about BLOCK_BYTES of unpacked codes; other backends (a GPU fuses the
-unpack into its operand loads) and sharded runs unpack the whole matrix (`block_bytes=0`). XLA's CPU int8 dot
+So the CPU path maps over blocks of about BLOCK_BYTES of unpacked codes (`default_block_bytes`); other
+backends (a GPU fuses the unpack into its operand loads) and sharded runs unpack the whole matrix
+(`block_bytes=0`). XLA's CPU int8 dot
 of a single row takes a slow path (31-65 ms against 1.2-1.6 ms for two rows), so one row is padded to two.
 """
 
@@ -23,22 +25,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-VALUES_PER_BYTE = 4
+from bitnet_convert.codecs.rows4 import VALUES_PER_BYTE, pack  # noqa: F401  (pack: numpy, host side)
+
 BLOCK_BYTES = 2 << 20  # unpacked int8 codes per block on the CPU: fits the 2 MB L2 of one core
 
 
-def pack(codes: np.ndarray) -> np.ndarray:
-    """int8 codes [out, in] in {-1, 0, +1} (out a multiple of 4) -> uint8 [out/4, in], interleaved rows."""
-    out, inp = codes.shape
-    if out % VALUES_PER_BYTE:
-        raise ValueError(f"cannot pack {out} output rows: not a multiple of {VALUES_PER_BYTE}")
-    biased = (codes.reshape(out // VALUES_PER_BYTE, VALUES_PER_BYTE, inp) + 1).astype(np.uint8)  # [R, 4, in]
-    packed = biased[:, 0].copy()
-    for k in range(1, VALUES_PER_BYTE):
-        packed |= biased[:, k] << np.uint8(2 * k)
-    return packed
+def default_block_bytes(backend: str | None = None) -> int:
+    """Block size for an unsharded product on `backend` (default: JAX's default backend); see above."""
+    return BLOCK_BYTES if (backend or jax.default_backend()) == "cpu" else 0
+
 
 
 def unpack(packed: jax.Array) -> jax.Array:

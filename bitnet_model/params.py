@@ -16,7 +16,8 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfl
 import numpy as np
 from flax import nnx
 
-from bitnet_convert.checkpoint import DENSE, Checkpoint, Ternary, dense_entry, ternary_entry
+from bitnet_convert.checkpoint import DENSE, Checkpoint, PackedLoader, PackedTernary, Ternary, dense_entry, ternary_entry
+from bitnet_convert.codecs import hf2bit, rows4
 from bitnet_convert.errors import ConvertError, CorruptData
 from bitnet_convert.formats.hf import ternarize_master
 from bitnet_convert.names import expected_tensors, is_projection
@@ -50,22 +51,43 @@ def masters_from_ternary(t: Ternary) -> np.ndarray:
 
 def _leaves(entry, mode: str) -> dict[str, np.ndarray]:
     """State key -> host array for one checkpoint tensor, in the form `mode` holds it."""
-    value = entry.load()
     if not is_projection(entry.name):
-        return {dense_key(entry.name): np.asarray(value)}
-    codes_key, multiplier_key = ternary_keys(entry.name)
+        return {dense_key(entry.name): np.asarray(entry.load())}
     if mode == TRAINING:
+        value = entry.load()
         master = masters_from_ternary(value) if isinstance(value, Ternary) else np.asarray(value, np.float32)
         return {dense_key(entry.name): master}
-    if not isinstance(value, Ternary):
-        # Master weights: quantize them as transformers' online layout does, with the host-side quantizer every
-        # format writer uses (float64 mean), so the model and converted files agree on every code.
-        value = ternarize_master(value)
-    if value.codes.size and np.abs(value.codes.astype(np.int16)).max() > 1:
-        raise CorruptData(f"tensor {entry.name} holds codes outside {{-1, 0, +1}}")
-    if not np.isfinite(value.multiplier):
-        raise CorruptData(f"tensor {entry.name} has a non-finite multiplier {value.multiplier}")
-    return {codes_key: value.codes, multiplier_key: np.asarray(value.multiplier, np.float32)}
+    packed_key, multiplier_key = ternary_keys(entry.name)
+    packed, multiplier = packed_projection(entry)
+    return {packed_key: packed, multiplier_key: np.asarray(multiplier, np.float32)}
+
+
+def packed_projection(entry) -> tuple[np.ndarray, np.float32]:
+    """A projection entry as the inference state holds it: (uint8 packed [out/4, in], float32 multiplier).
+
+    Stored 2-bit bytes (HF and Flax sources offer them as `load_packed`, in HF's layout) have their fields
+    regrouped into the model's layout without making int8 codes; anything else is loaded and packed. Master
+    weights are quantized as transformers' online layout does, with the host-side quantizer every format
+    writer uses (float64 mean), so the model and converted files agree on every code. Also the engine's
+    loader (engine.weights_from_checkpoint): one conversion for both.
+    """
+    if len(entry.shape) == 2 and not rows4.packable(entry.shape[0]):
+        raise ConvertError(f"tensor {entry.name} has {entry.shape[0]} output rows: the model packs 4 rows per "
+                           "byte and needs a multiple of 4")
+    source = entry.load_packed() if entry.load_packed is not None else None
+    if source is not None and source.layout == hf2bit.LAYOUT and len(entry.shape) == 2:
+        packed = source.transcode(rows4.from_hf2bit, entry.shape[0])  # CorruptData naming the tensor on code 3
+        multiplier = source.multiplier
+    else:
+        value = entry.load()
+        if not isinstance(value, Ternary):
+            value = ternarize_master(value)
+        if value.codes.size and np.abs(value.codes.astype(np.int16)).max() > 1:
+            raise CorruptData(f"tensor {entry.name} holds codes outside {{-1, 0, +1}}")
+        packed, multiplier = rows4.pack(value.codes), value.multiplier
+    if not np.isfinite(multiplier):
+        raise CorruptData(f"tensor {entry.name} has a non-finite multiplier {multiplier}")
+    return packed, np.float32(multiplier)
 
 
 def _nest(flat: dict[tuple, object]) -> dict:
@@ -81,15 +103,19 @@ def _nest(flat: dict[tuple, object]) -> dict:
 def model_from_checkpoint(ckpt: Checkpoint, *, mode: str = INFERENCE) -> BitNetForCausalLM:
     """A ready model from any Checkpoint; raises ConvertError listing every missing or mis-shaped tensor.
 
-    mode "inference": ternary projections as int8 codes + multiplier (dense master projections are ternarized
-    on load, like transformers' online mode). mode "training": float32 master weights (ternary projections
+    mode "inference": ternary projections as packed codes (uint8 [out/4, in]) + multiplier (dense master
+    projections are ternarized on load, like transformers' online mode; HF and Flax sources' packed bytes are
+    transcoded without int8 codes). mode "training": float32 master weights (ternary projections
     become masters that ternarize back to the same codes and multiplier, see `masters_from_ternary`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     where = _where(ckpt)
     cfg = check_tensors(ckpt, where)
-    abstract = nnx.eval_shape(lambda: BitNetForCausalLM(cfg, mode=mode))
+    try:
+        abstract = nnx.eval_shape(lambda: BitNetForCausalLM(cfg, mode=mode))
+    except ValueError as exc:  # a shape the model cannot hold (BitLinear: out_features not a multiple of 4)
+        raise ConvertError(f"{where}: {exc}") from None
     graphdef, state = nnx.split(abstract)
     leaves = {path: var.get_value() for path, var in nnx.to_flat_state(state)}  # path -> ShapeDtypeStruct
     filled: dict[tuple, jnp.ndarray] = {}
@@ -149,8 +175,8 @@ def checkpoint_from_model(
     entries = {}
     for name, (shape, _kind) in expected_tensors(cfg).items():
         if is_projection(name) and model.mode == INFERENCE:
-            codes_key, multiplier_key = ternary_keys(name)
-            entries[name] = ternary_entry(name, shape, _ternary_loader(state[codes_key], state[multiplier_key]))
+            packed_key, multiplier_key = ternary_keys(name)
+            entries[name] = ternary_entry(name, shape, _ternary_loader(state[packed_key], state[multiplier_key], name))
         else:
             dtype = np.dtype(dtypes.get(name, "float32"))
             entries[name] = dense_entry(name, shape, dtype, _dense_loader(state[dense_key(name)], dtype))
@@ -162,8 +188,19 @@ def checkpoint_from_model(
     )
 
 
-def _ternary_loader(codes_var, multiplier_var):
-    return lambda: Ternary(np.asarray(codes_var.get_value(), np.int8), np.float32(multiplier_var.get_value()))
+def _ternary_loader(packed_var, multiplier_var, name: str) -> PackedLoader:
+    """Ternary codes on demand, or 2-bit bytes in HF's layout (`load_packed`), the packed form every writer
+    transcodes from: regrouping the fields costs a fraction of unpacking to int8 codes and packing again."""
+
+    def packed() -> PackedTernary:
+        data = rows4.to_hf2bit(np.asarray(packed_var.get_value(), np.uint8))
+        return PackedTernary(hf2bit.LAYOUT, data, np.float32(multiplier_var.get_value()), f"model state {name}")
+
+    def load() -> Ternary:
+        data = np.asarray(packed_var.get_value(), np.uint8)
+        return Ternary(rows4.unpack(data), np.float32(multiplier_var.get_value()))
+
+    return PackedLoader(load, packed)
 
 
 def _dense_loader(var, dtype):

@@ -14,7 +14,8 @@ the non-integer parts. Any size that does not divide (5 KV heads over 2 devices,
 replicated: correct, only less memory saved. jit and GSPMD insert the collectives; the model code is the
 same for one device and many.
 
-`shard_model` does the same for the reference `BitNetForCausalLM` (int8 codes [out, in]).
+`shard_model` does the same for the reference `BitNetForCausalLM`, whose projections hold the same packed
+layout (`...q_proj.packed` uint8 [out/4, in]) and so split the same way.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def model_state_specs(model, mesh: Mesh):
         if names[-1] == "value":  # the Variable's value inside the state path
             names = names[:-1]
         shape = leaf.shape
-        if names[-1] == "codes":  # [out, in]
+        if names[-1] == "packed":  # [out/4, in]: 4 consecutive output rows per packed row
             proj = names[-2]
             if proj in _KV:
                 return P(_kv_axis(cfg, mesh), None)
@@ -125,7 +126,14 @@ def model_state_specs(model, mesh: Mesh):
 
 
 def shard_model(model, mesh: Mesh):
-    """Place a reference model's state on the mesh in place (codes split as the engine's); returns the model."""
+    """Place a reference model's state on the mesh in place (packed codes split as the engine's); returns the
+    model. Its BitLinears then unpack whole matrices (`block_bytes = 0`): CPU blocks would cut across the
+    rows split over devices, as in engine.Options.for_backend(sharded=True)."""
+    from .bitlinear import BitLinear
+
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, BitLinear):
+            module.block_bytes = 0
     state = nnx.state(model)
     specs = model_state_specs(model, mesh)
     nnx.update(model, _place(state, specs, mesh))

@@ -2,22 +2,23 @@
 
 Module paths mirror the Hugging Face names, so the table is short:
     dense tensor  `model.layers.0.input_layernorm.weight`  -> the same key
-    projection    `model.layers.0.self_attn.q_proj.weight` -> `...q_proj.codes` + `...q_proj.multiplier`  (inference)
+    projection    `model.layers.0.self_attn.q_proj.weight` -> `...q_proj.packed` + `...q_proj.multiplier` (inference)
                                                            -> `...q_proj.weight`                          (training)
+(`packed`: uint8 [out/4, in], the ternary codes 2-bit packed four consecutive output rows per byte.)
 A key is the state path joined with '.'; list indices (layer numbers) are path ints.
 """
 
 from __future__ import annotations
 
-CODES = "codes"
+PACKED = "packed"
 MULTIPLIER = "multiplier"
 WEIGHT = "weight"
 
 
 def ternary_keys(hf_name: str) -> tuple[str, str]:
-    """`X.weight` -> (`X.codes`, `X.multiplier`)."""
+    """`X.weight` -> (`X.packed`, `X.multiplier`)."""
     base = hf_name.removesuffix("." + WEIGHT)
-    return f"{base}.{CODES}", f"{base}.{MULTIPLIER}"
+    return f"{base}.{PACKED}", f"{base}.{MULTIPLIER}"
 
 
 def dense_key(hf_name: str) -> str:
@@ -25,15 +26,15 @@ def dense_key(hf_name: str) -> str:
 
 
 def hf_name_of(key: str) -> tuple[str, str]:
-    """State key -> (HF name, role) with role one of CODES, MULTIPLIER, WEIGHT."""
+    """State key -> (HF name, role) with role one of PACKED, MULTIPLIER, WEIGHT."""
     base, _, leaf = key.rpartition(".")
-    if leaf in (CODES, MULTIPLIER):
+    if leaf in (PACKED, MULTIPLIER):
         return f"{base}.{WEIGHT}", leaf
     return key, WEIGHT
 
 
 def key_path(key: str) -> tuple[str | int, ...]:
-    """`model.layers.3.mlp.up_proj.codes` -> ('model', 'layers', 3, 'mlp', 'up_proj', 'codes')."""
+    """`model.layers.3.mlp.up_proj.packed` -> ('model', 'layers', 3, 'mlp', 'up_proj', 'packed')."""
     return tuple(int(part) if part.isdigit() else part for part in key.split("."))
 
 

@@ -1,4 +1,4 @@
-"""From a trained model (float32 masters) to the inference form (int8 codes + multiplier) and a loss to train.
+"""From a trained model (float32 masters) to the inference form (packed codes + multiplier) and a loss to train.
 
 Training-mode BitLinear computes its forward through the same integer path as inference (see bitlinear.py),
 so the exported model's logits equal the training model's to the last bit.
@@ -10,13 +10,13 @@ import jax
 import optax
 from flax import nnx
 
-from .bitlinear import INFERENCE, TRAINING, ternarize
+from .bitlinear import INFERENCE, TRAINING, pack_ternary, ternarize
 from .modeling import BitNetForCausalLM
-from .state_names import CODES, MULTIPLIER, WEIGHT
+from .state_names import MULTIPLIER, PACKED, WEIGHT
 
 
 def export_inference(model: BitNetForCausalLM) -> BitNetForCausalLM:
-    """A new inference-mode model: every projection's masters ternarized, everything else copied."""
+    """A new inference-mode model: every projection's masters ternarized and packed, everything else copied."""
     if model.mode != TRAINING:
         raise ValueError(f"export_inference needs a training-mode model, got mode {model.mode!r}")
     abstract = nnx.eval_shape(lambda: BitNetForCausalLM(model.config, mode=INFERENCE))
@@ -24,9 +24,9 @@ def export_inference(model: BitNetForCausalLM) -> BitNetForCausalLM:
     source = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     for path, var in nnx.to_flat_state(state):
         leaf = path[-1]
-        if leaf in (CODES, MULTIPLIER):
+        if leaf in (PACKED, MULTIPLIER):
             codes, multiplier = ternarize(source[(*path[:-1], WEIGHT)])
-            var.set_value(codes if leaf == CODES else multiplier)
+            var.set_value(pack_ternary(codes) if leaf == PACKED else multiplier)
         else:
             var.set_value(source[path])
     exported = nnx.merge(graphdef, state)

@@ -310,9 +310,9 @@ def flax_truncated(good, tmp):
     return folder
 
 
-def flax_codes_out_of_range(good, tmp):
+def flax_packed_code_3(good, tmp):
     folder = _in(tmp, good["flax"])
-    patch_tensor(folder / "params.safetensors", PROJ.replace(".weight", ".codes"), b"\x02")
+    patch_tensor(folder / "params.safetensors", PROJ.replace(".weight", ".packed"), b"\xc1")  # field 3 = 3
     return folder
 
 
@@ -610,7 +610,7 @@ CASES = [
     Case("flax-truncated-params", "flax", flax_truncated, r"params\.safetensors.*truncated"),
     Case("flax-config-sizes-disagree", "flax", flax_config_sizes_disagree, r"config says|head_dim|hidden"),
     Case("flax-missing-multiplier", "flax", flax_missing_multiplier, r"multiplier"),
-    Case("flax-codes-out-of-range", "flax", flax_codes_out_of_range, r"outside"),
+    Case("flax-packed-code-3", "flax", flax_packed_code_3, r"up_proj\.packed.*code 3"),
     Case("flax-multiplier-nan", "flax", _flax_multiplier(float("nan")), r"multiplier.*(nan|finite)"),
     Case("flax-multiplier-inf", "flax", _flax_multiplier(float("inf")), r"multiplier.*(inf|finite)"),
     Case("flax-multiplier-zero", "flax", _flax_multiplier(0.0), r"multiplier.*positive"),

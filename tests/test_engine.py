@@ -76,9 +76,17 @@ def test_prefill_and_decode_match_the_reference(ckpt, option):
 
 def test_weights_from_model_equal_weights_from_checkpoint(ckpt):
     a = engine.weights_from_checkpoint(ckpt)
-    b = engine.weights_from_model(params.model_from_checkpoint(ckpt))
+    model = params.model_from_checkpoint(ckpt)
+    b = engine.weights_from_model(model)
     for name in engine.PROJECTIONS:
         np.testing.assert_array_equal(np.asarray(a.packed[name]), np.asarray(b.packed[name]))
+        # one layout: the engine stacks the reference model's own packed leaves, and they are its codes packed
+        suffix = engine.PROJECTIONS[name]
+        leaf = model.model.layers[1].mlp if suffix.startswith("mlp") else model.model.layers[1].self_attn
+        leaf = getattr(leaf, name).packed[...]
+        np.testing.assert_array_equal(np.asarray(b.packed[name][1]), np.asarray(leaf))
+        codes = ckpt.load(f"model.layers.1.{suffix}.weight").codes
+        np.testing.assert_array_equal(np.asarray(leaf), packed.pack(codes))
         np.testing.assert_array_equal(np.asarray(a.multipliers[name]), np.asarray(b.multipliers[name]))
     assert a.norms.keys() == b.norms.keys()
     np.testing.assert_array_equal(np.asarray(a.embed), np.asarray(b.embed))

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 from bitnet_convert import integrity
 from bitnet_convert.checkpoint import Ternary
+from bitnet_convert.codecs import hf2bit, rows4
 from bitnet_convert.errors import ConvertError, CorruptData
 from bitnet_convert.formats import flax_dir, hf
 from bitnet_convert.tiny import tiny_checkpoint
@@ -51,9 +52,13 @@ def test_round_trip_is_bit_exact(ckpt, folder):
     assert flax_dir.detect(folder) and not hf.detect(folder)
 
 
-def test_keys_are_nnx_state_paths(folder):
+def test_keys_are_nnx_state_paths(ckpt, folder):
     stored = load_file(str(folder / flax_dir.PARAMS_FILE))
-    assert stored["model.layers.0.self_attn.q_proj.codes"].dtype == np.int8
+    q = stored["model.layers.0.self_attn.q_proj.packed"]
+    codes = ckpt.load("model.layers.0.self_attn.q_proj.weight").codes
+    assert q.dtype == np.uint8 and q.shape == (codes.shape[0] // 4, codes.shape[1])  # 2 bits per code
+    for k in range(4):  # output row 4r + k in bits 2k..2k+1 of packed row r, code + 1
+        np.testing.assert_array_equal((q >> (2 * k)) & 3, codes[k::4] + 1)
     assert stored["model.layers.0.self_attn.q_proj.multiplier"].shape == ()
     assert stored["model.layers.1.mlp.ffn_sub_norm.weight"].dtype == BF16
     cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
@@ -80,7 +85,8 @@ def test_provenance_and_content_hash(ckpt, folder):
     assert record["source"] == ckpt.provenance["source"] and record["projections"] == "ternary"
     assert record["content_hash"] == integrity.hash_stored(flax_dir.stored_tensor_bytes(folder))
     names = [name for name, _ in flax_dir.stored_tensor_bytes(folder)]
-    assert names[0] == "model.embed_tokens.weight" and "model.layers.0.self_attn.q_proj.codes" in names
+    assert names[0] == "model.embed_tokens.weight" and "model.layers.0.self_attn.q_proj.packed" in names
+    assert json.loads((folder / "bitnet_convert.json").read_text())["format_version"] == 2
 
 
 def test_training_checkpoint_round_trip(tmp_path):
@@ -88,7 +94,7 @@ def test_training_checkpoint_round_trip(tmp_path):
     out = flax_dir.write(masters, str(tmp_path / "masters-flax"))
     stored = load_file(str(out / flax_dir.PARAMS_FILE))
     assert stored["model.layers.0.mlp.down_proj.weight"].dtype == BF16
-    assert not any(k.endswith(".codes") for k in stored)
+    assert not any(k.endswith(".packed") for k in stored)
     assert_same_tensors(masters, flax_dir.read(str(out)))
     assert flax_dir.recorded_provenance(out)["projections"] == "master weights"
     # ... and the training model's float32 state restores from it
@@ -111,6 +117,70 @@ def test_hf_to_flax_to_hf_is_bit_exact(hf_checkpoint, tmp_path):
     again = dict(hf.stored_tensor_bytes(hf_out))
     assert original.keys() == again.keys()
     assert all(bytes(original[k]) == bytes(again[k]) for k in original)
+
+
+def test_hf_source_is_regrouped_without_int8_codes(hf_checkpoint, tmp_path, monkeypatch):
+    """hf -> flax transcodes the HF bytes (rows4.from_hf2bit), and the result is byte-identical to packing the
+    codes; flax -> npz/gguf get HF-layout bytes from load_packed, again without int8 codes."""
+    source = hf.read(str(hf_checkpoint("autobitlinear")))
+    codes = {e.name: e.load().codes for e in source if e.kind == "ternary"}
+    monkeypatch.setattr(hf2bit, "unpack", lambda *a: pytest.fail("int8 codes were made"))
+    out = flax_dir.write(source, str(tmp_path / "m-flax"))
+    stored = load_file(str(out / flax_dir.PARAMS_FILE))
+    for name, want in codes.items():
+        assert stored[name.replace(".weight", ".packed")].tobytes() == rows4.pack(want).tobytes(), name
+    back = flax_dir.read(str(out))
+    for name, want in codes.items():
+        packed = back[name].load_packed()
+        assert packed.layout == hf2bit.LAYOUT and packed.data.tobytes() == hf2bit.pack(want).tobytes(), name
+
+
+def test_code_3_in_packed_bytes_is_corrupt_data(folder, tmp_path):
+    import shutil
+
+    from damage import patch_tensor
+
+    copy = tmp_path / "code3-flax"
+    shutil.copytree(folder, copy)
+    key = "model.layers.0.mlp.gate_proj.packed"
+    patch_tensor(copy / flax_dir.PARAMS_FILE, key, b"\x0c", at=5)  # field 1 of byte 5 = 3
+    ckpt = flax_dir.read(str(copy))
+    entry = ckpt["model.layers.0.mlp.gate_proj.weight"]
+    for load in (entry.load, entry.load_packed):
+        with pytest.raises(CorruptData, match=rf"params.safetensors: tensor {key}: .*code 3"):
+            load()
+    with pytest.raises(ConvertError, match=rf"{key}.*code 3"):
+        params.model_from_checkpoint(ckpt)
+
+
+def test_version_1_folders_are_refused_clearly(ckpt, tmp_path):
+    from safetensors.numpy import save_file
+
+    old = tmp_path / "v1-flax"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(ckpt.config))
+    arrays = {}
+    for name, value in ckpt.materialize().items():
+        if isinstance(value, Ternary):
+            arrays[name.replace(".weight", ".codes")] = value.codes
+            arrays[name.replace(".weight", ".multiplier")] = np.asarray(value.multiplier, np.float32)
+        else:
+            arrays[name] = value
+    save_file(arrays, str(old / "params.safetensors"), metadata={"bitnet_convert_format_version": "1"})
+    with pytest.raises(ConvertError, match="version-1 Flax folder.*Convert the model again"):
+        flax_dir.read(str(old))
+    save_file(arrays, str(old / "params.safetensors"))  # no metadata: recognized by its `.codes` leaves
+    with pytest.raises(ConvertError, match="version-1 Flax folder"):
+        flax_dir.read(str(old))
+
+
+def test_out_features_not_a_multiple_of_4_are_refused(tmp_path):
+    odd = tiny_checkpoint(seed=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=12)  # k/v: 6 rows
+    with pytest.raises(ConvertError, match="k_proj.weight has shape \\[6, 12\\].*multiple of 4"):
+        flax_dir.write(odd, str(tmp_path / "odd-flax"))
+    assert not (tmp_path / "odd-flax").exists()
+    with pytest.raises(ConvertError, match="6 output features.*multiple of 4"):
+        params.model_from_checkpoint(odd)
 
 
 def test_refuses_to_overwrite_and_rejects_corrupt_codes(ckpt, folder, tmp_path):

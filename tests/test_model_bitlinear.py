@@ -7,7 +7,8 @@ import pytest
 from bitnet_convert.checkpoint import Checkpoint, Ternary
 from bitnet_convert.errors import ConvertError
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import bitlinear, params
+from bitnet_convert.codecs import hf2bit
+from bitnet_model import bitlinear, packed, params
 
 
 def test_activation_quantization_rounds_half_to_even_per_token():
@@ -29,6 +30,47 @@ def test_integer_product_equals_the_formula_and_one_row_padding_is_harmless():
     np.testing.assert_allclose(np.asarray(y), expected, rtol=3e-7, atol=0)  # XLA's f32 divide: within 1 ulp
     one = bitlinear.ternary_matmul(x_q[:1], s[:1], jnp.asarray(codes), jnp.float32(1.5))
     np.testing.assert_array_equal(np.asarray(one), np.asarray(y[:1]))
+
+
+@pytest.mark.parametrize("block_bytes", [0, 4 * 40 * 2])  # whole matrix; blocks of 2 packed rows (8 outputs)
+def test_inference_bitlinear_holds_packed_codes_and_computes_exactly(block_bytes):
+    """Inference state is uint8 [out/4, in] (rows 4r..4r+3 in packed row r); the product equals the exact int64
+    formula, and the blocked (CPU) and whole-matrix unpacks give the same bits, one-token padding included."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-1, 2, (24, 40)).astype(np.int8)
+    layer = bitlinear.BitLinear(40, 24, block_bytes=block_bytes)
+    assert layer.packed[...].dtype == jnp.uint8 and layer.packed[...].shape == (6, 40)
+    layer.packed[...] = bitlinear.pack_ternary(codes)
+    layer.multiplier[...] = jnp.float32(1.5)
+    assert (int(layer.packed[...][2, 7]) >> 4) & 3 == codes[2 * 4 + 2, 7] + 1  # field k of row r: code 4r + k
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    y = layer(jnp.asarray(x))
+    x_q, s = bitlinear.quantize_activations(jnp.asarray(x))
+    acc = np.asarray(x_q, np.int64) @ codes.T.astype(np.int64)
+    np.testing.assert_allclose(np.asarray(y), acc.astype(np.float32) / np.asarray(s) * np.float32(1.5), rtol=3e-7, atol=0)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(bitlinear.ternary_matmul(x_q, s, jnp.asarray(codes), 1.5)))
+    np.testing.assert_array_equal(np.asarray(layer(jnp.asarray(x[:1, :1]))), np.asarray(y[:1, :1]))
+
+
+def test_bitlinear_refuses_out_features_not_a_multiple_of_4():
+    for mode in bitlinear.MODES:
+        with pytest.raises(ValueError, match="multiple of 4"):
+            bitlinear.BitLinear(8, 6, mode=mode)
+
+
+def test_loader_regroups_hf_packed_bytes_without_int8_codes(hf_checkpoint, monkeypatch):
+    """HF packed projections reach the model's packed state straight from their bytes (no hf2bit.unpack), and
+    hold exactly the codes of the Ternary path."""
+    from bitnet_convert.formats import hf
+
+    ckpt = hf.read(str(hf_checkpoint("autobitlinear")))
+    expected = {e.name: e.load() for e in ckpt if e.kind == "ternary"}
+    monkeypatch.setattr(hf.hf2bit, "unpack", lambda *a: pytest.fail("int8 codes were made"))
+    model = params.model_from_checkpoint(ckpt)
+    proj = model.model.layers[1].self_attn.k_proj
+    want = expected["model.layers.1.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(packed.unpack(proj.packed[...])), want.codes)
+    assert np.float32(proj.multiplier[...]) == want.multiplier
 
 
 def test_ternarize_is_absmean():
@@ -63,5 +105,7 @@ def test_model_to_checkpoint_keeps_stored_dtypes():
         if isinstance(got, Ternary):
             np.testing.assert_array_equal(got.codes, entry.load().codes)
             assert got.multiplier == entry.load().multiplier
+            stored = back[name].load_packed()  # the packed state, offered in HF's layout for the writers
+            assert stored.layout == hf2bit.LAYOUT and np.array_equal(stored.data, hf2bit.pack(got.codes)), name
         else:
             assert got.dtype == entry.dtype and got.tobytes() == entry.load().tobytes(), name

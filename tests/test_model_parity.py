@@ -17,7 +17,7 @@ import pytest
 
 from bitnet_convert.formats import hf
 from bitnet_convert.reference import load_reference, reference_logits
-from bitnet_model import bitlinear, params
+from bitnet_model import bitlinear, packed, params
 
 BATCH, LENGTH = 2, 72  # > 64 tokens: RoPE far from position 0
 SMALL = {"hidden_size": 64, "intermediate_size": 128}  # 4 heads of 16; quick to load and compile
@@ -129,6 +129,6 @@ def test_online_masters_are_ternarized_like_transformers(hf_checkpoint):
         proj = model.model.layers[layer].mlp.down_proj
         master = ref.model.layers[layer].mlp.down_proj.weight.detach().float()
         expected = WeightQuant.apply(master).numpy()  # T / scale, float32
-        codes = np.asarray(proj.codes[...])
+        codes = np.asarray(packed.unpack(proj.packed[...]))
         assert codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 0, 1}
         np.testing.assert_allclose(codes * np.float32(proj.multiplier[...]), expected, rtol=2e-7, atol=0)

@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent(
 
     # reference model: its state placed on the mesh, same logits
     sharding.shard_model(model, mesh)
-    q = model.model.layers[0].self_attn.q_proj.codes[...]
+    q = model.model.layers[0].self_attn.q_proj.packed[...]
     assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 2
     ref = params.logits(params.model_from_checkpoint(ckpt), ids)
     np.testing.assert_allclose(params.logits(model, ids), ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -9,7 +9,7 @@ from flax import nnx
 
 from bitnet_convert.checkpoint import Ternary
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import bitlinear, params, training
+from bitnet_model import bitlinear, packed, params, training
 from bitnet_model.config import ModelConfig
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
@@ -73,7 +73,11 @@ def test_adam_lowers_the_loss_and_export_matches_training_forward(ckpt):
     exported = training.export_inference(model)
     assert exported.mode == "inference"
     proj = exported.model.layers[1].mlp.up_proj
-    assert proj.codes[...].dtype == jnp.int8 and proj.multiplier[...].shape == ()
+    assert proj.packed[...].dtype == jnp.uint8 and proj.multiplier[...].shape == ()
+    assert proj.packed[...].shape == (proj.out_features // 4, proj.in_features)  # 2-bit: 4 rows per byte
+    codes, multiplier = bitlinear.ternarize(model.model.layers[1].mlp.up_proj.weight[...])
+    np.testing.assert_array_equal(np.asarray(packed.unpack(proj.packed[...])), np.asarray(codes))
+    assert np.float32(proj.multiplier[...]) == np.float32(multiplier)
     np.testing.assert_array_equal(exported(ids), model(ids))  # same integer path: bit-identical
 
     # ... and to a Checkpoint: ternary projections, float32 masters nowhere

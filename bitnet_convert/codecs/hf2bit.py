@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import CorruptData
 from ._bits import field, has_code3, transpose_fields
 
+LAYOUT = "hf2bit"  # PackedTernary.layout of these bytes
 VALUES_PER_BYTE = 4
 
 

@@ -8,17 +8,21 @@
 
 Keys are the state paths of the model (`bitnet_model.state_names`), which mirror the Hugging Face names:
 
-    model.embed_tokens.weight                 bf16 [V, H]       (stored dtype kept: bf16 stays bf16)
-    model.layers.0.input_layernorm.weight     bf16 [H]
-    model.layers.0.self_attn.q_proj.codes     int8 [out, in]    ternary codes in {-1, 0, +1}
-    model.layers.0.self_attn.q_proj.multiplier  float32 []      y = (x_q @ codes.T) / s * multiplier
+    model.embed_tokens.weight                   bf16 [V, H]       (stored dtype kept: bf16 stays bf16)
+    model.layers.0.input_layernorm.weight       bf16 [H]
+    model.layers.0.self_attn.q_proj.packed      uint8 [out/4, in] ternary codes, 2-bit packed (below)
+    model.layers.0.self_attn.q_proj.multiplier  float32 []        y = (x_q @ T.T) / s * multiplier
     ...
     model.norm.weight, lm_head.weight (untied models only)
 
-A training checkpoint (float master weights) stores `...q_proj.weight` [out, in] instead of codes +
-multiplier: the state of the model in "training" mode. Codes are int8, exactly as the model holds them, so
-the file restores with nothing but safetensors and nnx (2-bit packing in memory measured 1.4-2x slower per
-forward, see bitnet_model/bitlinear.py; the price is 4x larger codes on disk than HF's packed layout):
+`packed` is exactly what the model holds (bitnet_model/bitlinear.py, packed.py): byte (r, i) holds code
+`T[4r + k, i] + 1` in bits 2k..2k+1, four consecutive output rows per byte; codes 0, 1, 2 mean -1, 0, +1 and
+code 3 is invalid (the reader refuses it). The same size as HF's packing, with a different row grouping (HF:
+rows k*R + r share a byte); writing from HF regroups the bytes (codecs/rows4.py) without making int8 codes.
+Projections need out % 4 == 0 (every BitNet shape); other widths are refused.
+
+A training checkpoint (float master weights) stores `...q_proj.weight` [out, in] instead of packed codes +
+multiplier: the state of the model in "training" mode. The file restores with nothing but safetensors and nnx:
 
     import json, jax.numpy as jnp
     from flax import nnx
@@ -33,7 +37,11 @@ forward, see bitnet_model/bitlinear.py; the price is 4x larger codes on disk tha
             for path, var in nnx.to_flat_state(state)]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-(`bitnet_model.load("model-flax")` does the same with shape checks and error messages.)
+(`bitnet_model.load("model-flax")` does the same with shape checks, code checks and error messages.)
+
+Format version 2 (this one) stores packed codes; version 1 stored int8 `...codes` [out, in] (4x larger) and is
+refused with a message saying to convert again from the source: a version-1 folder is a derived file, and
+its int8 codes match no state of the current model.
 """
 
 from __future__ import annotations
@@ -46,19 +54,22 @@ import numpy as np
 
 from .. import integrity, validate
 from ..atomic import atomic_path
-from ..checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
+from ..checkpoint import TERNARY, Checkpoint, PackedLoader, PackedTernary, TensorEntry, Ternary, dense_entry, ternary_entry
+from ..codecs import hf2bit, rows4
 from ..errors import ConvertError, CorruptData
 from ..names import is_projection
 from .folder import hashing_progress, write_side_files
 from ..safetensors_io import StoredTensor, TensorSpec, open_safetensors, write_safetensors
-from bitnet_model.state_names import CODES, MULTIPLIER, dense_key, hf_name_of, ternary_keys
+from bitnet_model.state_names import MULTIPLIER, PACKED, dense_key, hf_name_of, ternary_keys
 
 NAME = "flax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: int8 `...codes` [out, in] (refused on read, see the module docstring)
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 _OWN_FILES = (CONFIG_FILE, PARAMS_FILE, integrity.PROVENANCE_FILE)
-_METADATA = {"format": "flax-nnx", "bitnet_convert_format_version": str(FORMAT_VERSION)}
+_VERSION_KEY = "bitnet_convert_format_version"
+_METADATA = {"format": "flax-nnx", _VERSION_KEY: str(FORMAT_VERSION)}
+_V1_CODES = ".codes"  # version 1's projection leaf
 
 
 def detect(path: Path) -> bool:
@@ -96,10 +107,14 @@ def _plan(ckpt: Checkpoint, where: str):
     producers = {}
     for entry in ckpt:
         if entry.kind == TERNARY:
-            codes_key, multiplier_key = ternary_keys(entry.name)
-            pending: dict[str, Ternary] = {}
-            specs += [TensorSpec(codes_key, np.int8, entry.shape), TensorSpec(multiplier_key, np.float32, ())]
-            producers[codes_key] = _codes_producer(entry, pending, where)
+            if len(entry.shape) != 2 or not rows4.packable(entry.shape[0]):
+                raise ConvertError(f"{where}: tensor {entry.name} has shape {list(entry.shape)}: the Flax format packs "
+                                   "4 output rows per byte and needs [out, in] with out a multiple of 4")
+            packed_key, multiplier_key = ternary_keys(entry.name)
+            pending: dict[str, np.float32] = {}
+            packed_shape = (entry.shape[0] // rows4.VALUES_PER_BYTE, entry.shape[1])
+            specs += [TensorSpec(packed_key, np.uint8, packed_shape), TensorSpec(multiplier_key, np.float32, ())]
+            producers[packed_key] = _packed_producer(entry, pending, where)
             producers[multiplier_key] = _multiplier_producer(entry, pending, where)
         else:
             specs.append(TensorSpec(dense_key(entry.name), entry.dtype, entry.shape))
@@ -107,8 +122,13 @@ def _plan(ckpt: Checkpoint, where: str):
     return specs, lambda spec: producers[spec.name]()
 
 
-def _codes_producer(entry: TensorEntry, pending: dict, where: str):
+def _packed_producer(entry: TensorEntry, pending: dict, where: str):
     def produce() -> np.ndarray:
+        source = entry.load_packed() if entry.load_packed is not None else None
+        if source is not None and source.layout == hf2bit.LAYOUT:
+            # HF bytes: regroup the 2-bit fields (about 2x faster than unpack to int8 + pack); code 3 -> CorruptData
+            pending["multiplier"] = source.multiplier
+            return source.transcode(rows4.from_hf2bit, entry.shape[0])
         value = entry.load()
         if not isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name} was listed as ternary but loaded a plain array")
@@ -116,7 +136,7 @@ def _codes_producer(entry: TensorEntry, pending: dict, where: str):
         if codes.size and (codes.min() < -1 or codes.max() > 1):  # in the codes' own dtype: no wrapping cast
             raise CorruptData(f"{where}: tensor {entry.name} holds codes outside {{-1, 0, +1}}")
         pending["multiplier"] = value.multiplier
-        return codes.astype(np.int8, copy=False)
+        return rows4.pack(codes)
 
     return produce
 
@@ -155,6 +175,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     config.pop("quantization_config", None)
     params = open_safetensors(folder / PARAMS_FILE)
     where = str(params.path)
+    _check_version(params.metadata, params.tensors, where)
     entries = _entries(params.tensors, where)
     provenance = integrity.reader_provenance(NAME, folder, recorded_provenance(folder), source=str(folder.resolve()))
     tokenizer = {
@@ -167,18 +188,32 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     return ckpt
 
 
+def _check_version(metadata: dict[str, str], stored: dict[str, StoredTensor], where: str) -> None:
+    """Refuse folders of another format version (a missing version, as from the plain-safetensors recipe, is
+    read as this one; version 1 is also recognized by its `.codes` leaves)."""
+    version = metadata.get(_VERSION_KEY, str(FORMAT_VERSION))
+    if version == "1" or any(key.endswith(_V1_CODES) for key in stored):
+        raise ConvertError(
+            f"{where}: a version-1 Flax folder (int8 `...codes` [out, in]); this bitnet-convert reads version "
+            f"{FORMAT_VERSION} (2-bit `...packed` [out/4, in]). Convert the model again from its source "
+            "(e.g. `bitnet-convert hf-to-flax SRC OUT`), or read it with a bitnet-convert older than format 2"
+        )
+    if version != str(FORMAT_VERSION):
+        raise ConvertError(f"{where}: Flax format version {version!r}; this bitnet-convert reads version {FORMAT_VERSION}")
+
+
 def _entries(stored: dict[str, StoredTensor], where: str) -> dict[str, TensorEntry]:
-    """HF name -> entry, in file order: `X.codes` + `X.multiplier` pairs become one Ternary entry."""
+    """HF name -> entry, in file order: `X.packed` + `X.multiplier` pairs become one Ternary entry."""
     entries: dict[str, TensorEntry] = {}
     for key, tensor in stored.items():
         name, role = hf_name_of(key)
         if role == MULTIPLIER:
             if ternary_keys(name)[0] not in stored:
                 raise ConvertError(f"{where}: {key} has no {ternary_keys(name)[0]} beside it")
-            continue  # read with its codes
+            continue  # read with its packed codes
         if name in entries:
-            raise ConvertError(f"{where}: tensor {name} is stored twice (as codes and as {key})")
-        if role == CODES:
+            raise ConvertError(f"{where}: tensor {name} is stored twice (as packed codes and as {key})")
+        if role == PACKED:
             multiplier_key = ternary_keys(name)[1]
             if multiplier_key not in stored:
                 raise ConvertError(f"{where}: {key} has no {multiplier_key} beside it")
@@ -188,22 +223,33 @@ def _entries(stored: dict[str, StoredTensor], where: str) -> dict[str, TensorEnt
     return entries
 
 
-def _ternary_entry(name: str, codes: StoredTensor, multiplier: StoredTensor, where: str) -> TensorEntry:
-    if codes.dtype != np.int8 or len(codes.shape) != 2:
-        raise ConvertError(f"{where}: {codes.name} is {codes.dtype}{list(codes.shape)}, expected int8 [out, in]")
+def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, where: str) -> TensorEntry:
+    if packed.dtype != np.uint8 or len(packed.shape) != 2 or 0 in packed.shape:
+        raise ConvertError(f"{where}: {packed.name} is {packed.dtype}{list(packed.shape)}, expected uint8 [out/4, in]")
     if multiplier.dtype != np.float32 or multiplier.shape != ():
         raise ConvertError(f"{where}: {multiplier.name} is {multiplier.dtype}{list(multiplier.shape)}, expected float32 []")
     value = np.float32(multiplier.array())
     if not (np.isfinite(value) and value > 0):
         raise CorruptData(f"{where}: {multiplier.name} is not a finite positive number ({value})")
+    label = f"{where}: tensor {packed.name}"
 
     def load() -> Ternary:
-        array = codes.array()
-        if array.size and (array.min() < -1 or array.max() > 1):
-            raise CorruptData(f"{where}: {codes.name} holds codes outside {{-1, 0, +1}}")
-        return Ternary(array, value)
+        try:
+            return Ternary(rows4.unpack(packed.array()), value)
+        except CorruptData as exc:  # code 3
+            raise CorruptData(f"{label}: {exc}") from None
 
-    return ternary_entry(name, codes.shape, load)
+    def load_packed() -> PackedTernary:
+        # Offered in HF's layout, the packed form the npz and GGUF writers (and the model loader) transcode from:
+        # regrouping the fields is cheaper than unpacking to int8 codes, and it checks for code 3 on the way.
+        try:
+            data = rows4.to_hf2bit(packed.array())
+        except CorruptData as exc:
+            raise CorruptData(f"{label}: {exc}") from None
+        return PackedTernary(hf2bit.LAYOUT, data, value, label)
+
+    out_features = packed.shape[0] * rows4.VALUES_PER_BYTE
+    return ternary_entry(name, (out_features, packed.shape[1]), PackedLoader(load, load_packed))
 
 
 def _read_json(path: Path) -> dict:

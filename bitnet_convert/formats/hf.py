@@ -288,7 +288,8 @@ def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:
     value = np.float32(scale.array().reshape(()).astype(np.float32))
     if not np.isfinite(value) or value <= 0:
         raise CorruptData(f"{scale.path}: tensor {scale.name} is {value}, expected a finite positive scale")
-    multiplier = np.float32(1.0) / value if layout.inverse_scale else value
+    with np.errstate(over="ignore"):  # a subnormal inverse scale overflows: reported just below
+        multiplier = np.float32(1.0) / value if layout.inverse_scale else value
     if not np.isfinite(multiplier):
         raise CorruptData(f"{scale.path}: tensor {scale.name} = {value} has no finite inverse")
     return multiplier
