@@ -47,7 +47,9 @@ class PackedTernary:
     their own layout without making int8 codes (4x the memory, and time). Its bytes are *not* checked yet: the
     codec that reads them raises CorruptData on an invalid code; `transcode` adds `where` to that message.
 
-    layout "hf2bit": uint8 [ceil(out/4), in] in transformers' `pack_weights` layout (codecs/hf2bit.py).
+    layout "hf2bit": uint8 [ceil(out/4), in] in transformers' `pack_weights` layout (codecs/hf2bit.py). HF
+    folders offer their stored bytes; Flax folders and the JAX model's state hold the "rows4" layout
+    (codecs/rows4.py) and offer it regrouped into this one (a field transpose, cheaper than int8 codes).
     """
 
     layout: str

@@ -14,10 +14,12 @@ takes a slow path (31-65 ms); padding to two rows brings it to 1.2-1.6 ms, so on
 Weight modes:
   * inference: `packed` uint8 [out/4, in], the codes 2-bit packed four consecutive output rows per byte
     (packed.py's layout), and `multiplier` float32 [] (mean|W| of the masters). The product unpacks the codes
-    block by block into an int8 x int8 -> int32 dot (`packed.packed_matmul`): on the CPU that is as fast as an
-    int8 dot over codes already in memory (the block stays in L2; packed.py has the numbers), at a quarter of
-    the memory (0.52 GB of ternary weights for 2B4T rather than 2.08 GB), and it is exactly what the Flax
-    format stores and the generation engine runs. out_features must be a multiple of 4 (every BitNet shape
+    block by block into an int8 x int8 -> int32 dot (`packed.packed_matmul`): a quarter of the memory (0.52 GB
+    of ternary weights for 2B4T rather than 2.08 GB), exactly what the Flax format stores and the generation
+    engine runs. The price, measured with benchmarks/bench_model_prefill.py (4 layers at 2B4T widths, 2-core
+    CPU, best of 7, int8 codes -> packed): 23-26 -> 25 ms at 2 tokens, 24-28 -> 30-35 ms at 16, 43-54 -> 59-87 ms
+    at 64, 153 -> 214 ms at 256 (the unpack itself is ~0.5 ms per 6912x2560 matrix; the rest is the dot running
+    on freshly unpacked blocks; whole-matrix unpack or other block sizes measured no better). out_features must be a multiple of 4 (every BitNet shape
     is): a model of other widths is refused here rather than padded, which would leak padding rows into the
     state, the file format and every consumer of it.
   * training: float32 master `weight` [out, in] (an nnx.Param). Absmean ternarization in the forward,

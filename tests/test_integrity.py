@@ -182,10 +182,8 @@ def _first_byte(data: np.ndarray, ok) -> int:
 
 def _ternary_ok(variant: str):
     """Bytes of a stored ternary tensor where XOR 1 gives another valid value (never code 3)."""
-    if variant.startswith("hf") or variant in ("gguf-tq2_0", "gguf-i2_s", "gguf-q8_0-embed"):
+    if variant.startswith("hf") or variant in ("flax", "gguf-tq2_0", "gguf-i2_s", "gguf-q8_0-embed"):
         return lambda b: (b & 3) < 2  # 2-bit codes: 0 <-> 1 in the low field
-    if variant == "flax":
-        return lambda b: b < 2  # int8 codes 0 <-> 1
     if variant == "npz":
         return lambda b: (b % 2 == 0) & (b < 242)  # base-3 byte b -> b + 1 <= 242
     return lambda b: np.ones_like(b, bool)  # TQ1_0 digits, float codes: any byte (a float may stop being ternary)
@@ -196,7 +194,7 @@ def _flip(variant: str, path: Path, which: str) -> None:
     fmt = VARIANTS[variant][0]
     if fmt in ("hf", "flax"):
         file = path / ("model.safetensors" if fmt == "hf" else "params.safetensors")
-        key = NORM if which == "dense" else (PROJ if fmt == "hf" else PROJ.replace(".weight", ".codes"))
+        key = NORM if which == "dense" else (PROJ if fmt == "hf" else PROJ.replace(".weight", ".packed"))
         start, end = safetensors_offsets(file)[key]
         data = np.frombuffer(file.read_bytes()[start:end], np.uint8)
         at = 0 if which == "dense" else _first_byte(data, _ternary_ok(variant))

@@ -88,7 +88,7 @@ def prompt_ids(ckpt) -> list[int]:
 
 
 def jax_logits(ckpt, ids, *, quantize_activations: bool) -> np.ndarray:
-    from bitnet_model import bitlinear
+    from bitnet_model import bitlinear, packed
     from bitnet_model.params import model_from_checkpoint
 
     model = model_from_checkpoint(ckpt)
@@ -97,7 +97,7 @@ def jax_logits(ckpt, ids, *, quantize_activations: bool) -> np.ndarray:
     def float_activations(self, x):  # codes * multiplier in float32, activations unquantized (llama.cpp)
         import jax
 
-        w = self.codes[...].astype("float32") * self.multiplier[...]
+        w = packed.unpack(self.packed[...]).astype("float32") * self.multiplier[...]
         return jax.numpy.einsum("...i,oi->...o", x.astype("float32"), w, precision=jax.lax.Precision.HIGHEST)
 
     if not quantize_activations:

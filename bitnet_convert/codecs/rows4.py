@@ -76,7 +76,11 @@ def _fast(rows: int, n_in: int) -> bool:
 
 
 def from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
-    """= pack(hf2bit.unpack(packed, out_features)) without making int8 codes; CorruptData on code 3."""
+    """= pack(hf2bit.unpack(packed, out_features)) without making int8 codes; CorruptData on code 3.
+
+    Measured on one 2B4T layer's seven projections (one core): 17-27 ms, code-3 check included, against 51 ms
+    for hf2bit.unpack + pack; processing in L2-sized chunks measured the same (the passes are compute-bound).
+    """
     if not packable(out_features):
         raise ValueError(f"cannot pack {out_features} output rows: not a positive multiple of {VALUES_PER_BYTE}")
     packed = hf2bit.check(packed, out_features)  # the transpose moves fields, so a code 3 would survive it

@@ -126,7 +126,7 @@ def _packed_producer(entry: TensorEntry, pending: dict, where: str):
     def produce() -> np.ndarray:
         source = entry.load_packed() if entry.load_packed is not None else None
         if source is not None and source.layout == hf2bit.LAYOUT:
-            # HF bytes: regroup the 2-bit fields (about 2x faster than unpack to int8 + pack); code 3 -> CorruptData
+            # HF bytes: regroup the 2-bit fields (~3x faster than unpack to int8 + pack); code 3 -> CorruptData
             pending["multiplier"] = source.multiplier
             return source.transcode(rows4.from_hf2bit, entry.shape[0])
         value = entry.load()
