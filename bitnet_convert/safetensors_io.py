@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import ConvertError
+from .prefetch import prefetch
 
 # safetensors dtype code <-> numpy dtype (bf16 and fp8 come from ml_dtypes).
 DTYPES: dict[str, np.dtype] = {
@@ -358,8 +359,8 @@ def write_safetensors(
     head = header_bytes(specs, metadata)
     with open(path, "wb") as fh:
         fh.write(head)
-        for spec in specs:
-            raw = _as_bytes(spec, produce(spec))
+        # The next tensor is produced on a second core while this one is written and hashed (prefetch.py).
+        for spec, raw in prefetch((spec, _as_bytes(spec, produce(spec))) for spec in specs):
             fh.write(raw)
             if on_written is not None:
                 on_written(spec, raw)

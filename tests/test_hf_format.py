@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from fixtures import LAYOUTS, QUANT_CONFIGS
 
 from bitnet_convert import integrity
 from bitnet_convert.checkpoint import DENSE, TERNARY, Checkpoint, Ternary
@@ -18,7 +20,6 @@ from bitnet_convert.formats import hf
 from bitnet_convert.names import is_projection
 from bitnet_convert.reference import load_reference, reference_logits
 from bitnet_convert.tiny import tiny_checkpoint
-from fixtures import LAYOUTS, QUANT_CONFIGS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOKENS = np.array([[5, 17, 200, 3, 99, 250, 12, 44, 7, 130]])
@@ -203,25 +204,36 @@ def test_writing_refuses_to_overwrite_unless_forced(hf_checkpoint, tmp_path):
 
 
 def test_written_model_is_streamed_tensor_by_tensor(hf_checkpoint, tmp_path, monkeypatch):
-    """Each tensor is loaded only after the previous one was written: the writer never holds the model."""
+    """Tensors load in order and at most a few ahead of the one being written (the prefetch of the next
+    tensor on a second core): the writer never holds the model."""
+    from bitnet_convert import prefetch
+
     ckpt = hf.read(str(hf_checkpoint("autobitlinear")))
     log = []
+    lock = threading.Lock()
+
+    def record(event):
+        with lock:
+            log.append(event)
 
     def logged(entry):
-        return dataclasses.replace(entry, load=lambda: log.append(("load", entry.name)) or entry.load())
+        return dataclasses.replace(entry, load=lambda: record(("load", entry.name)) or entry.load())
 
     wrapped = Checkpoint(ckpt.config, {n: logged(e) for n, e in ckpt.tensors.items()}, ckpt.tokenizer_files,
                          ckpt.provenance)
     real_add = integrity.TensorHasher.add
     monkeypatch.setattr(integrity.TensorHasher, "add",
-                        lambda self, name, raw: log.append(("written", name)) or real_add(self, name, raw))
+                        lambda self, name, raw: record(("written", name)) or real_add(self, name, raw))
     hf.write(wrapped, str(tmp_path / "out"))
-    expected = []
-    for name in ckpt.tensors:
-        expected += [("load", name), ("written", name)]
-        if is_projection(name):
-            expected.append(("written", name.replace(".weight", ".weight_scale")))
-    assert log == expected
+    loads = [name for event, name in log if event == "load"]
+    writes = [name for event, name in log if event == "written" and not name.endswith("_scale")]
+    assert loads == writes == list(ckpt.tensors)
+    held = 0  # tensors loaded and not yet written
+    for event, name in log:
+        held += {"load": 1, "written": 0 if name.endswith("_scale") else -1}[event]
+        assert 0 <= held <= prefetch.DEFAULT_DEPTH + 2
+    scales = [name for event, name in log if name.endswith("_scale")]
+    assert scales == [n.replace(".weight", ".weight_scale") for n in ckpt.tensors if is_projection(n)]
 
 
 def test_sharded_output_and_input(hf_checkpoint, tmp_path):

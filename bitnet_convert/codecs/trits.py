@@ -80,9 +80,20 @@ def _base3_bytes(digits: np.ndarray, count: int) -> np.ndarray:
     size = packed_size(count)
     digits[count : size * TRITS_PER_BYTE] = 1  # padding digit 1 = value 0
     words = np.ndarray((size,), np.dtype("<u8"), buffer=digits, offset=0, strides=(TRITS_PER_BYTE,))  # word i: digit 5i..
-    product = np.multiply(words, _BASE3_WEIGHTS)
-    np.right_shift(product, np.uint64(32), out=product)
-    return product.astype(np.uint8)
+    out = np.empty(size, np.uint8)
+    # In cache-sized pieces: the uint64 products of a whole matrix (8 bytes per output byte) would go through
+    # memory three times (multiply, shift, narrow); 64 Ki words at a time stay in L2 (measured 2x faster).
+    product = np.empty(min(size, _CHUNK_WORDS), np.uint64)
+    for start in range(0, size, _CHUNK_WORDS):
+        stop = min(size, start + _CHUNK_WORDS)
+        piece = product[: stop - start]
+        np.multiply(words[start:stop], _BASE3_WEIGHTS, out=piece)
+        np.right_shift(piece, np.uint64(32), out=piece)
+        np.copyto(out[start:stop], piece, casting="unsafe")
+    return out
+
+
+_CHUNK_WORDS = 1 << 16
 
 
 def unpack(packed: np.ndarray, shape) -> np.ndarray:

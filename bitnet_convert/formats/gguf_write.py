@@ -35,10 +35,12 @@ from ..checkpoint import Checkpoint, PackedTernary, TensorEntry, Ternary
 from ..codecs import i2s, tq
 from ..errors import ConvertError
 from ..names import hf_to_gguf, is_projection
+from ..prefetch import prefetch
 from ..progress import progress_bar
 from . import gguf_tokenizer
 from .gguf_types import (
     EMBED_TYPES,
+    I2_S,
     KEY_HIDDEN_ACT,
     KEY_MULTIPLIER_SOURCE,
     KEY_PROVENANCE,
@@ -46,7 +48,6 @@ from .gguf_types import (
     OUTTYPES,
     SCALE_SUFFIX,
     TARGETS,
-    I2_S,
     OutType,
 )
 from .hf import as_ternary
@@ -142,21 +143,36 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
     writer.write_ti_data_to_file()
     fout = writer.fout[0]
     hasher = integrity.TensorHasher()
-    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
+
+    def finish(t: StoredTensor | None, written: int) -> None:
+        if t is None:
+            return
+        if written != t.nbytes:  # a bug here would shift every later tensor's offset
+            raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
+        writer.write_padding(fout, t.nbytes)
+
+    def pieces():  # (tensor, None) opens a tensor, (tensor, piece) carries its data
         for t in plan:
-            # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
-            writer.write_padding(fout, fout.tell())
-            hasher.begin(t.name, t.nbytes)
-            written = 0
+            yield t, None
             for piece in t.produce():
-                raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-                hasher.update(raw)
-                fout.write(raw)
-                written += raw.nbytes
-                bar.update(raw.nbytes)
-            if written != t.nbytes:  # a bug here would shift every later tensor's offset
-                raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
-            writer.write_padding(fout, t.nbytes)
+                yield t, piece
+
+    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
+        current, written = None, 0
+        for t, piece in prefetch(pieces()):
+            if piece is None:
+                # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
+                finish(current, written)
+                writer.write_padding(fout, fout.tell())
+                hasher.begin(t.name, t.nbytes)
+                current, written = t, 0
+                continue
+            raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+            hasher.update(raw)
+            fout.write(raw)
+            written += raw.nbytes
+            bar.update(raw.nbytes)
+        finish(current, written)
     return kv_end, hasher.hexdigest()
 
 

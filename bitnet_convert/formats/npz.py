@@ -67,10 +67,19 @@ import ml_dtypes
 import numpy as np
 
 from ..atomic import atomic_path
-from ..checkpoint import DENSE, TERNARY, Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
+from ..checkpoint import (
+    DENSE,
+    TERNARY,
+    Checkpoint,
+    TensorEntry,
+    Ternary,
+    dense_entry,
+    ternary_entry,
+)
 from ..codecs import trits
 from ..errors import ConvertError, CorruptData
 from ..integrity import TensorHasher, provenance_record, reader_provenance
+from ..prefetch import prefetch
 from ..progress import progress_bar
 from ..validate import check_tensors
 
@@ -133,11 +142,18 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
             _write_json(zf, CONFIG_KEY, ckpt.config)
             for fname, data in ckpt.tokenizer_files.items():
                 _write_array(zf, TOKENIZER_PREFIX + fname, np.frombuffer(bytes(data), np.uint8))
-            for entry in ckpt:
-                for key, stored in _stored_arrays(entry, out, index):
-                    _write_array(zf, key, stored)
-                    hasher.add(key, stored)
-                bar.update(entry.nbytes_hint)
+
+            # Each tensor's arrays are made on a second core while the previous ones are written (prefetch.py).
+            stored_arrays = ((entry, key, stored) for entry in ckpt for key, stored in _stored_arrays(entry, out, index))
+            previous = None
+            for entry, key, stored in prefetch(stored_arrays):
+                if previous is not None and entry is not previous:
+                    bar.update(previous.nbytes_hint)
+                previous = entry
+                _write_array(zf, key, stored)
+                hasher.add(key, stored)
+            if previous is not None:
+                bar.update(previous.nbytes_hint)
             _write_json(zf, INDEX_KEY, index)
             record = provenance_record(
                 ckpt.provenance, hasher.hexdigest(), NAME, format_version=FORMAT_VERSION, ternary_packing=TERNARY_PACKING
@@ -194,8 +210,12 @@ def _write_array(zf: zipfile.ZipFile, key: str, array: np.ndarray) -> None:
     info.compress_type = zipfile.ZIP_STORED
     info.external_attr = 0o644 << 16  # rw-r--r-- when someone unzips it
     # The member's size is unknown until written: zip64 headers up front keep members > 2 GiB legal.
+    array = np.ascontiguousarray(array)
     with zf.open(info, "w", force_zip64=True) as fh:
-        np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+        # The header np.save writes, then the data in one piece: write_array would copy a zip member's data
+        # through 16 MiB tobytes() chunks first (an extra pass over the whole model).
+        np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
+        fh.write(memoryview(array).cast("B"))
 
 
 def _write_json(zf: zipfile.ZipFile, key: str, value) -> None:

@@ -1,0 +1,53 @@
+"""prefetch: order kept, bounded look-ahead, errors surface in the consumer, the worker never outlives it."""
+
+import threading
+import time
+
+import pytest
+
+from bitnet_convert.prefetch import prefetch
+
+
+def test_items_arrive_in_order_and_production_stays_a_few_ahead():
+    produced, consumed = [], []
+
+    def items():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    for item in prefetch(items(), depth=2):
+        assert len(produced) <= len(consumed) + 4  # 2 queued, 1 being put, 1 in hand
+        consumed.append(item)
+    assert consumed == list(range(50))
+
+
+def test_a_producer_error_is_raised_in_the_consumer_after_the_items_before_it():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("tensor 3 is corrupt")
+
+    got = []
+    with pytest.raises(ValueError, match="tensor 3 is corrupt"):
+        for item in prefetch(items()):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_a_consumer_that_stops_early_stops_the_worker():
+    def items():
+        i = 0
+        while True:
+            i += 1
+            yield i
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError):
+        for item in prefetch(items()):
+            if item == 3:
+                raise RuntimeError("disk full")
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
