@@ -17,8 +17,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from click.testing import CliRunner
 
-from bitnet_convert import registry, validate
+from bitnet_convert import cli, registry, validate
 from bitnet_convert.formats import npz
 from bitnet_convert.tiny import tiny_checkpoint
 
@@ -227,3 +228,8 @@ def gguf_tensor_info_type_offset(path: Path, name: str) -> int:
     n_dims_at = at + len(needle)
     (n_dims,) = struct.unpack("<I", raw[n_dims_at : n_dims_at + 4])
     return n_dims_at + 4 + 8 * n_dims
+
+
+def run_cli(argv):
+    """`bitnet-convert ARGV` in-process; the result has separate .stdout and .stderr (click >= 8.2)."""
+    return CliRunner().invoke(cli.main, [str(a) for a in argv])

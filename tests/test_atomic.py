@@ -23,10 +23,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from bitnet_convert import cli
-from damage import PROJ, copy, patch_tensor, small_checkpoint, tree_digest, write
+from damage import (
+    PROJ,
+    copy,
+    patch_tensor,
+    run_cli,
+    small_checkpoint,
+    tree_digest,
+    write,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = {"npz": "m.npz", "gguf": "m.gguf", "hf": "m-hf", "flax": "m-flax"}
@@ -41,13 +46,6 @@ def sources(tmp_path_factory):
         "hf": write(small_checkpoint(seed=11), root / "a-hf", "hf"),
     }
 
-
-def run_cli(argv):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(cli.main, [str(a) for a in argv])
 
 
 def error_lines(result) -> list[str]:

@@ -26,9 +26,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from bitnet_convert import cli
 from damage import (
     GGUF_NORM,
     GGUF_PROJ,
@@ -39,12 +36,13 @@ from damage import (
     gguf_tensor_info_type_offset,
     gguf_tensor_offsets,
     lenient_writers,
+    npy_bytes,
     npz_array,
     npz_rewrite,
-    npy_bytes,
     patch,
     patch_tensor,
     rewrite_safetensors_header,
+    run_cli,
     safetensors_offsets,
     small_checkpoint,
     tree_digest,
@@ -684,13 +682,6 @@ def commands(src: str, fmt: str | None, out: Path, reference: Path) -> list[tupl
         runs.append(([f"{fmt}-to-{dst}", src, str(target)], target))
     return runs
 
-
-def run_cli(argv: list[str]):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(cli.main, argv, catch_exceptions=True)
 
 
 def check_refused(argv: list[str], mentions: str, why: str, out: Path, target: Path | None) -> list[str]:

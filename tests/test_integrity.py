@@ -17,11 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from bitnet_convert import __version__, cli, registry
-from bitnet_convert.checkpoint import Checkpoint, Ternary
-from bitnet_convert.integrity import HASH_ALGORITHM, PROVENANCE_FILE, hash_stored
 from damage import (
     GGUF_NORM,
     GGUF_PROJ,
@@ -33,11 +28,16 @@ from damage import (
     npz_array,
     npz_data_offset,
     npz_rewrite,
+    run_cli,
     safetensors_offsets,
     small_checkpoint,
     write,
     xor_byte,
 )
+
+from bitnet_convert import __version__, registry
+from bitnet_convert.checkpoint import Checkpoint, Ternary
+from bitnet_convert.integrity import HASH_ALGORITHM, PROVENANCE_FILE, hash_stored
 
 REPO_ID = "bitnet-tests/tiny-bitnet"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -51,13 +51,6 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     **{f"gguf-{k}": ("gguf", v, f"m-{k}.gguf") for k, v in GGUF_VARIANTS.items()},
 }
 
-
-def run_cli(argv):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(cli.main, [str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

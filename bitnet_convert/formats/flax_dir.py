@@ -58,7 +58,7 @@ from ..checkpoint import TERNARY, Checkpoint, PackedLoader, PackedTernary, Tenso
 from ..codecs import hf2bit, rows4
 from ..errors import ConvertError, CorruptData
 from ..names import is_projection
-from .folder import hashing_progress, write_side_files
+from .folder import dense_producer, hashing_progress, write_side_files
 from ..safetensors_io import StoredTensor, TensorSpec, open_safetensors, write_safetensors
 from bitnet_model.state_names import MULTIPLIER, PACKED, dense_key, hf_name_of, ternary_keys
 
@@ -118,7 +118,7 @@ def _plan(ckpt: Checkpoint, where: str):
             producers[multiplier_key] = _multiplier_producer(entry, pending, where)
         else:
             specs.append(TensorSpec(dense_key(entry.name), entry.dtype, entry.shape))
-            producers[dense_key(entry.name)] = _dense_producer(entry, where)
+            producers[dense_key(entry.name)] = dense_producer(entry, where)
     return specs, lambda spec: producers[spec.name]()
 
 
@@ -147,16 +147,6 @@ def _multiplier_producer(entry: TensorEntry, pending: dict, where: str):
         if not np.isfinite(multiplier):
             raise CorruptData(f"{where}: tensor {entry.name} has a non-finite multiplier {multiplier}")
         return np.asarray(multiplier, np.float32)
-
-    return produce
-
-
-def _dense_producer(entry: TensorEntry, where: str):
-    def produce() -> np.ndarray:
-        value = entry.load()
-        if isinstance(value, Ternary):
-            raise ConvertError(f"{where}: tensor {entry.name}: expected a plain array, loaded ternary codes")
-        return np.asarray(value)
 
     return produce
 

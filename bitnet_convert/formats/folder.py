@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .. import integrity
+from ..checkpoint import TensorEntry, Ternary
 from ..errors import ConvertError
 from ..progress import progress_bar
 from ..safetensors_io import TensorSpec
@@ -40,3 +43,15 @@ def write_side_files(folder: Path, config: Mapping, tokenizer_files: Mapping[str
             raise ConvertError(f"{where}: refusing to write tokenizer file {name!r}")
         (folder / name).write_bytes(data)
     (folder / integrity.PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
+
+
+def dense_producer(entry: TensorEntry, where: str) -> Callable[[], np.ndarray]:
+    """A safetensors_io producer for a plain tensor (norm, embedding, master weight), as stored."""
+
+    def produce() -> np.ndarray:
+        value = entry.load()
+        if isinstance(value, Ternary):
+            raise ConvertError(f"{where}: tensor {entry.name}: expected a plain array, loaded ternary codes")
+        return np.asarray(value)
+
+    return produce

@@ -33,7 +33,7 @@ from ..codecs import hf2bit
 from ..errors import ConvertError, CorruptData
 from ..hub import looks_like_repo_id, resolve_source, snapshot_revision
 from ..names import expected_tensors, is_projection
-from .folder import hashing_progress, write_side_files
+from .folder import dense_producer, hashing_progress, write_side_files
 from ..safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -350,7 +350,7 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
     for entry in ckpt:
         if not is_projection(entry.name):
             specs.append(TensorSpec(entry.name, entry.dtype, entry.shape))
-            producers[entry.name] = _dense_producer(entry)
+            producers[entry.name] = dense_producer(entry, where)
         elif not target.packed:
             if entry.kind == TERNARY:
                 raise ConvertError(
@@ -359,7 +359,7 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
                     "scale do not reproduce; write 'autobitlinear' or 'bitlinear' instead"
                 )
             specs.append(TensorSpec(entry.name, entry.dtype, entry.shape))
-            producers[entry.name] = _dense_producer(entry)
+            producers[entry.name] = dense_producer(entry, where)
         else:
             out_features, in_features = entry.shape
             scale_name = entry.name[: -len(".weight")] + SCALE_SUFFIX
@@ -369,16 +369,6 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
             producers[scale_name] = _scale_producer(entry.name, target, scale_dtype, multipliers)
 
     return specs, lambda spec: producers[spec.name]()
-
-
-def _dense_producer(entry: TensorEntry) -> Callable[[], np.ndarray]:
-    def produce() -> np.ndarray:
-        value = entry.load()
-        if isinstance(value, Ternary):
-            raise ConvertError(f"tensor {entry.name}: expected a plain array, loaded ternary codes")
-        return np.asarray(value)
-
-    return produce
 
 
 def _packed_producer(entry: TensorEntry, multipliers: dict) -> Callable[[], np.ndarray]:
