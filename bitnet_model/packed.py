@@ -55,7 +55,10 @@ def block_rows(rows: int, row_bytes: int, block_bytes: int) -> int:
 
 
 def _int8_dot(x_q: jax.Array, codes: jax.Array) -> jax.Array:  # int8 [N, in] x int8 [M, in] -> int32 [N, M]
-    return jax.lax.dot_general(x_q, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    # Weights as the left operand: XLA's CPU int8 kernel runs codes @ x.T 1.6x faster than x @ codes.T for
+    # decode's two rows (6912 x 2560: 0.59 vs 1.00 ms) and ~1.2x for 512 rows; the transpose of the small
+    # [M, N] result fuses into what follows.
+    return jax.lax.dot_general(codes, x_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32).T
 
 
 def packed_matmul(x_q: jax.Array, packed: jax.Array, *, block_bytes: int = 0) -> jax.Array:
