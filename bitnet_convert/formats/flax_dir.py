@@ -46,7 +46,6 @@ its int8 codes match no state of the current model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from ..checkpoint import TERNARY, Checkpoint, PackedLoader, PackedTernary, Tenso
 from ..codecs import hf2bit, rows4
 from ..errors import ConvertError, CorruptData
 from ..names import is_projection
-from .folder import dense_producer, hashing_progress, write_side_files
+from .folder import dense_producer, hashing_progress, read_json_object, recorded_provenance, write_side_files
 from ..safetensors_io import StoredTensor, TensorSpec, open_safetensors, write_safetensors
 from bitnet_model.state_names import MULTIPLIER, PACKED, dense_key, hf_name_of, ternary_keys
 
@@ -161,7 +160,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         raise ConvertError(f"{path}: --revision applies to Hugging Face hub sources only")
     if not detect(folder):
         raise ConvertError(f"{path}: not a Flax folder (needs {CONFIG_FILE} and {PARAMS_FILE})")
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json_object(folder / CONFIG_FILE)
     config.pop("quantization_config", None)
     params = open_safetensors(folder / PARAMS_FILE)
     where = str(params.path)
@@ -242,16 +241,6 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
     return ternary_entry(name, (out_features, packed.shape[1]), PackedLoader(load, load_packed))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: cannot read JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return value
-
-
 # ------------------------------------------------------------------------------------------- inspection
 
 
@@ -261,6 +250,3 @@ def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
         yield tensor.name, tensor.raw()
 
 
-def recorded_provenance(path) -> dict | None:
-    record = Path(path) / integrity.PROVENANCE_FILE
-    return _read_json(record) if record.is_file() else None

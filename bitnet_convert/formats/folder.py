@@ -31,6 +31,25 @@ def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) 
         yield hasher, on_written
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, bitnet_convert.json), or one error line naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{path}: cannot read JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return value
+
+
+def recorded_provenance(folder) -> dict | None:
+    """What our writer recorded in a folder; None for folders bitnet-convert did not write."""
+    record = Path(folder) / integrity.PROVENANCE_FILE
+    return read_json_object(record) if record.is_file() else None
+
+
 def write_side_files(folder: Path, config: Mapping, tokenizer_files: Mapping[str, bytes], record: Mapping,
                      *, reserved: Sequence[str], where: str) -> None:
     """config.json, the tokenizer files verbatim, and the provenance record into `folder`.

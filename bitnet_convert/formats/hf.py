@@ -14,7 +14,6 @@ exactly as transformers' AutoBitLinear does when a writer needs ternary codes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from ..codecs import hf2bit
 from ..errors import ConvertError, CorruptData
 from ..hub import looks_like_repo_id, resolve_source, snapshot_revision
 from ..names import expected_tensors, is_projection
-from .folder import dense_producer, hashing_progress, write_side_files
+from .folder import dense_producer, hashing_progress, read_json_object, recorded_provenance, write_side_files
 from ..safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -200,15 +199,9 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing (a Hugging Face model folder needs its config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: cannot read JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return config
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (a Hugging Face model folder needs its config.json)")
+    return read_json_object(path)
 
 
 def _tokenizer_files(folder: Path) -> dict[str, bytes]:
@@ -397,14 +390,3 @@ def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
     yield from open_model_files(resolve_source(str(path))).stored_bytes()
 
 
-def recorded_provenance(path) -> dict | None:
-    record = Path(path) / integrity.PROVENANCE_FILE
-    if not record.is_file():
-        return None
-    try:
-        value = json.loads(record.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{record}: cannot read JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{record}: not a JSON object")
-    return value
