@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import engine, packed, params
+from bitnet_model import engine, native, packed, params
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128}
 OPTIONS = {
     "whole": engine.Options(),
-    "blocked": engine.Options(block_bytes=512, head_block_bytes=8192),  # several blocks per matrix
+    # several blocks per matrix, per output table and per prompt (40 tokens: query blocks of 16, 16, 8)
+    "blocked": engine.Options(block_bytes=512, head_block_bytes=8192, query_block=16),
     "reduce": engine.Options(reduce_rows=64),  # the GPU decode formulation
+    "native": engine.Options(native=True),  # the CPU kernels (tests/test_native.py tests them alone)
 }
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
+OPTION_PARAMS = [pytest.param(name, marks=needs_native) if OPTIONS[name].native else name for name in OPTIONS]
 
 
 def assert_close(got, want):
@@ -51,7 +55,7 @@ def ckpt(request):
     return tiny_checkpoint(seed=3, num_key_value_heads=2, **SMALL, **request.param)
 
 
-@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("option", OPTION_PARAMS)
 def test_prefill_and_decode_match_the_reference(ckpt, option):
     model = params.model_from_checkpoint(ckpt)
     cfg, opts = model.config, OPTIONS[option]

@@ -1,0 +1,151 @@
+"""Native CPU kernels of the generation engine (kernels.cc), called through XLA's FFI.
+
+XLA's CPU backend has no kernel for what decode needs most: it multiplies int8 by int8 at ~25-60 GMAC/s
+without VNNI, must unpack 2-bit weights to int8 in memory first, and widens a bf16 output table to float32
+before a dot. kernels.cc reads the packed bytes and the 16-bit table directly, with AVX-512 VNNI for a few
+tokens and AMX tiles for many. Both products are the engine's own arithmetic: the ternary product is an exact
+int32 sum (bit-identical to `packed.packed_matmul`), the table product a float32 sum in another order.
+
+The library is compiled on first use with the system C++ compiler (`$CXX`, default g++) against the FFI
+headers jaxlib ships, into a cache folder keyed by the source and jaxlib version (`$BITNET_CONVERT_CACHE`,
+else `$XDG_CACHE_HOME/bitnet-convert`, else `~/.cache/bitnet-convert`); `python -m bitnet_model.native`
+builds it ahead of time (`make install` does). Where it cannot be built or the CPU lacks AVX-512 VNNI, or
+with `BITNET_NATIVE=0`, `available()` is false and the engine keeps XLA's own products; `reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_name("kernels.cc")
+TERNARY_TARGET = "bitnet_ternary_matmul"
+TABLE_TARGET = "bitnet_table_matmul"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+LEVELS = {0: "none", 1: "avx512-vnni", 2: "avx512-vnni+amx"}  # bitnet_native_level() in kernels.cc
+
+_reason = ""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("BITNET_CONVERT_CACHE"):
+        return Path(os.environ["BITNET_CONVERT_CACHE"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bitnet-convert" / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def library_path() -> Path:
+    """Where the library for this source, jaxlib and compiler lives (built or not)."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(f"{jaxlib.__version__} {_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
+    return cache_dir() / f"bitnet_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile kernels.cc (unless built already); a temporary file renamed into place, so concurrent builds
+    (test workers) never load a half-written library. Raises RuntimeError with the compiler's message."""
+    path = library_path()
+    if path.exists() and not force:
+        return path
+    compiler = shutil.which(_compiler())
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get("BITNET_NATIVE", "1") == "0":
+        _reason = "disabled by BITNET_NATIVE=0"
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _reason = f"no kernels for {platform.machine()}"
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+        lib.bitnet_native_level.restype = ctypes.c_int
+        lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
+        handlers = {target: getattr(lib, target) for target in (TERNARY_TARGET, TABLE_TARGET)}
+    except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
+        _reason = str(exc)
+        return None
+    if lib.bitnet_native_level() == 0:
+        _reason = "this CPU lacks AVX-512 VNNI"
+        return None
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return lib
+
+
+def available() -> bool:
+    """True where the kernels are built, loaded and registered for JAX's CPU backend."""
+    return _library() is not None
+
+
+def reason() -> str:
+    """Why `available()` is false ("" when it is true)."""
+    _library()
+    return _reason
+
+
+def level() -> str:
+    """What the kernels use on this CPU: "none", "avx512-vnni" or "avx512-vnni+amx"."""
+    lib = _library()
+    return LEVELS[lib.bitnet_native_level()] if lib is not None else "none"
+
+
+def configure(*, amx: bool = True, amx_min_tokens: int = 0) -> None:
+    """Tests and benchmarks: turn the AMX path off or on, move the token count from which it is taken."""
+    lib = _library()
+    if lib is not None:
+        lib.bitnet_native_configure(int(amx), int(amx_min_tokens))
+
+
+def _require() -> None:
+    if _library() is None:  # loads and registers the handlers on first use
+        raise RuntimeError(f"native kernels unavailable: {_reason}")
+
+
+def ternary_matmul(x_q: jax.Array, packed: jax.Array, layer: jax.Array | int = 0) -> jax.Array:
+    """Exact int8 x_q [N, K] x layer `layer` of packed uint8 [L, R, K] (or [R, K]) -> int32 [N, 4R]."""
+    _require()
+    if packed.ndim == 2:
+        packed = packed[None]
+    out_features = packed.shape[1] * 4
+    call = jax.ffi.ffi_call(TERNARY_TARGET, jax.ShapeDtypeStruct((x_q.shape[0], out_features), jnp.int32))
+    return call(x_q, packed, jnp.asarray(layer, jnp.int32))
+
+
+def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
+    """float32 h [N, H] x table [V, H] (uint16 bf16 bits or float32) -> float32 [N, V]."""
+    _require()
+    call = jax.ffi.ffi_call(TABLE_TARGET, jax.ShapeDtypeStruct((h.shape[0], table.shape[0]), jnp.float32))
+    return call(h.astype(jnp.float32), table)

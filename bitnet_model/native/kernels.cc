@@ -1,0 +1,464 @@
+// CPU kernels of the generation engine, called from JAX through XLA's FFI (bitnet_model/native/__init__.py
+// builds this file on first use and registers the two handlers below).
+//
+// bitnet_ternary_matmul: exact W1.58A8 product straight from the 2-bit packed "rows4" weights
+//   (bitnet_model/packed.py): int8 x [N, K], uint8 packed [L, R, K] (layer `layer` of a stack; byte (r, i)
+//   holds code T[4r + k, i] + 1 in bits 2k..2k+1), int32 layer [] -> int32 out [N, 4R] = x @ T.T. Integer
+//   sums: exact in any order.
+//     * few tokens (decode): AVX-512 VNNI. Each 64-byte load of a packed row gives four rows of 64 codes
+//       (shift + mask), and VPDPBUSD multiplies unsigned codes c = t + 1 by signed activations; the sum of
+//       the activations is subtracted once per token (sum (c - 1) x = sum c x - sum x). Reads each packed
+//       byte once: decode is bound by memory bandwidth, 0.52 GB of weights per 2B4T token.
+//     * many tokens (prefill): AMX. A panel of 32 output rows is unpacked once to signed int8 codes (in the
+//       4-column groups a B tile wants: a 16 x 16 dword transpose per 1 KB) and multiplied by every 32-token
+//       block of x with TDPBSSD (16 x 16 x 64 products per instruction).
+// bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
+//   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
+//
+// Work is split over XLA's intra-op thread pool: the calling thread and the helpers it schedules claim
+// chunks from one atomic counter, so the call finishes even when no helper ever starts.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kValuesPerByte = 4;
+
+// ------------------------------------------------------------------------------------------ capabilities
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// AMX needs the instructions (CPUID 7.0 EDX bits 24 tile, 25 int8) and the kernel's permission for this
+// process to use the 8 KB tile state (Linux arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+bool request_amx() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+  if (!tile || !int8) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+const bool kHasVnni = cpu_has_vnni();
+bool g_use_amx = kHasVnni && request_amx();
+
+}  // namespace
+
+// Everything below runs only where bitnet_native_level() > 0 (the loader checks): compiled for AVX-512 VNNI and
+// AMX; the capability checks above are not, so loading the library is safe on any x86-64 CPU.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+
+namespace {
+
+// --------------------------------------------------------------------------------------------- threading
+
+// Runs body(item) for item in [0, items) on the calling thread and up to pool.num_threads() helpers.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto run = [shared, items, body]() {
+    for (int64_t item; (item = shared->next.fetch_add(1)) < items;) {
+      body(item);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy: the task owns it
+  run();
+  // A helper may still be inside body(): wait for every item, not just for the counter to run out.
+  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------- VNNI (few tokens)
+
+// out[t, 4r + k] for packed rows [r0, r1) and the NT tokens at x (row stride K), out's rows O long.
+template <int NT>
+void vnni_rows(const uint8_t* packed, int64_t K, int64_t r0, int64_t r1, const int8_t* x, const int32_t* x_sum,
+               int32_t* out, int64_t O) {
+  const __m512i three = _mm512_set1_epi8(3);
+  const int64_t full = K & ~int64_t(63);
+  const __mmask64 tail_mask = (K - full) ? ((~0ULL) >> (64 - (K - full))) : 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = packed + r * K;
+    __m512i acc[NT][kValuesPerByte];
+    for (int t = 0; t < NT; ++t)
+      for (int k = 0; k < kValuesPerByte; ++k) acc[t][k] = _mm512_setzero_si512();
+    auto step = [&](__m512i bytes, auto load_x) {
+      const __m512i c0 = _mm512_and_si512(bytes, three);
+      const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(bytes, 2), three);
+      const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), three);
+      const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(bytes, 6), three);
+      for (int t = 0; t < NT; ++t) {
+        const __m512i xv = load_x(t);
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], c0, xv);
+        acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], c1, xv);
+        acc[t][2] = _mm512_dpbusd_epi32(acc[t][2], c2, xv);
+        acc[t][3] = _mm512_dpbusd_epi32(acc[t][3], c3, xv);
+      }
+    };
+    for (int64_t i = 0; i < full; i += 64)
+      step(_mm512_loadu_si512(row + i), [&](int t) { return _mm512_loadu_si512(x + t * K + i); });
+    if (tail_mask)  // masked-off bytes load as 0: code 0 times activation 0
+      step(_mm512_maskz_loadu_epi8(tail_mask, row + full),
+           [&](int t) { return _mm512_maskz_loadu_epi8(tail_mask, x + t * K + full); });
+    for (int t = 0; t < NT; ++t)
+      for (int k = 0; k < kValuesPerByte; ++k)
+        out[t * O + r * kValuesPerByte + k] = _mm512_reduce_add_epi32(acc[t][k]) - x_sum[t];
+  }
+}
+
+void vnni_matmul(ffi::ThreadPool& pool, const int8_t* x, int64_t N, int64_t K, const uint8_t* packed,
+                 int64_t R, int32_t* out) {
+  std::vector<int32_t> x_sum(N);
+  for (int64_t t = 0; t < N; ++t) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < K; ++i) s += x[t * K + i];
+    x_sum[t] = s;
+  }
+  constexpr int64_t kRowsPerChunk = 8;  // 32 output rows: q_proj of 2B4T is 80 chunks, two cores balance
+  const int64_t chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int32_t* sums = x_sum.data();
+  const int64_t O = R * kValuesPerByte;
+  parallel_for(pool, chunks, [=](int64_t chunk) {
+    const int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(R, r0 + kRowsPerChunk);
+    int64_t t = 0;
+    for (; t + 4 <= N; t += 4) vnni_rows<4>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O);
+    switch (N - t) {
+      case 3: vnni_rows<3>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
+      case 2: vnni_rows<2>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
+      case 1: vnni_rows<1>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
+      default: break;
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------- AMX (many tokens)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kTile = 16;        // rows of a tile; 64 bytes of int8 (or 16 int32) per row
+constexpr int64_t kPanelRows = 32;   // output rows per panel: two A tiles
+constexpr int64_t kTokenBlock = 32;  // tokens per step: two B tiles
+constexpr int64_t kStep = 64;        // input columns per tile product
+constexpr int64_t kMaxGroupPanels = 8;       // panels per task of amx_matmul: at most 256 output rows ...
+constexpr int64_t kMaxGroupBytes = 1 << 20;  // ... and at most half the L2 of one core
+// TDPBSSD: C[m][n] += sum_j A[m][4k + j] * B[k][4n + j]. A = the codes of 16 output rows x 64 columns (rows4
+// unpacks to exactly that), B = 16 tokens in groups of 4 activations (B[k][4n + j] = x[n, 4k + j]: a 16 x 16
+// dword transpose of x, done once per call), C = out.T for 16 outputs x 16 tokens, transposed on the way out.
+// (Putting x in A and the codes in B saves the transposes of x and of C but transposes every 1 KB of codes,
+// which at 128 tokens cost more than the products.) Both operands are laid out so that the tiles of one k step
+// are 2 KB of consecutive bytes: tile loads with a stride of a whole row (2.5-7 KB) hit the same few cache
+// sets over and over and ran 2-4x slower.
+
+// 16 x 16 dwords: r[i] dword j -> r[j] dword i (32-bit, 64-bit interleaves, then two 128-bit lane shuffles).
+inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // b[i + c], lane L: column 4L + c of rows i..i+3
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i q0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), q1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i q2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i q3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(q0, q2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(q0, q2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(q1, q3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(q1, q3, 0xDD);
+  }
+}
+
+// The 32 tokens of block `block` of x [N, K] as B tiles: per k step two [16][64] tiles (tokens 0-15, 16-31),
+// row k holding dword n = x[n, 4k .. 4k + 3] (zero padding: tokens past N, columns past K).
+void block_tokens(const int8_t* x, int64_t N, int64_t K, int64_t Kp, int64_t block, int8_t* xb) {
+  int8_t* dst = xb + block * Kp * kTokenBlock;
+  for (int64_t i = 0; i < Kp; i += kStep) {
+    const int64_t n = std::min<int64_t>(kStep, K - i);
+    for (int64_t half = 0; half < 2; ++half) {
+      __m512i rows[kTile];
+      for (int64_t t = 0; t < kTile; ++t) {
+        const int64_t token = block * kTokenBlock + half * kTile + t;
+        const __mmask64 mask = (token < N && n > 0) ? (~0ULL) >> (64 - n) : 0;
+        rows[t] = _mm512_maskz_loadu_epi8(mask, x + token * K + i);
+      }
+      transpose16(rows);
+      int8_t* tile = dst + (i / kStep) * kTokenBlock * kStep + half * kTile * kStep;
+      for (int64_t k = 0; k < kTile; ++k) _mm512_store_si512(tile + k * kStep, rows[k]);
+    }
+  }
+}
+
+// Signed int8 codes of packed rows [r0, r0 + 8) as A tiles: per k step [32][64], row o holding the codes of
+// output 4 r0 + o (rows past R and columns past K: 0).
+void unpack_panel(const uint8_t* packed, int64_t R, int64_t K, int64_t Kp, int64_t r0, int8_t* panel) {
+  const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+  for (int64_t p = 0; p < kPanelRows / kValuesPerByte; ++p) {
+    const int64_t r = r0 + p;
+    for (int64_t i = 0; i < Kp; i += kStep) {
+      const int64_t n = std::min<int64_t>(kStep, K - i);
+      const __mmask64 mask = (r < R && n > 0) ? ((~0ULL) >> (64 - n)) : 0;
+      const __m512i bytes = _mm512_maskz_loadu_epi8(mask, packed + r * K + i);
+      int8_t* block = panel + (i / kStep) * kPanelRows * kStep;
+      for (int k = 0; k < kValuesPerByte; ++k) {  // code - 1 where a byte was loaded, 0 in the padding
+        const __m512i code = _mm512_and_si512(_mm512_srli_epi16(bytes, 2 * k), three);
+        _mm512_store_si512(block + (p * kValuesPerByte + k) * kStep, _mm512_maskz_sub_epi8(mask, code, one));
+      }
+    }
+  }
+}
+
+// Configures the 8 tiles as 16 rows x 64 bytes for the calling thread, releases them when it goes.
+struct TileScope {
+  TileScope() {
+    TileConfig config;
+    for (int i = 0; i < 8; ++i) config.rows[i] = kTile, config.colsb[i] = 64;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+};
+
+// out[t0 .. t0 + 32, o0 .. o0 + 32] (clipped to [N, O]) from one unpacked panel and one block of tokens.
+void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, int32_t* out, int64_t O, int64_t N,
+               int64_t t0, int64_t o0) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t k0 = 0; k0 < Kp; k0 += kStep) {
+    const int64_t offset = (k0 / kStep) * kTokenBlock * kStep;  // kTokenBlock == kPanelRows
+    _tile_loadd(4, panel + offset, kStep);                   // outputs 0-15
+    _tile_loadd(5, panel + offset + kTile * kStep, kStep);   // outputs 16-31
+    _tile_loadd(6, tokens + offset, kStep);                  // tokens 0-15
+    _tile_loadd(7, tokens + offset + kTile * kStep, kStep);  // tokens 16-31
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  // Tile 2a + b holds outputs o0 + 16a .., tokens t0 + 16b ..; transposed, its rows are rows of out [N, O].
+  alignas(64) int32_t spill[kTile * kTile];
+  auto store = [&](int64_t a, int64_t b, auto store_tile) {
+    const int64_t col = o0 + a * kTile, row = t0 + b * kTile;
+    if (row >= N || col >= O) return;
+    store_tile(spill);
+    __m512i rows[kTile];
+    for (int64_t i = 0; i < kTile; ++i) rows[i] = _mm512_load_si512(spill + i * kTile);
+    transpose16(rows);
+    const __mmask16 cols = col + kTile <= O ? 0xFFFF : __mmask16((1u << (O - col)) - 1);
+    for (int64_t i = 0; i < kTile && row + i < N; ++i) _mm512_mask_storeu_epi32(out + (row + i) * O + col, cols, rows[i]);
+  };
+  store(0, 0, [](int32_t* p) { _tile_stored(0, p, 64); });
+  store(0, 1, [](int32_t* p) { _tile_stored(1, p, 64); });
+  store(1, 0, [](int32_t* p) { _tile_stored(2, p, 64); });
+  store(1, 1, [](int32_t* p) { _tile_stored(3, p, 64); });
+}
+
+// This thread's scratch buffer `slot` (0: unpacked panel, 1: blocked tokens), at least `bytes` long, 64-byte
+// aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
+// fresh mmap, and its page faults cost more than the product of a small projection.
+int8_t* scratch(int slot, int64_t bytes) {
+  struct Free {
+    void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local std::unique_ptr<int8_t[], Free> buffers[2];
+  thread_local int64_t sizes[2] = {0, 0};
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
+void amx_matmul(ffi::ThreadPool& pool, const int8_t* x, int64_t N, int64_t K, const uint8_t* packed, int64_t R,
+                int32_t* out) {
+  const int64_t Kp = (K + kStep - 1) / kStep * kStep, Np = (N + kTokenBlock - 1) / kTokenBlock * kTokenBlock;
+  const int64_t O = R * kValuesPerByte;
+  int8_t* xb = scratch(1, Np * Kp);  // the calling thread's; helpers only read it while this call runs
+  parallel_for(pool, Np / kTokenBlock, [=](int64_t block) { block_tokens(x, N, K, Kp, block, xb); });
+  // A task unpacks a group of panels and runs every token block over all of them: the group stays in L2
+  // while x streams past it once per group rather than once per panel (at 512 tokens x no longer fits L2:
+  // one panel per task ran at half the speed). Groups as large as keeps at least two per thread.
+  const int64_t panels = (O + kPanelRows - 1) / kPanelRows;
+  const int64_t largest = std::min(kMaxGroupPanels, kMaxGroupBytes / (kPanelRows * Kp));
+  const int64_t per_group = std::clamp<int64_t>(panels / (2 * (pool.num_threads() + 1)), 1, std::max<int64_t>(largest, 1));
+  const int64_t groups = (panels + per_group - 1) / per_group;
+  parallel_for(pool, groups, [=](int64_t g) {
+    const int64_t first = g * per_group, count = std::min(per_group, panels - first);
+    const int64_t panel_bytes = kPanelRows * Kp;
+    int8_t* group = scratch(0, count * panel_bytes);
+    for (int64_t p = 0; p < count; ++p)
+      unpack_panel(packed, R, K, Kp, (first + p) * (kPanelRows / kValuesPerByte), group + p * panel_bytes);
+    TileScope tiles;
+    for (int64_t t0 = 0; t0 < Np; t0 += kTokenBlock)
+      for (int64_t p = 0; p < count; ++p)
+        amx_block(group + p * panel_bytes, xb + t0 * Kp, Kp, out, O, N, t0, (first + p) * kPanelRows);
+  });
+}
+
+// Below this many tokens the VNNI loop (no panel, no transpose) is faster than AMX tiles (measured on 2B4T
+// shapes: benchmarks/bench_native.py).
+int64_t g_amx_min_tokens = 8;
+
+
+// --------------------------------------------------------------------------------------- output table
+
+inline __m512 load_row(const uint16_t* p) {
+  // a bf16 is the high half of its float32: exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load_row_tail(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_row_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+// out[t, v] = dot(h[t], table[v]) for table rows [v0, v1), four rows at a time (each row read once).
+template <typename T>
+void table_rows(const float* h, int64_t N, int64_t H, const T* table, int64_t V, int64_t v0, int64_t v1,
+                float* out) {
+  const int64_t full = H & ~int64_t(15);
+  const __mmask16 tail = (H - full) ? __mmask16((1u << (H - full)) - 1) : 0;
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) {
+    const T* rows = table + v * H;
+    for (int64_t t = 0; t < N; ++t) {
+      const float* ht = h + t * H;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < full; i += 16) {
+        const __m512 hv = _mm512_loadu_ps(ht + i);
+        a0 = _mm512_fmadd_ps(hv, load_row(rows + i), a0);
+        a1 = _mm512_fmadd_ps(hv, load_row(rows + H + i), a1);
+        a2 = _mm512_fmadd_ps(hv, load_row(rows + 2 * H + i), a2);
+        a3 = _mm512_fmadd_ps(hv, load_row(rows + 3 * H + i), a3);
+      }
+      if (tail) {
+        const __m512 hv = _mm512_maskz_loadu_ps(tail, ht + full);
+        a0 = _mm512_fmadd_ps(hv, load_row_tail(rows + full, tail), a0);
+        a1 = _mm512_fmadd_ps(hv, load_row_tail(rows + H + full, tail), a1);
+        a2 = _mm512_fmadd_ps(hv, load_row_tail(rows + 2 * H + full, tail), a2);
+        a3 = _mm512_fmadd_ps(hv, load_row_tail(rows + 3 * H + full, tail), a3);
+      }
+      float* o = out + t * V + v;
+      o[0] = _mm512_reduce_add_ps(a0), o[1] = _mm512_reduce_add_ps(a1);
+      o[2] = _mm512_reduce_add_ps(a2), o[3] = _mm512_reduce_add_ps(a3);
+    }
+  }
+  for (; v < v1; ++v) {
+    const T* row = table + v * H;
+    for (int64_t t = 0; t < N; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < full; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(h + t * H + i), load_row(row + i), a);
+      if (tail) a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, h + t * H + full), load_row_tail(row + full, tail), a);
+      out[t * V + v] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+template <typename T>
+void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, const T* table, int64_t V,
+                  float* out) {
+  constexpr int64_t kRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
+  parallel_for(pool, (V + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t chunk) {
+    table_rows<T>(h, N, H, table, V, chunk * kRowsPerChunk, std::min(V, (chunk + 1) * kRowsPerChunk), out);
+  });
+}
+
+
+}  // namespace
+
+
+#pragma GCC pop_options
+
+// The handlers decode XLA's buffers (compiled for any x86-64) and call the kernels above.
+namespace {
+
+ffi::Error TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::U8> packed,
+                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions(), pd = packed.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[2])
+    return ffi::Error::InvalidArgument("bitnet_ternary_matmul: expects x [N, K] and packed [L, R, K]");
+  const int64_t N = xd[0], K = xd[1], L = pd[0], R = pd[1];
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("bitnet_ternary_matmul: layer out of range");
+  const uint8_t* weights = packed.typed_data() + l * R * K;
+  if (N == 0 || R == 0) return ffi::Error::Success();
+  if (g_use_amx && N >= g_amx_min_tokens)
+    amx_matmul(pool, x.typed_data(), N, K, weights, R, out->typed_data());
+  else
+    vnni_matmul(pool, x.typed_data(), N, K, weights, R, out->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto hd = h.dimensions(), td = table.dimensions();
+  if (hd.size() != 2 || td.size() != 2 || hd[1] != td[1])
+    return ffi::Error::InvalidArgument("bitnet_table_matmul: expects h [N, H] and table [V, H]");
+  const int64_t N = hd[0], H = hd[1], V = td[0];
+  if (table.element_type() == ffi::U16)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V,
+                 out->typed_data());
+  else if (table.element_type() == ffi::F32)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V,
+                 out->typed_data());
+  else
+    return ffi::Error::InvalidArgument("bitnet_table_matmul: table must be uint16 (bf16 bits) or float32");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_ternary_matmul, TernaryMatmul, ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+
+// What this CPU can run: 0 none (the engine keeps XLA's own products), 1 AVX-512 VNNI, 2 VNNI and AMX.
+extern "C" int bitnet_native_level() { return kHasVnni ? (g_use_amx ? 2 : 1) : 0; }
+
+// Tests and benchmarks: force the VNNI loop (use_amx 0) or let AMX take prefill, and move the crossover.
+extern "C" void bitnet_native_configure(int use_amx, long amx_min_tokens) {
+  g_use_amx = use_amx && kHasVnni && request_amx();
+  if (amx_min_tokens > 0) g_amx_min_tokens = amx_min_tokens;
+}
