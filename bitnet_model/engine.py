@@ -247,16 +247,24 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
-def _project(x_q, scale, packed, multiplier, opts: Options, layer=None) -> jax.Array:
-    """BitLinear on already quantized activations: int8 [..., in] -> f32 [..., out], as bitlinear.ternary_matmul.
+def _bitlinear(h, names, p, m, opts: Options, layer) -> list[jax.Array]:
+    """BitLinear of one input through the projections `names`: f32 [..., in] -> [f32 [..., out] per name].
 
-    `packed` is this layer's uint8 [out/4, in], or with native products the whole stack [L, out/4, in] and
-    `layer` the index into it (the kernel reads its layer in place; a slice would be a copy)."""
-    rows = int(np.prod(x_q.shape[:-1]))
+    XLA's products: quantize once, then `_project` each (p, m: this layer's slices). Native products: one
+    kernel call for all of them (p, m: the whole stacks [L, ...], `layer` the index; the kernel reads its layer
+    in place, where a slice would be a copy)."""
     if opts.native:
-        acc = native.ternary_matmul(x_q.reshape(rows, x_q.shape[-1]), packed, layer)
-        acc = acc.reshape(*x_q.shape[:-1], acc.shape[-1])
-    elif rows <= opts.reduce_rows:
+        lead = h.shape[:-1]
+        outs = native.bitlinear(h.reshape(-1, h.shape[-1]), layer, [(p[name], m[name]) for name in names])
+        return [out.reshape(*lead, out.shape[-1]) for out in outs]
+    x_q, scale = quantize_activations(h)
+    return [_project(x_q, scale, p[name], m[name], opts) for name in names]
+
+
+def _project(x_q, scale, packed, multiplier, opts: Options) -> jax.Array:
+    """BitLinear on already quantized activations: int8 [..., in] -> f32 [..., out], as bitlinear.ternary_matmul."""
+    rows = int(np.prod(x_q.shape[:-1]))
+    if rows <= opts.reduce_rows:
         # One fused pass over the packed bytes (GPU decode): exact int32 multiply-add of the unpacked codes.
         codes = packed_ops.unpack(packed).astype(jnp.int32)  # [out, in], fused into the reduce
         acc = jnp.sum(x_q.astype(jnp.int32)[..., None, :] * codes, axis=-1)
@@ -313,41 +321,41 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
     eps = cfg.rms_norm_eps
 
     def layer(x, xs):
-        p, m, n, cached_k, cached_v, index = xs  # this layer's weights (see below), multipliers, norms, cache
+        p, m, n, cached_k, cached_v, index = xs  # this layer's weights (see below), norms, cache slices
 
-        def project(name, x_q, s):
-            return _project(x_q, s, p[name], m[name], opts, index)
+        def bitlinear(h, *names):
+            return _bitlinear(h, names, p, m, opts, index)
 
-        x_q, s = quantize_activations(rms_norm(x, n["input_layernorm"], eps))  # one quantizer for q, k, v
-        q = project("q_proj", x_q, s).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-        k = project("k_proj", x_q, s).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        v = project("v_proj", x_q, s).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        q, k, v = bitlinear(rms_norm(x, n["input_layernorm"], eps), "q_proj", "k_proj", "v_proj")
+        q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cached_k is not None:
             k, v = k.astype(cached_k.dtype), v.astype(cached_v.dtype)  # attend to what the cache will hold
         attn = _attention(q, k, v, cached_k, cached_v, start, cfg.head_dim, opts.query_block)
         if "attn_sub_norm" in n:
             attn = rms_norm(attn, n["attn_sub_norm"], eps)
-        x = x + project("o_proj", *quantize_activations(attn))
-        x_q, s = quantize_activations(rms_norm(x, n["post_attention_layernorm"], eps))
-        h = act(project("gate_proj", x_q, s)) * project("up_proj", x_q, s)  # [B, T, F]
+        x = x + bitlinear(attn, "o_proj")[0]
+        gate, up = bitlinear(rms_norm(x, n["post_attention_layernorm"], eps), "gate_proj", "up_proj")
+        h = act(gate) * up  # [B, T, F]
         if "ffn_sub_norm" in n:
             h = rms_norm(h, n["ffn_sub_norm"], eps)
-        x = x + project("down_proj", *quantize_activations(h))
+        x = x + bitlinear(h, "down_proj")[0]
         return x, (k, v)
 
     L = cfg.num_hidden_layers
     none = jnp.zeros((L, 0))  # scan needs an array where a layer has no cache
-    # Native products read their layer out of the whole stack (closed over, indexed by the scan's layer
-    # number); XLA's products take the scan's slice of each stack.
-    sliced = none if opts.native else w.packed
-    xs = (sliced, w.multipliers, w.norms, none if cache is None else cache.keys,
+    # Native products read their layer out of the whole stacks (closed over, indexed by the scan's layer
+    # number); XLA's products take the scan's slices.
+    packed, multipliers = ({}, {}) if opts.native else (w.packed, w.multipliers)
+    xs = (packed, multipliers, w.norms, none if cache is None else cache.keys,
           none if cache is None else cache.values, jnp.arange(L, dtype=jnp.int32))
 
     def body(x, xs):
         p, m, n, ck, cv, index = xs
         if opts.native:
-            p = w.packed
+            p, m = w.packed, w.multipliers
         return layer(x, (p, m, n, None if cache is None else ck, None if cache is None else cv, index))
 
     x, (keys, values) = jax.lax.scan(body, x, xs)

@@ -1,4 +1,5 @@
-"""The native CPU kernels (bitnet_model/native) against exact integer / float64 products.
+"""The native CPU kernels (bitnet_model/native): BitLinear bit for bit against bitlinear.py's arithmetic in XLA,
+the output table against float64.
 
 Shapes are chosen to reach every edge of the kernels: token counts on both sides of the VNNI/AMX crossover and
 not multiples of the 4-token (VNNI) or 32-token (AMX) blocks, inputs not multiples of 64 (masked tails) or of 4
@@ -14,6 +15,7 @@ import pytest
 
 from bitnet_convert.codecs.rows4 import pack
 from bitnet_model import native
+from bitnet_model.bitlinear import quantize_activations
 
 CPU_FLAGS = set()
 if Path("/proc/cpuinfo").exists():
@@ -47,34 +49,55 @@ def test_kernels_build_where_the_cpu_has_vnni():
     assert native.level() == ("avx512-vnni+amx" if {"amx_tile", "amx_int8"} <= CPU_FLAGS else "avx512-vnni")
 
 
+def reference(x, codes, multiplier):
+    """bitlinear.py's arithmetic in XLA: the float32 quantizer, an exact product, acc / s * multiplier."""
+    x_q, scale = quantize_activations(jnp.asarray(x))
+    acc = np.asarray(x_q).astype(np.int64) @ codes.astype(np.int64).T
+    dequantize = jax.jit(lambda a, s, m: a.astype(jnp.float32) / s * m)
+    return np.asarray(dequantize(acc.astype(np.int32), scale, jnp.float32(multiplier)))
+
+
+def activations(rng, tokens, inputs):
+    x = (rng.standard_normal((tokens, inputs)) * rng.uniform(0.1, 10, (tokens, 1))).astype(np.float32)
+    x[0] = 0.0  # an all-zero token: max|x| is floored at 1e-5
+    if tokens > 1 and inputs >= 6:  # max 127 -> s = 1: x * s lands on halves, rounded to even (0, 2, 2, -2)
+        x[1, :6] = [127.0, 0.5, 1.5, 2.5, -1.5, -127.0]
+    return x
+
+
 @pytest.mark.parametrize("tokens,out_features,inputs,layers", SHAPES)
-def test_ternary_matmul_is_exact(path, tokens, out_features, inputs, layers):
+def test_bitlinear_is_bitlinear_bit_for_bit(path, tokens, out_features, inputs, layers):
     rng = np.random.default_rng(tokens * 1000 + inputs)
     codes = rng.integers(-1, 2, size=(layers, out_features, inputs)).astype(np.int8)
     stack = np.stack([pack(c) for c in codes])
-    x = rng.integers(-128, 128, size=(tokens, inputs)).astype(np.int8)
-    x[0, :] = -128  # the int8 extremes: -128 x -1 and -128 x +1 sum without overflow in int32
-    product = jax.jit(native.ternary_matmul)
+    multipliers = rng.uniform(0.5, 2.0, layers).astype(np.float32)
+    x = activations(rng, tokens, inputs)
+    product = jax.jit(lambda x, layer: native.bitlinear(x, layer, [(stack, multipliers)])[0])
     for layer in range(layers):
-        want = x.astype(np.int64) @ codes[layer].astype(np.int64).T
-        got = np.asarray(product(x, stack, layer))
-        assert got.dtype == np.int32 and got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
+        got = np.asarray(product(x, layer))
+        assert got.dtype == np.float32 and got.shape == (tokens, out_features)
+        np.testing.assert_array_equal(got, reference(x, codes[layer], multipliers[layer]))
 
 
-def test_ternary_matmul_of_an_unstacked_matrix_and_inside_a_scan():
+def test_one_call_through_several_projections_and_inside_a_scan(path):
+    """q/k/v in one call (one quantization, different widths), the layer number scanned as the engine does."""
     rng = np.random.default_rng(1)
-    codes = rng.integers(-1, 2, size=(3, 32, 96)).astype(np.int8)
-    stack = jnp.asarray(np.stack([pack(c) for c in codes]))
-    x = rng.integers(-128, 128, size=(2, 96)).astype(np.int8)
-    np.testing.assert_array_equal(np.asarray(native.ternary_matmul(x, stack[1])), x.astype(np.int64) @ codes[1].T)
+    widths = {"q": 64, "k": 16, "v": 16}
+    codes = {n: rng.integers(-1, 2, size=(3, w, 96)).astype(np.int8) for n, w in widths.items()}
+    stacks = [(jnp.asarray(np.stack([pack(c) for c in codes[n]])), jnp.asarray([1.5, 0.75, 2.0], jnp.float32))
+              for n in widths]
+    x = activations(rng, 40, 96)
 
-    def body(carry, layer):  # the engine's use: the whole stack closed over, the layer number scanned
-        return carry, native.ternary_matmul(x, stack, layer)
+    def body(carry, layer):
+        return carry, native.bitlinear(x, layer, stacks)
 
     _, per_layer = jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3, dtype=jnp.int32)))()
-    want = np.einsum("ti,loi->lto", x.astype(np.int64), codes.astype(np.int64))
-    np.testing.assert_array_equal(np.asarray(per_layer), want)
+    for (name, c), (_, multipliers), got in zip(codes.items(), stacks, per_layer):
+        for layer in range(3):
+            want = reference(x, c[layer], multipliers[layer])
+            np.testing.assert_array_equal(np.asarray(got[layer]), want, err_msg=f"{name} layer {layer}")
+    single = native.bitlinear(x[:2], 0, [(stacks[0][0][1], stacks[0][1][1])])[0]  # an unstacked [R, K]
+    np.testing.assert_array_equal(np.asarray(single), reference(x[:2], codes["q"][1], 0.75))
 
 
 @pytest.mark.parametrize("tokens,rows,width", [(1, 7, 16), (2, 9, 37), (5, 130, 64), (1, 1003, 2560)])

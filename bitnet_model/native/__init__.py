@@ -1,10 +1,11 @@
 """Native CPU kernels of the generation engine (kernels.cc), called through XLA's FFI.
 
-XLA's CPU backend has no kernel for what decode needs most: it multiplies int8 by int8 at ~25-60 GMAC/s
+XLA's CPU backend has no kernel for what generation needs most: it multiplies int8 by int8 at ~25-60 GMAC/s
 without VNNI, must unpack 2-bit weights to int8 in memory first, and widens a bf16 output table to float32
 before a dot. kernels.cc reads the packed bytes and the 16-bit table directly, with AVX-512 VNNI for a few
-tokens and AMX tiles for many. Both products are the engine's own arithmetic: the ternary product is an exact
-int32 sum (bit-identical to `packed.packed_matmul`), the table product a float32 sum in another order.
+tokens and AMX tiles for many. Both are the engine's own arithmetic: `bitlinear` is BitLinear bit for bit
+(the same float32 quantizer, an exact int32 product, the same dequantization), `table_matmul` a float32 sum
+in another order than XLA's.
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, default g++) against the FFI
 headers jaxlib ships, into a cache folder keyed by the source and jaxlib version (`$BITNET_CONVERT_CACHE`,
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = Path(__file__).with_name("kernels.cc")
-TERNARY_TARGET = "bitnet_ternary_matmul"
+BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 LEVELS = {0: "none", 1: "avx512-vnni", 2: "avx512-vnni+amx"}  # bitnet_native_level() in kernels.cc
@@ -93,7 +94,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
-        handlers = {target: getattr(lib, target) for target in (TERNARY_TARGET, TABLE_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -134,14 +135,20 @@ def _require() -> None:
         raise RuntimeError(f"native kernels unavailable: {_reason}")
 
 
-def ternary_matmul(x_q: jax.Array, packed: jax.Array, layer: jax.Array | int = 0) -> jax.Array:
-    """Exact int8 x_q [N, K] x layer `layer` of packed uint8 [L, R, K] (or [R, K]) -> int32 [N, 4R]."""
+def bitlinear(x: jax.Array, layer: jax.Array | int, projections) -> list[jax.Array]:
+    """BitLinear of float32 x [N, K] through each (packed uint8 [L, R, K], multipliers float32 [L]) of
+    `projections` at layer `layer` -> float32 [N, 4R] each: quantize x per token to int8, exact product with
+    the ternary codes, `acc / s * multiplier` (bitlinear.py's arithmetic, bit for bit). A packed [R, K] with a
+    scalar multiplier is a stack of one."""
     _require()
-    if packed.ndim == 2:
-        packed = packed[None]
-    out_features = packed.shape[1] * 4
-    call = jax.ffi.ffi_call(TERNARY_TARGET, jax.ShapeDtypeStruct((x_q.shape[0], out_features), jnp.int32))
-    return call(x_q, packed, jnp.asarray(layer, jnp.int32))
+    operands, shapes = [], []
+    for packed, multipliers in projections:
+        if packed.ndim == 2:
+            packed, multipliers = packed[None], jnp.reshape(multipliers, (1,))
+        operands += [packed, jnp.asarray(multipliers, jnp.float32)]
+        shapes.append(jax.ShapeDtypeStruct((x.shape[0], packed.shape[1] * 4), jnp.float32))
+    call = jax.ffi.ffi_call(BITLINEAR_TARGET, shapes)
+    return list(call(x.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *operands))
 
 
 def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:

@@ -1,17 +1,21 @@
 // CPU kernels of the generation engine, called from JAX through XLA's FFI (bitnet_model/native/__init__.py
 // builds this file on first use and registers the two handlers below).
 //
-// bitnet_ternary_matmul: exact W1.58A8 product straight from the 2-bit packed "rows4" weights
-//   (bitnet_model/packed.py): int8 x [N, K], uint8 packed [L, R, K] (layer `layer` of a stack; byte (r, i)
-//   holds code T[4r + k, i] + 1 in bits 2k..2k+1), int32 layer [] -> int32 out [N, 4R] = x @ T.T. Integer
-//   sums: exact in any order.
+// bitnet_bitlinear: BitLinear (bitnet_model/bitlinear.py) of one input through one or more projections of a
+//   layer, bit for bit what XLA computes for the engine's reference path:
+//     s = 127 / max(max|x|, 1e-5) per token, x_q = clip(round_half_even(x * s), -128, 127),
+//     y = float(x_q @ T.T) / s * multiplier  (as XLA evaluates it: see dequantize()).
+//   Inputs: float32 x [N, K], int32 layer [], then per projection uint8 packed [L, R, K] (layer `layer` of a
+//   stack in the 2-bit "rows4" layout of bitnet_model/packed.py: byte (r, i) holds T[4r + k, i] + 1 in bits
+//   2k..2k+1) and float32 multipliers [L]; one float32 output [N, 4R] per projection. Quantizing once and
+//   running q/k/v (or gate/up) in one call shares the quantization and one pass of the thread pool. The
+//   integer products are exact in any order:
 //     * few tokens (decode): AVX-512 VNNI. Each 64-byte load of a packed row gives four rows of 64 codes
 //       (shift + mask), and VPDPBUSD multiplies unsigned codes c = t + 1 by signed activations; the sum of
 //       the activations is subtracted once per token (sum (c - 1) x = sum c x - sum x). Reads each packed
 //       byte once: decode is bound by memory bandwidth, 0.52 GB of weights per 2B4T token.
-//     * many tokens (prefill): AMX. A panel of 32 output rows is unpacked once to signed int8 codes (in the
-//       4-column groups a B tile wants: a 16 x 16 dword transpose per 1 KB) and multiplied by every 32-token
-//       block of x with TDPBSSD (16 x 16 x 64 products per instruction).
+//     * many tokens (prefill): AMX. A panel of 32 output rows is unpacked once to signed int8 codes and
+//       multiplied by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
 //   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
 //
@@ -92,17 +96,68 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// ------------------------------------------------------------------------------------- one fused call
+
+struct Projection {
+  const uint8_t* packed;  // this layer's [R, K]
+  int64_t R;              // packed rows: 4R outputs
+  float multiplier;
+  float* out;             // [N, 4R]
+};
+
+struct Activations {  // x quantized once per call
+  const int8_t* q;    // [N, K]
+  const float* inv_scale;  // [N]: 1 / s of each token
+  const int32_t* sum;  // [N]: sum of the token's q (the VNNI code offset)
+  int64_t N, K;
+};
+
+// Tokens [t0, t1) of x: s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127), as
+// bitlinear.quantize_activations computes it in float32.
+void quantize(const float* x, int64_t K, int64_t t0, int64_t t1, int8_t* q, float* inv_scale, int32_t* sum) {
+  const int64_t full = K & ~int64_t(15);
+  const __mmask16 tail = (K - full) ? __mmask16((1u << (K - full)) - 1) : 0;
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = x + t * K;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    if (tail) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full)));
+    const float s = 127.0f / std::max(_mm512_reduce_max_ps(amax), 1e-5f);
+    const __m512 sv = _mm512_set1_ps(s);
+    __m512i total = _mm512_setzero_si512();
+    auto one = [&](__m512 v, __mmask16 m, int8_t* dst) {
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+      total = _mm512_add_epi32(total, codes);
+      _mm_mask_storeu_epi8(dst, m, _mm512_cvtsepi32_epi8(codes));
+    };
+    for (int64_t i = 0; i < full; i += 16) one(_mm512_loadu_ps(row + i), 0xFFFF, q + t * K + i);
+    if (tail) one(_mm512_maskz_loadu_ps(tail, row + full), tail, q + t * K + full);
+    inv_scale[t] = 1.0f / s;
+    sum[t] = _mm512_reduce_add_epi32(total);
+  }
+}
+
+// y = acc / s * multiplier for 16 outputs of one token, evaluated as XLA evaluates bitlinear.py's expression:
+// its simplifier turns the division by a broadcast scale into a product with the reciprocal, (acc * (1/s)) * m
+// (1 ulp apart from a true division in ~20% of values; measured against XLA's CPU output).
+inline __m512 dequantize(__m512i acc, float inv_scale, float multiplier) {
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(inv_scale)), _mm512_set1_ps(multiplier));
+}
+
 // ---------------------------------------------------------------------------------- VNNI (few tokens)
 
-// out[t, 4r + k] for packed rows [r0, r1) and the NT tokens at x (row stride K), out's rows O long.
+// out[t, 4r + k] for packed rows [r0, r1) of `p` and the NT tokens from t0.
 template <int NT>
-void vnni_rows(const uint8_t* packed, int64_t K, int64_t r0, int64_t r1, const int8_t* x, const int32_t* x_sum,
-               int32_t* out, int64_t O) {
+void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1, int64_t t0) {
+  const int64_t K = a.K, O = p.R * kValuesPerByte;
+  const int8_t* x = a.q + t0 * K;
   const __m512i three = _mm512_set1_epi8(3);
   const int64_t full = K & ~int64_t(63);
   const __mmask64 tail_mask = (K - full) ? ((~0ULL) >> (64 - (K - full))) : 0;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = packed + r * K;
+    const uint8_t* row = p.packed + r * K;
     __m512i acc[NT][kValuesPerByte];
     for (int t = 0; t < NT; ++t)
       for (int k = 0; k < kValuesPerByte; ++k) acc[t][k] = _mm512_setzero_si512();
@@ -124,35 +179,29 @@ void vnni_rows(const uint8_t* packed, int64_t K, int64_t r0, int64_t r1, const i
     if (tail_mask)  // masked-off bytes load as 0: code 0 times activation 0
       step(_mm512_maskz_loadu_epi8(tail_mask, row + full),
            [&](int t) { return _mm512_maskz_loadu_epi8(tail_mask, x + t * K + full); });
-    for (int t = 0; t < NT; ++t)
-      for (int k = 0; k < kValuesPerByte; ++k)
-        out[t * O + r * kValuesPerByte + k] = _mm512_reduce_add_epi32(acc[t][k]) - x_sum[t];
+    for (int t = 0; t < NT; ++t) {
+      const int64_t token = t0 + t;
+      const float inv_scale = a.inv_scale[token];
+      for (int k = 0; k < kValuesPerByte; ++k) {  // scalar dequantize()
+        const int32_t sum = _mm512_reduce_add_epi32(acc[t][k]) - a.sum[token];
+        p.out[token * O + r * kValuesPerByte + k] = (float(sum) * inv_scale) * p.multiplier;
+      }
+    }
   }
 }
 
-void vnni_matmul(ffi::ThreadPool& pool, const int8_t* x, int64_t N, int64_t K, const uint8_t* packed,
-                 int64_t R, int32_t* out) {
-  std::vector<int32_t> x_sum(N);
-  for (int64_t t = 0; t < N; ++t) {
-    int32_t s = 0;
-    for (int64_t i = 0; i < K; ++i) s += x[t * K + i];
-    x_sum[t] = s;
+constexpr int64_t kVnniRows = 8;  // packed rows per task (32 outputs): q_proj of 2B4T is 80 tasks
+
+void vnni_task(const Projection& p, const Activations& a, int64_t chunk) {
+  const int64_t r0 = chunk * kVnniRows, r1 = std::min(p.R, r0 + kVnniRows);
+  int64_t t = 0;
+  for (; t + 4 <= a.N; t += 4) vnni_rows<4>(p, a, r0, r1, t);
+  switch (a.N - t) {
+    case 3: vnni_rows<3>(p, a, r0, r1, t); break;
+    case 2: vnni_rows<2>(p, a, r0, r1, t); break;
+    case 1: vnni_rows<1>(p, a, r0, r1, t); break;
+    default: break;
   }
-  constexpr int64_t kRowsPerChunk = 8;  // 32 output rows: q_proj of 2B4T is 80 chunks, two cores balance
-  const int64_t chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int32_t* sums = x_sum.data();
-  const int64_t O = R * kValuesPerByte;
-  parallel_for(pool, chunks, [=](int64_t chunk) {
-    const int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(R, r0 + kRowsPerChunk);
-    int64_t t = 0;
-    for (; t + 4 <= N; t += 4) vnni_rows<4>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O);
-    switch (N - t) {
-      case 3: vnni_rows<3>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
-      case 2: vnni_rows<2>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
-      case 1: vnni_rows<1>(packed, K, r0, r1, x + t * K, sums + t, out + t * O, O); break;
-      default: break;
-    }
-  });
 }
 
 // ----------------------------------------------------------------------------------- AMX (many tokens)
@@ -169,7 +218,7 @@ constexpr int64_t kTile = 16;        // rows of a tile; 64 bytes of int8 (or 16 
 constexpr int64_t kPanelRows = 32;   // output rows per panel: two A tiles
 constexpr int64_t kTokenBlock = 32;  // tokens per step: two B tiles
 constexpr int64_t kStep = 64;        // input columns per tile product
-constexpr int64_t kMaxGroupPanels = 8;       // panels per task of amx_matmul: at most 256 output rows ...
+constexpr int64_t kMaxGroupPanels = 8;       // panels per AMX task: at most 256 output rows ...
 constexpr int64_t kMaxGroupBytes = 1 << 20;  // ... and at most half the L2 of one core
 // TDPBSSD: C[m][n] += sum_j A[m][4k + j] * B[k][4n + j]. A = the codes of 16 output rows x 64 columns (rows4
 // unpacks to exactly that), B = 16 tokens in groups of 4 activations (B[k][4n + j] = x[n, 4k + j]: a 16 x 16
@@ -253,8 +302,9 @@ struct TileScope {
 };
 
 // out[t0 .. t0 + 32, o0 .. o0 + 32] (clipped to [N, O]) from one unpacked panel and one block of tokens.
-void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, int32_t* out, int64_t O, int64_t N,
+void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, const Projection& p, const Activations& a,
                int64_t t0, int64_t o0) {
+  const int64_t O = p.R * kValuesPerByte, N = a.N;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t k0 = 0; k0 < Kp; k0 += kStep) {
     const int64_t offset = (k0 / kStep) * kTokenBlock * kStep;  // kTokenBlock == kPanelRows
@@ -267,33 +317,35 @@ void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, int32_t* o
     _tile_dpbssd(2, 5, 6);
     _tile_dpbssd(3, 5, 7);
   }
-  // Tile 2a + b holds outputs o0 + 16a .., tokens t0 + 16b ..; transposed, its rows are rows of out [N, O].
+  // Tile 2i + j holds outputs o0 + 16i .., tokens t0 + 16j ..; transposed, its rows are rows of out [N, O].
   alignas(64) int32_t spill[kTile * kTile];
-  auto store = [&](int64_t a, int64_t b, auto store_tile) {
-    const int64_t col = o0 + a * kTile, row = t0 + b * kTile;
+  auto store = [&](int64_t i_out, int64_t j_tok, auto store_tile) {
+    const int64_t col = o0 + i_out * kTile, row = t0 + j_tok * kTile;
     if (row >= N || col >= O) return;
     store_tile(spill);
     __m512i rows[kTile];
     for (int64_t i = 0; i < kTile; ++i) rows[i] = _mm512_load_si512(spill + i * kTile);
     transpose16(rows);
     const __mmask16 cols = col + kTile <= O ? 0xFFFF : __mmask16((1u << (O - col)) - 1);
-    for (int64_t i = 0; i < kTile && row + i < N; ++i) _mm512_mask_storeu_epi32(out + (row + i) * O + col, cols, rows[i]);
+    for (int64_t i = 0; i < kTile && row + i < N; ++i)
+      _mm512_mask_storeu_ps(p.out + (row + i) * O + col, cols, dequantize(rows[i], a.inv_scale[row + i], p.multiplier));
   };
-  store(0, 0, [](int32_t* p) { _tile_stored(0, p, 64); });
-  store(0, 1, [](int32_t* p) { _tile_stored(1, p, 64); });
-  store(1, 0, [](int32_t* p) { _tile_stored(2, p, 64); });
-  store(1, 1, [](int32_t* p) { _tile_stored(3, p, 64); });
+  store(0, 0, [](int32_t* dst) { _tile_stored(0, dst, 64); });
+  store(0, 1, [](int32_t* dst) { _tile_stored(1, dst, 64); });
+  store(1, 0, [](int32_t* dst) { _tile_stored(2, dst, 64); });
+  store(1, 1, [](int32_t* dst) { _tile_stored(3, dst, 64); });
 }
 
-// This thread's scratch buffer `slot` (0: unpacked panel, 1: blocked tokens), at least `bytes` long, 64-byte
+// This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x), at least `bytes`
+// long, 64-byte
 // aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
 // fresh mmap, and its page faults cost more than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[2];
-  thread_local int64_t sizes[2] = {0, 0};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[3];
+  thread_local int64_t sizes[3] = {0, 0, 0};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -301,35 +353,62 @@ int8_t* scratch(int slot, int64_t bytes) {
   return buffers[slot].get();
 }
 
-void amx_matmul(ffi::ThreadPool& pool, const int8_t* x, int64_t N, int64_t K, const uint8_t* packed, int64_t R,
-                int32_t* out) {
+// Below this many tokens the VNNI loop (no panel, no blocked copy of x) is faster than AMX tiles (measured
+// on 2B4T shapes: benchmarks/bench_native.py).
+int64_t g_amx_min_tokens = 8;
+
+// All projections of one call: one task list, so small ones (k/v: 20 panels) share the threads with big ones.
+void bitlinear(ffi::ThreadPool& pool, const float* x, std::vector<Projection>& projections, int64_t N, int64_t K) {
+  int8_t* q = scratch(2, N * K);  // the calling thread's; helpers only read it while this call runs
+  std::vector<float> inv_scale(N);
+  std::vector<int32_t> sum(N);
+  constexpr int64_t kQuantizeTokens = 16;
+  float* scale_ptr = inv_scale.data();
+  int32_t* sum_ptr = sum.data();
+  parallel_for(pool, (N + kQuantizeTokens - 1) / kQuantizeTokens, [=](int64_t chunk) {
+    quantize(x, K, chunk * kQuantizeTokens, std::min(N, (chunk + 1) * kQuantizeTokens), q, scale_ptr, sum_ptr);
+  });
+  const Activations a{q, scale_ptr, sum_ptr, N, K};
+  struct Task {
+    const Projection* p;
+    int64_t first, count;  // VNNI: chunk index; AMX: panels [first, first + count)
+  };
+  std::vector<Task> tasks;
+  if (!(g_use_amx && N >= g_amx_min_tokens)) {
+    for (const Projection& p : projections)
+      for (int64_t c = 0; c < (p.R + kVnniRows - 1) / kVnniRows; ++c) tasks.push_back({&p, c, 1});
+    const Task* list = tasks.data();
+    parallel_for(pool, int64_t(tasks.size()), [=, &a](int64_t i) { vnni_task(*list[i].p, a, list[i].first); });
+    return;
+  }
   const int64_t Kp = (K + kStep - 1) / kStep * kStep, Np = (N + kTokenBlock - 1) / kTokenBlock * kTokenBlock;
-  const int64_t O = R * kValuesPerByte;
-  int8_t* xb = scratch(1, Np * Kp);  // the calling thread's; helpers only read it while this call runs
-  parallel_for(pool, Np / kTokenBlock, [=](int64_t block) { block_tokens(x, N, K, Kp, block, xb); });
+  int8_t* xb = scratch(1, Np * Kp);
+  parallel_for(pool, Np / kTokenBlock, [=](int64_t block) { block_tokens(q, N, K, Kp, block, xb); });
   // A task unpacks a group of panels and runs every token block over all of them: the group stays in L2
   // while x streams past it once per group rather than once per panel (at 512 tokens x no longer fits L2:
   // one panel per task ran at half the speed). Groups as large as keeps at least two per thread.
-  const int64_t panels = (O + kPanelRows - 1) / kPanelRows;
-  const int64_t largest = std::min(kMaxGroupPanels, kMaxGroupBytes / (kPanelRows * Kp));
-  const int64_t per_group = std::clamp<int64_t>(panels / (2 * (pool.num_threads() + 1)), 1, std::max<int64_t>(largest, 1));
-  const int64_t groups = (panels + per_group - 1) / per_group;
-  parallel_for(pool, groups, [=](int64_t g) {
-    const int64_t first = g * per_group, count = std::min(per_group, panels - first);
+  int64_t panels = 0;
+  for (const Projection& p : projections) panels += (p.R * kValuesPerByte + kPanelRows - 1) / kPanelRows;
+  const int64_t largest = std::max<int64_t>(1, std::min(kMaxGroupPanels, kMaxGroupBytes / (kPanelRows * Kp)));
+  const int64_t per_group = std::clamp<int64_t>(panels / (2 * (pool.num_threads() + 1)), 1, largest);
+  for (const Projection& p : projections) {
+    const int64_t own = (p.R * kValuesPerByte + kPanelRows - 1) / kPanelRows;
+    for (int64_t first = 0; first < own; first += per_group) tasks.push_back({&p, first, std::min(per_group, own - first)});
+  }
+  const Task* list = tasks.data();
+  parallel_for(pool, int64_t(tasks.size()), [=, &a](int64_t i) {
+    const Task& task = list[i];
     const int64_t panel_bytes = kPanelRows * Kp;
-    int8_t* group = scratch(0, count * panel_bytes);
-    for (int64_t p = 0; p < count; ++p)
-      unpack_panel(packed, R, K, Kp, (first + p) * (kPanelRows / kValuesPerByte), group + p * panel_bytes);
+    int8_t* group = scratch(0, task.count * panel_bytes);
+    for (int64_t j = 0; j < task.count; ++j)
+      unpack_panel(task.p->packed, task.p->R, K, Kp, (task.first + j) * (kPanelRows / kValuesPerByte),
+                   group + j * panel_bytes);
     TileScope tiles;
     for (int64_t t0 = 0; t0 < Np; t0 += kTokenBlock)
-      for (int64_t p = 0; p < count; ++p)
-        amx_block(group + p * panel_bytes, xb + t0 * Kp, Kp, out, O, N, t0, (first + p) * kPanelRows);
+      for (int64_t j = 0; j < task.count; ++j)
+        amx_block(group + j * panel_bytes, xb + t0 * Kp, Kp, *task.p, a, t0, (task.first + j) * kPanelRows);
   });
 }
-
-// Below this many tokens the VNNI loop (no panel, no transpose) is faster than AMX tiles (measured on 2B4T
-// shapes: benchmarks/bench_native.py).
-int64_t g_amx_min_tokens = 8;
 
 
 // --------------------------------------------------------------------------------------- output table
@@ -404,20 +483,29 @@ void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, c
 // The handlers decode XLA's buffers (compiled for any x86-64) and call the kernels above.
 namespace {
 
-ffi::Error TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::U8> packed,
-                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::S32> out) {
-  const auto xd = x.dimensions(), pd = packed.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[2])
-    return ffi::Error::InvalidArgument("bitnet_ternary_matmul: expects x [N, K] and packed [L, R, K]");
-  const int64_t N = xd[0], K = xd[1], L = pd[0], R = pd[1];
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("bitnet_ternary_matmul: layer out of range");
-  const uint8_t* weights = packed.typed_data() + l * R * K;
-  if (N == 0 || R == 0) return ffi::Error::Success();
-  if (g_use_amx && N >= g_amx_min_tokens)
-    amx_matmul(pool, x.typed_data(), N, K, weights, R, out->typed_data());
-  else
-    vnni_matmul(pool, x.typed_data(), N, K, weights, R, out->typed_data());
+ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                     ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("bitnet_bitlinear: x must be [N, K]");
+  const int64_t N = xd[0], K = xd[1], l = layer.typed_data()[0];
+  if (args.size() == 0 || args.size() != 2 * rets.size())
+    return ffi::Error::InvalidArgument("bitnet_bitlinear: expects a (packed, multipliers) pair per output");
+  std::vector<Projection> projections;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto packed = args.get<ffi::Buffer<ffi::U8>>(2 * i);
+    auto multipliers = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto out = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!packed || !multipliers || !out)
+      return ffi::Error::InvalidArgument("bitnet_bitlinear: packed must be uint8, multipliers and outputs float32");
+    const auto pd = packed->dimensions(), od = (*out)->dimensions();
+    if (pd.size() != 3 || pd[2] != K || multipliers->element_count() != pd[0] || od.size() != 2 || od[0] != N ||
+        od[1] != pd[1] * kValuesPerByte)
+      return ffi::Error::InvalidArgument("bitnet_bitlinear: expects packed [L, R, K], multipliers [L], out [N, 4R]");
+    if (l < 0 || l >= pd[0]) return ffi::Error::InvalidArgument("bitnet_bitlinear: layer out of range");
+    projections.push_back({packed->typed_data() + l * pd[1] * K, pd[1], multipliers->typed_data()[l],
+                           (*out)->typed_data()});
+  }
+  if (N > 0) bitlinear(pool, x.typed_data(), projections, N, K);
   return ffi::Error::Success();
 }
 
@@ -440,12 +528,12 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_ternary_matmul, TernaryMatmul, ffi::Ffi::Bind()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_bitlinear, Bitlinear, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
