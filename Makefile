@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf
+	$(PY) benchmarks/bench_native.py
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -7,11 +7,15 @@ train); this file computes the same function for generation, lean and fast:
     temporaries of one layer are reused by the next;
   * a bf16 embedding stays 16-bit (0.66 GB for 2B4T rather than 1.3 GB in float32), held as its raw bits
     (uint16, see `_to_float32`), and the tied output projection converts it block by block;
-  * prefill computes logits at the last prompt token only, not [B, P, V];
-  * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place.
+  * prefill computes logits at the last prompt token only, not [B, P, V], and its attention skips the keys
+    after each block of queries (`_attention`);
+  * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place;
+  * on a CPU with AVX-512 VNNI (`Options.native`), every BitLinear and the output projection run in the kernels
+    of `native/` (VNNI / AMX straight from the packed bytes: XLA has no such kernel and is 2-10x slower).
 The arithmetic is the reference's, operation for operation (per-token int8 activations, exact int32 products,
-`acc / s * multiplier`, float32 everywhere else, HIGHEST precision float products), so logits agree to float32
-rounding of the attention sums; tests/test_engine.py checks them against the reference model.
+`acc / s * multiplier`, float32 everywhere else, HIGHEST precision float products; the native BitLinear is
+bit for bit the XLA one), so logits agree to float32 rounding of the attention and output sums;
+tests/test_engine.py checks every option against the reference model.
 
 Weights come from a Checkpoint tensor by tensor (`weights_from_checkpoint`: peak memory is the packed model
 plus one tensor) or from a reference model (`weights_from_model`). Both hold the one packed layout of
@@ -77,14 +81,17 @@ class Options:
     @classmethod
     def for_backend(cls, backend: str | None = None, sharded: bool = False) -> Options:
         backend = backend or jax.default_backend()
-        if backend == "cpu" and not sharded and native.available():
-            return cls(native=True)
         if backend == "cpu" and not sharded:
-            # head blocks of ~7 MB float32 (668 rows of 2B4T): 78-86 ms per token against 122-167 ms at 14 MB
-            return cls(block_bytes=packed_ops.BLOCK_BYTES, head_block_bytes=7 << 20, reduce_rows=0)
+            return cls(native=True) if native.available() else cls.xla_cpu()
         if backend == "cpu":  # blocks would cut across the sharded rows; let GSPMD see whole matrices
             return cls()
         return cls(reduce_rows=8)
+
+    @classmethod
+    def xla_cpu(cls) -> Options:
+        """XLA's own products on one CPU device (where the native kernels are unavailable)."""
+        # head blocks of ~7 MB float32 (668 rows of 2B4T): 78-86 ms per token against 122-167 ms at 14 MB
+        return cls(block_bytes=packed_ops.BLOCK_BYTES, head_block_bytes=7 << 20)
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ def path(request):
         pytest.skip("no AMX on this CPU")
     native.configure(amx=request.param == "amx", amx_min_tokens=1)
     yield request.param
-    native.configure(amx=True, amx_min_tokens=8)  # the defaults
+    native.configure()  # the defaults
 
 
 def test_kernels_build_where_the_cpu_has_vnni():

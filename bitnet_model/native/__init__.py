@@ -34,6 +34,9 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes: even at 8,
+# 1.6-2.4x faster at 16-32); set in the library when it loads.
+AMX_MIN_TOKENS = 8
 LEVELS = {0: "none", 1: "avx512-vnni", 2: "avx512-vnni+amx"}  # bitnet_native_level() in kernels.cc
 
 _reason = ""
@@ -103,6 +106,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    lib.bitnet_native_configure(1, AMX_MIN_TOKENS)
     return lib
 
 
@@ -123,8 +127,9 @@ def level() -> str:
     return LEVELS[lib.bitnet_native_level()] if lib is not None else "none"
 
 
-def configure(*, amx: bool = True, amx_min_tokens: int = 0) -> None:
-    """Tests and benchmarks: turn the AMX path off or on, move the token count from which it is taken."""
+def configure(*, amx: bool = True, amx_min_tokens: int = AMX_MIN_TOKENS) -> None:
+    """Tests and benchmarks: turn the AMX path off or on, move the token count from which it is taken
+    (`configure()` restores the defaults)."""
     lib = _library()
     if lib is not None:
         lib.bitnet_native_configure(int(amx), int(amx_min_tokens))
