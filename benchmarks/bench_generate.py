@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("path", nargs="?", help="2B4T-shaped Hugging Face checkpoint folder")
     parser.add_argument("--synthetic", action="store_true", help="random in-process weights, our model only")
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512],
                         help="prompt lengths, comma separated (decode runs after the shortest)")
     parser.add_argument("--skip-transformers", action="store_true", help="measure our side only")

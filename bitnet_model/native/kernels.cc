@@ -76,7 +76,9 @@ namespace {
 
 // --------------------------------------------------------------------------------------------- threading
 
-// Runs body(item) for item in [0, items) on the calling thread and up to pool.num_threads() helpers.
+// Runs body(item) for item in [0, items) on the calling thread and up to pool.num_threads() - 1 helpers: the
+// pool has one thread per core and the caller takes a core too (one more thread ran on 2 cores 1.5-2x slower:
+// the switches between them save and restore the 8 KB AMX tile state).
 template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
   struct Shared {
@@ -90,7 +92,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy: the task owns it
   run();
   // A helper may still be inside body(): wait for every item, not just for the counter to run out.
