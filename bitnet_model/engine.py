@@ -68,8 +68,9 @@ class Options:
         reads only the packed bytes, which is what a GPU wants for decode; XLA's CPU reduce is not vectorized.
     native: every product runs in the CPU kernels of `native` (AVX-512 VNNI / AMX from the packed bytes, the
         16-bit table read as it is) instead of XLA's; the options above then do not apply.
-    query_block: queries per block of prefill attention (see `_attention`); 2B4T on the 2-core CPU, 512
-        tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256.
+    query_block: queries per block of prefill attention (see `_attention`; 0: one block); 2B4T on the 2-core
+        CPU, 512 tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256. A GPU takes one block (its
+        prefill-512 of BENCHMARKS.md was measured with that computation: fewer, larger products).
     """
 
     block_bytes: int = 0
@@ -85,7 +86,7 @@ class Options:
             return cls(native=True) if native.available() else cls.xla_cpu()
         if backend == "cpu":  # blocks would cut across the sharded rows; let GSPMD see whole matrices
             return cls()
-        return cls(reduce_rows=8)
+        return cls(reduce_rows=8, query_block=0)
 
     @classmethod
     def xla_cpu(cls) -> Options:
@@ -299,9 +300,9 @@ def _attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: i
         # the masked keys saves ~40% at 512 tokens (2B4T, 512 tokens: 12 against 62 ms per layer, measured).
         qg = q.reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
-        blocks = []
-        for t0 in range(0, T, query_block):
-            t1 = min(T, t0 + query_block)
+        blocks, step = [], query_block if query_block > 0 else T
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
             rows = qg[:, :, :, t0:t1].reshape(B, KV, G * (t1 - t0), D)  # row g*Tq + t: head g, query t0 + t
             scores = jnp.einsum("bkmd,bksd->bkms", rows, kt[:, :, :t1], precision=PRECISION) * head_dim**-0.5
             probs = jax.nn.softmax(jnp.where(jnp.tile(causal[t0:t1, :t1], (G, 1)), scores, lowest), axis=-1)

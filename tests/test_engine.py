@@ -18,7 +18,7 @@ OPTIONS = {
     "whole": engine.Options(),
     # several blocks per matrix, per output table and per prompt (40 tokens: query blocks of 16, 16, 8)
     "blocked": engine.Options(block_bytes=512, head_block_bytes=8192, query_block=16),
-    "reduce": engine.Options(reduce_rows=64),  # the GPU decode formulation
+    "reduce": engine.Options(reduce_rows=64, query_block=0),  # the GPU formulation (decode, one query block)
     "native": engine.Options(native=True),  # the CPU kernels (tests/test_native.py tests them alone)
 }
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
