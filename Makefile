@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --repeat 5
 	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf
 	$(PY) benchmarks/bench_native.py
 
