@@ -126,6 +126,17 @@ class Generator:
         self.eos_ids = set(eos_ids or ())
         self.opts = opts or engine.Options.for_backend()
 
+    def products(self) -> str:
+        """Which kernels run the products: "native <level>" (bitnet_model/native) or "XLA (<why not native>)"."""
+        import jax
+
+        from bitnet_model import native
+
+        if self.opts.native:
+            return f"native {native.level()}"
+        why = native.reason() if jax.default_backend() == "cpu" else jax.default_backend()
+        return f"XLA ({why})" if why else "XLA"
+
     @classmethod
     def load(cls, src: str, *, revision: str | None = None) -> Generator:
         """Read SRC (any format) tensor by tensor into the packed engine."""
@@ -322,5 +333,6 @@ def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_ne
     write("\n")
     if stats is not None:
         stats(f"prompt {len(ids)} tokens: {result.prefill_s * 1e3:.0f} ms to the first new token; "
-              f"{len(result.decode_s)} more at {result.decode_s_per_token * 1e3:.0f} ms/token")
+              f"{len(result.decode_s)} more at {result.decode_s_per_token * 1e3:.0f} ms/token; "
+              f"products: {gen.products()}")
     return result

@@ -118,3 +118,13 @@ def test_ids_are_streamed_without_a_tokenizer(tmp_path):
     assert len(result.output.split()) == 3 and all(t.isdigit() for t in result.output.split())
     no_text = CliRunner().invoke(main, ["generate", str(out), "--prompt", "hello"])
     assert no_text.exit_code == 2 and "tokenizer" in no_text.output
+
+
+def test_stats_name_the_kernels_that_ran(folder):
+    from bitnet_model import native
+
+    result = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "3",
+                                       "--stats"])
+    assert result.exit_code == 0, result.output
+    want = f"products: native {native.level()}" if native.available() else f"products: XLA ({native.reason()})"
+    assert "ms to the first new token" in result.stderr and want in result.stderr
