@@ -6,6 +6,10 @@ apart and moves that row's later logits by up to ~1% of max|logit|. So: most pos
 max|logit|, all within 2e-2, every argmax equal.
 """
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,3 +109,13 @@ def test_synthetic_weights_have_valid_codes():
     assert w.packed["down_proj"].shape == (cfg.num_hidden_layers, cfg.hidden_size // 4, cfg.intermediate_size)
     logits = engine.forward(cfg, engine.Options(), w, np.zeros((1, 4), np.int32))
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_without_native_kernels_the_cpu_options_are_xlas_own():
+    """BITNET_NATIVE=0 (or no compiler, or no VNNI) leaves the engine on XLA's products, and says why."""
+    code = ("from bitnet_model import engine, native; "
+            "assert not native.available() and native.reason() == 'disabled by BITNET_NATIVE=0'; "
+            "assert engine.Options.for_backend('cpu') == engine.Options.xla_cpu()")
+    env = {**os.environ, "BITNET_NATIVE": "0", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
