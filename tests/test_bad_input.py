@@ -219,14 +219,22 @@ def hf_missing_weight_scale(good, tmp):
     return folder
 
 
-def hf_extra_tensor(good, tmp):
-    folder = tmp / "extra-hf"
+def written_with(path, fmt, edit):
+    """`good`'s checkpoint with its tensors edited by `edit(arrays)`, written as `fmt` past the writers' checks."""
     ckpt = small_checkpoint(seed=5)
     arrays = ckpt.materialize()
-    arrays["model.layers.1.input_layernorm.weight"] = arrays[NORM]
+    edit(arrays)
     with lenient_writers():
-        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), folder, "hf")
-    return folder
+        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), path, fmt)
+    return path
+
+
+def add_extra_tensor(arrays):
+    arrays["model.layers.1.input_layernorm.weight"] = arrays[NORM]
+
+
+def hf_extra_tensor(good, tmp):
+    return written_with(tmp / "extra-hf", "hf", add_extra_tensor)
 
 
 def hf_truncated_safetensors(good, tmp):
@@ -540,23 +548,11 @@ def gguf_config_key_disagrees(good, tmp):
 
 
 def gguf_missing_tensor(good, tmp):
-    path = tmp / "missing.gguf"
-    ckpt = small_checkpoint(seed=5)
-    arrays = ckpt.materialize()
-    del arrays[NORM]
-    with lenient_writers():
-        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), path, "gguf")
-    return path
+    return written_with(tmp / "missing.gguf", "gguf", lambda arrays: arrays.pop(NORM))
 
 
 def gguf_extra_tensor(good, tmp):
-    path = tmp / "extra.gguf"
-    ckpt = small_checkpoint(seed=5)
-    arrays = ckpt.materialize()
-    arrays["model.layers.1.input_layernorm.weight"] = arrays[NORM]
-    with lenient_writers():
-        write(type(ckpt).from_arrays(ckpt.config, arrays, tokenizer_files=ckpt.tokenizer_files), path, "gguf")
-    return path
+    return written_with(tmp / "extra.gguf", "gguf", add_extra_tensor)
 
 
 def gguf_npz_in_disguise(good, tmp):
