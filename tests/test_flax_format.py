@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
+from same import assert_same_tensors
 
 from bitnet_convert import integrity
 from bitnet_convert.checkpoint import Ternary
@@ -18,19 +19,6 @@ from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_model import BitNetForCausalLM, ModelConfig, params
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def assert_same_tensors(a, b):
-    assert list(a.tensors) == list(b.tensors)
-    for name in a.tensors:
-        x, y = a.load(name), b.load(name)
-        if isinstance(x, Ternary):
-            assert isinstance(y, Ternary), name
-            np.testing.assert_array_equal(x.codes, y.codes, err_msg=name)
-            assert x.multiplier.tobytes() == y.multiplier.tobytes(), name  # bit-exact float32
-        else:
-            assert x.dtype == y.dtype and x.shape == y.shape, name
-            assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), name
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 from fixtures import LAYOUTS, QUANT_CONFIGS
+from same import assert_same_tensors
 
 from bitnet_convert import integrity
 from bitnet_convert.checkpoint import DENSE, TERNARY, Checkpoint, Ternary
@@ -241,13 +242,7 @@ def test_sharded_output_and_input(hf_checkpoint, tmp_path):
     out = hf.write(ckpt, str(tmp_path / "sharded"), max_shard_bytes=150_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    back = hf.read(str(out))
-    for name in ckpt.tensors:
-        a, b = ckpt.load(name), back.load(name)
-        if isinstance(a, Ternary):
-            assert np.array_equal(a.codes, b.codes) and a.multiplier == b.multiplier
-        else:
-            assert a.tobytes() == b.tobytes()
+    assert_same_tensors(ckpt, hf.read(str(out)))
     assert hf.recorded_provenance(out)["content_hash"] == integrity.hash_stored(hf.stored_tensor_bytes(out))
 
 
@@ -265,14 +260,7 @@ def test_sharded_fixture_reads_like_the_single_file(hf_checkpoint, tmp_path):
         safetensors.numpy.save_file({n: tensors[n] for n in members}, str(folder / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(members, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    single, sharded = hf.read(str(source)), hf.read(str(folder))
-    assert list(single.tensors) == list(sharded.tensors)
-    for name in single.tensors:
-        a, b = single.load(name), sharded.load(name)
-        if isinstance(a, Ternary):
-            assert np.array_equal(a.codes, b.codes) and a.multiplier == b.multiplier
-        else:
-            assert a.tobytes() == b.tobytes()
+    assert_same_tensors(hf.read(str(source)), hf.read(str(folder)))
 
 
 # ------------------------------------------------------------------------------------------- transformers

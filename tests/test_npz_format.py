@@ -10,6 +10,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
+from same import assert_same_tensors
 
 from bitnet_convert.checkpoint import Checkpoint, Ternary, ternary_entry
 from bitnet_convert.errors import ConvertError, CorruptData
@@ -29,19 +30,6 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_npz(tiny, tmp_path_factory):
     return npz.write(tiny, str(tmp_path_factory.mktemp("npz") / "tiny.npz"))
-
-
-def assert_same_tensors(a: Checkpoint, b: Checkpoint):
-    assert list(a.tensors) == list(b.tensors)
-    for name, x in a.materialize().items():
-        y = b.load(name)
-        if isinstance(x, Ternary):
-            assert isinstance(y, Ternary) and y.codes.dtype == np.int8, name
-            np.testing.assert_array_equal(y.codes, x.codes, err_msg=name)
-            assert y.multiplier.tobytes() == x.multiplier.tobytes(), name
-        else:
-            assert y.dtype == x.dtype and y.shape == x.shape, name
-            assert y.tobytes() == x.tobytes(), name  # bit-exact, bf16 included
 
 
 # ------------------------------------------------------------------------------------------------ round trip
