@@ -69,8 +69,8 @@ class Options:
     native: every product runs in the CPU kernels of `native` (AVX-512 VNNI / AMX from the packed bytes, the
         16-bit table read as it is) instead of XLA's; the options above then do not apply.
     query_block: queries per block of prefill attention (see `_attention`; 0: one block); 2B4T on the 2-core
-        CPU, 512 tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256. A GPU takes one block (its
-        prefill-512 of BENCHMARKS.md was measured with that computation: fewer, larger products).
+        CPU, 512 tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256. A GPU takes one block: fewer,
+        larger products (its prefill-512 in BENCHMARKS.md predates the blocks and was not re-measured).
     """
 
     block_bytes: int = 0
