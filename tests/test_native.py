@@ -1,5 +1,5 @@
 """The native CPU kernels (bitnet_model/native): BitLinear bit for bit against bitlinear.py's arithmetic in XLA,
-the output table against float64.
+the output table and prefill attention against float64.
 
 Shapes are chosen to reach every edge of the kernels: token counts on both sides of the VNNI/AMX crossover and
 not multiples of the 4-token (VNNI) or 32-token (AMX) blocks, inputs not multiples of 64 (masked tails) or of 4
@@ -115,6 +115,57 @@ def test_table_matmul_matches_float64(tokens, rows, width, dtype):
     got = np.asarray(jax.jit(native.table_matmul)(h, table))
     assert got.shape == (tokens, rows) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(width))
+
+
+
+def attention_float64(q, k, v):
+    """Causal softmax(q . k / sqrt(D)) . v per query head, kv head h // G, in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, Hq, D = q.shape
+    G = Hq // k.shape[2]
+    out = np.zeros((B, T, Hq, D))
+    for h in range(Hq):
+        scores = np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // G]) / np.sqrt(D)
+        scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        out[:, :, h] = (probs / probs.sum(-1, keepdims=True)) @ v[:, :, h // G]
+    return out.reshape(B, T, Hq * D)
+
+
+ATTENTION_SHAPES = [  # batch, tokens, query heads, kv heads, head size
+    (1, 1, 1, 1, 1), (1, 5, 4, 2, 16), (2, 40, 4, 2, 16), (1, 33, 3, 1, 20), (2, 17, 8, 8, 8),
+    (1, 70, 6, 3, 130), (1, 100, 20, 5, 128),
+]
+
+
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,size", ATTENTION_SHAPES)
+def test_causal_attention_matches_float64_and_xla(batch, tokens, heads, kv_heads, size):
+    """Partial 16-query and 16-key blocks, head sizes off the 16-float vector and over the 128-float tile,
+    odd and single heads per kv head: equal to float64 within float32 rounding, as XLA's attention is."""
+    from bitnet_model import engine
+
+    rng = np.random.default_rng(tokens * 100 + size)
+    q = (rng.standard_normal((batch, tokens, heads, size)) * 2).astype(np.float32)
+    k = (rng.standard_normal((batch, tokens, kv_heads, size)) * 2).astype(np.float32)
+    v = rng.standard_normal((batch, tokens, kv_heads, size)).astype(np.float32)
+    got = np.asarray(jax.jit(native.causal_attention)(q, k, v))
+    xla = jax.jit(lambda q, k, v: engine._attention(q, k, v, None, None, 0, size, 16))
+    exact = attention_float64(q, k, v)
+    assert got.shape == (batch, tokens, heads * size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(got, np.asarray(xla(q, k, v)), rtol=1e-5, atol=2e-5)
+
+
+def test_causal_attention_never_reads_later_keys():
+    """Changing the last token's key and value leaves every earlier query's output bit for bit the same."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 50, 4, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 50, 2, 32)).astype(np.float32) for _ in range(2))
+    first = np.asarray(native.causal_attention(q, k, v))
+    k[:, -1], v[:, -1] = 1e3, -1e3
+    second = np.asarray(native.causal_attention(q, k, v))
+    np.testing.assert_array_equal(first[:, :-1], second[:, :-1])
+    assert not np.allclose(first[:, -1], second[:, -1])
 
 
 def test_cache_folder_and_library_key(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ import jaxlib
 SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
+ATTENTION_TARGET = "bitnet_causal_attention"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 # From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes: even at 8,
 # 1.6-2.4x faster at 16-32); set in the library when it loads.
@@ -97,7 +98,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
-        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -161,3 +162,13 @@ def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
     _require()
     call = jax.ffi.ffi_call(TABLE_TARGET, jax.ShapeDtypeStruct((h.shape[0], table.shape[0]), jnp.float32))
     return call(h.astype(jnp.float32), table)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Prefill attention: float32 q [B, T, Hq, D], k and v [B, T, KV, D] -> [B, T, Hq * D], query t of head h
+    attending to keys 0..t of kv head h // (Hq / KV): softmax(q . k / sqrt(D)) . v, summed in another order
+    than XLA's (equal to float rounding)."""
+    _require()
+    B, T, Hq, D = q.shape
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32))
+    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
