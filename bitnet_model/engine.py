@@ -256,16 +256,24 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
-def _bitlinear(h, names, p, m, opts: Options, layer) -> list[jax.Array]:
+def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 0.0, act=None,
+               up=None) -> list[jax.Array]:
     """BitLinear of one input through the projections `names`: f32 [..., in] -> [f32 [..., out] per name].
 
-    XLA's products: quantize once, then `_project` each (p, m: this layer's slices). Native products: one
-    kernel call for all of them (p, m: the whole stacks [L, ...], `layer` the index; the kernel reads its layer
-    in place, where a slice would be a copy)."""
+    The input is first act(h) * up where `act` (a hidden_act name) and `up` are given, then RMSNorm'ed
+    where `norm` (weight [in]) is. XLA's products: those steps, quantize once, then `_project` each (p, m:
+    this layer's slices). Native products: one kernel call does it all (p, m: the whole stacks [L, ...],
+    `layer` the index; the kernel reads its layer in place, where a slice would be a copy)."""
     if opts.native:
         lead = h.shape[:-1]
-        outs = native.bitlinear(h.reshape(-1, h.shape[-1]), layer, [(p[name], m[name]) for name in names])
+        flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+        outs = native.bitlinear(flat(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
+                                act=act, up=flat(up))
         return [out.reshape(*lead, out.shape[-1]) for out in outs]
+    if act is not None:
+        h = _ACTIVATIONS[act](h) * up
+    if norm is not None:
+        h = rms_norm(h, norm, eps)
     x_q, scale = quantize_activations(h)
     return [_project(x_q, scale, p[name], m[name], opts) for name in names]
 
@@ -326,16 +334,16 @@ def _attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: i
 def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cache: Cache | None):
     """All decoder layers in one scan: x [B, T, H] -> (x, new keys, new values [L, B, T, KV, D])."""
     B, T, _ = x.shape
-    act = _ACTIVATIONS[cfg.hidden_act]
     eps = cfg.rms_norm_eps
 
     def layer(x, xs):
         p, m, n, cached_k, cached_v, index = xs  # this layer's weights (see below), norms, cache slices
 
-        def bitlinear(h, *names):
-            return _bitlinear(h, names, p, m, opts, index)
+        def bitlinear(h, *names, norm, up=None):  # norm: the name of the norm before it (None: no norm)
+            act = None if up is None else cfg.hidden_act
+            return _bitlinear(h, names, p, m, opts, index, norm=n.get(norm), eps=eps, act=act, up=up)
 
-        q, k, v = bitlinear(rms_norm(x, n["input_layernorm"], eps), "q_proj", "k_proj", "v_proj")
+        q, k, v = bitlinear(x, "q_proj", "k_proj", "v_proj", norm="input_layernorm")
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
@@ -346,14 +354,9 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
             attn = native.causal_attention(q, k, v)
         else:
             attn = _attention(q, k, v, cached_k, cached_v, start, cfg.head_dim, opts.query_block)
-        if "attn_sub_norm" in n:
-            attn = rms_norm(attn, n["attn_sub_norm"], eps)
-        x = x + bitlinear(attn, "o_proj")[0]
-        gate, up = bitlinear(rms_norm(x, n["post_attention_layernorm"], eps), "gate_proj", "up_proj")
-        h = act(gate) * up  # [B, T, F]
-        if "ffn_sub_norm" in n:
-            h = rms_norm(h, n["ffn_sub_norm"], eps)
-        x = x + bitlinear(h, "down_proj")[0]
+        x = x + bitlinear(attn, "o_proj", norm="attn_sub_norm")[0]  # Llama-family layers have no sub-norms
+        gate, up = bitlinear(x, "gate_proj", "up_proj", norm="post_attention_layernorm")
+        x = x + bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up)[0]  # act(gate) * up, [B, T, F]
         return x, (k, v)
 
     L = cfg.num_hidden_layers

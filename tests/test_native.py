@@ -100,6 +100,42 @@ def test_one_call_through_several_projections_and_inside_a_scan(path):
     np.testing.assert_array_equal(np.asarray(single), reference(x[:2], codes["q"][1], 0.75))
 
 
+
+@pytest.mark.parametrize("act", [None, "relu2", "silu"])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("tokens,inputs", [(1, 70), (3, 64), (40, 130)])
+def test_bitlinear_prepares_its_input_as_the_engine_does(path, act, norm, tokens, inputs):
+    """act(x) * up, then RMSNorm, then BitLinear: the engine's layer steps (computed here in float64) within
+    float rounding: the scale moves by an ulp, and at most a few activations round to the neighbouring int8
+    (one step: acc +-1)."""
+    rng = np.random.default_rng(tokens + inputs)
+    codes = rng.integers(-1, 2, size=(1, 48, inputs)).astype(np.int8)
+    stack, multipliers = np.stack([pack(c) for c in codes]), np.array([1.25], np.float32)
+    x, up = activations(rng, tokens, inputs), rng.standard_normal((tokens, inputs)).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, inputs).astype(np.float32)
+    prepared = x.astype(np.float64)
+    if act == "relu2":
+        prepared = np.maximum(prepared, 0) ** 2 * up
+    elif act == "silu":
+        prepared = prepared / (1 + np.exp(-prepared)) * up
+    if norm:
+        prepared = prepared / np.sqrt(np.mean(prepared**2, -1, keepdims=True) + 1e-5) * weight
+    prepared = prepared.astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, up: native.bitlinear(
+        x, 0, [(stack, multipliers)], norm=weight if norm else None, eps=1e-5, act=act, up=up if act else None,
+    )[0])(x, up))
+    want = reference(prepared, codes[0], multipliers[0])
+    step = multipliers[0] * np.abs(prepared).max(-1, keepdims=True) / 127  # one int8 step of each token
+    assert np.all(np.abs(got - want) <= 3 * step + 1e-6)
+    assert np.mean(np.isclose(got, want, rtol=1e-5, atol=1e-6)) > 0.9  # most outputs: no int8 moved
+
+
+def test_bitlinear_refuses_act_without_up():
+    with pytest.raises(ValueError, match="act and up"):
+        native.bitlinear(np.ones((1, 8), np.float32), 0, [(np.zeros((1, 2, 8), np.uint8), np.ones(1, np.float32))],
+                         act="relu2")
+
+
 @pytest.mark.parametrize("tokens,rows,width", [(1, 7, 16), (2, 9, 37), (5, 130, 64), (1, 1003, 2560)])
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 def test_table_matmul_matches_float64(tokens, rows, width, dtype):

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
@@ -141,12 +142,23 @@ def _require() -> None:
         raise RuntimeError(f"native kernels unavailable: {_reason}")
 
 
-def bitlinear(x: jax.Array, layer: jax.Array | int, projections) -> list[jax.Array]:
+ACTIVATIONS = {None: 0, "relu2": 1, "silu": 2}  # the act attribute of bitnet_bitlinear
+
+
+def bitlinear(x: jax.Array, layer: jax.Array | int, projections, *, norm: jax.Array | None = None,
+              eps: float = 0.0, act: str | None = None, up: jax.Array | None = None) -> list[jax.Array]:
     """BitLinear of float32 x [N, K] through each (packed uint8 [L, R, K], multipliers float32 [L]) of
     `projections` at layer `layer` -> float32 [N, 4R] each: quantize x per token to int8, exact product with
     the ternary codes, `acc / s * multiplier` (bitlinear.py's arithmetic, bit for bit). A packed [R, K] with a
-    scalar multiplier is a stack of one."""
+    scalar multiplier is a stack of one.
+
+    The input can be prepared on the way in, as the engine's layers do it: `act` ("relu2" or "silu") with
+    `up` [N, K] takes act(x) * up, then `norm` [K] takes the RMSNorm x / sqrt(mean(x^2) + eps) * norm (the
+    mean summed in another order than XLA's: equal to float rounding)."""
     _require()
+    if (act is None) != (up is None):
+        raise ValueError("act and up go together")
+    empty = jnp.zeros((0,), jnp.float32)
     operands, shapes = [], []
     for packed, multipliers in projections:
         if packed.ndim == 2:
@@ -154,7 +166,10 @@ def bitlinear(x: jax.Array, layer: jax.Array | int, projections) -> list[jax.Arr
         operands += [packed, jnp.asarray(multipliers, jnp.float32)]
         shapes.append(jax.ShapeDtypeStruct((x.shape[0], packed.shape[1] * 4), jnp.float32))
     call = jax.ffi.ffi_call(BITLINEAR_TARGET, shapes)
-    return list(call(x.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *operands))
+    up = empty if up is None else up.astype(jnp.float32)
+    norm = empty if norm is None else norm.astype(jnp.float32)
+    return list(call(x.astype(jnp.float32), up, norm, jnp.asarray(layer, jnp.int32), *operands,
+                     eps=np.float32(eps), act=np.int32(ACTIVATIONS[act])))
 
 
 def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:

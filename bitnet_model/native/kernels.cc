@@ -1,15 +1,16 @@
 // CPU kernels of the generation engine, called from JAX through XLA's FFI (bitnet_model/native/__init__.py
-// builds this file on first use and registers the two handlers below).
+// builds this file on first use and registers the three handlers below).
 //
 // bitnet_bitlinear: BitLinear (bitnet_model/bitlinear.py) of one input through one or more projections of a
 //   layer, bit for bit what XLA computes for the engine's reference path:
 //     s = 127 / max(max|x|, 1e-5) per token, x_q = clip(round_half_even(x * s), -128, 127),
 //     y = float(x_q @ T.T) / s * multiplier  (as XLA evaluates it: see dequantize()).
-//   Inputs: float32 x [N, K], int32 layer [], then per projection uint8 packed [L, R, K] (layer `layer` of a
-//   stack in the 2-bit "rows4" layout of bitnet_model/packed.py: byte (r, i) holds T[4r + k, i] + 1 in bits
-//   2k..2k+1) and float32 multipliers [L]; one float32 output [N, 4R] per projection. Quantizing once and
-//   running q/k/v (or gate/up) in one call shares the quantization and one pass of the thread pool. The
-//   integer products are exact in any order:
+//   Inputs: float32 x [N, K], float32 up [N, K] and norm [K] (empty: none; see Prologue), int32 layer [], then
+//   per projection uint8 packed [L, R, K] (layer `layer` of a stack in the 2-bit "rows4" layout of
+//   bitnet_model/packed.py: byte (r, i) holds T[4r + k, i] + 1 in bits 2k..2k+1) and float32 multipliers [L];
+//   attributes eps (RMSNorm) and act (0 none, 1 relu2, 2 silu); one float32 output [N, 4R] per projection.
+//   Quantizing once and running q/k/v (or gate/up) in one call shares the quantization and one pass of the
+//   thread pool. The integer products are exact in any order:
 //     * few tokens (decode): AVX-512 VNNI. Each 64-byte load of a packed row gives four rows of 64 codes
 //       (shift + mask), and VPDPBUSD multiplies unsigned codes c = t + 1 by signed activations; the sum of
 //       the activations is subtracted once per token (sum (c - 1) x = sum c x - sum x). Reads each packed
@@ -18,6 +19,8 @@
 //       multiplied by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
 //   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
+// bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] -> [B, T,
+//   Hq * D] (see causal_attention()).
 //
 // Work is split over XLA's intra-op thread pool: the calling thread and the helpers it schedules claim
 // chunks from one atomic counter, so the call finishes even when no helper ever starts.
@@ -101,6 +104,30 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// ------------------------------------------------------------------------------------------ float math
+
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// e^x for 16 floats (x <= 0 here: scores minus their row maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// a degree-7 polynomial (Cephes' expf coefficients), times 2^n with VSCALEFPS, which flushes a very negative
+// x to 0 as exp does. Within 2 ulp of expf; XLA's own exp is another approximation, so the two agree to
+// float rounding, not bit for bit.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this, e^x is 0 in float32 anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 // ------------------------------------------------------------------------------------- one fused call
 
 struct Projection {
@@ -117,30 +144,73 @@ struct Activations {  // x quantized once per call
   int64_t N, K;
 };
 
-// Tokens [t0, t1) of x: s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127), as
-// bitlinear.quantize_activations computes it in float32.
-void quantize(const float* x, int64_t K, int64_t t0, int64_t t1, int8_t* q, float* inv_scale, int32_t* sum) {
+// One token x [K]: s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127), as
+// bitlinear.quantize_activations computes it in float32; returns 1 / s and the sum of q through the pointers.
+void quantize_row(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum) {
   const int64_t full = K & ~int64_t(15);
   const __mmask16 tail = (K - full) ? __mmask16((1u << (K - full)) - 1) : 0;
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* row = x + t * K;
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
-    if (tail) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full)));
-    const float s = 127.0f / std::max(_mm512_reduce_max_ps(amax), 1e-5f);
-    const __m512 sv = _mm512_set1_ps(s);
-    __m512i total = _mm512_setzero_si512();
-    auto one = [&](__m512 v, __mmask16 m, int8_t* dst) {
-      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
-      total = _mm512_add_epi32(total, codes);
-      _mm_mask_storeu_epi8(dst, m, _mm512_cvtsepi32_epi8(codes));
-    };
-    for (int64_t i = 0; i < full; i += 16) one(_mm512_loadu_ps(row + i), 0xFFFF, q + t * K + i);
-    if (tail) one(_mm512_maskz_loadu_ps(tail, row + full), tail, q + t * K + full);
-    inv_scale[t] = 1.0f / s;
-    sum[t] = _mm512_reduce_add_epi32(total);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+  if (tail) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full)));
+  const float s = 127.0f / std::max(_mm512_reduce_max_ps(amax), 1e-5f);
+  const __m512 sv = _mm512_set1_ps(s);
+  __m512i total = _mm512_setzero_si512();
+  auto one = [&](__m512 v, __mmask16 m, int8_t* dst) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+    total = _mm512_add_epi32(total, codes);
+    _mm_mask_storeu_epi8(dst, m, _mm512_cvtsepi32_epi8(codes));
+  };
+  for (int64_t i = 0; i < full; i += 16) one(_mm512_loadu_ps(row + i), 0xFFFF, q + i);
+  if (tail) one(_mm512_maskz_loadu_ps(tail, row + full), tail, q + full);
+  *inv_scale = 1.0f / s;
+  *sum = _mm512_reduce_add_epi32(total);
+}
+
+// What the engine computes from a layer's tensors before a BitLinear: optionally act(x) * up (the FFN's
+// gated activation, x being the gate), then optionally RMSNorm (x / sqrt(mean(x^2) + eps) * weight). Done
+// here, token by token on its way to the quantizer, it saves XLA's separate passes over [N, K] floats
+// (2B4T, 512 tokens: ~5 ms per layer). Same formulas as engine.rms_norm and modeling._ACTIVATIONS in float32;
+// the mean sums in another order than XLA's, so a normalized value can differ from XLA's by an ulp.
+enum class Activation : int32_t { kNone = 0, kRelu2 = 1, kSilu = 2 };
+
+struct Prologue {
+  const float* up = nullptr;    // [N, K] with act != kNone
+  const float* norm = nullptr;  // [K] RMSNorm weight, or none
+  float eps = 0.0f;
+  Activation act = Activation::kNone;
+  bool none() const { return norm == nullptr && act == Activation::kNone; }
+};
+
+inline __m512 activate(__m512 gate, Activation act) {
+  if (act == Activation::kRelu2) {
+    const __m512 r = _mm512_max_ps(gate, _mm512_setzero_ps());
+    return _mm512_mul_ps(r, r);
+  }  // silu: x * sigmoid(x) = x / (1 + e^-x)
+  return _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+}
+
+// Token t's input to the quantizer in y [K].
+void prologue_row(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y) {
+  const float* row = x + t * K;
+  const float* up = pr.up ? pr.up + t * K : nullptr;
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; i += 16) {
+    const __mmask16 lanes = first_lanes(K - i);
+    __m512 v = _mm512_maskz_loadu_ps(lanes, row + i);
+    if (pr.act != Activation::kNone) v = _mm512_mul_ps(activate(v, pr.act), _mm512_maskz_loadu_ps(lanes, up + i));
+    squares = _mm512_fmadd_ps(v, v, squares);
+    _mm512_mask_storeu_ps(y + i, lanes, v);
+  }
+  if (pr.norm == nullptr) return;
+  const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / float(K) + pr.eps);
+  const __m512 rv = _mm512_set1_ps(r);
+  for (int64_t i = 0; i < K; i += 16) {
+    const __mmask16 lanes = first_lanes(K - i);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, y + i), rv),
+                                   _mm512_maskz_loadu_ps(lanes, pr.norm + i));
+    _mm512_mask_storeu_ps(y + i, lanes, v);
   }
 }
 
@@ -349,14 +419,14 @@ void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, const Proj
 }
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
-// scores, 4: transposed keys), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
+// scores, 4: transposed keys, 5: one token's prologue), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
 // fresh mmap, and its page faults cost more than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[5];
-  thread_local int64_t sizes[5] = {0, 0, 0, 0, 0};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[6];
+  thread_local int64_t sizes[6] = {0, 0, 0, 0, 0, 0};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -369,15 +439,20 @@ int8_t* scratch(int slot, int64_t bytes) {
 int64_t g_amx_min_tokens = 8;
 
 // All projections of one call: one task list, so small ones (k/v: 20 panels) share the threads with big ones.
-void bitlinear(ffi::ThreadPool& pool, const float* x, std::vector<Projection>& projections, int64_t N, int64_t K) {
+void bitlinear(ffi::ThreadPool& pool, const float* x, const Prologue& prologue, std::vector<Projection>& projections,
+               int64_t N, int64_t K) {
   int8_t* q = scratch(2, N * K);  // the calling thread's; helpers only read it while this call runs
   std::vector<float> inv_scale(N);
   std::vector<int32_t> sum(N);
   constexpr int64_t kQuantizeTokens = 16;
   float* scale_ptr = inv_scale.data();
   int32_t* sum_ptr = sum.data();
-  parallel_for(pool, (N + kQuantizeTokens - 1) / kQuantizeTokens, [=](int64_t chunk) {
-    quantize(x, K, chunk * kQuantizeTokens, std::min(N, (chunk + 1) * kQuantizeTokens), q, scale_ptr, sum_ptr);
+  parallel_for(pool, (N + kQuantizeTokens - 1) / kQuantizeTokens, [=, &prologue](int64_t chunk) {
+    float* y = prologue.none() ? nullptr : reinterpret_cast<float*>(scratch(5, K * int64_t(sizeof(float))));
+    for (int64_t t = chunk * kQuantizeTokens; t < std::min(N, (chunk + 1) * kQuantizeTokens); ++t) {
+      if (y != nullptr) prologue_row(x, prologue, K, t, y);
+      quantize_row(y != nullptr ? y : x + t * K, K, q + t * K, scale_ptr + t, sum_ptr + t);
+    }
   });
   const Activations a{q, scale_ptr, sum_ptr, N, K};
   struct Task {
@@ -490,27 +565,6 @@ void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, c
 
 // ---------------------------------------------------------------------------------- causal attention
 
-// e^x for 16 floats (x <= 0 here: scores minus their row maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by
-// a degree-7 polynomial (Cephes' expf coefficients), times 2^n with VSCALEFPS, which flushes a very negative
-// x to 0 as exp does. Within 2 ulp of expf; XLA's own exp is another approximation, so the two agree to
-// float rounding, not bit for bit.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this, e^x is 0 in float32 anyway
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // The prefill attention of the engine (engine._attention without a cache): q [B, T, Hq, D], k and v
 // [B, T, KV, D] -> out [B, T, Hq * D], query head h reading kv head h / G (G = Hq / KV), query t attending to
@@ -699,11 +753,23 @@ void causal_attention(ffi::ThreadPool& pool, const float* q, const float* k, con
 // The handlers decode XLA's buffers (compiled for any x86-64) and call the kernels above.
 namespace {
 
-ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
-                     ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> up,
+                     ffi::Buffer<ffi::F32> norm, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                     ffi::RemainingRets rets, float eps, int32_t act) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("bitnet_bitlinear: x must be [N, K]");
   const int64_t N = xd[0], K = xd[1], l = layer.typed_data()[0];
+  Prologue prologue;  // an empty up / norm: none
+  if (act < 0 || act > 2) return ffi::Error::InvalidArgument("bitnet_bitlinear: act must be 0 (none), 1 (relu2), 2 (silu)");
+  prologue.act = static_cast<Activation>(act);
+  if (prologue.act != Activation::kNone) {
+    if (up.element_count() != N * K) return ffi::Error::InvalidArgument("bitnet_bitlinear: up must be [N, K] like x");
+    prologue.up = up.typed_data();
+  }
+  if (norm.element_count() > 0) {
+    if (norm.element_count() != K) return ffi::Error::InvalidArgument("bitnet_bitlinear: norm must be [K]");
+    prologue.norm = norm.typed_data(), prologue.eps = eps;
+  }
   if (args.size() == 0 || args.size() != 2 * rets.size())
     return ffi::Error::InvalidArgument("bitnet_bitlinear: expects a (packed, multipliers) pair per output");
   std::vector<Projection> projections;
@@ -721,7 +787,7 @@ ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     projections.push_back({packed->typed_data() + l * pd[1] * K, pd[1], multipliers->typed_data()[l],
                            (*out)->typed_data()});
   }
-  if (N > 0) bitlinear(pool, x.typed_data(), projections, N, K);
+  if (N > 0) bitlinear(pool, x.typed_data(), prologue, projections, N, K);
   return ffi::Error::Success();
 }
 
@@ -763,9 +829,13 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_bitlinear, Bitlinear, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
-                                  .RemainingRets());
+                                  .RemainingRets()
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("act"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
