@@ -256,26 +256,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
-def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 0.0, act=None,
-               up=None) -> list[jax.Array]:
+def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 0.0, act=None, up=None,
+               residual=None) -> list[jax.Array]:
     """BitLinear of one input through the projections `names`: f32 [..., in] -> [f32 [..., out] per name].
 
     The input is first act(h) * up where `act` (a hidden_act name) and `up` are given, then RMSNorm'ed
-    where `norm` (weight [in]) is. XLA's products: those steps, quantize once, then `_project` each (p, m:
+    where `norm` (weight [in]) is; `residual` is added to the output of a single projection. XLA's products:
+    those steps, quantize once, then `_project` each (p, m:
     this layer's slices). Native products: one kernel call does it all (p, m: the whole stacks [L, ...],
     `layer` the index; the kernel reads its layer in place, where a slice would be a copy)."""
     if opts.native:
         lead = h.shape[:-1]
         flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
         outs = native.bitlinear(flat(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
-                                act=act, up=flat(up))
+                                act=act, up=flat(up), residual=flat(residual))
         return [out.reshape(*lead, out.shape[-1]) for out in outs]
     if act is not None:
         h = _ACTIVATIONS[act](h) * up
     if norm is not None:
         h = rms_norm(h, norm, eps)
     x_q, scale = quantize_activations(h)
-    return [_project(x_q, scale, p[name], m[name], opts) for name in names]
+    outs = [_project(x_q, scale, p[name], m[name], opts) for name in names]
+    return outs if residual is None else [residual + outs[0]]
 
 
 def _project(x_q, scale, packed, multiplier, opts: Options) -> jax.Array:
@@ -339,9 +341,10 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
     def layer(x, xs):
         p, m, n, cached_k, cached_v, index = xs  # this layer's weights (see below), norms, cache slices
 
-        def bitlinear(h, *names, norm, up=None):  # norm: the name of the norm before it (None: no norm)
+        def bitlinear(h, *names, norm, up=None, residual=None):  # norm: the name of the norm before it
             act = None if up is None else cfg.hidden_act
-            return _bitlinear(h, names, p, m, opts, index, norm=n.get(norm), eps=eps, act=act, up=up)
+            return _bitlinear(h, names, p, m, opts, index, norm=n.get(norm), eps=eps, act=act, up=up,
+                              residual=residual)
 
         q, k, v = bitlinear(x, "q_proj", "k_proj", "v_proj", norm="input_layernorm")
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
@@ -354,9 +357,9 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
             attn = native.causal_attention(q, k, v)
         else:
             attn = _attention(q, k, v, cached_k, cached_v, start, cfg.head_dim, opts.query_block)
-        x = x + bitlinear(attn, "o_proj", norm="attn_sub_norm")[0]  # Llama-family layers have no sub-norms
+        x = bitlinear(attn, "o_proj", norm="attn_sub_norm", residual=x)[0]  # Llama-family: no sub-norms
         gate, up = bitlinear(x, "gate_proj", "up_proj", norm="post_attention_layernorm")
-        x = x + bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up)[0]  # act(gate) * up, [B, T, F]
+        x = bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up, residual=x)[0]  # act(gate) * up: [B, T, F]
         return x, (k, v)
 
     L = cfg.num_hidden_layers

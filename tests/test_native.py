@@ -130,6 +130,21 @@ def test_bitlinear_prepares_its_input_as_the_engine_does(path, act, norm, tokens
     assert np.mean(np.isclose(got, want, rtol=1e-5, atol=1e-6)) > 0.9  # most outputs: no int8 moved
 
 
+
+def test_bitlinear_adds_the_residual_bit_for_bit(path):
+    """residual + BitLinear(x), rounded as XLA rounds the engine's `x + y`."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(-1, 2, size=(2, 40, 96)).astype(np.int8)
+    stack, multipliers = np.stack([pack(c) for c in codes]), np.array([0.5, 1.75], np.float32)
+    x = activations(rng, 37, 96)
+    residual = rng.standard_normal((37, 40)).astype(np.float32) * 10
+    got = np.asarray(jax.jit(lambda x, r: native.bitlinear(x, 1, [(stack, multipliers)], residual=r)[0])(x, residual))
+    want = jax.jit(lambda r, y: r + y)(residual, reference(x, codes[1], multipliers[1]))
+    np.testing.assert_array_equal(got, np.asarray(want))
+    with pytest.raises(ValueError, match="one projection"):
+        native.bitlinear(x, 1, [(stack, multipliers)] * 2, residual=residual)
+
+
 def test_bitlinear_refuses_act_without_up():
     with pytest.raises(ValueError, match="act and up"):
         native.bitlinear(np.ones((1, 8), np.float32), 0, [(np.zeros((1, 2, 8), np.uint8), np.ones(1, np.float32))],

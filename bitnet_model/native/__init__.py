@@ -146,7 +146,8 @@ ACTIVATIONS = {None: 0, "relu2": 1, "silu": 2}  # the act attribute of bitnet_bi
 
 
 def bitlinear(x: jax.Array, layer: jax.Array | int, projections, *, norm: jax.Array | None = None,
-              eps: float = 0.0, act: str | None = None, up: jax.Array | None = None) -> list[jax.Array]:
+              eps: float = 0.0, act: str | None = None, up: jax.Array | None = None,
+              residual: jax.Array | None = None) -> list[jax.Array]:
     """BitLinear of float32 x [N, K] through each (packed uint8 [L, R, K], multipliers float32 [L]) of
     `projections` at layer `layer` -> float32 [N, 4R] each: quantize x per token to int8, exact product with
     the ternary codes, `acc / s * multiplier` (bitlinear.py's arithmetic, bit for bit). A packed [R, K] with a
@@ -154,7 +155,8 @@ def bitlinear(x: jax.Array, layer: jax.Array | int, projections, *, norm: jax.Ar
 
     The input can be prepared on the way in, as the engine's layers do it: `act` ("relu2" or "silu") with
     `up` [N, K] takes act(x) * up, then `norm` [K] takes the RMSNorm x / sqrt(mean(x^2) + eps) * norm (the
-    mean summed in another order than XLA's: equal to float rounding)."""
+    mean summed in another order than XLA's: equal to float rounding). With one projection, `residual` [N, 4R]
+    is added to its output (residual + y, as XLA adds them: bit for bit)."""
     _require()
     if (act is None) != (up is None):
         raise ValueError("act and up go together")
@@ -168,7 +170,10 @@ def bitlinear(x: jax.Array, layer: jax.Array | int, projections, *, norm: jax.Ar
     call = jax.ffi.ffi_call(BITLINEAR_TARGET, shapes)
     up = empty if up is None else up.astype(jnp.float32)
     norm = empty if norm is None else norm.astype(jnp.float32)
-    return list(call(x.astype(jnp.float32), up, norm, jnp.asarray(layer, jnp.int32), *operands,
+    if residual is not None and len(projections) != 1:
+        raise ValueError("a residual goes with one projection")
+    residual = empty if residual is None else residual.astype(jnp.float32)
+    return list(call(x.astype(jnp.float32), up, norm, residual, jnp.asarray(layer, jnp.int32), *operands,
                      eps=np.float32(eps), act=np.int32(ACTIVATIONS[act])))
 
 

@@ -5,7 +5,8 @@
 //   layer, bit for bit what XLA computes for the engine's reference path:
 //     s = 127 / max(max|x|, 1e-5) per token, x_q = clip(round_half_even(x * s), -128, 127),
 //     y = float(x_q @ T.T) / s * multiplier  (as XLA evaluates it: see dequantize()).
-//   Inputs: float32 x [N, K], float32 up [N, K] and norm [K] (empty: none; see Prologue), int32 layer [], then
+//   Inputs: float32 x [N, K], float32 up [N, K] and norm [K] (empty: none; see Prologue), float32 residual
+//   [N, 4R] added to the only projection's output (empty: none), int32 layer [], then
 //   per projection uint8 packed [L, R, K] (layer `layer` of a stack in the 2-bit "rows4" layout of
 //   bitnet_model/packed.py: byte (r, i) holds T[4r + k, i] + 1 in bits 2k..2k+1) and float32 multipliers [L];
 //   attributes eps (RMSNorm) and act (0 none, 1 relu2, 2 silu); one float32 output [N, 4R] per projection.
@@ -134,7 +135,8 @@ struct Projection {
   const uint8_t* packed;  // this layer's [R, K]
   int64_t R;              // packed rows: 4R outputs
   float multiplier;
-  float* out;             // [N, 4R]
+  float* out;              // [N, 4R]
+  const float* residual;   // [N, 4R] added to the output (the layer's residual stream), or null
 };
 
 struct Activations {  // x quantized once per call
@@ -265,7 +267,9 @@ void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1
       const float inv_scale = a.inv_scale[token];
       for (int k = 0; k < kValuesPerByte; ++k) {  // scalar dequantize()
         const int32_t sum = _mm512_reduce_add_epi32(acc[t][k]) - a.sum[token];
-        p.out[token * O + r * kValuesPerByte + k] = (float(sum) * inv_scale) * p.multiplier;
+        const int64_t at = token * O + r * kValuesPerByte + k;
+        const float y = (float(sum) * inv_scale) * p.multiplier;
+        p.out[at] = p.residual ? p.residual[at] + y : y;
       }
     }
   }
@@ -409,8 +413,12 @@ void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, const Proj
     for (int64_t i = 0; i < kTile; ++i) rows[i] = _mm512_load_si512(spill + i * kTile);
     transpose16(rows);
     const __mmask16 cols = col + kTile <= O ? 0xFFFF : __mmask16((1u << (O - col)) - 1);
-    for (int64_t i = 0; i < kTile && row + i < N; ++i)
-      _mm512_mask_storeu_ps(p.out + (row + i) * O + col, cols, dequantize(rows[i], a.inv_scale[row + i], p.multiplier));
+    for (int64_t i = 0; i < kTile && row + i < N; ++i) {
+      const int64_t at = (row + i) * O + col;
+      __m512 y = dequantize(rows[i], a.inv_scale[row + i], p.multiplier);
+      if (p.residual) y = _mm512_add_ps(_mm512_maskz_loadu_ps(cols, p.residual + at), y);  // as XLA's x + y
+      _mm512_mask_storeu_ps(p.out + at, cols, y);
+    }
   };
   store(0, 0, [](int32_t* dst) { _tile_stored(0, dst, 64); });
   store(0, 1, [](int32_t* dst) { _tile_stored(1, dst, 64); });
@@ -754,7 +762,8 @@ void causal_attention(ffi::ThreadPool& pool, const float* q, const float* k, con
 namespace {
 
 ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> up,
-                     ffi::Buffer<ffi::F32> norm, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                     ffi::Buffer<ffi::F32> norm, ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::S32> layer,
+                     ffi::RemainingArgs args,
                      ffi::RemainingRets rets, float eps, int32_t act) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("bitnet_bitlinear: x must be [N, K]");
@@ -785,7 +794,12 @@ ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       return ffi::Error::InvalidArgument("bitnet_bitlinear: expects packed [L, R, K], multipliers [L], out [N, 4R]");
     if (l < 0 || l >= pd[0]) return ffi::Error::InvalidArgument("bitnet_bitlinear: layer out of range");
     projections.push_back({packed->typed_data() + l * pd[1] * K, pd[1], multipliers->typed_data()[l],
-                           (*out)->typed_data()});
+                           (*out)->typed_data(), nullptr});
+  }
+  if (residual.element_count() > 0) {
+    if (projections.size() != 1 || residual.element_count() != N * projections[0].R * kValuesPerByte)
+      return ffi::Error::InvalidArgument("bitnet_bitlinear: a residual [N, 4R] goes with one projection");
+    projections[0].residual = residual.typed_data();
   }
   if (N > 0) bitlinear(pool, x.typed_data(), prologue, projections, N, K);
   return ffi::Error::Success();
@@ -828,6 +842,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_bitlinear, Bitlinear, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
