@@ -183,28 +183,44 @@ def attention_float64(q, k, v):
     return out.reshape(B, T, Hq * D)
 
 
+def rope_float64(x, cos, sin):
+    half = x.shape[-1] // 2
+    x = np.asarray(x, np.float64)
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
 ATTENTION_SHAPES = [  # batch, tokens, query heads, kv heads, head size
-    (1, 1, 1, 1, 1), (1, 5, 4, 2, 16), (2, 40, 4, 2, 16), (1, 33, 3, 1, 20), (2, 17, 8, 8, 8),
+    (1, 1, 1, 1, 2), (1, 5, 4, 2, 16), (2, 40, 4, 2, 16), (1, 33, 3, 1, 20), (2, 17, 8, 8, 8),
     (1, 70, 6, 3, 130), (1, 100, 20, 5, 128),
 ]
 
 
 @pytest.mark.parametrize("batch,tokens,heads,kv_heads,size", ATTENTION_SHAPES)
 def test_causal_attention_matches_float64_and_xla(batch, tokens, heads, kv_heads, size):
-    """Partial 16-query and 16-key blocks, head sizes off the 16-float vector and over the 128-float tile,
-    odd and single heads per kv head: equal to float64 within float32 rounding, as XLA's attention is."""
+    """Rope, then attention. Partial 16-query and 16-key blocks, head sizes off the 16-float vector and over
+    the 128-float tile, odd and single heads per kv head: equal to float64 within float32 rounding, as XLA's
+    attention is; the rotated keys too."""
     from bitnet_model import engine
+    from bitnet_model.modeling import apply_rope, rope_tables
 
     rng = np.random.default_rng(tokens * 100 + size)
     q = (rng.standard_normal((batch, tokens, heads, size)) * 2).astype(np.float32)
     k = (rng.standard_normal((batch, tokens, kv_heads, size)) * 2).astype(np.float32)
     v = rng.standard_normal((batch, tokens, kv_heads, size)).astype(np.float32)
-    got = np.asarray(jax.jit(native.causal_attention)(q, k, v))
-    xla = jax.jit(lambda q, k, v: engine._attention(q, k, v, None, None, 0, size, 16))
-    exact = attention_float64(q, k, v)
-    assert got.shape == (batch, tokens, heads * size) and got.dtype == np.float32
-    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(got, np.asarray(xla(q, k, v)), rtol=1e-5, atol=2e-5)
+    cos, sin = (np.asarray(t) for t in rope_tables(jnp.arange(tokens), size, 10000.0))
+    out, rotated = (np.asarray(a) for a in jax.jit(native.causal_attention)(q, k, v, cos, sin))
+    assert out.shape == (batch, tokens, heads * size) and out.dtype == np.float32
+    want_k = rope_float64(k, cos, sin)
+    np.testing.assert_allclose(rotated, want_k, rtol=1e-6, atol=1e-6)
+    exact = attention_float64(rope_float64(q, cos, sin), want_k, v)
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=2e-5)
+
+    def xla(q, k, v):
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return engine._attention(q, k, v, None, None, 0, size, 16)
+
+    np.testing.assert_allclose(out, np.asarray(jax.jit(xla)(q, k, v)), rtol=1e-5, atol=2e-5)
 
 
 def test_causal_attention_never_reads_later_keys():
@@ -212,9 +228,11 @@ def test_causal_attention_never_reads_later_keys():
     rng = np.random.default_rng(7)
     q = rng.standard_normal((1, 50, 4, 32)).astype(np.float32)
     k, v = (rng.standard_normal((1, 50, 2, 32)).astype(np.float32) for _ in range(2))
-    first = np.asarray(native.causal_attention(q, k, v))
+    cos, sin = np.ones((50, 32), np.float32), np.zeros((50, 32), np.float32)  # no rotation
+    first, same_k = (np.asarray(a) for a in native.causal_attention(q, k, v, cos, sin))
+    np.testing.assert_array_equal(same_k, k)
     k[:, -1], v[:, -1] = 1e3, -1e3
-    second = np.asarray(native.causal_attention(q, k, v))
+    second = np.asarray(native.causal_attention(q, k, v, cos, sin)[0])
     np.testing.assert_array_equal(first[:, :-1], second[:, :-1])
     assert not np.allclose(first[:, -1], second[:, -1])
 

@@ -184,11 +184,15 @@ def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
     return call(h.astype(jnp.float32), table)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Prefill attention: float32 q [B, T, Hq, D], k and v [B, T, KV, D] -> [B, T, Hq * D], query t of head h
-    attending to keys 0..t of kv head h // (Hq / KV): softmax(q . k / sqrt(D)) . v, summed in another order
-    than XLA's (equal to float rounding)."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Prefill attention: float32 q [B, T, Hq, D], k and v [B, T, KV, D], rope tables cos, sin [T, D] ->
+    (out [B, T, Hq * D], rotated k [B, T, KV, D]). q and k are rotated as modeling.apply_rope does it, then
+    query t of head h attends to keys 0..t of kv head h // (Hq / KV): softmax(q . k / sqrt(D)) . v, summed in
+    another order than XLA's (equal to float rounding)."""
     _require()
     B, T, Hq, D = q.shape
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32))
-    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32),
+                                               jax.ShapeDtypeStruct(k.shape, jnp.float32)))
+    f32 = [a.astype(jnp.float32) for a in (q, k, v, cos, sin)]
+    out, rotated = call(*f32)
+    return out, rotated

@@ -20,8 +20,8 @@
 //       multiplied by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
 //   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
-// bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] -> [B, T,
-//   Hq * D] (see causal_attention()).
+// bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
+//   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
 //
 // Work is split over XLA's intra-op thread pool: the calling thread and the helpers it schedules claim
 // chunks from one atomic counter, so the call finishes even when no helper ever starts.
@@ -427,14 +427,15 @@ void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, const Proj
 }
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
-// scores, 4: transposed keys, 5: one token's prologue), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
+// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries), at least `bytes` long, 64-byte
+// aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
 // fresh mmap, and its page faults cost more than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[6];
-  thread_local int64_t sizes[6] = {0, 0, 0, 0, 0, 0};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[7];
+  thread_local int64_t sizes[7] = {0, 0, 0, 0, 0, 0, 0};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -574,12 +575,14 @@ void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, c
 // ---------------------------------------------------------------------------------- causal attention
 
 
-// The prefill attention of the engine (engine._attention without a cache): q [B, T, Hq, D], k and v
-// [B, T, KV, D] -> out [B, T, Hq * D], query head h reading kv head h / G (G = Hq / KV), query t attending to
-// keys 0..t: softmax((q . k) * scale) . v, the softmax as jax.nn.softmax computes it (exp(s - max) times
-// 1 / sum). One task is a block of kQueryBlock queries of the G heads that share a kv head: their scores
-// against the keys up to the block's last query, then each row's softmax over its own keys, then P . V. Keys
-// are first transposed per kv head (kt [D][Tp]) so scores come from broadcast q times contiguous keys.
+// The prefill attention of the engine (apply_rope, then engine._attention without a cache): q [B, T, Hq, D],
+// k and v [B, T, KV, D] -> out [B, T, Hq * D], queries and keys first rotated by position (cos, sin [T, D]),
+// query head h reading kv head h / G (G = Hq / KV), query t attending to keys 0..t: softmax((q . k) * scale)
+// . v, the softmax as jax.nn.softmax computes it (exp(s - max) times 1 / sum). The rotated keys are an output
+// too: the cache keeps them. Keys are first rotated and transposed per kv head (kt [D][Tp]) so scores come
+// from broadcast q times contiguous keys. Then one task is a block of kQueryBlock queries of the G heads that
+// share a kv head: their scores against the keys up to the block's last query, then each row's softmax over
+// its own keys, then P . V.
 struct AttentionShape {
   int64_t B, T, Hq, KV, D, Tp;  // Tp: the row length of kt, padded_row(T)
   float scale;
@@ -592,14 +595,36 @@ constexpr int64_t kQueryBlock = 16;
 // other, one line more spreads them (10.1 -> 7.7 ms for a 2B4T layer at 512 tokens, measured).
 inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
-// kt[b, kv][d][j] = k[b, j, kv, d] for keys [j0, j0 + 16) (zeros past T), one 16 x 16 transpose per 16 dims.
-void transpose_keys(const float* k, const AttentionShape& s, int64_t b, int64_t kv, int64_t j0, float* kt) {
+// y = x * cos + rotate_half(x) * sin for one head row x [D] at one position (modeling.apply_rope: the NeoX
+// layout, rotate_half(x) = [-x[D/2:], x[:D/2]]), in float32 products and sums as XLA evaluates it.
+void rope_row(const float* x, const float* cos, const float* sin, int64_t D, float* y) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 lanes = first_lanes(half - i);
+    const __m512 a = _mm512_maskz_loadu_ps(lanes, x + i), b = _mm512_maskz_loadu_ps(lanes, x + half + i);
+    const __m512 lo = _mm512_add_ps(_mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes, cos + i)),
+                                    _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), _mm512_maskz_loadu_ps(lanes, sin + i)));
+    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(b, _mm512_maskz_loadu_ps(lanes, cos + half + i)),
+                                    _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes, sin + half + i)));
+    _mm512_mask_storeu_ps(y + i, lanes, lo);
+    _mm512_mask_storeu_ps(y + half + i, lanes, hi);
+  }
+}
+
+// Keys [j0, j0 + 16) of kv head kv: rotated into k_out [B, T, KV, D] (what the cache keeps), and transposed,
+// kt[b, kv][d][j] = k_out[b, j, kv, d] (zeros past T), one 16 x 16 transpose per 16 dims.
+void rotate_and_transpose_keys(const float* k, const float* cos, const float* sin, const AttentionShape& s, int64_t b,
+                               int64_t kv, int64_t j0, float* k_out, float* kt) {
+  for (int64_t j = j0; j < std::min(s.T, j0 + 16); ++j) {
+    const int64_t at = ((b * s.T + j) * s.KV + kv) * s.D;
+    rope_row(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
+  }
   float* dst = kt + (b * s.KV + kv) * s.D * s.Tp;
   for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
     const __mmask16 dims = first_lanes(s.D - d0);
     __m512i rows[16];
     for (int64_t j = 0; j < 16; ++j)
-      rows[j] = j0 + j < s.T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(dims, k + ((b * s.T + j0 + j) * s.KV + kv) * s.D + d0))
+      rows[j] = j0 + j < s.T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(dims, k_out + ((b * s.T + j0 + j) * s.KV + kv) * s.D + d0))
                              : _mm512_setzero_si512();
     transpose16(rows);
     for (int64_t d = 0; d < 16 && d0 + d < s.D; ++d) _mm512_storeu_si512(dst + (d0 + d) * s.Tp + j0, rows[d]);
@@ -687,12 +712,17 @@ void pv_rows(const float* const* p, const float* v, int64_t stride, int64_t n, i
 
 // One task: queries [t0, t1) of batch row b for the G heads of kv head `kv`. Score row g * (t1 - t0) + i
 // belongs to head kv * G + g, query t0 + i.
-void attention_block(const float* q, const float* kt, const float* v, const AttentionShape& s, int64_t b,
-                     int64_t kv, int64_t t0, int64_t t1, float* out) {
+void attention_block(const float* q, const float* cos, const float* sin, const float* kt, const float* v,
+                     const AttentionShape& s, int64_t b, int64_t kv, int64_t t0, int64_t t1, float* out) {
   const int64_t G = s.Hq / s.KV, Tq = t1 - t0, rows = G * Tq, keys = (t1 + 15) / 16 * 16, row = padded_row(t1);
   float* scores = reinterpret_cast<float*>(scratch(3, rows * row * int64_t(sizeof(float))));
+  float* rotated = reinterpret_cast<float*>(scratch(6, rows * s.D * int64_t(sizeof(float))));
   const float* kth = kt + (b * s.KV + kv) * s.D * s.Tp;
-  auto q_row = [&](int64_t r) { return q + ((b * s.T + t0 + r % Tq) * s.Hq + kv * G + r / Tq) * s.D; };
+  for (int64_t r = 0; r < rows; ++r) {  // this block's queries, rotated
+    const int64_t t = t0 + r % Tq;
+    rope_row(q + ((b * s.T + t) * s.Hq + kv * G + r / Tq) * s.D, cos + t * s.D, sin + t * s.D, s.D, rotated + r * s.D);
+  }
+  auto q_row = [&](int64_t r) { return rotated + r * s.D; };
   auto score_row = [&](int64_t r) { return scores + r * row; };
   // Scores, 64 keys at a time (the keys' 64 columns of kt stay in L1 while every row passes).
   for (int64_t j0 = 0; j0 < keys; j0 += 64) {
@@ -736,19 +766,20 @@ void attention_block(const float* q, const float* kt, const float* v, const Atte
   }
 }
 
-void causal_attention(ffi::ThreadPool& pool, const float* q, const float* k, const float* v, const AttentionShape& s,
-                      float* out) {
+void causal_attention(ffi::ThreadPool& pool, const float* q, const float* k, const float* v, const float* cos,
+                      const float* sin, const AttentionShape& s, float* out, float* k_out) {
   float* kt = reinterpret_cast<float*>(scratch(4, s.B * s.KV * s.D * s.Tp * int64_t(sizeof(float))));
   const int64_t key_blocks = (s.T + 15) / 16;
   parallel_for(pool, s.B * s.KV * key_blocks, [=, &s](int64_t item) {
-    transpose_keys(k, s, item / (s.KV * key_blocks), item / key_blocks % s.KV, item % key_blocks * 16, kt);
+    rotate_and_transpose_keys(k, cos, sin, s, item / (s.KV * key_blocks), item / key_blocks % s.KV,
+                              item % key_blocks * 16, k_out, kt);
   });
   // Later query blocks read more keys: hand them out first, so the last tasks to finish are the short ones.
   const int64_t blocks = (s.T + kQueryBlock - 1) / kQueryBlock;
   parallel_for(pool, s.B * s.KV * blocks, [=, &s](int64_t item) {
     const int64_t block = blocks - 1 - item / (s.B * s.KV), rest = item % (s.B * s.KV);
     const int64_t t0 = block * kQueryBlock;
-    attention_block(q, kt, v, s, rest / s.KV, rest % s.KV, t0, std::min(s.T, t0 + kQueryBlock), out);
+    attention_block(q, cos, sin, kt, v, s, rest / s.KV, rest % s.KV, t0, std::min(s.T, t0 + kQueryBlock), out);
   });
 }
 
@@ -823,7 +854,8 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
 }
 
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 3)
     return ffi::Error::InvalidArgument("bitnet_causal_attention: expects q [B, T, Hq, D], k, v [B, T, KV, D]");
@@ -833,8 +865,13 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       return ffi::Error::InvalidArgument("bitnet_causal_attention: q, k and v differ in batch, length or head size");
   if (vd[2] != KV || KV == 0 || Hq % KV != 0 || od[0] != B || od[1] != T || od[2] != Hq * D)
     return ffi::Error::InvalidArgument("bitnet_causal_attention: heads must be a multiple of kv heads, out [B, T, Hq * D]");
+  if (D % 2 != 0 || cos.element_count() != T * D || sin.element_count() != T * D ||
+      k_out->element_count() != k.element_count())
+    return ffi::Error::InvalidArgument("bitnet_causal_attention: expects an even D, cos and sin [T, D], k_out like k");
   const AttentionShape s{B, T, Hq, KV, D, padded_row(T), static_cast<float>(1.0 / std::sqrt(double(D)))};
-  if (B * T * Hq * D > 0) causal_attention(pool, q.typed_data(), k.typed_data(), v.typed_data(), s, out->typed_data());
+  if (B * T * Hq * D > 0)
+    causal_attention(pool, q.typed_data(), k.typed_data(), v.typed_data(), cos.typed_data(), sin.typed_data(), s,
+                     out->typed_data(), k_out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -863,6 +900,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 
