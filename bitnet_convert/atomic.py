@@ -2,6 +2,8 @@
 
 A conversion killed half-way leaves at most a hidden `.NAME.partial-*` file or folder, never a file at the
 target path; an existing output is refused unless `force`, and then replaced only once the new one is whole.
+The output is fsync'ed before the rename (its disk writes started early: writeback.py), so a crash right
+after cannot leave a renamed but empty file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConvertError
+from .writeback import early_writeback
 
 
 # What marks a folder as a model output that --force may replace (anything else is the user's folder).
@@ -53,7 +56,8 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False, directory: bo
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
+        with early_writeback(tmp):
+            yield tmp
         _fsync(tmp)
         _publish_mode(tmp)
         _replace(tmp, target, force)
