@@ -7,7 +7,9 @@ The hash is sha256 over each tensor's name and *stored* bytes, in the order the 
 from __future__ import annotations
 
 import hashlib
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +21,66 @@ PROVENANCE_FILE = "bitnet_convert.json"  # inside folder formats (hf, flax)
 
 
 class TensorHasher:
-    """The content hash of an output, fed tensor by tensor in file order: `add`, or `begin` + `update`s."""
+    """The content hash of an output, fed tensor by tensor in file order: `add`, or `begin` + `update`s.
 
-    def __init__(self) -> None:
+    With `background`, sha256 runs on a thread of its own (hashlib releases the GIL) beside the writer that
+    feeds it and the producer that makes the next tensor: a 2B4T output is 1.2 GB to hash, ~0.9 s of a core
+    (hf-to-npz 2.72 -> 2.44 s median). The pieces must then stay unchanged until `hexdigest` or `close`
+    (writers hand over fresh arrays or views of their open input); at most QUEUED wait at a time."""
+
+    QUEUED = 4
+
+    def __init__(self, background: bool = False) -> None:
         self._sha = hashlib.sha256()
+        self._pending: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._pending = queue.Queue(maxsize=self.QUEUED)
+            self._worker = threading.Thread(target=self._consume, name="bitnet-convert-hash", daemon=True)
+            self._worker.start()
+
+    def _consume(self) -> None:
+        while (piece := self._pending.get()) is not None:
+            if self._error is None:
+                try:
+                    self._sha.update(piece)
+                except BaseException as exc:  # re-raised by hexdigest
+                    self._error = exc
+
+    def _feed(self, data) -> None:
+        if self._pending is None:
+            self._sha.update(data)
+        else:
+            self._pending.put(data)
 
     def add(self, name: str, data) -> None:
         raw = memoryview(np.ascontiguousarray(data)).cast("B") if not isinstance(data, (bytes, memoryview)) else data
         raw = memoryview(raw).cast("B")
         self.begin(name, raw.nbytes)
-        self._sha.update(raw)
+        self._feed(raw)
 
     def begin(self, name: str, nbytes: int) -> None:
         """Start a tensor of `nbytes` stored bytes that follow in pieces through `update`: begin + updates
         give the digest `add` gives for the joined bytes (the writer must deliver exactly `nbytes`)."""
         encoded = name.encode()
-        self._sha.update(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", nbytes))
+        self._feed(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", nbytes))
 
     def update(self, piece) -> None:
-        self._sha.update(memoryview(piece).cast("B"))
+        self._feed(memoryview(piece).cast("B"))
+
+    def close(self) -> None:
+        """Let the background thread hash what it was given, then end it (idempotent; writers call it on
+        failure too, so no thread outlives them holding their pieces)."""
+        if self._worker is not None:
+            self._pending.put(None)
+            self._worker.join()
+            self._worker = None
 
     def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
         return self._sha.hexdigest()
 
 

@@ -16,3 +16,20 @@ def test_pieces_give_the_digest_of_whole_tensors():
         for start in range(0, raw.nbytes, 300):
             pieces.update(raw[start : start + 300])
     assert pieces.hexdigest() == whole.hexdigest()
+
+
+def test_background_hashing_gives_the_same_digest():
+    """The writers hash on a thread of their own; the digest is the same as hashing in line, and close()
+    ends the thread (also when the writer stops half-way)."""
+    import threading
+
+    inline, background = TensorHasher(), TensorHasher(background=True)
+    for name, data in TENSORS.items():
+        for hasher in (inline, background):
+            hasher.add(name, data)
+    assert background.hexdigest() == inline.hexdigest()
+    stopped = TensorHasher(background=True)
+    stopped.add("a", TENSORS["a"])
+    stopped.close()
+    stopped.close()  # idempotent
+    assert not any(t.name == "bitnet-convert-hash" for t in threading.enumerate())

@@ -21,8 +21,9 @@ CONFIG_FILE = "config.json"
 @contextlib.contextmanager
 def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) -> Iterator[tuple]:
     """(hasher, on_written) for safetensors_io's writers: hash each tensor's stored bytes, advance the bar."""
-    hasher = integrity.TensorHasher()
-    with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
+    hasher = integrity.TensorHasher(background=True)
+    with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar, \
+            contextlib.closing(hasher):
 
         def on_written(spec: TensorSpec, raw: memoryview) -> None:
             hasher.add(spec.name, raw)
