@@ -10,6 +10,7 @@ import hashlib
 import queue
 import struct
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +35,14 @@ class TensorHasher:
         self._sha = hashlib.sha256()
         self._pending: queue.Queue | None = None
         self._worker: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._errors: list[BaseException] = []
         if background:
             self._pending = queue.Queue(maxsize=self.QUEUED)
-            self._worker = threading.Thread(target=self._consume, name="bitnet-convert-hash", daemon=True)
+            self._worker = threading.Thread(target=_hash_pieces, args=(self._pending, self._sha, self._errors),
+                                            name="bitnet-convert-hash", daemon=True)
             self._worker.start()
-
-    def _consume(self) -> None:
-        while (piece := self._pending.get()) is not None:
-            if self._error is None:
-                try:
-                    self._sha.update(piece)
-                except BaseException as exc:  # re-raised by hexdigest
-                    self._error = exc
+            # A hasher dropped without close() (its writer failed early) still ends its thread.
+            self._finalizer = weakref.finalize(self, self._pending.put, None)
 
     def _feed(self, data) -> None:
         if self._pending is None:
@@ -73,15 +69,25 @@ class TensorHasher:
         """Let the background thread hash what it was given, then end it (idempotent; writers call it on
         failure too, so no thread outlives them holding their pieces)."""
         if self._worker is not None:
-            self._pending.put(None)
+            self._finalizer()  # puts the end marker, once
             self._worker.join()
             self._worker = None
 
     def hexdigest(self) -> str:
         self.close()
-        if self._error is not None:
-            raise self._error
+        if self._errors:
+            raise self._errors[0]
         return self._sha.hexdigest()
+
+
+def _hash_pieces(pending: queue.Queue, sha, errors: list) -> None:
+    """A background hasher's thread (no reference to the hasher itself, so a dropped one can be collected)."""
+    while (piece := pending.get()) is not None:
+        if not errors:
+            try:
+                sha.update(piece)
+            except BaseException as exc:  # re-raised by hexdigest
+                errors.append(exc)
 
 
 def hash_stored(tensors) -> str:

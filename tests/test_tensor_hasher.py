@@ -21,6 +21,7 @@ def test_pieces_give_the_digest_of_whole_tensors():
 def test_background_hashing_gives_the_same_digest():
     """The writers hash on a thread of their own; the digest is the same as hashing in line, and close()
     ends the thread (also when the writer stops half-way)."""
+    import gc
     import threading
 
     inline, background = TensorHasher(), TensorHasher(background=True)
@@ -32,4 +33,11 @@ def test_background_hashing_gives_the_same_digest():
     stopped.add("a", TENSORS["a"])
     stopped.close()
     stopped.close()  # idempotent
-    assert not any(t.name == "bitnet-convert-hash" for t in threading.enumerate())
+    dropped = TensorHasher(background=True)  # a writer that failed before closing it
+    dropped.add("a", TENSORS["a"])
+    threads = [t for t in threading.enumerate() if t.name == "bitnet-convert-hash"]
+    del dropped
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()

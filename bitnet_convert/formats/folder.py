@@ -21,9 +21,8 @@ CONFIG_FILE = "config.json"
 @contextlib.contextmanager
 def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) -> Iterator[tuple]:
     """(hasher, on_written) for safetensors_io's writers: hash each tensor's stored bytes, advance the bar."""
-    hasher = integrity.TensorHasher(background=True)
-    with progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar, \
-            contextlib.closing(hasher):
+    with contextlib.closing(integrity.TensorHasher(background=True)) as hasher, \
+            progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
 
         def on_written(spec: TensorSpec, raw: memoryview) -> None:
             hasher.add(spec.name, raw)

@@ -143,7 +143,6 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
     kv_end = writer.fout[0].tell()
     writer.write_ti_data_to_file()
     fout = writer.fout[0]
-    hasher = integrity.TensorHasher(background=True)
 
     def finish(t: StoredTensor | None, written: int) -> None:
         if t is None:
@@ -158,7 +157,8 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
             for piece in t.produce():
                 yield t, piece
 
-    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar, contextlib.closing(hasher):
+    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar, \
+            contextlib.closing(integrity.TensorHasher(background=True)) as hasher:
         current, written = None, 0
         for t, piece in prefetch(pieces()):
             if piece is None:

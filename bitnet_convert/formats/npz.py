@@ -131,13 +131,12 @@ def _member(key: str) -> str:
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True) -> Path:
     """Write `ckpt` to the single file `out`, one tensor in memory at a time; returns the path."""
     check_tensors(ckpt, str(ckpt.provenance.get("source") or "checkpoint"))
-    hasher = TensorHasher(background=True)
     index = []
     total = sum(entry.nbytes_hint for entry in ckpt)
     with atomic_path(out, force=force) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, progress_bar(
             total, f"npz {Path(out).name}", quiet
-        ) as bar, contextlib.closing(hasher):
+        ) as bar, contextlib.closing(TensorHasher(background=True)) as hasher:
             format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
             _write_json(zf, FORMAT_KEY, format_record)
             _write_json(zf, CONFIG_KEY, ckpt.config)
