@@ -6,7 +6,8 @@ For each token count, one decoder layer's BitLinear work as the engine groups it
 o, gate/up from one input, down) is timed three ways: XLA (the engine's CPU path without the kernels:
 quantize, block-wise unpack + int8 dot, dequantize), the native VNNI loop and native AMX tiles (both:
 quantize, product and dequantize inside one kernel call). Then the tied 128256 x 2560 bf16 output projection
-for one token, XLA's block-wise widening against the native kernel. Best of --repeat rounds after a warm-up;
+for one token, XLA's block-wise widening against the native kernel, and one layer's prefill attention with its
+rope at 128 and 512 tokens. Best of --repeat rounds after a warm-up;
 ratios are XLA time / native time. The fastest native path per token count is what sets the VNNI/AMX
 crossover (`AMX_MIN_TOKENS` in bitnet_model/native); weights are random packed bytes (the speed does not depend on
 the values).
@@ -106,7 +107,29 @@ def main(argv=None) -> int:
     xla_s, ours_s = best(xla_head, (h, table), args.repeat), best(ours_head, (h, table), args.repeat)
     print(f"output projection, 1 token: XLA {xla_s * 1e3:.1f} ms, native {ours_s * 1e3:.1f} ms "
           f"({xla_s / ours_s:.1f}x)")
+    for tokens in (128, 512):
+        xla_s, ours_s = attention_times(rng, tokens, args.repeat)
+        print(f"prefill attention + rope, one layer, {tokens} tokens: XLA {xla_s * 1e3:.1f} ms, "
+              f"native {ours_s * 1e3:.1f} ms ({xla_s / ours_s:.1f}x)")
     return 0
+
+
+def attention_times(rng, tokens: int, repeat: int) -> tuple[float, float]:
+    """One 2B4T layer's prefill attention (20 query heads, 5 kv heads of 128) with its rope, as the engine's
+    XLA path (apply_rope + engine._attention, blocks of 128 queries) and as the native kernel."""
+    from bitnet_model.modeling import apply_rope, rope_tables
+
+    heads, kv_heads, size = 20, 5, 128
+    q = jnp.asarray(rng.standard_normal((1, tokens, heads, size)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, tokens, kv_heads, size)), jnp.float32) for _ in range(2))
+    cos, sin = rope_tables(jnp.arange(tokens), size, 500000.0)
+
+    def xla(q, k, v, cos, sin):
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return engine._attention(q, k, v, None, None, 0, size, engine.Options().query_block), k
+
+    args = (q, k, v, cos, sin)
+    return best(jax.jit(xla), args, repeat), best(jax.jit(native.causal_attention), args, repeat)
 
 
 if __name__ == "__main__":
