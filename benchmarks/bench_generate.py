@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("path", nargs="?", help="2B4T-shaped Hugging Face checkpoint folder")
     parser.add_argument("--synthetic", action="store_true", help="random in-process weights, our model only")
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=7,
                         help="timed runs after the warm-up run; each side reports its best (run to run, both sides "
                              "vary by +-25%% on the 2-core VM)")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512],
