@@ -213,6 +213,7 @@ class Row:
     label: str
     wall_s: float
     ratio: float | None
+    ratio_other: float | None  # against a second baseline, shown beside the first (None: not asked for)
     max_rss: int
     peak_anon: int
     peak_file: int
@@ -220,14 +221,16 @@ class Row:
     verdict: str  # "", "pass", "FAIL: ..."
 
 
-def rows(cases: Sequence[Case], baseline: Case) -> list[Row]:
+def rows(cases: Sequence[Case], baseline: Case, other: Case | None = None) -> list[Row]:
+    """One row per case; floors are checked against `baseline`, `other` only adds a column of ratios."""
     out = []
     base = baseline.wall_s
     for case in cases:
         if not case.ok:
-            out.append(Row(case.label, float("nan"), None, 0, 0, 0, 0, "FAIL: command failed"))
+            out.append(Row(case.label, float("nan"), None, None, 0, 0, 0, 0, "FAIL: command failed"))
             continue
         ratio = case.wall_s / base if case is not baseline else 1.0
+        ratio_other = None if other is None or not other.ok else case.wall_s / other.wall_s
         failures = []
         if case.time_limit_x is not None and ratio > case.time_limit_x:
             failures.append(f"time {ratio:.2f}x > {case.time_limit_x:g}x")
@@ -235,7 +238,7 @@ def rows(cases: Sequence[Case], baseline: Case) -> list[Row]:
             failures.append(f"RSS {case.max_rss / GIB:.2f} GiB > {case.rss_limit / GIB:g} GiB")
         checked = case.time_limit_x is not None or case.rss_limit is not None
         verdict = ("FAIL: " + "; ".join(failures)) if failures else ("pass" if checked else "")
-        out.append(Row(case.label, case.wall_s, ratio, case.max_rss, case.peak_anon, case.peak_file,
+        out.append(Row(case.label, case.wall_s, ratio, ratio_other, case.max_rss, case.peak_anon, case.peak_file,
                        case.output_bytes, verdict))
     return out
 
@@ -249,25 +252,31 @@ def _floor(case: Case) -> str:
     return ", ".join(parts)
 
 
-def text_table(cases: Sequence[Case], baseline: Case) -> str:
-    head = (f"{'command':<34} {'wall s':>7} {'x base':>6} {'peak RSS':>9} {'anon':>6} {'file':>6} "
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def text_table(cases: Sequence[Case], baseline: Case, other: Case | None = None) -> str:
+    extra = f" {'x ' + other.label:>8}" if other is not None else ""
+    head = (f"{'command':<34} {'wall s':>7} {'x base':>6}{extra} {'peak RSS':>9} {'anon':>6} {'file':>6} "
             f"{'output MB':>10}  {'floor':<18} verdict")
     lines = [head, "-" * len(head)]
-    for case, row in zip(cases, rows(cases, baseline)):
-        ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
-        lines.append(f"{row.label:<34} {row.wall_s:7.2f} {ratio:>6} {row.max_rss / GIB:7.2f}Gi "
+    for case, row in zip(cases, rows(cases, baseline, other)):
+        extra = f" {_ratio(row.ratio_other):>8}" if other is not None else ""
+        lines.append(f"{row.label:<34} {row.wall_s:7.2f} {_ratio(row.ratio):>6}{extra} {row.max_rss / GIB:7.2f}Gi "
                      f"{row.peak_anon / GIB:6.2f} {row.peak_file / GIB:6.2f} {row.output_bytes / 1e6:10.1f}  "
                      f"{_floor(case):<18} {row.verdict}")
     return "\n".join(lines)
 
 
-def markdown_table(cases: Sequence[Case], baseline: Case) -> str:
-    lines = ["| command | wall time (s) | × baseline | peak RSS (GiB) | own memory (GiB) | mapped file (GiB) "
-             "| output (MB) | floor | verdict |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for case, row in zip(cases, rows(cases, baseline)):
-        ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
-        lines.append(f"| `{row.label}` | {row.wall_s:.2f} | {ratio} | {row.max_rss / GIB:.2f} | "
+def markdown_table(cases: Sequence[Case], baseline: Case, other: Case | None = None) -> str:
+    extra_head, extra_rule = (f" × `{other.label}` |", "---:|") if other is not None else ("", "")
+    lines = [f"| command | wall time (s) | × baseline |{extra_head} peak RSS (GiB) | own memory (GiB) "
+             "| mapped file (GiB) | output (MB) | floor | verdict |",
+             f"|---|---:|---:|{extra_rule}---:|---:|---:|---:|---|---|"]
+    for case, row in zip(cases, rows(cases, baseline, other)):
+        extra = f" {_ratio(row.ratio_other)} |" if other is not None else ""
+        lines.append(f"| `{row.label}` | {row.wall_s:.2f} | {_ratio(row.ratio)} |{extra} {row.max_rss / GIB:.2f} | "
                      f"{row.peak_anon / GIB:.2f} | {row.peak_file / GIB:.2f} | {row.output_bytes / 1e6:.1f} | "
                      f"{_floor(case)} | {row.verdict} |")
     return "\n".join(lines)

@@ -171,10 +171,11 @@ def main(argv=None) -> int:
         for case in cases:
             harness.remove(case.output)
     baseline = cp_sync if args.baseline == "cp+fsync" else cp
+    other = cp if baseline is cp_sync else cp_sync  # its ratios are shown too, in a column of their own
     extra = generate_cases(args, ckpt)  # noqa: F841  (hook: see generate_cases)
 
-    print(harness.text_table(cases, baseline), file=sys.stderr)
-    md = markdown([c for c in cases if "[" not in c.label], baseline, info, args)  # variants: stderr table only
+    print(harness.text_table(cases, baseline, other), file=sys.stderr)
+    md = markdown([c for c in cases if "[" not in c.label], baseline, other, info, args)  # variants: stderr only
     print(md)
     if args.update:
         update_file(Path(args.update), md)
@@ -221,13 +222,14 @@ def compare_variants(conversions, log) -> list[str]:
     return problems
 
 
-def markdown(cases, baseline, info: dict, args) -> str:
+def markdown(cases, baseline, other, info: dict, args) -> str:
     lines = [
         f"Input: 2B4T-shaped `model.safetensors`, {make_2b4t.REAL_2B4T_BYTES:,} bytes. "
-        f"Baseline: `{baseline.label}`; {args.repeat} interleaved round(s), median wall time; "
+        f"Baseline (the floors): `{baseline.label}`, ratios to `{other.label}` beside them; {args.repeat} "
+        f"interleaved round(s), median wall time; "
         f"peak RSS is the child's `ru_maxrss` (own memory = polled peak RssAnon, mapped file = polled peak RssFile).",
         "",
-        harness.markdown_table(cases, baseline),
+        harness.markdown_table(cases, baseline, other),
         "",
         "| machine | |",
         "|---|---|",
