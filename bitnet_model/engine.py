@@ -66,9 +66,10 @@ class Options:
     head_block_bytes: float32 bytes of the output projection converted per block (0: all at once).
     reduce_rows: at most this many token rows use a fused multiply-reduce instead of unpack + int8 dot: it
         reads only the packed bytes, which is what a GPU wants for decode; XLA's CPU reduce is not vectorized.
-    native: every product runs in the CPU kernels of `native` (AVX-512 VNNI / AMX from the packed bytes, the
-        16-bit table read as it is) instead of XLA's, and so does prefill attention (one pass per block of
-        queries, float32 like XLA's, summed in another order); the options above then do not apply.
+    native: a layer runs in the CPU kernels of `native` instead of XLA: the products (AVX-512 VNNI / AMX from
+        the packed bytes, the 16-bit table read as it is) with the RMSNorm / activation before them and the
+        residual add after them, and prefill attention with its RoPE (float32 like XLA's, summed in another
+        order); the options above then do not apply.
     query_block: queries per block of XLA's prefill attention (see `_attention`; 0: one block); 2B4T on the
         2-core CPU, 512 tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256. A GPU takes one block: fewer,
         larger products (its prefill-512 in BENCHMARKS.md predates the blocks and was not re-measured).
@@ -261,15 +262,18 @@ def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 
     """BitLinear of one input through the projections `names`: f32 [..., in] -> [f32 [..., out] per name].
 
     The input is first act(h) * up where `act` (a hidden_act name) and `up` are given, then RMSNorm'ed
-    where `norm` (weight [in]) is; `residual` is added to the output of a single projection. XLA's products:
-    those steps, quantize once, then `_project` each (p, m:
-    this layer's slices). Native products: one kernel call does it all (p, m: the whole stacks [L, ...],
-    `layer` the index; the kernel reads its layer in place, where a slice would be a copy)."""
+    where `norm` (weight [in]) is; `residual` is added to the output of a single projection. XLA: those
+    steps, quantize once, then `_project` each (p, m: this layer's slices). Native: one kernel call does it
+    all (p, m: the whole stacks [L, ...], `layer` the index; the kernel reads its layer in place, where a
+    slice would be a copy)."""
     if opts.native:
         lead = h.shape[:-1]
-        flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-        outs = native.bitlinear(flat(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
-                                act=act, up=flat(up), residual=flat(residual))
+
+        def rows(a):  # [..., width] -> [tokens, width], as the kernel takes it
+            return None if a is None else a.reshape(-1, a.shape[-1])
+
+        outs = native.bitlinear(rows(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
+                                act=act, up=rows(up), residual=rows(residual))
         return [out.reshape(*lead, out.shape[-1]) for out in outs]
     if act is not None:
         h = _ACTIVATIONS[act](h) * up
