@@ -43,6 +43,7 @@ class TensorHasher:
             self._worker.start()
             # A hasher dropped without close() (its writer failed early) still ends its thread.
             self._finalizer = weakref.finalize(self, self._pending.put, None)
+            self._finalizer.atexit = False  # at exit the daemon thread just ends; never wait on its queue
 
     def _feed(self, data) -> None:
         if self._pending is None:
