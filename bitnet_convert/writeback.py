@@ -37,10 +37,6 @@ def _sync_file_range():
 _CALL = _sync_file_range()
 
 
-def available() -> bool:
-    return _CALL is not None
-
-
 @contextlib.contextmanager
 def early_writeback(path: Path, interval_s: float = INTERVAL_S) -> Iterator[None]:
     """While the body runs, keep starting writeback of the file at `path` (or of every file under it)."""

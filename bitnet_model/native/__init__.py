@@ -193,6 +193,5 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, s
     B, T, Hq, D = q.shape
     call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32),
                                                jax.ShapeDtypeStruct(k.shape, jnp.float32)))
-    f32 = [a.astype(jnp.float32) for a in (q, k, v, cos, sin)]
-    out, rotated = call(*f32)
+    out, rotated = call(*(a.astype(jnp.float32) for a in (q, k, v, cos, sin)))
     return out, rotated
