@@ -281,7 +281,10 @@ def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 
         h = rms_norm(h, norm, eps)
     x_q, scale = quantize_activations(h)
     outs = [_project(x_q, scale, p[name], m[name], opts) for name in names]
-    return outs if residual is None else [residual + outs[0]]
+    if residual is None:
+        return outs
+    (out,) = outs  # a residual goes with one projection, as in the kernel
+    return [residual + out]
 
 
 def _project(x_q, scale, packed, multiplier, opts: Options) -> jax.Array:
