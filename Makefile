@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extras installed with the package: `make test EXTRAS=test,llama` adds the llama.cpp integration test (CI does).
+# Extras installed with the package: `make test EXTRAS=test,llama,ik-llama` adds the tests in llama.cpp and
+# ik_llama.cpp (CI does).
 EXTRAS ?= test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

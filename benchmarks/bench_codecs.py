@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitnet_convert.codecs import hf2bit, i2s, tq, trits  # noqa: E402
+from bitnet_convert.formats import gguf_tq as tq  # noqa: E402
+from bitnet_core.codecs import hf2bit, i2s, trits
 
 # (out, in) -> projections of that shape per layer in 2B4T
 SHAPES = {(2560, 2560): 2, (640, 2560): 2, (6912, 2560): 2, (2560, 6912): 1}

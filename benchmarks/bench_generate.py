@@ -61,10 +61,10 @@ def measure_ours(gen, lengths: list[int], decode_tokens: int, repeats: int) -> d
 
 
 def child_ours(path: str, lengths, decode_tokens, repeats) -> dict:
-    from bitnet_convert.generate import Generator
+    from bitnet_convert.generator import load_generator
 
     start = time.perf_counter()
-    gen = Generator.load(path)
+    gen = load_generator(path)
     load_s = time.perf_counter() - start
     out = measure_ours(gen, lengths, decode_tokens, repeats)
     out["load_s"] = load_s
@@ -165,9 +165,9 @@ def compare(args) -> int:
 def synthetic(args) -> int:
     import jax
 
-    from bitnet_convert.generate import Generator
+    from bitnet_core.config import ModelConfig
     from bitnet_model import engine
-    from bitnet_model.config import ModelConfig
+    from bitnet_model.generation import Generator
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from make_2b4t import CONFIG_2B4T

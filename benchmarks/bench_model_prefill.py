@@ -3,7 +3,7 @@
     python benchmarks/bench_model_prefill.py [--layers 4] [--vocab 8192] [--tokens 64 256] [--repeats 5]
 
 Random ternary codes (a third zeros) and multipliers ~1.5 at hidden 2560, FFN 6912, 20/5 heads, loaded through
-`params.model_from_checkpoint` like any checkpoint, then `decoding.forward` (jitted, whole prompt, no cache) on
+`params.model_from_checkpoint` like any checkpoint, then `modeling._forward` (jitted, whole prompt, no cache) on
 one prompt of each length: best of --repeats after a compiling warm-up. The vocabulary is cut (default 8192)
 so the float output projection does not hide the BitLinear products this measures. Prints the projection
 state's bytes too (what the model holds in memory for its ternary weights).
@@ -34,10 +34,10 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from bitnet_convert.checkpoint import TERNARY, Checkpoint, Ternary
-    from bitnet_convert.names import expected_tensors
-    from bitnet_model import decoding, params
-    from bitnet_model.config import ModelConfig
+    from bitnet_core.checkpoint import TERNARY, Checkpoint, Ternary
+    from bitnet_core.config import ModelConfig
+    from bitnet_core.names import expected_tensors
+    from bitnet_model import modeling, params
 
     cfg = ModelConfig(
         vocab_size=args.vocab, hidden_size=2560, intermediate_size=6912, num_hidden_layers=args.layers,
@@ -59,11 +59,11 @@ def main(argv=None) -> int:
           f"projection state {proj_bytes / 1e6:.1f} MB")
     for tokens in args.tokens:
         ids = jnp.asarray(rng.integers(0, args.vocab, (1, tokens)), jnp.int32)
-        decoding.forward(graphdef, state, ids).block_until_ready()  # compile
+        modeling._forward(graphdef, state, ids).block_until_ready()  # compile
         best = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            decoding.forward(graphdef, state, ids).block_until_ready()
+            modeling._forward(graphdef, state, ids).block_until_ready()
             best = min(best, time.perf_counter() - t0)
         print(f"prefill {tokens:4d} tokens: {best * 1e3:8.1f} ms (best of {args.repeats})")
     return 0

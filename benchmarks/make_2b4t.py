@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bitnet_convert.names import expected_tensors  # noqa: E402
-from bitnet_model.config import ModelConfig  # noqa: E402
+from bitnet_core.config import ModelConfig  # noqa: E402
+from bitnet_core.names import expected_tensors  # noqa: E402
 
 REAL_2B4T_BYTES = 1_178_623_988  # size of microsoft/bitnet-b1.58-2B-4T's model.safetensors
 BF16 = np.dtype(ml_dtypes.bfloat16)

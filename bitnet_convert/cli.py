@@ -1,11 +1,11 @@
 """The `bitnet-convert` command line: a thin shell over registry, verify and inspect.
 
-Every X-to-Y command is generated from registry.FORMATS and registry.WRITER_OPTIONS.
+Every X-to-Y command is generated from registry.FORMATS and each format's WRITER_OPTIONS; each command calls
+the function of the same name in bitnet_convert.api.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -13,9 +13,12 @@ import traceback
 
 import click
 
-from . import __version__, registry
-from .errors import CheckFailed, ConvertError
-from .verify import DEFAULT_MAX_KL, DEFAULT_MIN_TOP1, DEFAULT_RTOL, run_verify
+from bitnet_convert import api, jsonout
+from bitnet_convert.fileio.sources import shown
+from bitnet_convert.formats import registry
+from bitnet_convert.verification import DEFAULT_LEVELS, LEVELS, RUNTIMES
+from bitnet_core import __version__
+from bitnet_core.errors import CheckFailed, ConvertError
 
 EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
 EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
@@ -39,12 +42,31 @@ class _Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `bitnet-convert inspect m.gguf | head -1`: the reader went away
+            _discard_stdout()
+            click.echo("error: standard output: closed before all output was written (broken pipe)", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except OSError as exc:  # the system refused a file operation no reader or writer turned into a message
+            if debug:
+                traceback.print_exc()
+            name = shown(exc.filename) if exc.filename is not None else "a file operation"
+            click.echo(f"error: {name}: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
         except Exception as exc:  # a bug, or input we did not foresee: still one line
             if debug:
                 traceback.print_exc()
             first = str(exc).splitlines()[0] if str(exc) else ""
             click.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError (Python docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real descriptor (an in-process runner): nothing to flush
+        pass
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,14 +86,14 @@ def main(debug: bool) -> None:
 
 
 def _writer_options(fmt: str, with_defaults: bool):
-    """click options for the writer of `fmt`, from registry.WRITER_OPTIONS."""
+    """click options for the writer of `fmt`, from its WRITER_OPTIONS."""
     decorators = []
-    for name, (choices, default, help_text) in registry.WRITER_OPTIONS[fmt].items():
+    for name, option in registry.writer_options(fmt).items():
         flag = "--" + name.replace("_", "-")
-        kind = click.Choice(choices, case_sensitive=False) if choices else str
-        decorators.append(click.option(flag, name, type=kind, default=default if with_defaults else None,
-                                       show_default=with_defaults and default is not None,
-                                       help=f"[{fmt} outputs] {help_text}"))
+        default = option.default if with_defaults else None
+        decorators.append(click.option(flag, name, type=click.Choice(option.choices, case_sensitive=False),
+                                       default=default, show_default=default is not None,
+                                       help=f"[{fmt} outputs] {option.help}"))
     return decorators
 
 
@@ -95,7 +117,8 @@ _EXAMPLE_PATHS = {"hf": "./model-hf", "flax": "./model-flax", "npz": "./model.np
 
 def _make_pair_command(src_fmt: str, dst_fmt: str) -> None:
     def command(src, out, revision, force, quiet, **options):
-        path = registry.convert(src, out, src_fmt, dst_fmt, revision=revision, force=force, quiet=quiet, **options)
+        path = api.convert(src, out, src_format=src_fmt, dst_format=dst_fmt, revision=revision, force=force,
+                           quiet=quiet, **options)
         click.echo(f"wrote {path}", err=True)
 
     command.__doc__ = (
@@ -118,7 +141,7 @@ for _src in registry.FORMATS:
 def _all_writer_options():
     seen, decorators = set(), []
     for fmt in registry.FORMATS:
-        for deco, name in zip(_writer_options(fmt, with_defaults=False), registry.WRITER_OPTIONS[fmt]):
+        for deco, name in zip(_writer_options(fmt, with_defaults=False), registry.writer_options(fmt)):
             if name not in seen:
                 seen.add(name)
                 decorators.append(deco)
@@ -133,7 +156,8 @@ def convert_command(src, dst, src_format, dst_format, revision, force, quiet, **
       bitnet-convert convert ./model-hf ./model.gguf --target bitnet.cpp
       bitnet-convert convert ./model.gguf ./model-flax
     """
-    path = registry.convert(src, dst, src_format, dst_format, revision=revision, force=force, quiet=quiet, **options)
+    path = api.convert(src, dst, src_format=src_format, dst_format=dst_format, revision=revision, force=force,
+                       quiet=quiet, **options)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -150,35 +174,41 @@ main.command("convert")(_apply(
 
 @main.command("verify")
 @click.argument("candidate")
-@click.option("--reference", "reference", required=True, help="Hugging Face checkpoint (folder or hub id) to compare with.")
+@click.option("--reference", "reference", required=True,
+              help="The checkpoint CANDIDATE was converted from (any format; a folder or hub id for parity).")
 @click.option("--revision", default=None, help="Hub revision of the reference.")
+@click.option("--level", "levels", default=",".join(DEFAULT_LEVELS), show_default=True,
+              help=f"Layers to run, comma separated: {', '.join(LEVELS)}, or all.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
+              help="Also load CANDIDATE (a GGUF) in this runtime and compare its logits with the JAX model's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
-              help="Tolerance on the largest |logit difference|, relative to the largest |reference logit|.")
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance added to rtol's.")
-@click.option("--min-top1", type=float, default=DEFAULT_MIN_TOP1, show_default=True,
-              help="Least top-1 agreement that passes.")
-@click.option("--max-kl", type=float, default=DEFAULT_MAX_KL, show_default=True,
-              help="Largest mean KL(reference || candidate) that passes.")
-def verify_command(candidate, reference, revision, as_json, rtol, atol, min_top1, max_kl):
-    """Compare CANDIDATE (any format) run in the JAX model with transformers' BitNetForCausalLM on REFERENCE.
+def verify_command(candidate, reference, revision, levels, runtime, as_json):
+    """Prove that CANDIDATE holds the model REFERENCE holds: layer by layer, each reported.
 
-    Runs the same token batches through both (a batch of 2 sequences of 160 tokens, and shorter ones) and
-    reports the largest absolute logit difference, top-1 agreement and mean KL divergence. Exit 0 when all three
-    are within tolerance, 1 when not, 2 on bad input.
+    \b
+      weights   every tensor exact in canonical form (ternary codes, multipliers, values), or equal to a cast the
+                candidate's format declares (f16 / q8_0 embeddings, a bf16 weight_scale), its loss reported
+      function  the JAX engine on both, same token batches: logits identical, bit for bit
+      parity    the JAX model against transformers' BitNet on an HF REFERENCE: teacher-forced layer by layer
+                with rounding ties accounted for, and end to end without activation quantization
+      runtime   with --runtime: the GGUF run in llama.cpp or ik_llama.cpp against the JAX model under that
+                runtime's arithmetic
+
+    Exit 0 when every layer that ran passed, 1 when one failed, 2 on bad input.
 
     \b
     Example:
-      bitnet-convert verify ./model.gguf --reference microsoft/bitnet-b1.58-2B-4T --json
+      bitnet-convert verify ./model.gguf --reference ./model-hf
+      bitnet-convert verify ./model-hf --reference ./model-hf --level all --json
+      bitnet-convert verify ./model-tq2_0.gguf --reference ./model-hf --runtime llama.cpp
     """
-    result = run_verify(candidate, reference, revision=revision, rtol=rtol, atol=atol, min_top1=min_top1,
-                        max_kl=max_kl)
+    result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(result.as_dict()))
+        click.echo(jsonout.dumps(result.as_dict()))
     else:
-        click.echo(result.table())
+        click.echo(result.text())
     sys.exit(0 if result.passed else EXIT_FAILED_CHECK)
 
 
@@ -198,16 +228,15 @@ def inspect_command(path, as_json, check, revision):
     With --check: exit 0 when the recomputed content hash matches, 1 when it differs or a tensor holds bytes
     no writer produces, 2 when PATH cannot be read as a checkpoint at all.
     """
-    from .errors import CorruptData
-    from .inspect import inspect_path
+    from bitnet_core.errors import CorruptData
 
     try:
-        report = inspect_path(path, check=check, revision=revision)
+        report = api.inspect(path, check=check, revision=revision)
     except CorruptData as exc:
         if check:  # tensor bytes no writer produces: the file changed, so the check fails (exit 1, not 2)
             raise CheckFailed(str(exc)) from exc
         raise
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
+    click.echo(jsonout.dumps(report.as_dict(), indent=2) if as_json else report.text())
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     if check and not report.check_passed:
@@ -236,7 +265,7 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
       bitnet-convert generate ./2b4t-flax --prompt "User: How are you?<|eot_id|>Assistant: " --max-new-tokens 64
       bitnet-convert generate ./model.gguf --prompt-ids "128000 1502 25" --temperature 0.7 --top-p 0.9 --seed 1
     """
-    from .generate import run_generate
+    from bitnet_convert.generator import run_generate
 
     def write(text):
         click.echo(text, nl=False)

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
-from .errors import ConvertError
+from bitnet_convert.fileio.safetensors_io import has_safetensors_weights, no_weights
+from bitnet_core.errors import ConvertError
+from bitnet_core.extras import require
 
 
 def load_reference(hf_dir: str | os.PathLike):
     """`AutoModelForCausalLM.from_pretrained` on an HF BitNet folder, every floating tensor in float32.
 
     The folder's config.json must carry its `quantization_config`: without it transformers builds plain
-    nn.Linear layers and computes no BitNet quantization (formats.md §2). transformers leaves unpacked
+    nn.Linear layers and computes no BitNet quantization (docs/formats.md §2). transformers leaves unpacked
     autobitlinear weights in bf16 and refuses `.float()` on quantized models, so the cast is done by hand;
     ternary values and bf16 norms cast to float32 exactly.
     """
-    import torch
-    import transformers
-
+    _require_safetensors(Path(hf_dir))
+    require("accelerate", "the transformers reference")  # transformers loads packed BitNet weights with it
+    torch = require("torch", "the transformers reference")
+    transformers = require("transformers", "the transformers reference")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+        # use_safetensors: never fall back to pytorch_model.bin, which torch.load unpickles
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                                  use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConvertError(f"{hf_dir}: transformers cannot load this reference: {str(exc).splitlines()[0]}") from exc
     for module in model.modules():
@@ -38,6 +44,13 @@ def load_reference(hf_dir: str | os.PathLike):
             module.dtype = torch.float32  # BitLinear unpacks its weights to this dtype in every forward
     model.eval()
     return model
+
+
+def _require_safetensors(folder: Path) -> None:
+    """The reference's weights must be safetensors: a pickle (pytorch_model.bin ...) is never loaded, not even
+    through torch's weights-only unpickler."""
+    if not has_safetensors_weights(folder):
+        raise no_weights(folder)
 
 
 def reference_logits(model, token_ids: np.ndarray) -> np.ndarray:

@@ -11,9 +11,9 @@ import json
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import Checkpoint, Ternary
-from .names import expected_tensors
-from bitnet_model.config import ModelConfig
+from bitnet_core.checkpoint import Checkpoint, Ternary
+from bitnet_core.config import ModelConfig
+from bitnet_core.names import expected_tensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -32,7 +32,14 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
     """tokenizer.json + tokenizer_config.json of a Llama-3-style byte-level BPE (BOS added, no EOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -1,19 +1,18 @@
-"""The JAX/Flax NNX reference implementation of BitNet b1.58 (W1.58A8), used to validate every conversion.
+"""The JAX/Flax NNX model of BitNet b1.58 (W1.58A8) that validates every conversion and generates text.
 
-    import bitnet_model
-    model = bitnet_model.load("microsoft/bitnet-b1.58-2B-4T")   # or any folder/file bitnet-convert reads
-    logits = model(jnp.array([[128000, 1502, 25]]))              # [B, T, V] float32
-    ids = bitnet_model.greedy_generate(model, prompt_ids, max_new_tokens=32)
+    import bitnet_convert
+    model = bitnet_convert.load_model("./2b4t-flax")      # any checkpoint bitnet-convert reads
+    logits = model(jnp.array([[128000, 1502, 25]]))     # [B, T, V] float32
 
-Modules: `bitlinear` (the only place quantization happens), `modeling` (RMSNorm, Attention, MLP, DecoderLayer,
-BitNetModel, BitNetForCausalLM), `cache` (KV cache pytree), `decoding` (prefill / decode_step / greedy
-generation as pure functions of (graphdef, state)), `params` (Checkpoint <-> model), `training` (export of
-trained master weights to the inference form). For generation: `packed` (2-bit ternary weights and their exact
-product), `engine` (the same forward over stacked packed layers in one scan: what `bitnet-convert generate`
-runs), `sharding` (a ("data", "model") mesh: tensor parallel over heads / FFN columns, data parallel over rows).
+It stands on bitnet_core alone (no file format): `params.model_from_checkpoint` builds a model from a Checkpoint.
+Modules: `bitlinear` (the W1.58A8 product, the one place quantization happens, with the RMSNorm and activations
+it fuses), `modeling` (RMSNorm, Attention, MLP, DecoderLayer, BitNetModel, BitNetForCausalLM; rope and
+attention functions), `params` (Checkpoint <-> model), `training` (export of trained masters to the inference
+form), `packed` (2-bit codes and their exact product), `engine` (the same modules' functions over stacked
+packed layers in one scan, with the KV cache: prefill and decode), `generation` (sampling, the Generator,
+greedy continuation), `native` (CPU kernels behind the BitLinear product and prefill attention), `sharding`.
 
-Attributes are imported lazily: `bitnet_convert` imports `bitnet_model.config` for the config alone and must
-not pay for importing JAX.
+Attributes are imported lazily, so importing the package does not import JAX.
 """
 
 from __future__ import annotations
@@ -21,20 +20,16 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "ModelConfig": "bitnet_model.config",
     "BitLinear": "bitnet_model.bitlinear",
     "INFERENCE": "bitnet_model.bitlinear",
     "TRAINING": "bitnet_model.bitlinear",
     "BitNetForCausalLM": "bitnet_model.modeling",
     "BitNetModel": "bitnet_model.modeling",
-    "KVCache": "bitnet_model.cache",
-    "prefill": "bitnet_model.decoding",
-    "decode_step": "bitnet_model.decoding",
-    "greedy_generate": "bitnet_model.decoding",
-    "logits": "bitnet_model.decoding",
+    "logits": "bitnet_model.modeling",
+    "Generator": "bitnet_model.generation",
+    "greedy_generate": "bitnet_model.generation",
     "model_from_checkpoint": "bitnet_model.params",
     "checkpoint_from_model": "bitnet_model.params",
-    "load": "bitnet_model.params",
     "export_inference": "bitnet_model.training",
 }
 

@@ -1,26 +1,21 @@
 """BitLinear: the W1.58A8 projection. All of BitNet's quantization lives in this file.
 
-Forward, in both weight modes (formats.md §1):
+Forward, in both weight modes (docs/formats.md §1):
     s   = 127 / max(|x|, 1e-5)                    per token, over the last axis
     x_q = clip(round(x * s), -128, 127)           int8; jnp.round is half-to-even like torch.round
     y   = (x_q @ T.T) / s * w                     T ternary codes [out, in], w the per-tensor multiplier
 
-The integer product is computed exactly, int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`).
-Measured on this project's CPU (XLA, 6912x2560 projection): int32 accumulation 3.7 ms at 64 tokens and 19 ms
-at 512, against 68 ms and 158 ms for float32 accumulation (which must also cast the codes every call), with
-bit-identical results (sums stay below 2^24 either way). One quirk: XLA's CPU int8 dot for a *single* row
-takes a slow path (31-65 ms); padding to two rows brings it to 1.2-1.6 ms, so one-token decode pads.
+The integer product is computed exactly, int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`):
+bit-identical to float32 accumulation (sums stay below 2^24) and several times faster on XLA's CPU; XLA's CPU int8
+dot of a single row takes a slow path, so one-token decode pads to two rows (BENCHMARKS.md, design measurements).
 
 Weight modes:
   * inference: `packed` uint8 [out/4, in], the codes 2-bit packed four consecutive output rows per byte
     (packed.py's layout), and `multiplier` float32 [] (mean|W| of the masters). The product unpacks the codes
     block by block into an int8 x int8 -> int32 dot (`packed.packed_matmul`): a quarter of the memory (0.52 GB
     of ternary weights for 2B4T rather than 2.08 GB), exactly what the Flax format stores and the generation
-    engine runs. The price, measured with benchmarks/bench_model_prefill.py (4 layers at 2B4T widths, 2-core
-    CPU, best of 7, int8 codes -> packed): 23-26 -> 25 ms at 2 tokens, 24-28 -> 30-35 ms at 16, 43-54 -> 59-87 ms
-    at 64, 153 -> 214 ms at 256 (the unpack itself is ~0.5 ms per 6912x2560 matrix; the rest is the dot running
-    on freshly unpacked blocks; whole-matrix unpack or other block sizes measured no better). out_features must be a multiple of 4 (every BitNet shape
-    is): a model of other widths is refused here rather than padded, which would leak padding rows into the
+    engine runs, at some cost in prefill speed against int8 codes held unpacked (BENCHMARKS.md, design
+    measurements). out_features must be a multiple of 4 (every BitNet shape is): a model of other widths is refused here rather than padded, which would leak padding rows into the
     state, the file format and every consumer of it.
   * training: float32 master `weight` [out, in] (an nnx.Param). Absmean ternarization in the forward,
     `m = max(mean|W|, 1e-5)`, `T = clip(round(W / m), -1, 1)`, multiplier m, with a straight-through
@@ -32,12 +27,17 @@ Weight modes:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import packed as packed_ops
+from bitnet_model import native
+from bitnet_model import packed as packed_ops
 
 INFERENCE = "inference"
 TRAINING = "training"
@@ -70,6 +70,15 @@ def ternarize(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes, 1.0 / scale
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * weight, in float32: the one RMSNorm (the model's modules and the engine)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
+
+
+ACTIVATIONS = {"relu2": lambda x: jnp.square(jax.nn.relu(x)), "silu": jax.nn.silu}
+
+
 def ternary_matmul(x_q: jax.Array, scale: jax.Array, codes: jax.Array, multiplier: jax.Array) -> jax.Array:
     """(x_q @ codes.T) / scale * multiplier with exact int32 accumulation. x_q int8 [..., in], int8 codes
     [out, in] -> f32 [..., out]. The training forward's product (codes made in the step, never packed)."""
@@ -78,19 +87,60 @@ def ternary_matmul(x_q: jax.Array, scale: jax.Array, codes: jax.Array, multiplie
     n = rows.shape[0]
     if n == 1:  # see module docstring: XLA CPU's one-row int8 dot is ~30x slower than two rows
         rows = jnp.concatenate([rows, rows])
-    acc = jax.lax.dot_general(
-        rows, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32
-    )  # [N, out]
-    acc = acc[:n].reshape(*lead, codes.shape[0])
+    acc = packed_ops.int8_dot(rows, codes)[:n].reshape(*lead, codes.shape[0])  # int32 [..., out]
+    return dequantize(acc, scale, multiplier)
+
+
+def packed_ternary_matmul(x_q: jax.Array, scale: jax.Array, packed: jax.Array, multiplier: jax.Array, *,
+                          block_bytes: int = 0, reduce_rows: int = 0) -> jax.Array:
+    """As `ternary_matmul` with the codes held 2-bit packed (uint8 [out/4, in]): the inference product.
+
+    Up to `reduce_rows` token rows take one fused multiply-reduce over the unpacked codes instead of the
+    block-wise unpack + int8 dot: it reads only the packed bytes, which is what a GPU wants for decode (XLA's
+    CPU reduce is not vectorized, so the CPU keeps reduce_rows 0). Both sums are exact int32."""
+    if int(np.prod(x_q.shape[:-1])) <= reduce_rows:
+        codes = packed_ops.unpack(packed).astype(jnp.int32)  # [out, in], fused into the reduce
+        acc = jnp.sum(x_q.astype(jnp.int32)[..., None, :] * codes, axis=-1)
+    else:
+        acc = packed_ops.packed_matmul(x_q, packed, block_bytes=block_bytes)  # int32 [..., out], exact
+    return dequantize(acc, scale, multiplier)
+
+
+def dequantize(acc: jax.Array, scale: jax.Array, multiplier: jax.Array) -> jax.Array:
+    """int32 sums [..., out] -> float32 `acc / s * w` (the native kernels compute exactly this, bit for bit)."""
     return acc.astype(jnp.float32) / scale * multiplier
 
 
-def packed_ternary_matmul(
-    x_q: jax.Array, scale: jax.Array, packed: jax.Array, multiplier: jax.Array, *, block_bytes: int = 0
-) -> jax.Array:
-    """As `ternary_matmul` with the codes held 2-bit packed (uint8 [out/4, in]): the inference product."""
-    acc = packed_ops.packed_matmul(x_q, packed, block_bytes=block_bytes)  # int32 [..., out], exact
-    return acc.astype(jnp.float32) / scale * multiplier
+def fused_bitlinear(h, names, p, m, *, native_kernel: bool = False, layer=None, norm=None, eps: float = 0.0,
+                    act=None, up=None, residual=None, block_bytes: int = 0, reduce_rows: int = 0) -> list[jax.Array]:
+    """BitLinear of one input through several projections of a layer: f32 [..., in] -> [f32 [..., out] per name].
+
+    The input is first act(h) * up where `act` (a hidden_act name) and `up` are given, then RMSNorm'ed where
+    `norm` (weight [in]) is; `residual` is added to the output of a single projection. XLA: those steps,
+    quantize once, then `packed_ternary_matmul` each (p, m: this layer's packed codes and multipliers by name).
+    `native_kernel`: one call into bitnet_model.native does it all, bit for bit the same product (p, m: the
+    whole stacks [L, ...], `layer` the index; the kernel reads its layer in place, where a slice would copy).
+    """
+    if native_kernel:
+        lead = h.shape[:-1]
+
+        def rows(a):  # [..., width] -> [tokens, width], as the kernel takes it
+            return None if a is None else a.reshape(-1, a.shape[-1])
+
+        outs = native.bitlinear(rows(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
+                                act=act, up=rows(up), residual=rows(residual))
+        return [out.reshape(*lead, out.shape[-1]) for out in outs]
+    if act is not None:
+        h = ACTIVATIONS[act](h) * up
+    if norm is not None:
+        h = rms_norm(h, norm, eps)
+    x_q, scale = quantize_activations(h)
+    outs = [packed_ternary_matmul(x_q, scale, p[name], m[name], block_bytes=block_bytes, reduce_rows=reduce_rows)
+            for name in names]
+    if residual is None:
+        return outs
+    (out,) = outs  # a residual goes with one projection, as in the kernel
+    return [residual + out]
 
 
 def pack_ternary(codes) -> jax.Array:
@@ -165,9 +215,36 @@ class BitLinear(nnx.Module):
             self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> f32 [..., out]
+        if _probe.inputs is not None:
+            _probe.inputs.append(x)
         if self.mode == TRAINING:
             return ternary_linear_ste(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        if not _probe.quantize:  # a verification run: the continuous function, float32 throughout
+            weight = packed_ops.unpack(self.packed[...]).astype(jnp.float32) * self.multiplier[...]
+            return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
         x_q, scale = quantize_activations(x)
         return packed_ternary_matmul(
             x_q, scale, self.packed[...], self.multiplier[...], block_bytes=self.block_bytes
         )
+
+
+@dataclasses.dataclass
+class _Probe:
+    quantize: bool = True  # False: no activation quantization (x @ (T * w).T in float32)
+    inputs: list | None = None  # when a list, every BitLinear appends its input, in call order
+
+
+_probe = _Probe()
+
+
+@contextlib.contextmanager
+def probe(*, quantize: bool = True, record: bool = False) -> Iterator[list | None]:
+    """How `verify` looks inside the model: record every BitLinear's input (the activation quantizer's input, for
+    rounding ties), or switch activation quantization off (a continuous function, to compare implementations
+    without ties). Read when a call is traced: use it around eager (unjitted) calls."""
+    saved = dataclasses.replace(_probe)
+    _probe.quantize, _probe.inputs = quantize, ([] if record else None)
+    try:
+        yield _probe.inputs
+    finally:
+        _probe.quantize, _probe.inputs = saved.quantize, saved.inputs

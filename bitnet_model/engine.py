@@ -8,7 +8,7 @@ train); this file computes the same function for generation, lean and fast:
   * a bf16 embedding stays 16-bit (0.66 GB for 2B4T rather than 1.3 GB in float32), held as its raw bits
     (uint16, see `_to_float32`), and the tied output projection converts it block by block;
   * prefill computes logits at the last prompt token only, not [B, P, V], and its attention skips the keys
-    after each block of queries (`_attention`);
+    after each block of queries (`modeling.attention`);
   * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place;
   * on a CPU with AVX-512 VNNI (`Options.native`), every BitLinear and the output projection run in the kernels
     of `native/` (VNNI / AMX straight from the packed bytes: XLA has no such kernel and is 2-10x slower).
@@ -20,7 +20,7 @@ tests/test_engine.py checks every option against the reference model.
 Weights come from a Checkpoint tensor by tensor (`weights_from_checkpoint`: peak memory is the packed model
 plus one tensor) or from a reference model (`weights_from_model`). Both hold the one packed layout of
 packed.py: the engine stacks the reference model's `packed` leaves as they are, and a checkpoint's
-projections are converted by the reference loader's own `params.packed_projection`.
+projections are converted by the reference loader's own `quantize.packed_projection`.
 """
 
 from __future__ import annotations
@@ -33,28 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import native
-from . import packed as packed_ops
-from .bitlinear import quantize_activations
-from .config import ModelConfig
-from .modeling import _ACTIVATIONS, PRECISION, apply_rope, rope_tables
+from bitnet_core import names
+from bitnet_core.config import ModelConfig
+from bitnet_model import native
+from bitnet_model import packed as packed_ops
+from bitnet_model.bitlinear import fused_bitlinear, rms_norm
+from bitnet_model.modeling import PRECISION, rope_tables, rotary_attention
 
-# projection -> HF suffix within a layer (the HF name is model.layers.N.<suffix>.weight)
-PROJECTIONS = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
-LAYER_NORMS = {
-    "input_layernorm": "input_layernorm",
-    "post_attention_layernorm": "post_attention_layernorm",
-    "attn_sub_norm": "self_attn.attn_sub_norm",
-    "ffn_sub_norm": "mlp.ffn_sub_norm",
-}
+# The engine's names for a layer's tensors -> HF suffix within the layer, from the one role table.
+PROJECTIONS = {role.name: role.hf for role in names.PROJECTIONS.values()}
+LAYER_NORMS = {role.name: role.hf for role in names.LAYER_NORMS.values()}
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -70,9 +58,8 @@ class Options:
         the packed bytes, the 16-bit table read as it is) with the RMSNorm / activation before them and the
         residual add after them, and prefill attention with its RoPE (float32 like XLA's, summed in another
         order); the options above then do not apply.
-    query_block: queries per block of XLA's prefill attention (see `_attention`; 0: one block); 2B4T on the
-        2-core CPU, 512 tokens: 12 ms per layer at 128, 15 ms at 64, 23 ms at 256. A GPU takes one block: fewer,
-        larger products (its prefill-512 in BENCHMARKS.md predates the blocks and was not re-measured).
+    query_block: queries per block of XLA's prefill attention (modeling.attention; 0: one block): 128 measured
+        fastest on the CPU (BENCHMARKS.md, design measurements); a GPU takes one block, fewer larger products.
     """
 
     block_bytes: int = 0
@@ -93,7 +80,7 @@ class Options:
     @classmethod
     def xla_cpu(cls) -> Options:
         """XLA's own products on one CPU device (where the native kernels are unavailable)."""
-        # head blocks of ~7 MB float32 (668 rows of 2B4T): 78-86 ms per token against 122-167 ms at 14 MB
+        # head blocks of ~7 MB float32 (668 rows of 2B4T): faster than 14 MB ones (design measurements)
         return cls(block_bytes=packed_ops.BLOCK_BYTES, head_block_bytes=7 << 20)
 
 
@@ -139,15 +126,14 @@ jax.tree_util.register_dataclass(Cache, data_fields=["keys", "values", "length"]
 def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     """Weights from a bitnet_convert Checkpoint, one tensor at a time.
 
-    Each projection is packed (`params.packed_projection`: HF and Flax bytes are regrouped without making int8
+    Each projection is packed (`quantize.packed_projection`: HF and Flax bytes are regrouped without making int8
     codes) and copied into its stacked host array; each stacked array goes to the device as soon as its last
     layer is in. `release()` (optional) is called after every tensor,
-    so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generate).
+    so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generator).
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it).
     """
-    from bitnet_convert.validate import check_tensors
-
-    from .params import packed_projection
+    from bitnet_core.quantize import packed_projection
+    from bitnet_core.validate import check_tensors
 
     cfg = check_tensors(ckpt, str(ckpt.provenance.get("path") or "checkpoint"))
     L = cfg.num_hidden_layers
@@ -251,95 +237,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32)
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """As modeling.RMSNorm: x / sqrt(mean(x^2) + eps) * weight, in float32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
-
-
-def _bitlinear(h, names, p, m, opts: Options, layer, *, norm=None, eps: float = 0.0, act=None, up=None,
-               residual=None) -> list[jax.Array]:
-    """BitLinear of one input through the projections `names`: f32 [..., in] -> [f32 [..., out] per name].
-
-    The input is first act(h) * up where `act` (a hidden_act name) and `up` are given, then RMSNorm'ed
-    where `norm` (weight [in]) is; `residual` is added to the output of a single projection. XLA: those
-    steps, quantize once, then `_project` each (p, m: this layer's slices). Native: one kernel call does it
-    all (p, m: the whole stacks [L, ...], `layer` the index; the kernel reads its layer in place, where a
-    slice would be a copy)."""
-    if opts.native:
-        lead = h.shape[:-1]
-
-        def rows(a):  # [..., width] -> [tokens, width], as the kernel takes it
-            return None if a is None else a.reshape(-1, a.shape[-1])
-
-        outs = native.bitlinear(rows(h), layer, [(p[name], m[name]) for name in names], norm=norm, eps=eps,
-                                act=act, up=rows(up), residual=rows(residual))
-        return [out.reshape(*lead, out.shape[-1]) for out in outs]
-    if act is not None:
-        h = _ACTIVATIONS[act](h) * up
-    if norm is not None:
-        h = rms_norm(h, norm, eps)
-    x_q, scale = quantize_activations(h)
-    outs = [_project(x_q, scale, p[name], m[name], opts) for name in names]
-    if residual is None:
-        return outs
-    (out,) = outs  # a residual goes with one projection, as in the kernel
-    return [residual + out]
-
-
-def _project(x_q, scale, packed, multiplier, opts: Options) -> jax.Array:
-    """BitLinear on already quantized activations: int8 [..., in] -> f32 [..., out], as bitlinear.ternary_matmul."""
-    rows = int(np.prod(x_q.shape[:-1]))
-    if rows <= opts.reduce_rows:
-        # One fused pass over the packed bytes (GPU decode): exact int32 multiply-add of the unpacked codes.
-        codes = packed_ops.unpack(packed).astype(jnp.int32)  # [out, in], fused into the reduce
-        acc = jnp.sum(x_q.astype(jnp.int32)[..., None, :] * codes, axis=-1)
-    else:
-        acc = packed_ops.packed_matmul(x_q, packed, block_bytes=opts.block_bytes)
-    return acc.astype(jnp.float32) / scale * multiplier
-
-
-def _attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: int) -> jax.Array:
-    """q [B, T, Hq, D], new k/v [B, T, KV, D], cached k/v [B, S, KV, D] or None -> [B, T, Hq*D].
-
-    The new tokens attend causally among themselves and to the cache slots before `start`; that is the
-    reference's masked attention over the updated cache, split in two so the cache is only read here.
-    Query head h reads kv head h // G (G = Hq / KV), as HF's repeat_kv.
-    """
-    B, T, Hq, D = q.shape
-    KV = k.shape[2]
-    G = Hq // KV
-    lowest = jnp.finfo(jnp.float32).min
-    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
-    if cached_k is None:
-        # Prefill: per kv head and block of `query_block` queries, one [G*Tq, D] x [D, Tk] product over the keys
-        # up to the block's last query only (causal: keys after it are masked anyway). XLA's CPU backend runs
-        # these plain batched products far faster than 5-d einsums that need transposed operands, and skipping
-        # the masked keys saves ~40% at 512 tokens (2B4T, 512 tokens: 12 against 62 ms per layer, measured).
-        qg = q.reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
-        blocks, step = [], query_block if query_block > 0 else T
-        for t0 in range(0, T, step):
-            t1 = min(T, t0 + step)
-            rows = qg[:, :, :, t0:t1].reshape(B, KV, G * (t1 - t0), D)  # row g*Tq + t: head g, query t0 + t
-            scores = jnp.einsum("bkmd,bksd->bkms", rows, kt[:, :, :t1], precision=PRECISION) * head_dim**-0.5
-            probs = jax.nn.softmax(jnp.where(jnp.tile(causal[t0:t1, :t1], (G, 1)), scores, lowest), axis=-1)
-            out = jnp.einsum("bkms,bksd->bkmd", probs, vt[:, :, :t1], precision=PRECISION)
-            blocks.append(out.reshape(B, KV, G, t1 - t0, D))
-        out = jnp.concatenate(blocks, axis=3)  # [B, KV, G, T, D]
-        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
-    q = q.reshape(B, T, KV, G, D)
-    S = cached_k.shape[1]
-    new = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=PRECISION) * head_dim**-0.5  # [B, KV, G, T, T]
-    new = jnp.where(causal, new, lowest)
-    old = jnp.einsum("btkgd,bskd->bkgts", q, cached_k, precision=PRECISION) * head_dim**-0.5  # [B,KV,G,T,S]
-    old = jnp.where(jnp.arange(S) < start, old, lowest)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :S], cached_v, precision=PRECISION)
-    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v, precision=PRECISION)
-    return out.reshape(B, T, Hq * D)
-
-
 def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cache: Cache | None):
     """All decoder layers in one scan: x [B, T, H] -> (x, new keys, new values [L, B, T, KV, D])."""
     B, T, _ = x.shape
@@ -350,20 +247,16 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
 
         def bitlinear(h, *names, norm, up=None, residual=None):  # norm: the name of the norm before it
             act = None if up is None else cfg.hidden_act
-            return _bitlinear(h, names, p, m, opts, index, norm=n.get(norm), eps=eps, act=act, up=up,
-                              residual=residual)
+            return fused_bitlinear(h, names, p, m, native_kernel=opts.native, layer=index, norm=n.get(norm),
+                                   eps=eps, act=act, up=up, residual=residual, block_bytes=opts.block_bytes,
+                                   reduce_rows=opts.reduce_rows)
 
         q, k, v = bitlinear(x, "q_proj", "k_proj", "v_proj", norm="input_layernorm")
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        if opts.native and cached_k is None:  # 2B4T, 512 tokens: ~8 against 15-18 ms per layer (XLA)
-            attn, k = native.causal_attention(q, k, v, cos, sin)  # k comes back rotated, for the cache
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cached_k is not None:
-                k, v = k.astype(cached_k.dtype), v.astype(cached_v.dtype)  # attend to what the cache will hold
-            attn = _attention(q, k, v, cached_k, cached_v, start, cfg.head_dim, opts.query_block)
+        attn, k, v = rotary_attention(q, k, v, cos, sin, cached_k, cached_v, start, query_block=opts.query_block,
+                                      native_kernel=opts.native)  # k, v: rotated, as the cache holds them
         x = bitlinear(attn, "o_proj", norm="attn_sub_norm", residual=x)[0]  # Llama-family: no sub-norms
         gate, up = bitlinear(x, "gate_proj", "up_proj", norm="post_attention_layernorm")
         x = bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up, residual=x)[0]  # act(gate) * up: [B, T, F]
@@ -412,9 +305,8 @@ def _to_float32(table: jax.Array) -> jax.Array:
     """Exact float32 of a table block (uint16 bf16 bits or float32), materialized before the dot that reads it.
 
     Why bits: a bf16 is the high half of its float32, so `bits << 16` is the exact value, and XLA's CPU runs
-    that integer shift ~6x faster than its bf16 convert (2B4T's tied head, 328 M values per token: 78-86 ms
-    against 470-540 ms, measured side by side; a bitcast of a bf16 array inside the program is as slow as the
-    convert, hence uint16 storage). The barrier keeps XLA from fusing the conversion into the dot, whose
+    that integer shift several times faster than its bf16 convert (a bitcast of a bf16 array inside the program
+    is as slow as the convert, hence uint16 storage; BENCHMARKS.md, design measurements). The barrier keeps XLA from fusing the conversion into the dot, whose
     fused form is a naive loop.
     """
     if table.dtype == jnp.uint16:
@@ -476,9 +368,8 @@ def synthetic_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
     """Random weights of `cfg`'s shapes made on the device (benchmarks with no checkpoint file): uniform
     ternary codes, multipliers ~1.5, norms ~1, bf16 embeddings 0.02 N(0, 1) (held as bits)."""
     key = jax.random.key(seed)
-    L, H, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q_proj": (cfg.q_size, H), "k_proj": (cfg.kv_size, H), "v_proj": (cfg.kv_size, H),
-              "o_proj": (H, cfg.q_size), "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    shapes = {role.name: role.shape(cfg) for role in names.PROJECTIONS.values()}
 
     # The 81 bytes whose four 2-bit fields are valid codes (0, 1, 2): a uniform draw is four uniform codes.
     valid = jnp.asarray([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3)
@@ -499,9 +390,8 @@ def synthetic_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
         key, k1, k2 = jax.random.split(key, 3)
         packed[name] = random_packed(k1, shape)
         multipliers[name] = jax.random.uniform(k2, (L,), jnp.float32, 1.3, 1.7)
-    sizes = {"input_layernorm": H, "post_attention_layernorm": H}
-    if cfg.sub_norms:
-        sizes |= {"attn_sub_norm": H, "ffn_sub_norm": F}
+    sizes = {role.name: role.shape(cfg)[0] for role in names.LAYER_NORMS.values()
+             if cfg.sub_norms or not role.sub_norm_only}
     norms = {}
     for name, size in sizes.items():
         key, sub = jax.random.split(key)

@@ -8,19 +8,13 @@ contiguously. 2B4T's 2.08 G ternary weights take 0.52 GB this way (int8: 2.08 GB
 whole `generate` process may use). The reference model (bitlinear.py), the Flax format and the engine all hold
 this one layout.
 
-The product (`packed_matmul`) is exact: int8 activations x unpacked int8 codes, int32 accumulation. How it
-runs on the CPU, measured on this project's 2-core Xeon (XLA CPU, 6912x2560 gate projection, decode):
-  * an XLA reduce over the unpacked codes (multiply + sum in one fusion) is not vectorized: 36 ms (int32),
-    200-400 ms (float32);
-  * unpacking the whole matrix to int8 and one int8 dot: 2.3-3.5 ms (17.7 MB of int8 written and read back);
-  * unpacking block by block inside `lax.map` and one int8 dot per block (~2 MB of int8 each, stays in L2):
-    1.3 ms, on par with an int8 dot over codes already in memory (1.5 ms) while reading 4x fewer bytes.
-So the CPU path maps over blocks of about BLOCK_BYTES of unpacked codes (`default_block_bytes`); other
+The product (`packed_matmul`) is exact: int8 activations x unpacked int8 codes, int32 accumulation. On the CPU
+it unpacks block by block inside `lax.map`, one int8 dot per block of about BLOCK_BYTES (it stays in L2): as fast
+as a dot over codes already unpacked, reading 4x fewer bytes, where XLA's fused multiply-reduce is not vectorized
+and a whole-matrix unpack writes and reads back the int8 codes (BENCHMARKS.md, design measurements). Other
 backends (a GPU fuses the unpack into its operand loads) and sharded runs unpack the whole matrix
-(`block_bytes=0`). XLA's CPU int8 dot
-of a single row takes a slow path (31-65 ms against 1.2-1.6 ms for two rows), so one row is padded to two.
-This is the reference model's product and the engine's everywhere but a CPU with AVX-512 VNNI, where the
-engine reads the packed bytes in native kernels instead (bitnet_model/native: 8x faster at one token).
+(`block_bytes=0`). One row is padded to two: XLA's CPU int8 dot of a single row takes a slow path. On a CPU with
+AVX-512 VNNI the BitLinear product reads the packed bytes in native kernels instead (bitnet_model/native).
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bitnet_convert.codecs.rows4 import VALUES_PER_BYTE, pack  # noqa: F401  (pack: numpy, host side)
+from bitnet_core.codecs.rows4 import VALUES_PER_BYTE, pack  # noqa: F401  (pack: numpy, host side)
 
 BLOCK_BYTES = 2 << 20  # unpacked int8 codes per block on the CPU: fits the 2 MB L2 of one core
 
@@ -56,7 +50,7 @@ def block_rows(rows: int, row_bytes: int, block_bytes: int) -> int:
     return max(d for d in range(1, min(limit, rows) + 1) if rows % d == 0)
 
 
-def _int8_dot(x_q: jax.Array, codes: jax.Array) -> jax.Array:  # int8 [N, in] x int8 [M, in] -> int32 [N, M]
+def int8_dot(x_q: jax.Array, codes: jax.Array) -> jax.Array:  # int8 [N, in] x int8 [M, in] -> int32 [N, M]
     # Weights as the left operand: XLA's CPU int8 kernel runs codes @ x.T 1.6x faster than x @ codes.T for
     # decode's two rows (6912 x 2560: 0.59 vs 1.00 ms) and ~1.2x for 512 rows; the transpose of the small
     # [M, N] result fuses into what follows.
@@ -74,9 +68,9 @@ def packed_matmul(x_q: jax.Array, packed: jax.Array, *, block_bytes: int = 0) ->
     out = packed_rows * VALUES_PER_BYTE
     per_block = block_rows(packed_rows, VALUES_PER_BYTE * inp, block_bytes)  # int8 bytes per packed row
     if per_block == packed_rows:
-        acc = _int8_dot(rows, unpack(packed))  # [N, out]
+        acc = int8_dot(rows, unpack(packed))  # [N, out]
     else:
         blocks = packed.reshape(packed_rows // per_block, per_block, inp)  # [nb, rb, in]
-        acc = jax.lax.map(lambda block: _int8_dot(rows, unpack(block)), blocks)  # [nb, N, 4 rb]
+        acc = jax.lax.map(lambda block: int8_dot(rows, unpack(block)), blocks)  # [nb, N, 4 rb]
         acc = jnp.moveaxis(acc, 0, 1).reshape(rows.shape[0], out)  # block b holds output rows b*4rb ..
     return acc[:n].reshape(*lead, out)

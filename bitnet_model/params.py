@@ -9,24 +9,38 @@ merges. Dense tensors become float32 in the model; their checkpoint dtypes are r
 from __future__ import annotations
 
 import json
-import os
 
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
 import numpy as np
 from flax import nnx
 
-from bitnet_convert.checkpoint import DENSE, Checkpoint, PackedLoader, PackedTernary, Ternary, dense_entry, ternary_entry
-from bitnet_convert.codecs import hf2bit, rows4
-from bitnet_convert.errors import ConvertError, CorruptData
-from bitnet_convert.formats.hf import ternarize_master
-from bitnet_convert.names import expected_tensors, is_projection
-from bitnet_convert.validate import check_tensors, model_config
-
-from .bitlinear import INFERENCE, MODES, TRAINING
-from .decoding import logits  # noqa: F401  (verify calls params.logits)
-from .modeling import BitNetForCausalLM
-from .state_names import dense_key, key_path, path_key, ternary_keys
+from bitnet_core.checkpoint import (
+    DENSE,
+    Checkpoint,
+    PackedLoader,
+    PackedTernary,
+    Ternary,
+    dense_entry,
+    ternary_entry,
+)
+from bitnet_core.codecs import hf2bit, rows4
+from bitnet_core.errors import ConvertError
+from bitnet_core.names import (
+    dense_key,
+    expected_tensors,
+    is_projection,
+    key_path,
+    path_key,
+    ternary_keys,
+)
+from bitnet_core.quantize import masters_from_ternary, packed_projection
+from bitnet_core.validate import check_tensors, model_config
+from bitnet_model.bitlinear import INFERENCE, MODES, TRAINING
+from bitnet_model.modeling import (
+    BitNetForCausalLM,
+    logits,  # noqa: F401  (the jitted forward, beside the loader that makes models)
+)
 
 MAX_ERRORS_SHOWN = 5
 
@@ -34,19 +48,6 @@ MAX_ERRORS_SHOWN = 5
 def _where(ckpt: Checkpoint) -> str:
     prov = ckpt.provenance
     return str(prov.get("path") or prov.get("source") or "checkpoint")
-
-
-def masters_from_ternary(t: Ternary) -> np.ndarray:
-    """Float32 master weights whose absmean ternarization gives back exactly `t`'s codes and multiplier.
-
-    codes * m alone would not: its mean|W| is m times the density of non-zeros. Scaling by m / density makes
-    mean|W| = m, and |W| / m = 1 / density >= 1 rounds and clips back to 1 for every non-zero code.
-    """
-    codes = t.codes.astype(np.float32)
-    density = float(np.mean(np.abs(codes))) if codes.size else 0.0
-    if density == 0.0:
-        return np.zeros_like(codes)
-    return codes * np.float32(t.multiplier / np.float32(density))
 
 
 def _leaves(entry, mode: str) -> dict[str, np.ndarray]:
@@ -60,34 +61,6 @@ def _leaves(entry, mode: str) -> dict[str, np.ndarray]:
     packed_key, multiplier_key = ternary_keys(entry.name)
     packed, multiplier = packed_projection(entry)
     return {packed_key: packed, multiplier_key: np.asarray(multiplier, np.float32)}
-
-
-def packed_projection(entry) -> tuple[np.ndarray, np.float32]:
-    """A projection entry as the inference state holds it: (uint8 packed [out/4, in], float32 multiplier).
-
-    Stored 2-bit bytes (HF and Flax sources offer them as `load_packed`, in HF's layout) have their fields
-    regrouped into the model's layout without making int8 codes; anything else is loaded and packed. Master
-    weights are quantized as transformers' online layout does, with the host-side quantizer every format
-    writer uses (float64 mean), so the model and converted files agree on every code. Also the engine's
-    loader (engine.weights_from_checkpoint): one conversion for both.
-    """
-    if len(entry.shape) == 2 and not rows4.packable(entry.shape[0]):
-        raise ConvertError(f"tensor {entry.name} has {entry.shape[0]} output rows: the model packs 4 rows per "
-                           "byte and needs a multiple of 4")
-    source = entry.load_packed() if entry.load_packed is not None else None
-    if source is not None and source.layout == hf2bit.LAYOUT and len(entry.shape) == 2:
-        packed = source.transcode(rows4.from_hf2bit, entry.shape[0])  # CorruptData naming the tensor on code 3
-        multiplier = source.multiplier
-    else:
-        value = entry.load()
-        if not isinstance(value, Ternary):
-            value = ternarize_master(value)
-        if value.codes.size and np.abs(value.codes.astype(np.int16)).max() > 1:
-            raise CorruptData(f"tensor {entry.name} holds codes outside {{-1, 0, +1}}")
-        packed, multiplier = rows4.pack(value.codes), value.multiplier
-    if not np.isfinite(multiplier):
-        raise CorruptData(f"tensor {entry.name} has a non-finite multiplier {multiplier}")
-    return packed, np.float32(multiplier)
 
 
 def _nest(flat: dict[tuple, object]) -> dict:
@@ -205,11 +178,3 @@ def _ternary_loader(packed_var, multiplier_var, name: str) -> PackedLoader:
 
 def _dense_loader(var, dtype):
     return lambda: np.asarray(var.get_value(), np.float32).astype(dtype)
-
-
-def load(path: str | os.PathLike, *, mode: str = INFERENCE, revision: str | None = None) -> BitNetForCausalLM:
-    """A ready model from any checkpoint bitnet-convert reads (HF folder or hub id, Flax folder, .npz, GGUF)."""
-    from bitnet_convert import registry
-
-    ckpt = registry.read_checkpoint(os.fspath(path), revision=revision)
-    return model_from_checkpoint(ckpt, mode=mode)

@@ -26,12 +26,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .config import ModelConfig
-from .engine import Cache, Weights
+from bitnet_core import names
+from bitnet_core.config import ModelConfig
+from bitnet_model.engine import Cache, Weights
 
 DATA, MODEL = "data", "model"
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
-ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split
+COLUMN_PARALLEL = tuple(r.name for r in names.LAYER_ROLES if r.shard == names.COLUMN)  # output rows split
+ROW_PARALLEL = tuple(r.name for r in names.LAYER_ROLES if r.shard == names.ROW)  # input columns split
 _KV = ("k_proj", "v_proj")
 
 
@@ -129,7 +130,7 @@ def shard_model(model, mesh: Mesh):
     """Place a reference model's state on the mesh in place (packed codes split as the engine's); returns the
     model. Its BitLinears then unpack whole matrices (`block_bytes = 0`): CPU blocks would cut across the
     rows split over devices, as in engine.Options.for_backend(sharded=True)."""
-    from .bitlinear import BitLinear
+    from bitnet_model.bitlinear import BitLinear
 
     for _, module in nnx.iter_graph(model):
         if isinstance(module, BitLinear):

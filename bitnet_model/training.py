@@ -7,12 +7,12 @@ so the exported model's logits equal the training model's to the last bit.
 from __future__ import annotations
 
 import jax
-import optax
 from flax import nnx
 
-from .bitlinear import INFERENCE, TRAINING, pack_ternary, ternarize
-from .modeling import BitNetForCausalLM
-from .state_names import MULTIPLIER, PACKED, WEIGHT
+from bitnet_core.extras import require
+from bitnet_core.names import MULTIPLIER, PACKED, WEIGHT
+from bitnet_model.bitlinear import INFERENCE, TRAINING, pack_ternary, ternarize
+from bitnet_model.modeling import BitNetForCausalLM
 
 
 def export_inference(model: BitNetForCausalLM) -> BitNetForCausalLM:
@@ -37,6 +37,7 @@ def export_inference(model: BitNetForCausalLM) -> BitNetForCausalLM:
 
 def next_token_loss(model: BitNetForCausalLM, token_ids: jax.Array) -> jax.Array:
     """Mean cross-entropy of predicting token t+1 from tokens <= t, for int [B, T]."""
+    optax = require("optax", "training")
     logits = model(token_ids[:, :-1])  # [B, T-1, V]
     return optax.softmax_cross_entropy_with_integer_labels(logits, token_ids[:, 1:]).mean()
 

@@ -22,11 +22,11 @@ def hf_checkpoint(tmp_path_factory):
     Folders are cached per argument set for the whole session; treat them as read-only."""
     cache = {}
 
-    def make(layout: str = "autobitlinear", seed: int = 0, **overrides):
-        key = (layout, seed, tuple(sorted(overrides.items())))
+    def make(layout: str = "autobitlinear", seed: int = 0, is_chaotic: bool = False, **overrides):
+        key = (layout, seed, is_chaotic, tuple(sorted(overrides.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"hf-{layout}")
-            cache[key] = write_hf_checkpoint(folder / "model", layout, seed=seed, **overrides)
+            cache[key] = write_hf_checkpoint(folder / "model", layout, seed=seed, is_chaotic=is_chaotic, **overrides)
         return cache[key]
 
     return make

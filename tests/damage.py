@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from bitnet_convert import cli, registry, validate
-from bitnet_convert.formats import npz
+from bitnet_convert import cli
+from bitnet_convert.formats import npz, registry
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core import validate
 
 # One layer is the smallest model every format accepts (TQ blocks need rows of 256, I2_S blocks of 128).
 SMALL = {"num_hidden_layers": 1}

@@ -1,7 +1,7 @@
 """Tiny Hugging Face checkpoints written *independently* of our HF writer.
 
 Packing uses transformers' own `pack_weights` and files are saved with safetensors' torch API, so reader
-bugs cannot cancel writer bugs. Layout names as in formats.md §2.
+bugs cannot cancel writer bugs. Layout names as in docs/formats.md §2.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from transformers.integrations.bitnet import pack_weights
 
-from bitnet_convert.checkpoint import Ternary
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Ternary
 
 QUANT_CONFIGS = {
     "autobitlinear": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"},
@@ -32,13 +32,38 @@ def _torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def write_hf_checkpoint(path, layout: str = "autobitlinear", seed: int = 0, **config_overrides) -> Path:
-    """Write a tiny model in `layout` to folder `path`; returns the path."""
+# Multipliers of 2B4T's size (mean|W| of its masters is ~1.5): a random model with them is chaotic, and one
+# int8 rounding tie moves its logits by percents (docs/formats.md §11). tiny_checkpoint's ~1/sqrt(fan-in) is stable.
+CHAOTIC_MULTIPLIERS = (1.3, 1.7)
+
+
+def chaotic(values: dict, seed: int) -> dict:
+    """The same model with 2B4T-sized multipliers (bf16-exact) or master weights of that mean |W|."""
+    rng = np.random.default_rng(seed + 1000)
+    out = {}
+    for name, value in values.items():
+        target = np.float32(np.float32(rng.uniform(*CHAOTIC_MULTIPLIERS)).astype(ml_dtypes.bfloat16))
+        if isinstance(value, Ternary):
+            out[name] = Ternary(value.codes, target)
+        elif name.endswith("_proj.weight"):  # bf16 masters
+            masters = value.astype(np.float32)
+            out[name] = (masters * (target / np.mean(np.abs(masters)))).astype(ml_dtypes.bfloat16)
+        else:
+            out[name] = value
+    return out
+
+
+def write_hf_checkpoint(path, layout: str = "autobitlinear", seed: int = 0, *, is_chaotic: bool = False,
+                        **config_overrides) -> Path:
+    """Write a tiny model in `layout` to folder `path` (2B4T-sized multipliers with `is_chaotic`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ckpt = tiny_checkpoint(seed=seed, masters=(layout == "online"), **config_overrides)
+    values = ckpt.materialize()
+    if is_chaotic:
+        values = chaotic(values, seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, value in ckpt.materialize().items():
+    for name, value in values.items():
         if isinstance(value, Ternary):
             tensors[name] = pack_weights(torch.from_numpy(value.codes.astype(np.float32)))
             scale = value.multiplier if layout == "autobitlinear" else np.float32(1.0) / value.multiplier

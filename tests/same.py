@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bitnet_convert.checkpoint import Ternary
+from bitnet_core.checkpoint import Ternary
 
 
 def assert_same_tensors(expected, actual):

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -559,6 +561,310 @@ def gguf_npz_in_disguise(good, tmp):
     return copy(good["npz"], tmp / "really-an-npz.gguf")
 
 
+# --- issue 15 §3 and §5: bounded work and named errors for every field a reader takes in
+
+
+def _hf_config_text(edit):
+    """An HF folder whose config.json text is `edit(text)` (for JSON json.dumps cannot write: 1e999, NaN ...)."""
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        path = folder / "config.json"
+        path.write_text(edit(path.read_text()))
+        return folder
+
+    return make
+
+
+def hf_config_not_utf8(good, tmp):
+    folder = _in(tmp, good["hf"])
+    path = folder / "config.json"
+    path.write_bytes(path.read_bytes().replace(b'"bitnet"', b'"bit\xffnet"', 1))
+    return folder
+
+
+def _json_field(name: str, raw: str):
+    """Replace the value of top-level field `name` (or add it) with the raw JSON text `raw`."""
+    def edit(text):
+        config = json.loads(text)
+        config[name] = "@@RAW@@"
+        return json.dumps(config).replace('"@@RAW@@"', raw)
+
+    return edit
+
+
+def _hf_quantization(**changes):
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"].update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _hf_fifo(name: str):
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        _replace_with_fifo(folder / name)
+        return folder
+
+    return make
+
+
+def hf_only_pickled_weights(good, tmp):
+    folder = _in(tmp, good["hf"])
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    return folder
+
+
+def hf_folder_as_weights(good, tmp):
+    folder = _in(tmp, good["hf"])
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+    return folder
+
+
+def _sharded(good, tmp):
+    """good["hf"] as one shard listed by an index (a valid sharded folder)."""
+    folder = _in(tmp, good["hf"])
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    names = list(safetensors_offsets(folder / "model-00001-of-00001.safetensors"))
+    return folder, {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}
+
+
+def _hf_index(edit):
+    def make(good, tmp):
+        folder, index = _sharded(good, tmp)
+        text = edit(index)
+        (folder / "model.safetensors.index.json").write_text(text if isinstance(text, str) else json.dumps(index))
+        return folder
+
+    return make
+
+
+def _index_value(value):
+    def edit(index):
+        index["weight_map"][NORM] = value
+
+    return edit
+
+
+def hf_shard_is_fifo(good, tmp):
+    folder, index = _sharded(good, tmp)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    _replace_with_fifo(folder / "model-00001-of-00001.safetensors")
+    return folder
+
+
+def _hf_tokenizer_bytes(name: str, data: bytes):
+    """An HF folder whose tokenizer file `name` holds `data`."""
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        (folder / name).write_bytes(data)
+        return folder
+
+    return make
+
+
+def _hf_tokenizer_field(name: str, dotted: str, value):
+    """An HF folder whose JSON tokenizer file `name` has field `dotted` (a.b.c) set to `value`."""
+    def make(good, tmp):
+        folder = _in(tmp, good["hf"])
+        path = folder / name
+        document = json.loads(path.read_bytes()) if path.exists() else {}
+        _set(document, dotted, value)
+        path.write_text(json.dumps(document))
+        return folder
+
+    return make
+
+
+def _set(document: dict, dotted: str, value):
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        document = document[part]
+    document[parts[-1]] = value
+
+
+def _huge_side_file(fmt: str, name: str):
+    """A 65 MiB file `name` in a folder source (sparse: no disk used): refused by its size, never read."""
+    def make(good, tmp):
+        folder = _in(tmp, good[fmt])
+        with open(folder / name, "wb") as fh:
+            fh.truncate(65 << 20)
+        return folder
+
+    return make
+
+
+def flax_params_fifo(good, tmp):
+    folder = _in(tmp, good["flax"])
+    _replace_with_fifo(folder / "params.safetensors")
+    return folder
+
+
+def _flax_config(**changes):
+    def make(good, tmp):
+        folder = _in(tmp, good["flax"])
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
+def npz_deflated_tokenizer_member(good, tmp):
+    """tokenizer/tokenizer.json claiming 100 MiB, deflated to ~100 kB: refused from its header, never inflated."""
+    path = npz_rewrite(good["npz"], tmp / "bomb.npz", drop=("tokenizer/tokenizer.json",))
+    member = npy_bytes({"descr": "|u1", "fortran_order": False, "shape": (100 << 20,)}, bytes(100 << 20))
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("tokenizer/tokenizer.json.npy", member)
+    return path
+
+
+def _npz_json_member(key: str, text: str):
+    def make(good, tmp):
+        return npz_rewrite(good["npz"], tmp / "member.npz", replace={key: np.frombuffer(text.encode(), np.uint8)})
+
+    return make
+
+
+def _npz_config(**changes):
+    def make(good, tmp):
+        config = json.loads(bytes(npz_array(good["npz"], "meta/config.json")))
+        config.update(changes)
+        return _npz_json_member("meta/config.json", json.dumps(config))(good, tmp)
+
+    return make
+
+
+def npz_index_shape_float(good, tmp):
+    index = json.loads(bytes(npz_array(good["npz"], "meta/tensors.json")))
+    index[0]["shape"] = [float(d) for d in index[0]["shape"]]
+    return _npz_json_member("meta/tensors.json", json.dumps(index))(good, tmp)
+
+
+def npz_tokenizer_config_wrong_shape(good, tmp):
+    return _npz_json_member("tokenizer/tokenizer_config.json", json.dumps({"bos_token": ["<s>"]}))(good, tmp)
+
+
+def npz_fifo(good, tmp):
+    path = tmp / "m.npz"
+    os.mkfifo(path)
+    return path
+
+
+def dev_zero(good, tmp):
+    return Path("/dev/zero")
+
+
+# GGUF key/values rebuilt from the valid file (gguf-py finds the entries): change, drop or add one entry.
+
+GGUF_TYPES = {"u8": 0, "i8": 1, "u32": 4, "i32": 5, "f32": 6, "bool": 7, "string": 8, "array": 9, "u64": 10,
+              "f64": 12}
+_PACK = {"u8": "<B", "i8": "<b", "u32": "<I", "i32": "<i", "f32": "<f", "bool": "<?", "u64": "<Q", "f64": "<d"}
+
+
+def gguf_value(kind: str, value, item: str | None = None) -> bytes:
+    """A GGUF value's type id and bytes (arrays: of `item`)."""
+    if kind == "string":
+        raw = value.encode() if isinstance(value, str) else value
+        return struct.pack("<I", 8) + struct.pack("<Q", len(raw)) + raw
+    if kind == "array":
+        items = b"".join(gguf_value(item, v)[4:] for v in value)
+        return struct.pack("<IIQ", 9, GGUF_TYPES[item], len(value)) + items
+    return struct.pack("<I", GGUF_TYPES[kind]) + struct.pack(_PACK[kind], value)
+
+
+def gguf_entry(key: str, kind: str, value, item: str | None = None) -> bytes:
+    return struct.pack("<Q", len(key)) + key.encode() + gguf_value(kind, value, item)
+
+
+def gguf_rebuilt(src: Path, dst: Path, *, changes: dict[str, bytes | None] | None = None, add: tuple = ()) -> Path:
+    """`src` with `changes` (key -> its new entry's bytes, None to drop it; a key `src` lacks is added) and `add`
+    (entries' bytes, duplicates allowed) applied: the tensor infos and data are copied, the data re-aligned
+    (their offsets are relative to it)."""
+    from gguf import GGUFReader
+
+    import bitnet_convert.formats.gguf_types  # noqa: F401  (registers I2_S)
+
+    changes = changes or {}
+    raw = src.read_bytes()
+    reader = GGUFReader(src)
+    entries = []
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF."):
+            continue
+        entry = raw[field.offset : field.offset + sum(int(p.nbytes) for p in field.parts)]
+        entries.append(changes.get(field.name, entry))
+    missing = [entry for key, entry in changes.items() if key not in reader.fields]
+    entries = [e for e in entries + missing if e is not None] + list(add)
+    infos = [t.field for t in reader.tensors]
+    tensor_infos = raw[infos[0].offset : infos[-1].offset + sum(int(p.nbytes) for p in infos[-1].parts)]
+    head = raw[:8] + struct.pack("<QQ", len(reader.tensors), len(entries)) + b"".join(entries) + tensor_infos
+    dst.write_bytes(head + bytes(-len(head) % 32) + raw[reader.data_offset :])
+    return dst
+
+
+def _gguf_key(key: str, kind: str | None, value=None, item: str | None = None, *, variant: str = "tq2_0"):
+    """A GGUF file whose key `key` holds `value` of `kind` (None: the key removed)."""
+    def make(good, tmp):
+        entry = None if kind is None else gguf_entry(key, kind, value, item)
+        return gguf_rebuilt(good[variant], tmp / "key.gguf", changes={key: entry})
+
+    return make
+
+
+def _gguf_added(*entries: bytes):
+    def make(good, tmp):
+        return gguf_rebuilt(good["tq2_0"], tmp / "added.gguf", add=entries)
+
+    return make
+
+
+def _gguf_tokens(edit):
+    """A GGUF file whose token list / token types are edited: edit(tokens, types) -> (tokens, types)."""
+    def make(good, tmp):
+        from gguf import GGUFReader
+
+        reader = GGUFReader(good["tq2_0"])
+        tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+        types = reader.get_field("tokenizer.ggml.token_type").contents()
+        tokens, types = edit(tokens, types)
+        return gguf_rebuilt(good["tq2_0"], tmp / "tokens.gguf", changes={
+            "tokenizer.ggml.tokens": gguf_entry("tokenizer.ggml.tokens", "array", tokens, "string"),
+            "tokenizer.ggml.token_type": gguf_entry("tokenizer.ggml.token_type", "array", types, "i32"),
+        })
+
+    return make
+
+
+def gguf_version_big_endian(good, tmp):
+    path = _in(tmp, good["tq2_0"])
+    patch(path, 4, struct.pack(">I", 3))
+    return path
+
+
+def gguf_too_many_strings(good, tmp):
+    """2.2 M empty strings in one key (17.6 MB): more than any tokenizer holds, refused before they are walked."""
+    count = (1 << 21) + 1
+    entry = struct.pack("<Q", 5) + b"x.big" + struct.pack("<IIQ", 9, 8, count) + bytes(8 * count)
+    return gguf_rebuilt(good["tq2_0"], tmp / "strings.gguf", add=(entry,))
+
+
+def gguf_fifo(good, tmp):
+    path = tmp / "m.gguf"
+    os.mkfifo(path)
+    return path
+
+
 _GGUF_OWNER = "formats/gguf_read.py (owner still editing)"
 
 CASES = [
@@ -581,7 +887,7 @@ CASES = [
     Case("hf-config-zero-heads", "hf", _hf_config(num_attention_heads=0, head_dim=None), r"num_attention_heads"),
     Case("hf-config-negative-size", "hf", _hf_config(intermediate_size=-512), r"intermediate_size is -512"),
     Case("hf-config-negative-eps", "hf", _hf_config(rms_norm_eps=-1e-5), r"rms_norm_eps"),
-    Case("hf-config-string-size", "hf", _hf_config(hidden_size="big"), r"config\.json.*malformed"),
+    Case("hf-config-string-size", "hf", _hf_config(hidden_size="big"), r"config\.json: hidden_size is a string.*integer"),
     Case("hf-missing-tensor", "hf", hf_missing_tensor, r"missing tensor " + re.escape(NORM)),
     Case("hf-missing-weight-scale", "hf", hf_missing_weight_scale, r"missing tensor .*weight_scale"),
     Case("hf-extra-tensor", "hf", hf_extra_tensor, r"unexpected tensor model\.layers\.1"),
@@ -654,6 +960,146 @@ CASES = [
          pair_only=True),
     Case("hf-folder-given-to-flax-to-npz", "flax", lambda good, tmp: copy(good["hf"], tmp / "m-hf"),
          r"not a Flax folder", pair_only=True),
+    # --- issue 15 §3: bounded work for any input
+    Case("hf-modules-to-not-convert-regex", "hf", _hf_quantization(modules_to_not_convert=["(a+)+$", "lm_head"]),
+         r"modules_to_not_convert entry '\(a\+\)\+\$' is not a module name"),
+    Case("hf-modules-to-not-convert-wildcard", "hf", _hf_quantization(modules_to_not_convert=["model.layers.*"]),
+         r"modules_to_not_convert .*not a module name"),
+    Case("hf-modules-to-not-convert-dot-matches-any", "hf",
+         _hf_quantization(modules_to_not_convert=["model.layers.0.mlp.up.proj"]),
+         r"modules_to_not_convert leaves model\.layers\.0\.mlp\.up_proj unquantized"),
+    Case("hf-modules-to-not-convert-suffix", "hf", _hf_quantization(modules_to_not_convert=["down_proj"]),
+         r"modules_to_not_convert leaves model\.layers\.0\.mlp\.down_proj unquantized"),
+    Case("hf-modules-to-not-convert-not-a-list", "hf", _hf_quantization(modules_to_not_convert=5),
+         r"modules_to_not_convert is not a list"),
+    Case("hf-weights-are-a-fifo", "hf", _hf_fifo("model.safetensors"), r"model\.safetensors: is a FIFO"),
+    Case("hf-config-is-a-fifo", "hf", _hf_fifo("config.json"), r"config\.json: is a FIFO"),
+    Case("hf-tokenizer-is-a-fifo", "hf", _hf_fifo("tokenizer.json"), r"tokenizer\.json: is a FIFO"),
+    Case("hf-weights-are-a-folder", "hf", hf_folder_as_weights, r"model\.safetensors: is a folder"),
+    Case("hf-only-pickled-weights", "hf", hf_only_pickled_weights,
+         r"pytorch_model\.bin is a pickle, which bitnet-convert never loads"),
+    Case("hf-shard-is-a-fifo", "hf", hf_shard_is_fifo, r"model-00001-of-00001\.safetensors: is a FIFO"),
+    Case("flax-params-are-a-fifo", "flax", flax_params_fifo, r"params\.safetensors: is a FIFO"),
+    Case("npz-is-a-fifo", "npz", npz_fifo, r"m\.npz: is a FIFO"),
+    Case("gguf-is-a-fifo", "gguf", gguf_fifo, r"m\.gguf: is a FIFO"),
+    Case("dev-zero", "npz", dev_zero, r"/dev/zero: is a character device"),
+    Case("flax-tokenizer-file-of-65-mib", "flax", _huge_side_file("flax", "tokenizer.model"),
+         r"tokenizer\.model: 68,157,440 bytes, more than any tokenizer file"),
+    Case("hf-tokenizer-file-of-65-mib", "hf", _huge_side_file("hf", "tokenizer.json"),
+         r"tokenizer\.json: 68,157,440 bytes, more than any tokenizer file"),
+    Case("hf-config-of-65-mib", "hf", _huge_side_file("hf", "config.json"),
+         r"config\.json: 68,157,440 bytes, more than any config file"),
+    Case("npz-deflated-tokenizer-member-of-100-mib", "npz", npz_deflated_tokenizer_member,
+         r"member tokenizer/tokenizer\.json: 104,857,600 bytes, more than any tokenizer file"),
+    Case("gguf-too-many-metadata-strings", "gguf", gguf_too_many_strings, r"key x\.big .*more than any tokenizer"),
+    Case("gguf-nested-array", "gguf", _gguf_added(struct.pack("<Q", 5) + b"x.arr" + struct.pack("<IIQ", 9, 9, 1)
+                                                  + struct.pack("<IQ", 4, 0)), r"key x\.arr is an array of arrays"),
+    # --- issue 15 §5: every config.json field of the JSON type it must have, at read time, the file named
+    Case("hf-config-architectures-an-integer", "hf", _hf_config(architectures=5),
+         r"config\.json: architectures is an integer \(5\)"),
+    Case("hf-config-architectures-of-objects", "hf", _hf_config(architectures=[{}]),
+         r"config\.json: architectures is a list"),
+    Case("hf-config-size-a-boolean", "hf", _hf_config(hidden_size=True), r"hidden_size is a boolean"),
+    Case("hf-config-size-a-fraction", "hf", _hf_config(intermediate_size=512.5), r"intermediate_size is a number"),
+    Case("hf-config-eps-a-string", "hf", _hf_config(rms_norm_eps="1e-5"), r"rms_norm_eps is a string"),
+    Case("hf-config-tie-a-string", "hf", _hf_config(tie_word_embeddings="false"), r"tie_word_embeddings is a string"),
+    Case("hf-config-rope-parameters-a-list", "hf", _hf_config(rope_parameters=[1]), r"rope_parameters is a list"),
+    Case("hf-config-hidden-act-a-list", "hf", _hf_config(hidden_act=["relu2"]), r"hidden_act is a list"),
+    Case("hf-config-bos-a-string", "hf", _hf_config(bos_token_id="381"), r"bos_token_id is a string"),
+    Case("hf-config-number-beyond-float", "hf", _hf_config_text(_json_field("rope_theta", "1e999")),
+         r"config\.json: JSON holding the number 1e999"),
+    Case("hf-config-nan-literal", "hf", _hf_config_text(_json_field("initializer_range", "NaN")),
+         r"config\.json: JSON holding NaN"),
+    Case("hf-config-5000-digit-integer", "hf", _hf_config_text(_json_field("vocab_size", "9" * 5000)),
+         r"config\.json: JSON holding an integer of more than 4300 digits"),
+    Case("hf-config-nested-too-deeply", "hf", _hf_config_text(_json_field("extra", "[" * 100_000 + "]" * 100_000)),
+         r"config\.json: JSON nested too deeply"),
+    Case("hf-config-not-utf8", "hf", hf_config_not_utf8, r"config\.json: not UTF-8 text"),
+    Case("hf-config-heads-not-a-multiple-of-kv-heads", "hf", _hf_config(num_key_value_heads=3),
+         r"num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    Case("hf-config-odd-head-dim", "hf", _hf_config(head_dim=63), r"head_dim is 63.*even"),
+    Case("hf-config-context-2-to-the-33", "hf", _hf_config(max_position_embeddings=2**33),
+         r"max_position_embeddings is 8589934592, more than fits a 32-bit size"),
+    Case("hf-config-rope-base-beyond-float32", "hf", _hf_config(rope_theta=1e39),
+         r"rope_theta is 1e\+39, beyond the float32 range"),
+    Case("hf-config-eps-zero-in-float32", "hf", _hf_config(rms_norm_eps=1e-50), r"rms_norm_eps is 1e-50.*0 in"),
+    Case("hf-config-negative-bos", "hf", _hf_config(bos_token_id=-1), r"bos_token_id is -1, outside the vocabulary"),
+    Case("hf-config-bos-outside-vocabulary", "hf", _hf_config(bos_token_id=384),
+         r"bos_token_id is 384, outside the vocabulary \(ids 0\.\.383\)"),
+    Case("hf-config-eos-list-outside-vocabulary", "hf", _hf_config(eos_token_id=[383, 5000]),
+         r"eos_token_id is 5000, outside"),
+    Case("flax-config-heads-not-a-multiple", "flax", _flax_config(num_key_value_heads=3), r"not a multiple"),
+    Case("flax-config-size-a-string", "flax", _flax_config(vocab_size="384"), r"vocab_size is a string"),
+    Case("npz-config-negative-eos", "npz", _npz_config(eos_token_id=-7), r"eos_token_id is -7"),
+    Case("npz-config-number-beyond-float", "npz", _npz_json_member("meta/config.json", '{"rope_theta": 1e999}'),
+         r"member meta/config\.json is JSON holding the number 1e999"),
+    Case("npz-index-shape-of-floats", "npz", npz_index_shape_float, r"malformed record in meta/tensors\.json"),
+    # safetensors indexes: every value of the type it must have
+    Case("hf-index-value-an-integer", "hf", _hf_index(_index_value(5)),
+         r"index\.json: weight_map entry .*post_attention_layernorm.* is 5, expected a file name"),
+    Case("hf-index-value-a-list", "hf", _hf_index(_index_value(["a"])), r"index\.json: weight_map entry .*expected a file"),
+    Case("hf-index-value-null", "hf", _hf_index(_index_value(None)), r"index\.json: weight_map entry .*None"),
+    Case("hf-index-weight-map-a-list", "hf", _hf_index(lambda index: index.update(weight_map=[])), r"weight_map"),
+    Case("hf-index-not-json", "hf", _hf_index(lambda index: '{"weight_map": '), r"index\.json: not valid JSON"),
+    Case("hf-index-nested-too-deeply", "hf", _hf_index(lambda index: "[" * 100_000 + "]" * 100_000),
+         r"index\.json: JSON nested too deeply"),
+    # tokenizer files: JSON, and of the shape the GGUF writer and generate read
+    Case("hf-tokenizer-json-not-json", "hf", _hf_tokenizer_bytes("tokenizer.json", b'{"model": '),
+         r"tokenizer\.json: not valid JSON"),
+    Case("hf-tokenizer-json-a-list", "hf", _hf_tokenizer_bytes("tokenizer.json", b"[]"),
+         r"tokenizer\.json: not a JSON object"),
+    Case("hf-tokenizer-vocab-a-list", "hf", _hf_tokenizer_field("tokenizer.json", "model.vocab", ["a"]),
+         r"tokenizer\.json: model\.vocab is \['a'\]"),
+    Case("hf-tokenizer-merge-of-one-part", "hf", _hf_tokenizer_field("tokenizer.json", "model.merges", ["ab"]),
+         r"tokenizer\.json: a merge in model\.merges is 'ab'"),
+    Case("hf-tokenizer-added-token-id-a-string", "hf",
+         _hf_tokenizer_field("tokenizer.json", "added_tokens", [{"id": "5", "content": "<x>"}]),
+         r"tokenizer\.json: an entry of added_tokens"),
+    Case("hf-tokenizer-config-bos-a-list", "hf", _hf_tokenizer_field("tokenizer_config.json", "bos_token", ["<s>"]),
+         r"tokenizer_config\.json: bos_token is \['<s>'\]"),
+    Case("hf-tokenizer-config-chat-template-a-number", "hf",
+         _hf_tokenizer_field("tokenizer_config.json", "chat_template", 5), r"chat_template is 5"),
+    Case("hf-generation-config-eos-a-string", "hf",
+         _hf_tokenizer_field("generation_config.json", "eos_token_id", "x"), r"generation_config\.json: eos_token_id"),
+    Case("hf-merges-txt-not-utf8", "hf", _hf_tokenizer_bytes("merges.txt", b"a b\n\xff\xfe\n"),
+         r"merges\.txt: not UTF-8"),
+    Case("npz-tokenizer-config-wrong-shape", "npz", npz_tokenizer_config_wrong_shape,
+         r"member tokenizer/tokenizer_config\.json: bos_token is"),
+    # GGUF keys: of their GGUF type, in range, lengths that agree
+    Case("gguf-head-count-zero", "gguf", _gguf_key("bitnet.attention.head_count", "u32", 0),
+         r"num_attention_heads is 0"),
+    Case("gguf-block-count-a-string", "gguf", _gguf_key("bitnet.block_count", "string", "1"),
+         r"key bitnet\.block_count is a string, expected an integer"),
+    Case("gguf-rope-base-a-string", "gguf", _gguf_key("bitnet.rope.freq_base", "string", "1e4"),
+         r"key bitnet\.rope\.freq_base is a string, expected a number"),
+    Case("gguf-rope-base-beyond-float32", "gguf", _gguf_key("bitnet.rope.freq_base", "f64", 1e39),
+         r"rope_theta is 1e\+39, beyond the float32 range"),
+    Case("gguf-context-2-to-the-33", "gguf", _gguf_key("bitnet.context_length", "u64", 2**33),
+         r"max_position_embeddings is 8589934592, more than fits"),
+    Case("gguf-context-negative", "gguf", _gguf_key("bitnet.context_length", "i32", -1),
+         r"max_position_embeddings is -1"),
+    Case("gguf-architecture-a-number", "gguf", _gguf_key("general.architecture", "u32", 7),
+         r"key general\.architecture is u32, expected a string"),
+    Case("gguf-bos-outside-vocabulary", "gguf", _gguf_key("tokenizer.ggml.bos_token_id", "u32", 100_000),
+         r"bos_token_id is 100000"),
+    Case("gguf-bos-negative", "gguf", _gguf_key("tokenizer.ggml.bos_token_id", "i32", -1), r"bos_token_id is -1"),
+    Case("gguf-add-bos-not-a-bool", "gguf", _gguf_key("tokenizer.ggml.add_bos_token", "u8", 1),
+         r"key tokenizer\.ggml\.add_bos_token is 1, expected a bool"),
+    Case("gguf-merges-of-numbers", "gguf", _gguf_key("tokenizer.ggml.merges", "array", [1, 2], "u32"),
+         r"key tokenizer\.ggml\.merges is an array of 2, expected"),
+    Case("gguf-pre-tokenizer-a-number", "gguf", _gguf_key("tokenizer.ggml.pre", "u32", 3),
+         r"key tokenizer\.ggml\.pre is 3, expected a string"),
+    Case("gguf-token-type-shorter-than-tokens", "gguf", _gguf_tokens(lambda tokens, types: (tokens, types[:10])),
+         r"token_type has 10 entries for 384 tokens"),
+    Case("gguf-token-type-out-of-range", "gguf", _gguf_tokens(lambda tokens, types: (tokens, [99] + types[1:])),
+         r"key tokenizer\.ggml\.token_type .*expected an array of token types"),
+    Case("gguf-fewer-tokens-than-embedding-rows", "gguf", _gguf_tokens(lambda tokens, types: (tokens[:10], types[:10])),
+         r"holds 10 tokens, but token_embd\.weight has 384 rows"),
+    Case("gguf-key-twice", "gguf", _gguf_added(gguf_entry("bitnet.block_count", "u32", 1)),
+         r"key bitnet\.block_count appears twice"),
+    Case("gguf-unknown-value-type", "gguf", _gguf_added(struct.pack("<Q", 3) + b"x.y" + struct.pack("<I", 77)),
+         r"unknown value type 77"),
+    Case("gguf-big-endian", "gguf", gguf_version_big_endian, r"big-endian"),
 ]
 
 
@@ -796,8 +1242,8 @@ _NON_POSITIVE = [
 def test_each_reader_refuses_non_positive_multipliers_itself(case_id, good, tmp_path):
     """The registry's guard (validate.checked) stops these for every command; a reader used directly as a
     library must refuse them too."""
-    from bitnet_convert import registry
-    from bitnet_convert.errors import CorruptData
+    from bitnet_convert.formats import registry
+    from bitnet_core.errors import CorruptData
 
     case = next(c for c in CASES if c.id == case_id)
     src = case.make(good, tmp_path)

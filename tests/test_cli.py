@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bitnet_convert import registry
-from bitnet_convert.checkpoint import Ternary
 from bitnet_convert.cli import main
-from bitnet_convert.errors import ConvertError
+from bitnet_convert.formats import registry
+from bitnet_core.checkpoint import Ternary
+from bitnet_core.errors import ConvertError
 
 PAIRS = [f"{a}-to-{b}" for a, b in itertools.permutations(registry.FORMATS, 2)]
 
@@ -84,6 +84,11 @@ def test_refuses_to_overwrite_without_force(hf_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out)])
     assert result.exit_code == 2 and "--force" in result.output
     assert out.read_bytes() == b"precious"
+    # --force replaces only an output of ours (issue 15): a file of someone else's stays, byte for byte
+    result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "--force", "-q"])
+    assert result.exit_code == 2 and out.read_bytes() == b"precious"
+    out.unlink()
+    assert CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "-q"]).exit_code == 0
     result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "--force", "-q"])
     assert result.exit_code == 0
     assert isinstance(registry.read_checkpoint(str(out))["model.layers.0.mlp.up_proj.weight"].load(), Ternary)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from transformers.integrations.bitnet import pack_weights
 
-from bitnet_convert.codecs import hf2bit, i2s, tq, trits
-from bitnet_convert.errors import CorruptData
+from bitnet_convert.formats import gguf_tq as tq
+from bitnet_core.codecs import hf2bit, i2s, trits
+from bitnet_core.errors import CorruptData
 
 # No example database: several engineers share this tree, and a failure must reproduce from the seed it prints.
 FEW = settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

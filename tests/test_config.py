@@ -7,8 +7,8 @@ import pytest
 
 from bitnet_convert.reference import load_reference, reference_logits
 from bitnet_convert.tiny import tiny_config
+from bitnet_core.config import ConfigError, ModelConfig
 from bitnet_model import params
-from bitnet_model.config import ConfigError, ModelConfig
 
 
 def test_rope_theta_top_level_and_inside_rope_parameters():

@@ -3,7 +3,7 @@ references that are not our code or that transcribe the layout's definition one 
 
 - HF 2-bit: transformers' `pack_weights` (torch);
 - TQ2_0: gguf-py's `quants.quantize` (float32 codes in, llama.cpp's block bytes out);
-- I2_S and base-3: the formulas of formats.md §4 and codecs/trits.py, evaluated per value below.
+- I2_S and base-3: the formulas of docs/formats.md §7 and §5, codecs/trits.py, evaluated per value below.
 """
 
 import struct
@@ -14,8 +14,9 @@ import torch
 from gguf import quants
 from transformers.integrations.bitnet import pack_weights
 
-from bitnet_convert.codecs import _bits, hf2bit, i2s, tq, trits
-from bitnet_convert.errors import CorruptData
+from bitnet_convert.formats import gguf_tq as tq
+from bitnet_core.codecs import _bits, hf2bit, i2s, trits
+from bitnet_core.errors import CorruptData
 
 SHAPES = [(4, 256), (8, 512), (12, 768), (64, 2560), (20, 6912 // 27 * 2)]  # last: in not a multiple of 128
 VALID_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3)
@@ -41,7 +42,7 @@ def hf_packed(codes: np.ndarray) -> np.ndarray:
 
 
 def hf_unpacked(packed: np.ndarray, out_features: int) -> np.ndarray:
-    """formats.md §2: value row k*R + r is field k (bits 2k..2k+1) of packed row r, codes 0, 1, 2 = -1, 0, +1."""
+    """docs/formats.md §2: value row k*R + r is field k (bits 2k..2k+1) of packed row r, codes 0, 1, 2 = -1, 0, +1."""
     rows = packed.shape[0]
     codes = np.empty((4 * rows, *packed.shape[1:]), np.int8)
     for k in range(4):
@@ -50,7 +51,7 @@ def hf_unpacked(packed: np.ndarray, out_features: int) -> np.ndarray:
 
 
 def i2s_reference(codes: np.ndarray, multiplier) -> np.ndarray:
-    """formats.md §4: value 32g + p of each 128-value block at shift 6 - 2g of the block's byte p; then the
+    """docs/formats.md §7: value 32g + p of each 128-value block at shift 6 - 2g of the block's byte p; then the
     float32 multiplier (little endian) and 28 zero bytes."""
     flat = codes.reshape(-1).astype(np.int64) + 1
     index = np.arange(flat.size)

@@ -10,13 +10,15 @@ from flax import nnx
 from safetensors.numpy import load_file
 from same import assert_same_tensors
 
-from bitnet_convert import integrity
-from bitnet_convert.checkpoint import Ternary
-from bitnet_convert.codecs import hf2bit, rows4
-from bitnet_convert.errors import ConvertError, CorruptData
+from bitnet_convert import api
+from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import flax_dir, hf
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import BitNetForCausalLM, ModelConfig, params
+from bitnet_core.checkpoint import Ternary
+from bitnet_core.codecs import hf2bit, rows4
+from bitnet_core.config import ModelConfig
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_model import BitNetForCausalLM, params
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -63,7 +65,7 @@ def test_plain_safetensors_and_nnx_restore_as_documented(ckpt, folder):
     flat = [(path, jnp.asarray(stored[".".join(map(str, path))], var.dtype)) for path, var in nnx.to_flat_state(state)]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     ids = np.arange(30, dtype=np.int32).reshape(2, 15)
-    np.testing.assert_array_equal(params.logits(model, ids), params.logits(params.load(folder), ids))
+    np.testing.assert_array_equal(params.logits(model, ids), params.logits(api.load_model(folder), ids))
     np.testing.assert_array_equal(params.logits(model, ids), params.logits(params.model_from_checkpoint(ckpt), ids))
 
 

@@ -19,6 +19,7 @@ A second test sets every length/count field of a GGUF header, one at a time, to 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import shutil
@@ -29,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from damage import GGUF_VARIANTS, small_checkpoint, write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitnet_convert import registry
-from bitnet_convert.checkpoint import Ternary
-from bitnet_convert.errors import ConvertError
-from bitnet_convert.integrity import hash_stored
-from damage import GGUF_VARIANTS, small_checkpoint, write
+from bitnet_convert.fileio.integrity import hash_stored
+from bitnet_convert.formats import registry
+from bitnet_core.checkpoint import Ternary
+from bitnet_core.errors import ConvertError
 
 EXAMPLES = int(os.environ.get("BITNET_FUZZ_EXAMPLES", "0")) or None
 EXAMPLE_SECONDS = 4
@@ -308,8 +309,8 @@ def test_every_gguf_length_field_set_huge_gives_a_clean_error(gguf_file):
 
 HANG_PROBE = """
 import resource, signal, sys
-from bitnet_convert import registry
-from bitnet_convert.errors import ConvertError
+from bitnet_convert.formats import registry
+from bitnet_core.errors import ConvertError
 
 def on_alarm(signum, frame):
     raise TimeoutError
@@ -345,3 +346,116 @@ def test_a_huge_scalar_array_length_does_not_hang_the_gguf_reader(gguf_file, tmp
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"crashed: {proc.stderr[-500:]}"
     assert result == "ConvertError", result
+
+
+# ----------------------------------------------------------------- every field of any JSON or GGUF type (issue 15)
+
+CONFIG_FIELDS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                 "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters",
+                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "quantization_config")
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@_settings(default=300)
+@given(field=st.sampled_from(CONFIG_FIELDS), value=JSON_VALUES)
+def test_any_json_value_in_any_config_field_is_read_or_refused_cleanly(field, value):
+    """validate.model_config is the one gate of every config.json field: whatever JSON a field holds, it
+    returns a config or raises ConvertError naming the file (never TypeError, KeyError, ZeroDivisionError ...)."""
+    from bitnet_convert.tiny import tiny_config
+    from bitnet_core import validate
+
+    config = {**tiny_config(384), field: value}
+    try:
+        validate.model_config(config, "m/config.json")
+    except ConvertError as exc:
+        assert str(exc).startswith("m/config.json: ") and "\n" not in str(exc)
+
+
+TOKENIZER_PATHS = {
+    "tokenizer.json": ("model", "model.vocab", "model.merges", "model.type", "added_tokens", "pre_tokenizer",
+                       "pre_tokenizer.pretokenizers", "post_processor"),
+    "tokenizer_config.json": ("bos_token", "eos_token", "chat_template", "add_bos_token", "add_eos_token"),
+    "generation_config.json": ("eos_token_id", "bos_token_id"),
+}
+
+
+@functools.cache
+def _tiny_tokenizer_files() -> dict[str, bytes]:
+    from bitnet_convert.tiny import tiny_tokenizer_files
+
+    return tiny_tokenizer_files()
+
+
+def _set_path(document: dict, dotted: str, value) -> None:
+    """document[a][b][c] = value for "a.b.c", making (or replacing) the objects on the way."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        if not isinstance(document.get(key), dict):
+            document[key] = {}
+        document = document[key]
+    document[last] = value
+
+
+@_settings(default=200)
+@given(name=st.sampled_from(sorted(TOKENIZER_PATHS)), data=st.data())
+def test_any_json_value_in_a_tokenizer_field_is_refused_cleanly_or_carried(name, data):
+    """Tokenizer files pass `tokenizer_files.check` only when the GGUF writer's reading of them cannot fail
+    with anything but a ConvertError."""
+    import json
+
+    from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
+    from bitnet_convert.tiny import tiny_config
+
+    files = dict(_tiny_tokenizer_files())
+    document = json.loads(files.get(name, b"{}"))
+    _set_path(document, data.draw(st.sampled_from(TOKENIZER_PATHS[name])), data.draw(JSON_VALUES))
+    files[name] = json.dumps(document).encode()
+    try:
+        tokenizer_files.check(files, lambda n: f"m/{n}")
+        gguf_tokenizer.vocab_from_files(files, tiny_config(384), 384, "m")
+    except ConvertError as exc:
+        assert "\n" not in str(exc)
+
+
+GGUF_KEYS = ("bitnet.context_length", "bitnet.embedding_length", "bitnet.block_count", "bitnet.feed_forward_length",
+             "bitnet.attention.head_count", "bitnet.attention.layer_norm_rms_epsilon", "bitnet.rope.freq_base",
+             "general.architecture", "general.alignment", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+             "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+             "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+             "tokenizer.chat_template", "bitnet_convert.hidden_act")
+_SCALAR_VALUES = {
+    "u8": st.integers(0, 255), "i8": st.integers(-128, 127), "u32": st.integers(0, 2**32 - 1),
+    "i32": st.integers(-(2**31), 2**31 - 1), "u64": st.integers(0, 2**64 - 1), "bool": st.booleans(),
+    "f32": st.floats(width=32), "f64": st.floats(), "string": st.text(max_size=12),
+}
+
+
+@st.composite
+def gguf_values(draw):
+    """(kind, value, item) of any GGUF type: a scalar, a string, or a short array of one of them."""
+    kind = draw(st.sampled_from([*_SCALAR_VALUES, "array"]))
+    if kind != "array":
+        return kind, draw(_SCALAR_VALUES[kind]), None
+    item = draw(st.sampled_from(sorted(_SCALAR_VALUES)))
+    return kind, draw(st.lists(_SCALAR_VALUES[item], max_size=6)), item
+
+
+def test_any_gguf_type_in_any_key_is_read_or_refused_cleanly(targets, tmp_path):
+    from test_bad_input import gguf_entry, gguf_rebuilt
+
+    valid = targets("gguf-tq2_0").scratch
+
+    @_settings(default=40)
+    @given(key=st.sampled_from(GGUF_KEYS), value=gguf_values())
+    def check(key, value):
+        kind, item_value, item = value
+        path = gguf_rebuilt(valid, tmp_path / "key.gguf", changes={key: gguf_entry(key, kind, item_value, item)})
+        outcome(path, "gguf")  # anything but ConvertError fails the test
+
+    check()

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bitnet_convert import generate
+from bitnet_convert import generator as generate
 from bitnet_convert.cli import main
 from bitnet_convert.formats import flax_dir
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import engine, params
+from bitnet_model import engine, generation, params
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
 
@@ -21,7 +21,7 @@ def ckpt():
 @pytest.fixture(scope="module")
 def gen(ckpt):
     cfg = params.model_from_checkpoint(ckpt).config
-    return generate.Generator(cfg, engine.weights_from_checkpoint(ckpt),
+    return generation.Generator(cfg, engine.weights_from_checkpoint(ckpt),
                               tokenizer=generate.load_tokenizer(ckpt.tokenizer_files),
                               eos_ids=generate.eos_token_ids(ckpt.config, ckpt.tokenizer_files))
 
@@ -67,13 +67,13 @@ def test_sample_keeps_the_nucleus():
     import jax.numpy as jnp
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-    drawn = {int(generate.sample(logits, jax.random.key(s), 1.0, 0.7, greedy=False)[0]) for s in range(200)}
+    drawn = {int(generation.sample(logits, jax.random.key(s), 1.0, 0.7, greedy=False)[0]) for s in range(200)}
     assert drawn == {0, 1}  # 0.5 < 0.7 needs the second token, never the third
 
 
 def test_text_stream_emits_whole_characters(gen):
     pieces = []
-    stream = generate._TextStream(gen.tokenizer, pieces.append)
+    stream = generation._TextStream(gen.tokenizer, pieces.append)
     ids = gen.tokenizer.encode("naïve fox", add_special_tokens=False).ids
     for token in ids:
         stream.add(token)

@@ -8,15 +8,15 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter, quants
 
-from bitnet_convert import integrity
-from bitnet_convert.checkpoint import Checkpoint, Ternary
-from bitnet_convert.codecs import i2s
-from bitnet_convert.errors import ConvertError
+from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import gguf
 from bitnet_convert.formats.gguf_types import I2_S
-from bitnet_convert.formats.hf import ternarize_master
-from bitnet_convert.names import hf_to_gguf
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Checkpoint, Ternary
+from bitnet_core.codecs import i2s
+from bitnet_core.errors import ConvertError
+from bitnet_core.names import hf_to_gguf
+from bitnet_core.quantize import ternarize_master
 
 CASES = [("llama.cpp", o) for o in ("tq2_0", "tq1_0", "f16", "bf16", "f32")] + [
     ("bitnet.cpp", o) for o in ("i2_s", "f16", "bf16", "f32")

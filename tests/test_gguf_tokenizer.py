@@ -5,12 +5,20 @@ import json
 import numpy as np
 import pytest
 from gguf import GGUFReader, TokenType
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
-from bitnet_convert.checkpoint import Checkpoint
-from bitnet_convert.errors import ConvertError
 from bitnet_convert.formats import gguf, gguf_tokenizer
 from bitnet_convert.tiny import SPECIAL_TOKENS, tiny_checkpoint
+from bitnet_core.checkpoint import Checkpoint
+from bitnet_core.errors import ConvertError
 
 TEXTS = [
     "User: How are you?<|eot_id|>Assistant: ",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers.integrations.bitnet import pack_weights
 
-from bitnet_convert.codecs import hf2bit
-from bitnet_convert.errors import CorruptData
+from bitnet_core.codecs import hf2bit
+from bitnet_core.errors import CorruptData
 
 
 def test_block_layout_by_hand():

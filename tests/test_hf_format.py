@@ -14,13 +14,14 @@ import torch
 from fixtures import LAYOUTS, QUANT_CONFIGS
 from same import assert_same_tensors
 
-from bitnet_convert import integrity
-from bitnet_convert.checkpoint import DENSE, TERNARY, Checkpoint, Ternary
-from bitnet_convert.errors import ConvertError, CorruptData
+from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import hf
-from bitnet_convert.names import is_projection
 from bitnet_convert.reference import load_reference, reference_logits
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core import quantize
+from bitnet_core.checkpoint import DENSE, TERNARY, Checkpoint, Ternary
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_core.names import is_projection
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOKENS = np.array([[5, 17, 200, 3, 99, 250, 12, 44, 7, 130]])
@@ -106,14 +107,14 @@ def test_ternarize_master_matches_transformers_weight_quant(original):
         w = torch.from_numpy(master.astype(np.float32))
         scale = 1.0 / w.abs().mean().clamp(min=1e-5)
         torch_codes = (w * scale).round().clamp(-1, 1).numpy().astype(np.int8)
-        ours = hf.ternarize_master(master)
+        ours = quantize.ternarize_master(master)
         assert np.array_equal(ours.codes, torch_codes), name
         torch_multiplier = np.float32((1.0 / scale).item())
         assert abs(ours.multiplier - torch_multiplier) <= np.spacing(torch_multiplier), name
 
 
 def test_ternarize_master_floors_the_mean_of_an_all_zero_matrix():
-    t = hf.ternarize_master(np.zeros((4, 8), BF16))
+    t = quantize.ternarize_master(np.zeros((4, 8), BF16))
     assert not t.codes.any() and t.multiplier == np.float32(1) / (np.float32(1) / np.float32(1e-5))
 
 
@@ -145,7 +146,7 @@ def test_other_layouts_written_as_autobitlinear_keep_codes_and_multipliers(hf_ch
         if not is_projection(name):
             assert ckpt_out.load(name).tobytes() == ckpt_in.load(name).tobytes()
             continue
-        want = hf.as_ternary(ckpt_in.load(name))
+        want = quantize.as_ternary(ckpt_in.load(name))
         got = ckpt_out.load(name)
         assert np.array_equal(got.codes, want.codes), name
         assert got.multiplier == bf16_round(want.multiplier), name  # weight_scale is bf16
@@ -158,7 +159,7 @@ def test_f32_weight_scales_keep_multipliers_exactly(hf_checkpoint, written):
     ckpt_out = hf.read(str(out))
     for name in ckpt_in.tensors:
         if is_projection(name):
-            assert ckpt_out.load(name).multiplier == hf.ternarize_master(ckpt_in.load(name)).multiplier
+            assert ckpt_out.load(name).multiplier == quantize.ternarize_master(ckpt_in.load(name)).multiplier
 
 
 def test_ternary_checkpoint_round_trips_through_the_bitlinear_layout(hf_checkpoint, written):
@@ -195,19 +196,23 @@ def test_writing_refuses_to_overwrite_unless_forced(hf_checkpoint, tmp_path):
     ckpt = hf.read(str(hf_checkpoint("autobitlinear")))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # an earlier model: --force may replace it (a folder of other files, never)
+    (out / "config.json").write_text("{}")  # someone's model folder: --force never replaces it (issue 15)
     (out / "keep").write_text("x")
     with pytest.raises(ConvertError, match="already exists"):
         hf.write(ckpt, str(out))
+    with pytest.raises(ConvertError):
+        hf.write(ckpt, str(out), force=True)
     assert (out / "keep").exists()
-    hf.write(ckpt, str(out), force=True)
-    assert not (out / "keep").exists() and (out / "model.safetensors").is_file()
+    ours = hf.write(ckpt, str(tmp_path / "ours"))
+    (ours / "model.safetensors").write_bytes(b"damaged")
+    hf.write(ckpt, str(ours), force=True)  # our own earlier output: replaced whole
+    assert hf.read(str(ours)).load("model.norm.weight").shape == ckpt.load("model.norm.weight").shape
 
 
 def test_written_model_is_streamed_tensor_by_tensor(hf_checkpoint, tmp_path, monkeypatch):
     """Tensors load in order and at most a few ahead of the one being written (the prefetch of the next
     tensor on a second core): the writer never holds the model."""
-    from bitnet_convert import prefetch
+    from bitnet_convert.fileio import prefetch
 
     ckpt = hf.read(str(hf_checkpoint("autobitlinear")))
     log = []
@@ -416,8 +421,8 @@ def test_detect(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("layout", ["autobitlinear", "bitlinear"])
 def test_packed_projections_also_load_as_stored(hf_checkpoint, original, layout):
     """load_packed: the stored bytes and the multiplier, for writers that transcode them without unpacking."""
-    from bitnet_convert import validate
-    from bitnet_convert.codecs import hf2bit
+    from bitnet_core import validate
+    from bitnet_core.codecs import hf2bit
 
     folder = hf_checkpoint(layout)
     ckpt = hf.read(str(folder))

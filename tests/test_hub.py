@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from bitnet_convert.errors import ConvertError
+from bitnet_convert.fileio.hub import (
+    looks_like_repo_id,
+    resolve_source,
+    snapshot_revision,
+)
 from bitnet_convert.formats import hf
-from bitnet_convert.hub import looks_like_repo_id, resolve_source, snapshot_revision
+from bitnet_core.errors import ConvertError
 
 SHA_MAIN = "a" * 40
 SHA_DEV = "b" * 40
@@ -127,8 +131,8 @@ def test_cache_location_and_offline_mode_come_from_the_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
     script = (
-        "from bitnet_convert.hub import resolve_source\n"
-        "from bitnet_convert.errors import ConvertError\n"
+        "from bitnet_convert.fileio.hub import resolve_source\n"
+        "from bitnet_core.errors import ConvertError\n"
         "print(resolve_source('org/model'))\n"
         "try:\n    resolve_source('org/other')\nexcept ConvertError as e:\n    print(e)\n"
     )

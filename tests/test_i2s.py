@@ -1,10 +1,10 @@
-"""I2_S (bitnet.cpp) packing against bytes worked out by hand from formats.md §4."""
+"""I2_S (bitnet.cpp) packing against bytes worked out by hand from docs/formats.md §7."""
 
 import numpy as np
 import pytest
 
-from bitnet_convert.codecs import i2s
-from bitnet_convert.errors import CorruptData
+from bitnet_core.codecs import i2s
+from bitnet_core.errors import CorruptData
 
 # 1.5 as little-endian float32 is 0x3FC00000; the rest of the 32-byte tail is zero.
 TAIL_1_5 = bytes([0x00, 0x00, 0xC0, 0x3F]) + bytes(28)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bitnet_convert import registry
 from bitnet_convert.cli import main
+from bitnet_convert.formats import registry
 from bitnet_convert.tiny import tiny_checkpoint
 
 OUT_NAMES = {"hf": "m-hf", "flax": "m-flax", "npz": "m.npz", "gguf": "m.gguf"}

@@ -24,9 +24,9 @@ import json
 import numpy as np
 import pytest
 
-from bitnet_convert.checkpoint import Checkpoint, Ternary
 from bitnet_convert.formats import gguf
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Checkpoint, Ternary
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp

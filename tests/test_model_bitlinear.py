@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_convert.checkpoint import Checkpoint, Ternary
-from bitnet_convert.errors import ConvertError
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_convert.codecs import hf2bit
+from bitnet_core.checkpoint import Checkpoint, Ternary
+from bitnet_core.codecs import hf2bit
+from bitnet_core.errors import ConvertError
 from bitnet_model import bitlinear, packed, params
 
 

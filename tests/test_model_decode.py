@@ -1,4 +1,5 @@
-"""KV-cache decoding (prefill + decode_step) against the full causal forward.
+"""KV-cache decoding (the engine's prefill + decode_step over the reference model's weights) against the
+reference model's full causal forward.
 
 The cached path sums attention over a longer, masked key buffer, so it agrees with the plain forward to a few
 ulps, not bit for bit; an activation that lands on a rounding tie (see test_model_parity.py) can then quantize
@@ -8,10 +9,9 @@ must agree to 1e-4 * max|logit|, all to 2e-2, and every argmax must agree.
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import KVCache, decoding, params
+from bitnet_model import engine, generation, params
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128}
 
@@ -27,15 +27,14 @@ def test_decode_steps_equal_full_forward(model):
     ids = rng.integers(0, model.config.vocab_size, size=(2, 40)).astype(np.int32)
     full = params.logits(model, ids)  # [2, 40, V]
     prompt = 13  # not a power of two: prefill pads to 16 and must ignore the padding
-    graphdef, state = nnx.split(model)
-    cache = KVCache.init(model.config, batch=2, max_length=48)
-    padded = np.zeros((2, decoding.prefill_length(prompt)), np.int32)
+    weights, opts = engine.weights_from_model(model), engine.Options.for_backend()
+    padded = np.zeros((2, generation.prefill_length(prompt)), np.int32)
     padded[:, :prompt] = ids[:, :prompt]
-    last, cache = decoding.prefill(graphdef, state, padded, np.int32(prompt), cache)
+    last, cache = engine.prefill(model.config, opts, weights, padded, np.int32(prompt), 48)
     steps = [np.asarray(last)]
     assert int(cache.length) == prompt
     for t in range(prompt, ids.shape[1]):
-        step, cache = decoding.decode_step(graphdef, state, ids[:, t], cache)
+        step, cache = engine.decode_step(model.config, opts, weights, ids[:, t], cache)
         steps.append(np.asarray(step))
     assert int(cache.length) == ids.shape[1]
     cached = np.stack(steps, axis=1)  # [2, 28, V]: logits at positions prompt-1 .. 39
@@ -49,7 +48,7 @@ def test_decode_steps_equal_full_forward(model):
 
 def test_greedy_generate_matches_argmax_of_full_forward(model):
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(1, 9)).astype(np.int32)
-    out = decoding.greedy_generate(model, prompt, max_new_tokens=6)
+    out = generation.greedy_generate(model, prompt, max_new_tokens=6)
     assert out.shape == (1, 15)
     np.testing.assert_array_equal(out[:, :9], prompt)
     full = params.logits(model, out[:, :-1])  # each generated token is the argmax after its prefix
@@ -58,8 +57,8 @@ def test_greedy_generate_matches_argmax_of_full_forward(model):
 
 def test_greedy_generate_stops_at_eos(model):
     prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(2, 5)).astype(np.int32)
-    free = decoding.greedy_generate(model, prompt, max_new_tokens=4)
+    free = generation.greedy_generate(model, prompt, max_new_tokens=4)
     eos = int(free[0, 5])  # make row 0's first generated token the end-of-sequence token
-    out = decoding.greedy_generate(model, prompt, max_new_tokens=4, eos_token_id=eos)
+    out = generation.greedy_generate(model, prompt, max_new_tokens=4, eos_token_id=eos)
     assert out[0, 5] == eos and (out[0, 5:] == eos).all()
     np.testing.assert_array_equal(out[1, : out.shape[1]], free[1, : out.shape[1]])

@@ -111,11 +111,28 @@ def test_untied_embeddings_match_transformers(hf_checkpoint, monkeypatch):
 
 
 def test_jitted_logits_equal_eager_forward(hf_checkpoint):
-    """`params.logits` (jitted, what `verify` calls) computes the same function as the eager module call."""
+    """`params.logits` (jitted) computes the same function as the eager module call.
+
+    They are two XLA programs (jit fuses, eager does not), so they agree to float rounding, and on some CPUs
+    (AVX2 without AVX-512 here) a quantizer input lands on a rounding tie in one and not the other: that row then
+    moves from that position on. So: every position before a row's first disagreement matches to 1e-5 of the
+    largest logit, and each first disagreement sits where some activation quantizer of the eager run has an
+    input within TIE of a rounding boundary at that position."""
     model = params.model_from_checkpoint(hf.read(str(hf_checkpoint("autobitlinear", **SMALL))))
     ids = token_ids(model.config.vocab_size, seed=1)
-    eager = np.asarray(model(np.asarray(ids, np.int32)))
-    np.testing.assert_allclose(params.logits(model, ids), eager, rtol=0, atol=1e-5 * np.abs(eager).max())
+    with bitlinear.probe(record=True) as inputs:
+        eager = np.asarray(model(np.asarray(ids, np.int32)))
+    jitted = params.logits(model, ids)
+    off = np.abs(jitted - eager).max(-1) > 1e-5 * np.abs(eager).max()  # [B, T]
+    tied = np.zeros(off.shape, bool)
+    for x in inputs:
+        x = np.asarray(x, np.float32)
+        scaled = x * (127.0 / np.maximum(np.abs(x).max(-1, keepdims=True), 1e-5))
+        tied |= (np.abs(scaled - np.floor(scaled) - 0.5) < TIE).any(-1)
+    for row in range(off.shape[0]):
+        if off[row].any():
+            first = int(np.argmax(off[row]))
+            assert tied[row, first], f"row {row} differs from position {first} with no rounding tie there"
 
 
 def test_online_masters_are_ternarized_like_transformers(hf_checkpoint):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_convert.codecs.rows4 import pack
+from bitnet_core.codecs.rows4 import pack
 from bitnet_model import native
 from bitnet_model.bitlinear import quantize_activations
 

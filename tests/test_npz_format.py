@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from same import assert_same_tensors
 
-from bitnet_convert.checkpoint import Checkpoint, Ternary, ternary_entry
-from bitnet_convert.errors import ConvertError, CorruptData
+from bitnet_convert.fileio.integrity import hash_stored
 from bitnet_convert.formats import npz
-from bitnet_convert.integrity import hash_stored
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Checkpoint, Ternary, ternary_entry
+from bitnet_core.errors import ConvertError, CorruptData
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DOWN = "model.layers.1.mlp.down_proj.weight"
@@ -46,7 +46,8 @@ def test_round_trip_is_bit_exact(tmp_path, masters):
     assert {e.kind for e in back} == ({"dense"} if masters else {"dense", "ternary"})
     assert back[DOWN].dtype == (BF16 if masters else None)
     assert back.provenance == {"format": "npz", "path": str(path), "source": ckpt.provenance["source"],
-                               "source_format": "tiny", "revision": None}
+                               "source_format": "tiny", "revision": None, "source_layout": None,
+                               "multiplier_roundings": [], "tensor_casts": {}}
 
 
 def test_read_then_write_again_gives_the_same_bytes(tiny_npz, tmp_path):
@@ -133,8 +134,8 @@ def test_content_hash_covers_the_stored_bytes(tiny, tiny_npz):
     record = npz.recorded_provenance(tiny_npz)
     assert record["format"] == "npz" and record["producer"] == "bitnet-convert"
     assert record["source"] == tiny.provenance["source"] and record["source_format"] == "tiny"
+    assert hash_stored(npz.stored_tensor_bytes(tiny_npz)) == record["content_hash"]
     stored = list(npz.stored_tensor_bytes(tiny_npz))
-    assert hash_stored(stored) == record["content_hash"]
     assert [k for k, _ in stored][:2] == ["tensor/model.embed_tokens.weight/data", "tensor/model.layers.0.input_layernorm.weight/data"]
     assert sum(k.endswith("/codes") for k, _ in stored) == sum(e.kind == "ternary" for e in tiny)
 

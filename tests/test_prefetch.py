@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from bitnet_convert.prefetch import prefetch
+from bitnet_convert.fileio.prefetch import prefetch
 
 
 def test_items_arrive_in_order_and_production_stays_a_few_ahead():

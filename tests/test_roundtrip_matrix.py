@@ -19,9 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bitnet_convert import registry
-from bitnet_convert.checkpoint import Checkpoint, Ternary
+from bitnet_convert.formats import registry
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Checkpoint, Ternary
 
 FORMATS = list(registry.FORMATS)
 OUT_NAMES = {"hf": "m-hf", "flax": "m-flax", "npz": "m.npz", "gguf": "m.gguf"}

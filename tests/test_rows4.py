@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bitnet_convert.codecs import hf2bit, rows4
-from bitnet_convert.errors import CorruptData
+from bitnet_core.codecs import hf2bit, rows4
+from bitnet_core.errors import CorruptData
 
 # (out, in): R = out/4 a multiple of 4 (the field-transpose path), and not (through int8 codes)
 SHAPES = [(16, 8), (64, 3), (6912 // 16, 40), (2560, 128), (4, 1), (8, 5), (12, 7), (20, 256)]

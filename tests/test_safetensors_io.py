@@ -11,9 +11,8 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from bitnet_convert import prefetch
-from bitnet_convert.errors import ConvertError
-from bitnet_convert.safetensors_io import (
+from bitnet_convert.fileio import prefetch
+from bitnet_convert.fileio.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     TensorSpec,
@@ -24,6 +23,7 @@ from bitnet_convert.safetensors_io import (
     write_safetensors,
     write_sharded_safetensors,
 )
+from bitnet_core.errors import ConvertError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -274,7 +274,7 @@ def test_folder_without_weights_is_named(tmp_path):
 
 
 def test_read_is_a_private_copy_of_the_mapped_view(tmp_path):
-    from bitnet_convert.safetensors_io import (
+    from bitnet_convert.fileio.safetensors_io import (
         SafetensorsFile,
         TensorSpec,
         write_safetensors,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bitnet_convert.integrity import TensorHasher
+from bitnet_convert.fileio.integrity import TensorHasher
 
 TENSORS = {"a": np.arange(1000, dtype=np.uint8), "b.weight": np.arange(77, dtype=np.float32), "c": np.zeros(0, np.uint8)}
 

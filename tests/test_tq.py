@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from bitnet_convert.codecs import tq
-from bitnet_convert.errors import CorruptData
+from bitnet_convert.formats import gguf_tq as tq
+from bitnet_core.errors import CorruptData
 
 TYPES = [GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0]
 

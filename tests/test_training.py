@@ -7,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from bitnet_convert.checkpoint import Ternary
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.checkpoint import Ternary
+from bitnet_core.config import ModelConfig
 from bitnet_model import bitlinear, packed, params, training
-from bitnet_model.config import ModelConfig
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_convert import atomic, writeback
+from bitnet_convert.fileio import atomic, writeback
 
 
 def open_fds() -> set[str]:

@@ -27,7 +27,8 @@ multiplier: the state of the model in "training" mode. The file restores with no
     import json, jax.numpy as jnp
     from flax import nnx
     from safetensors.numpy import load_file
-    from bitnet_model import BitNetForCausalLM, ModelConfig
+    from bitnet_core.config import ModelConfig
+    from bitnet_model import BitNetForCausalLM
 
     cfg = ModelConfig.from_hf(json.load(open("model-flax/config.json")))
     model = nnx.eval_shape(lambda: BitNetForCausalLM(cfg))          # mode="training" for master weights
@@ -37,7 +38,7 @@ multiplier: the state of the model in "training" mode. The file restores with no
             for path, var in nnx.to_flat_state(state)]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-(`bitnet_model.load("model-flax")` does the same with shape checks, code checks and error messages.)
+(`bitnet_convert.load_model("model-flax")` does the same with shape checks, code checks and error messages.)
 
 Format version 2 (this one) stores packed codes; version 1 stored int8 `...codes` [out, in] (4x larger) and is
 refused with a message saying to convert again from the source: a version-1 folder is a derived file, and
@@ -46,20 +47,51 @@ its int8 codes match no state of the current model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .. import integrity, validate
-from ..atomic import atomic_path
-from ..checkpoint import TERNARY, Checkpoint, PackedLoader, PackedTernary, TensorEntry, Ternary, dense_entry, ternary_entry
-from ..codecs import hf2bit, rows4
-from ..errors import ConvertError, CorruptData
-from ..names import is_projection
-from .folder import dense_producer, hashing_progress, read_json_object, recorded_provenance, write_side_files
-from ..safetensors_io import StoredTensor, TensorSpec, open_safetensors, write_safetensors
-from bitnet_model.state_names import MULTIPLIER, PACKED, dense_key, hf_name_of, ternary_keys
+from bitnet_convert.fileio import integrity
+from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio.safetensors_io import (
+    StoredTensor,
+    TensorSpec,
+    open_safetensors,
+    write_safetensors,
+)
+from bitnet_convert.fileio.sources import SourceWatch, read_json_file
+from bitnet_convert.formats import tokenizer_files
+from bitnet_convert.formats.folder import (
+    dense_producer,
+    hashing_progress,
+    read_from,
+    recorded_provenance,
+    side_files,
+    stored_folder_model,
+)
+from bitnet_core import validate
+from bitnet_core.checkpoint import (
+    TERNARY,
+    Checkpoint,
+    PackedLoader,
+    PackedTernary,
+    TensorEntry,
+    Ternary,
+    dense_entry,
+    ternary_entry,
+)
+from bitnet_core.codecs import hf2bit, rows4
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_core.names import (
+    MULTIPLIER,
+    PACKED,
+    dense_key,
+    hf_name_of,
+    is_projection,
+    ternary_keys,
+)
+from bitnet_core.quantize import projection_bytes
 
 NAME = "flax"
 FORMAT_VERSION = 2  # 1: int8 `...codes` [out, in] (refused on read, see the module docstring)
@@ -73,22 +105,28 @@ _V1_CODES = ".codes"  # version 1's projection leaf
 
 def detect(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and (path / PARAMS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+    # lexists, not is_file: a FIFO named params.safetensors is refused by the reader, by name
+    return path.is_dir() and os.path.lexists(path / PARAMS_FILE) and os.path.lexists(path / CONFIG_FILE)
 
 
 # ------------------------------------------------------------------------------------------------ writing
 
 
+WRITER_OPTIONS = {}  # nothing to choose: one layout
+
+
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True) -> Path:
     """Stream `ckpt` into a Flax folder at `out`: one tensor in memory at a time, all or nothing."""
-    where = str(ckpt.provenance.get("source") or "checkpoint")
+    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     validate.check_tensors(ckpt, where)
     specs, produce = _plan(ckpt, where)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     kinds = {entry.kind for entry in ckpt if is_projection(entry.name)}
-    with atomic_path(out, force=force, directory=True) as tmp:
+    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
         with hashing_progress(specs, out, quiet) as (hasher, on_written):
             write_safetensors(tmp / PARAMS_FILE, specs, produce, _METADATA, on_written=on_written)
+        side = side_files(config, ckpt.tokenizer_files, reserved=_OWN_FILES, where=read_from(ckpt))
+        side.hash_into(hasher)
         record = integrity.provenance_record(
             ckpt.provenance,
             hasher.hexdigest(),
@@ -96,7 +134,7 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
             format_version=FORMAT_VERSION,
             projections="ternary" if kinds == {TERNARY} else "master weights" if TERNARY not in kinds else "mixed",
         )
-        write_side_files(tmp, config, ckpt.tokenizer_files, record, reserved=_OWN_FILES, where=where)
+        side.write(tmp, record)
     return Path(out)
 
 
@@ -123,55 +161,40 @@ def _plan(ckpt: Checkpoint, where: str):
 
 def _packed_producer(entry: TensorEntry, pending: dict, where: str):
     def produce() -> np.ndarray:
-        source = entry.load_packed() if entry.load_packed is not None else None
-        if source is not None and source.layout == hf2bit.LAYOUT:
-            # HF bytes: regroup the 2-bit fields (~3x faster than unpack to int8 + pack); code 3 -> CorruptData
-            pending["multiplier"] = source.multiplier
-            return source.transcode(rows4.from_hf2bit, entry.shape[0])
-        value = entry.load()
-        if not isinstance(value, Ternary):
-            raise ConvertError(f"{where}: tensor {entry.name} was listed as ternary but loaded a plain array")
-        codes = np.asarray(value.codes)
-        if codes.size and (codes.min() < -1 or codes.max() > 1):  # in the codes' own dtype: no wrapping cast
-            raise CorruptData(f"{where}: tensor {entry.name} holds codes outside {{-1, 0, +1}}")
-        pending["multiplier"] = value.multiplier
-        return rows4.pack(codes)
+        packed, pending["multiplier"] = projection_bytes(entry, rows4.from_hf2bit, rows4.pack, where)
+        return packed
 
     return produce
 
 
 def _multiplier_producer(entry: TensorEntry, pending: dict, where: str):
-    def produce() -> np.ndarray:
-        multiplier = np.float32(pending.pop("multiplier"))
-        if not np.isfinite(multiplier):
-            raise CorruptData(f"{where}: tensor {entry.name} has a non-finite multiplier {multiplier}")
-        return np.asarray(multiplier, np.float32)
-
-    return produce
+    return lambda: np.asarray(pending.pop("multiplier"), np.float32)  # checked by projection_bytes
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
 
 def read(path: str, *, revision: str | None = None) -> Checkpoint:
-    """Lazily read a Flax folder: tensors are memory-mapped and load on demand."""
+    """Lazily read a Flax folder: each tensor is read on demand, through the one descriptor held for the file."""
     folder = Path(path)
     if revision is not None:
         raise ConvertError(f"{path}: --revision applies to Hugging Face hub sources only")
     if not detect(folder):
         raise ConvertError(f"{path}: not a Flax folder (needs {CONFIG_FILE} and {PARAMS_FILE})")
-    config = read_json_object(folder / CONFIG_FILE)
+    watch = SourceWatch()  # every file read below, checked again after each tensor load
+    config = read_json_file(watch, folder / CONFIG_FILE, "config file")
     config.pop("quantization_config", None)
-    params = open_safetensors(folder / PARAMS_FILE)
+    params = open_safetensors(folder / PARAMS_FILE, watch)
     where = str(params.path)
     _check_version(params.metadata, params.tensors, where)
-    entries = _entries(params.tensors, where)
+    entries = watch.guard(_entries(params.tensors, where))
     provenance = integrity.reader_provenance(NAME, folder, recorded_provenance(folder), source=str(folder.resolve()))
     tokenizer = {
-        p.name: p.read_bytes()
+        p.name: watch.read_side_file(p, "tokenizer file")  # bounded: a stray 256 MiB file is refused, not loaded
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name not in _OWN_FILES and not p.name.startswith(".")
     }
+    tokenizer_files.check(tokenizer, lambda name: str(folder / name))
     ckpt = Checkpoint(config, entries, tokenizer_files=tokenizer, provenance=provenance)
     validate.check_tensors(ckpt, where)
     return ckpt
@@ -208,7 +231,7 @@ def _entries(stored: dict[str, StoredTensor], where: str) -> dict[str, TensorEnt
                 raise ConvertError(f"{where}: {key} has no {multiplier_key} beside it")
             entries[name] = _ternary_entry(name, tensor, stored[multiplier_key], where)
         else:
-            entries[name] = dense_entry(name, tensor.shape, tensor.dtype, tensor.array)
+            entries[name] = dense_entry(name, tensor.shape, tensor.dtype, tensor.read)  # a copy: see SourceWatch
     return entries
 
 
@@ -217,14 +240,14 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
         raise ConvertError(f"{where}: {packed.name} is {packed.dtype}{list(packed.shape)}, expected uint8 [out/4, in]")
     if multiplier.dtype != np.float32 or multiplier.shape != ():
         raise ConvertError(f"{where}: {multiplier.name} is {multiplier.dtype}{list(multiplier.shape)}, expected float32 []")
-    value = np.float32(multiplier.array())
+    value = np.float32(multiplier.read())
     if not (np.isfinite(value) and value > 0):
         raise CorruptData(f"{where}: {multiplier.name} is not a finite positive number ({value})")
     label = f"{where}: tensor {packed.name}"
 
     def load() -> Ternary:
         try:
-            return Ternary(rows4.unpack(packed.array()), value)
+            return Ternary(rows4.unpack(packed.read()), value)
         except CorruptData as exc:  # code 3
             raise CorruptData(f"{label}: {exc}") from None
 
@@ -232,7 +255,7 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
         # Offered in HF's layout, the packed form the npz and GGUF writers (and the model loader) transcode from:
         # regrouping the fields is cheaper than unpacking to int8 codes, and it checks for code 3 on the way.
         try:
-            data = rows4.to_hf2bit(packed.array())
+            data = rows4.to_hf2bit(packed.read())
         except CorruptData as exc:
             raise CorruptData(f"{label}: {exc}") from None
         return PackedTernary(hf2bit.LAYOUT, data, value, label)
@@ -244,9 +267,8 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
 # ------------------------------------------------------------------------------------------- inspection
 
 
-def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
-    """Each tensor's stored bytes in file order (what `write` hashed)."""
-    for tensor in open_safetensors(Path(path) / PARAMS_FILE):
-        yield tensor.name, tensor.raw()
+def stored_tensor_bytes(path) -> integrity.StoredModel:
+    """What the content hash covers: each tensor as stored, in file order, config.json and the tokenizer files."""
+    return stored_folder_model(Path(path), [open_safetensors(Path(path) / PARAMS_FILE)])
 
 

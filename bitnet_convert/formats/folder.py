@@ -1,31 +1,85 @@
-"""What both folder formats (hf, flax) write around their safetensors: config, tokenizer files, provenance."""
+"""What both folder formats (hf, flax) write around their safetensors: config, tokenizer files, provenance.
+
+Also the one allow-list of tokenizer files that travel between formats (the npz writer uses it too): nothing
+else a source holds is carried into an output, so a stray file, or one named like the target's own files
+(`model.safetensors.index.json` would redirect our own reader to other weights), never is.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .. import integrity
-from ..checkpoint import TensorEntry, Ternary
-from ..errors import ConvertError
-from ..progress import progress_bar
-from ..safetensors_io import TensorSpec
+from bitnet_convert.fileio import integrity
+from bitnet_convert.fileio.progress import progress_bar
+from bitnet_convert.fileio.safetensors_io import SafetensorsFile, TensorSpec, dtype_code
+from bitnet_core.checkpoint import Checkpoint, TensorEntry, Ternary
+from bitnet_core.errors import ConvertError
 
+log = logging.getLogger("bitnet_convert")
 CONFIG_FILE = "config.json"
+
+# Files carried verbatim between formats (whatever of them a checkpoint has), besides chat templates (*.jinja).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+_TEMPLATE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.jinja")  # a plain, visible file name: no path, no dot file
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or _TEMPLATE.fullmatch(name) is not None
+
+
+def carried_tokenizer_files(files: Mapping[str, bytes], where: str, *, reserved: Sequence[str] = ()) -> dict[str, bytes]:
+    """The tokenizer files an output receives: the allow-listed ones, never a name the target reserves for
+    itself; a warning line names what is dropped."""
+    carried = {name: data for name, data in files.items() if is_tokenizer_file(name) and name not in reserved}
+    _warn_not_carried(where, [name for name in files if name not in carried])
+    return carried
+
+
+def read_from(ckpt: Checkpoint) -> str:
+    """The file a checkpoint was read from (what a warning about its files names), else its source."""
+    return str(ckpt.provenance.get("path") or ckpt.provenance.get("source") or "checkpoint")
+
+
+def _warn_not_carried(where, names: Iterable[str]) -> None:
+    names = sorted(names)
+    if names:
+        log.warning("%s: not carried into the output (not a known tokenizer file): %s", where, ", ".join(names))
+
+
+def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The allow-listed tokenizer files of a folder, by name (table order, then templates by name)."""
+    names = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    names += sorted(p.name for p in folder.glob("*.jinja") if p.is_file() and is_tokenizer_file(p.name))
+    return {name: (folder / name).read_bytes() for name in names}
 
 
 @contextlib.contextmanager
 def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) -> Iterator[tuple]:
-    """(hasher, on_written) for safetensors_io's writers: hash each tensor's stored bytes, advance the bar."""
-    with contextlib.closing(integrity.TensorHasher(background=True)) as hasher, \
+    """(hasher, on_written) for safetensors_io's writers: hash each tensor as stored (name, dtype code, shape,
+    bytes) into a ModelHasher, advance the bar. The side files complete the hash (SideFiles.hash_into)."""
+    with contextlib.closing(integrity.ModelHasher(background=True)) as hasher, \
             progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
 
         def on_written(spec: TensorSpec, raw: memoryview) -> None:
-            hasher.add(spec.name, raw)
+            hasher.add(spec.name, dtype_code(spec.dtype), spec.shape, raw)
             bar.update(raw.nbytes)
 
         yield hasher, on_written
@@ -50,18 +104,46 @@ def recorded_provenance(folder) -> dict | None:
     return read_json_object(record) if record.is_file() else None
 
 
-def write_side_files(folder: Path, config: Mapping, tokenizer_files: Mapping[str, bytes], record: Mapping,
-                     *, reserved: Sequence[str], where: str) -> None:
-    """config.json, the tokenizer files verbatim, and the provenance record into `folder`.
+@dataclasses.dataclass(frozen=True)
+class SideFiles:
+    """What a folder format writes beside its safetensors, as bytes: config.json and the tokenizer files that
+    travel. Known before the provenance record, which holds the hash they are part of."""
 
-    A tokenizer file name is a plain file name: no path, no hidden file, none of the format's own files
-    (`reserved`), so a crafted checkpoint cannot write outside the output or replace its tensors."""
-    (folder / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
-    for name, data in tokenizer_files.items():
-        if Path(name).name != name or name.startswith(".") or name in (*reserved, CONFIG_FILE, integrity.PROVENANCE_FILE):
-            raise ConvertError(f"{where}: refusing to write tokenizer file {name!r}")
-        (folder / name).write_bytes(data)
-    (folder / integrity.PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
+    config: bytes
+    tokenizer_files: dict[str, bytes]
+
+    def hash_into(self, hasher: integrity.ModelHasher) -> None:
+        hasher.add_config(CONFIG_FILE, self.config)
+        for name, data in self.tokenizer_files.items():
+            hasher.add_tokenizer_file(name, data)
+
+    def write(self, folder: Path, record: Mapping) -> None:
+        (folder / CONFIG_FILE).write_bytes(self.config)
+        for name, data in self.tokenizer_files.items():
+            (folder / name).write_bytes(data)
+        (folder / integrity.PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
+
+
+def side_files(config: Mapping, tokenizer_files: Mapping[str, bytes], *, reserved: Sequence[str], where: str) -> SideFiles:
+    """config.json and the allow-listed tokenizer files, none named like the format's own files (`reserved`)."""
+    own = (*reserved, CONFIG_FILE, integrity.PROVENANCE_FILE)
+    config_bytes = (json.dumps(dict(config), indent=2) + "\n").encode()
+    return SideFiles(config_bytes, carried_tokenizer_files(tokenizer_files, where, reserved=own))
+
+
+def stored_folder_model(folder: Path, tensor_files: Sequence[SafetensorsFile]) -> integrity.StoredModel:
+    """What a folder's content hash covers: its safetensors tensors (file by file, each in byte order),
+    config.json and the allow-listed tokenizer files."""
+
+    def tensors() -> Iterator[integrity.TensorBytes]:
+        for file in tensor_files:
+            for tensor in file:
+                yield integrity.TensorBytes(tensor.name, dtype_code(tensor.dtype), tensor.shape, tensor.raw())
+
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        raise ConvertError(f"{config}: missing")
+    return integrity.StoredModel(tensors, {CONFIG_FILE: config.read_bytes()}, read_tokenizer_files(folder))
 
 
 def dense_producer(entry: TensorEntry, where: str) -> Callable[[], np.ndarray]:

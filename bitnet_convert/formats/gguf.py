@@ -6,11 +6,21 @@ gguf_read and gguf_tokenizer (tokenizer.json <-> tokenizer.ggml.* keys).
 
 from __future__ import annotations
 
-from .gguf_read import detect, read, recorded_provenance, stored_tensor_bytes
-from .gguf_types import EMBED_TYPES, OUTTYPES, TARGETS
-from .gguf_write import NAME, write
+from bitnet_convert.formats.gguf_read import (
+    detect,
+    read,
+    recorded_provenance,
+    stored_tensor_bytes,
+)
+from bitnet_convert.formats.gguf_types import (
+    EMBED_TYPES,
+    OUTTYPES,
+    TARGETS,
+    WRITER_OPTIONS,
+)
+from bitnet_convert.formats.gguf_write import NAME, write
 
 __all__ = [
     "NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
-    "EMBED_TYPES",
+    "EMBED_TYPES", "WRITER_OPTIONS",
 ]

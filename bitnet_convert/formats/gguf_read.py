@@ -11,25 +11,52 @@ named: a tensor whose blocks carry different scales is not one ternary matrix ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, quants
-from gguf.gguf_reader import ReaderTensor
+from gguf import GGMLQuantizationType, GGUFValueType, quants
 
-from .. import integrity, validate
-from ..checkpoint import Checkpoint, TensorEntry, Ternary, dense_entry, ternary_entry
-from ..codecs import i2s, tq
-from ..errors import ConvertError, CorruptData
-from ..names import expected_tensors, gguf_to_hf, is_projection
-from . import gguf_tokenizer
-from .gguf_types import ARCHITECTURES, I2_S, KEY_HIDDEN_ACT, KEY_PROVENANCE, MODEL_KEYS, SCALE_SUFFIX
+from bitnet_convert.fileio import integrity
+from bitnet_convert.fileio.sources import SourceWatch
+from bitnet_convert.formats import gguf_tokenizer
+from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.gguf_header import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    MAGIC,
+    STRING,
+    GGUFHeader,
+    TensorInfo,
+    typed_value,
+)
+from bitnet_convert.formats.gguf_types import (
+    ARCHITECTURES,
+    I2_S,
+    KEY_HIDDEN_ACT,
+    KEY_LENGTH,
+    KEY_PROVENANCE,
+    MODEL_KEYS,
+    ROPE_DIMENSIONS,
+    SCALE_SUFFIX,
+    U32,
+)
+from bitnet_core import validate
+from bitnet_core.checkpoint import (
+    Checkpoint,
+    TensorEntry,
+    Ternary,
+    dense_entry,
+    ternary_entry,
+)
+from bitnet_core.codecs import i2s
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_core.names import expected_tensors, gguf_to_hf, is_projection
 
 T = GGMLQuantizationType
-MAGIC = b"GGUF"
 PROJECTION_TYPES = (T.TQ1_0, T.TQ2_0, I2_S, T.F16, T.BF16, T.F32)
 # Dense tensors: GGML type -> numpy dtype they are read as (block types are dequantized to float32).
 DENSE_TYPES = {T.F32: np.float32, T.F16: np.float16, T.BF16: ml_dtypes.bfloat16, T.Q8_0: np.float32}
@@ -37,6 +64,8 @@ DENSE_TYPES = {T.F32: np.float32, T.F16: np.float16, T.BF16: ml_dtypes.bfloat16,
 
 def detect(path: Path) -> bool:
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.exists():  # a FIFO named m.gguf is refused by the reader, by name
+        return True
     if not path.is_file():
         return False
     with open(path, "rb") as fh:
@@ -45,103 +74,63 @@ def detect(path: Path) -> bool:
 
 NAME = "gguf"
 
-# GGUF value types: id -> fixed byte size (None: string, array) — for walking the key/values before gguf-py does.
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
-def _check_kv_bounds(path: Path, data: np.ndarray) -> None:
-    """Walk the header's key/values and refuse any length or count that runs past the end of the file.
-
-    gguf-py trusts these fields: an array count of 2^40 makes it loop (and allocate) 2^40 times before it
-    notices the file ended. Checking every count against the bytes left bounds work and memory by file size."""
-    size = data.size
-    pos = 24  # magic, version, tensor count, kv count
-
-    def u(n: int, at: int) -> int:
-        if at + n > size:
-            raise ConvertError(f"{path}: truncated or corrupt GGUF (header runs past the end of the file)")
-        return int.from_bytes(data[at:at + n].tobytes(), "little")
-
-    def skip_value(vtype: int, at: int) -> int:
-        if vtype in _SCALAR_BYTES:
-            return at + _SCALAR_BYTES[vtype]
-        if vtype == _STRING:
-            return at + 8 + u(8, at)
-        if vtype == _ARRAY:
-            item, count = u(4, at), u(8, at + 4)
-            at += 12
-            smallest = _SCALAR_BYTES.get(item, 8 if item == _STRING else 12)
-            if count * smallest > size - at:
-                raise ConvertError(f"{path}: truncated or corrupt GGUF (an array claims {count} items)")
-            if item in _SCALAR_BYTES:
-                return at + count * _SCALAR_BYTES[item]
-            for _ in range(count):
-                at = skip_value(item, at)
-                if at > size:
-                    break
-            return at
-        raise ConvertError(f"{path}: corrupt GGUF (unknown value type {vtype})")
-
-    kv_count = u(8, 16)
-    if kv_count * 12 > size:
-        raise ConvertError(f"{path}: truncated or corrupt GGUF (header claims {kv_count} keys)")
-    for _ in range(kv_count):
-        pos = pos + 8 + u(8, pos)  # key
-        pos = skip_value(u(4, pos), pos + 4)
-        if pos > size:
-            raise ConvertError(f"{path}: truncated or corrupt GGUF (header runs past the end of the file)")
-
-
-def open_gguf(path) -> GGUFReader:
-    """gguf-py's reader (memory-mapped), with its exceptions turned into one-line errors naming the file."""
+def open_gguf(path, watch: SourceWatch | None = None) -> GGUFHeader:
+    """The parsed header (gguf_header.py: bounded, lazy), through a descriptor held by `watch` (or its own)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such file")
-    if not detect(path):
-        raise ConvertError(f"{path}: not a GGUF file (no GGUF magic)")
-    _check_kv_bounds(path, np.memmap(path, mode="r"))
-    try:
-        reader = GGUFReader(path)
-    except ValueError as exc:
-        if "GGMLQuantizationType" in str(exc):
-            raise ConvertError(f"{path}: unsupported tensor type ({exc})") from None
-        raise ConvertError(f"{path}: truncated or corrupt GGUF ({exc})") from None
-    except (IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError, MemoryError) as exc:
-        raise ConvertError(f"{path}: truncated or corrupt GGUF ({type(exc).__name__}: {exc})") from None
-    size = reader.data.size
-    for t in reader.tensors:
-        if t.data_offset + stored_nbytes(t) > size:
-            raise ConvertError(f"{path}: truncated: tensor {t.name} ends at byte "
-                               f"{t.data_offset + stored_nbytes(t)}, file has {size}")
-    return reader
+    return GGUFHeader((watch or SourceWatch()).hold(path), path)
 
 
-def stored_nbytes(t: ReaderTensor) -> int:
-    """gguf-py's n_bytes leaves out the I2_S tail (see gguf_types)."""
-    return i2s.nbytes(t.n_elements) if t.tensor_type == I2_S else int(t.n_bytes)
+def stored_nbytes(t: TensorInfo) -> int:
+    return t.stored_nbytes
 
 
-def raw_bytes(reader: GGUFReader, t: ReaderTensor) -> np.ndarray:
+def raw_bytes(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
+    """A tensor's stored bytes as a view of the mapped file (inspection)."""
     return reader.data[t.data_offset : t.data_offset + stored_nbytes(t)]
 
 
-def field_reader(reader: GGUFReader) -> Callable[[str], object]:
-    def field(key: str):
-        f = reader.get_field(key)
-        try:
-            return None if f is None else f.contents()
-        except UnicodeDecodeError:
-            raise ConvertError(f"{getattr(reader.data, 'filename', 'GGUF')}: key {key} holds a string that is not UTF-8") from None
-
-    return field
+def _read_tensor(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
+    """A private copy of a tensor's stored bytes, read with pread (what loads use: see SourceWatch)."""
+    out = np.empty(stored_nbytes(t), np.uint8)
+    got = reader.held.readinto(t.data_offset, memoryview(out))
+    if got != out.size:
+        raise ConvertError(f"{reader.path}: tensor {t.name} is cut short ({got} of {out.size} bytes; truncated?)")
+    return out
 
 
-def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
-    """Every tensor's stored bytes (I2_S tails included, alignment padding not), in file order."""
+def field_reader(reader: GGUFHeader) -> Callable[[str], object]:
+    """key -> its value (None when absent); strings that are not UTF-8 are refused naming the key."""
+    return reader.value
+
+
+# The content hash's one config document: the key/values as stored (the tokenizer's among them).
+KEY_VALUES_DOCUMENT = "key/values"
+_HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # gguf-py's fields for the file header
+
+
+def stored_tensor_bytes(path) -> integrity.StoredModel:
+    """What the content hash covers: every tensor as stored (GGML type, dims ne0 first, bytes incl. I2_S tails,
+    no alignment padding) in file order, and the key/values (`stored_key_values`)."""
     reader = open_gguf(path)
-    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
-        yield t.name, memoryview(raw_bytes(reader, t)).cast("B")
+
+    def tensors() -> Iterator[integrity.TensorBytes]:
+        for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+            dims = tuple(int(d) for d in t.shape)
+            yield integrity.TensorBytes(t.name, t.tensor_type.name, dims, memoryview(raw_bytes(reader, t)).cast("B"))
+
+    return integrity.StoredModel(tensors, {KEY_VALUES_DOCUMENT: stored_key_values(reader)}, {})
+
+
+def stored_key_values(reader: GGUFHeader) -> bytes:
+    """Every key/value entry exactly as stored (key, type, value), in file order, but the provenance key (it
+    holds the hash). Our writer stores provenance last, so this is the key/value section up to it."""
+    entries = []
+    for field in reader.fields.values():
+        if field.name in _HEADER_FIELDS or field.name == KEY_PROVENANCE:
+            continue
+        size = sum(int(part.nbytes) for part in field.parts)
+        entries.append(reader.data[field.offset : field.offset + size].tobytes())
+    return b"".join(entries)
 
 
 def recorded_provenance(path) -> dict | None:
@@ -162,16 +151,17 @@ def _recorded(field, path) -> dict | None:
 def read(path: str, *, revision: str | None = None) -> Checkpoint:
     del revision  # a local file has none
     path = Path(path)
-    reader = open_gguf(path)
+    watch = SourceWatch()  # the file, held open for the whole run and checked again after each tensor load
+    reader = open_gguf(path, watch)
     field = field_reader(reader)
-    arch = field("general.architecture")
+    arch = typed_value(reader, "general.architecture", frozenset((STRING,)), "a string")
     if arch not in ARCHITECTURES:
         raise ConvertError(f"{path}: architecture {arch!r} is not BitNet (expected one of {', '.join(ARCHITECTURES)})")
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise ConvertError(f"{path}: no token_embd.weight tensor")
-    config = _config(field, arch, by_name, path)
-    vocab = gguf_tokenizer.vocab_from_fields(field, str(path))
+    config = _config(reader, arch, by_name)
+    vocab = gguf_tokenizer.vocab_from_fields(field, str(path), n_vocab=config["vocab_size"])
 
     entries: dict[str, TensorEntry] = {}
     for t in reader.tensors:
@@ -187,7 +177,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         else:
             entries[hf_name] = _dense_entry(reader, t, hf_name, path)
     order = expected_tensors(validate.model_config(config, str(path)))
-    entries = {n: entries[n] for n in order if n in entries} | entries  # checkpoint order, extras last
+    entries = watch.guard({n: entries[n] for n in order if n in entries} | entries)  # model order, extras last
     tokenizer_files = {}
     if vocab is not None:
         tokenizer_files = gguf_tokenizer.tokenizer_files(vocab, config["max_position_embeddings"], str(path))
@@ -198,51 +188,71 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def _config(field, arch: str, by_name: dict[str, ReaderTensor], path: Path) -> dict:
-    """config.json of BitNetForCausalLM from the model keys."""
+def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> dict:
+    """config.json of BitNetForCausalLM from the model keys, each of the GGUF type it must have (its range is
+    validate.model_config's to check)."""
     config: dict = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet"}
-    for hf_key, (key, vtype) in MODEL_KEYS.items():
-        value = field(f"{arch}.{key}")
+    for hf_key, (template, vtype) in MODEL_KEYS.items():
+        key = template.format(arch=arch)
+        value = _model_key(reader, key, vtype)
         if value is None:
             if hf_key == "num_key_value_heads":
                 continue
-            raise ConvertError(f"{path}: missing key {arch}.{key}")
-        config[hf_key] = int(value) if vtype == "u32" else float(str(np.float32(value)))  # 1e-05, not 9.99e-06
+            raise ConvertError(f"{reader.path}: missing key {key}")
+        config[hf_key] = value
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    head_dim = field(f"{arch}.rope.dimension_count") or field(f"{arch}.attention.key_length")
-    config["head_dim"] = int(head_dim or config["hidden_size"] // config["num_attention_heads"])
+    head_dim = _model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32) or \
+        _model_key(reader, KEY_LENGTH.format(arch=arch), U32)
+    if head_dim or config["num_attention_heads"] > 0:  # else validation names the head count
+        config["head_dim"] = head_dim or config["hidden_size"] // config["num_attention_heads"]
     config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
-    config["hidden_act"] = field(KEY_HIDDEN_ACT) or ARCHITECTURES[arch]
+    config["hidden_act"] = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or ARCHITECTURES[arch]
     config["tie_word_embeddings"] = "output.weight" not in by_name
     for hf_key, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
-        if field(key) is not None:
-            config[hf_key] = int(field(key))
+        value = _model_key(reader, key, U32)
+        if value is not None:
+            config[hf_key] = value
     config.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0, torch_dtype="bfloat16")
     return config
 
 
-def _logical_shape(t: ReaderTensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row length) first
+def _model_key(reader: GGUFHeader, key: str, vtype: GGUFValueType) -> int | float | None:
+    """A u32 key as an int (any integer type is accepted), an f32 key as the float its float32 prints as
+    (1e-05, not 9.99e-06; a value beyond float32 stays as it is, for validation to name)."""
+    if vtype == U32:
+        return typed_value(reader, key, INTEGER_TYPES, "an integer (u32)")
+    value = typed_value(reader, key, FLOAT_TYPES | INTEGER_TYPES, "a number (f32)")
+    if value is None:
+        return None
+    with np.errstate(over="ignore"):
+        as_f32 = np.float32(value)
+    return float(str(as_f32)) if np.isfinite(as_f32) else float(value)
 
 
-def _dense_entry(reader: GGUFReader, t: ReaderTensor, hf_name: str, path: Path) -> TensorEntry:
+def _logical_shape(t: TensorInfo) -> tuple[int, ...]:
+    return tuple(reversed(t.shape))  # GGUF lists ne0 (the row length) first
+
+
+def _dense_entry(reader: GGUFHeader, t: TensorInfo, hf_name: str, path: Path) -> TensorEntry:
     if t.tensor_type not in DENSE_TYPES:
         raise ConvertError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, not one of "
                            f"{', '.join(k.name for k in DENSE_TYPES)}")
     shape, ggml_type = _logical_shape(t), t.tensor_type
 
     def load() -> np.ndarray:
-        raw = raw_bytes(reader, t)
+        raw = _read_tensor(reader, t)
         if ggml_type == T.BF16:
-            return raw.view(ml_dtypes.bfloat16).reshape(shape).copy()
+            return raw.view(ml_dtypes.bfloat16).reshape(shape)
         if ggml_type == T.Q8_0:
             return quants.dequantize(raw.reshape(-1, raw.size // shape[0]), ggml_type).reshape(shape)
-        return raw.view(DENSE_TYPES[ggml_type]).reshape(shape).copy()
+        return raw.view(DENSE_TYPES[ggml_type]).reshape(shape)
 
-    return dense_entry(hf_name, shape, DENSE_TYPES[ggml_type], load)
+    entry = dense_entry(hf_name, shape, DENSE_TYPES[ggml_type], load)
+    return dataclasses.replace(entry, encoding="q8_0") if ggml_type == T.Q8_0 else entry
 
 
-def _ternary_entry(reader, t: ReaderTensor, scale: ReaderTensor | None, hf_name: str, path: Path) -> TensorEntry:
+def _ternary_entry(reader: GGUFHeader, t: TensorInfo, scale: TensorInfo | None, hf_name: str,
+                   path: Path) -> TensorEntry:
     if t.tensor_type not in PROJECTION_TYPES:
         raise ConvertError(f"{path}: projection {t.name} has type {t.tensor_type.name}, not ternary "
                            f"({', '.join(k.name for k in PROJECTION_TYPES)})")
@@ -253,13 +263,13 @@ def _ternary_entry(reader, t: ReaderTensor, scale: ReaderTensor | None, hf_name:
         raise ConvertError(f"{path}: projection {t.name} has shape {list(shape)}, expected [out, in]")
 
     def load() -> Ternary:
-        raw = raw_bytes(reader, t)
+        raw = _read_tensor(reader, t)
         try:
             codes, multiplier = _decode(raw, t.tensor_type, shape)
         except CorruptData as exc:
             raise CorruptData(f"{path}: {t.name}: {exc}") from None
         if scale is not None:
-            multiplier = np.float32(multiplier * raw_bytes(reader, scale).view(np.float32)[0])
+            multiplier = np.float32(multiplier * _read_tensor(reader, scale).view(np.float32)[0])
         if not (np.isfinite(multiplier) and multiplier > 0):
             raise CorruptData(f"{path}: {t.name}: multiplier {multiplier} is not a finite positive number")
         return Ternary(codes, multiplier)

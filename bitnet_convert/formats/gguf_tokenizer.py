@@ -1,4 +1,4 @@
-"""The tokenizer as GGUF metadata (formats.md §5), and back to tokenizer.json + tokenizer_config.json.
+"""The tokenizer as GGUF metadata (docs/formats.md §8), and back to tokenizer.json + tokenizer_config.json.
 
 Only byte-level BPE tokenizers (`tokenizer.ggml.model = "gpt2"`) are carried: that is what every BitNet
 checkpoint ships (2B4T has Llama 3's). llama.cpp does not run the tokenizer.json pre-tokenizer; it picks its own
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from gguf import GGUFWriter, Keys, TokenType
 
-from ..errors import ConvertError
+from bitnet_core.errors import ConvertError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_REGEX = (
@@ -115,11 +115,15 @@ def _pre_name(pre_tokenizer: Mapping | None, where: str) -> str:
     raise ConvertError(f"{where}: pre-tokenizer regex {regexes[0][:60]!r}... matches no llama.cpp pre-tokenizer")
 
 
-def _template_specials(tokenizer_json: str) -> tuple[int | None, int | None]:
+def _template_specials(tokenizer_json: str, where: str) -> tuple[int | None, int | None]:
     """The special token the post-processor puts in front of / after a text (None if none): asks `tokenizers`."""
     from tokenizers import Tokenizer
 
-    enc = Tokenizer.from_str(tokenizer_json).encode("a", add_special_tokens=True)
+    try:
+        enc = Tokenizer.from_str(tokenizer_json).encode("a", add_special_tokens=True)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for files it cannot build
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConvertError(f"{where}: tokenizer.json is not one the tokenizers library loads: {first}") from None
     ids, special = enc.ids, enc.special_tokens_mask
     first = ids[0] if ids and special[0] else None
     last = ids[-1] if len(ids) > 1 and special[-1] else None
@@ -157,7 +161,7 @@ def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, 
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
     eot_id = next((ids[t] for t in EOT_TOKENS if t in ids), None)
-    prefix, suffix = _template_specials(tok_json)
+    prefix, suffix = _template_specials(tok_json, where)
     bos_id = prefix if bos_id is None else bos_id  # Llama 3 names BOS only in its post-processor template
     add_bos, add_eos = prefix is not None and prefix == bos_id, suffix is not None and suffix == eos_id
     template = tok_config.get("chat_template")
@@ -168,29 +172,85 @@ def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, 
     return GGUFVocab(pre, tokens, types, merges, bos_id, eos_id, eot_id, add_bos, add_eos, template)
 
 
-def vocab_from_fields(field, where: str) -> GGUFVocab | None:
-    """Read GGUFVocab back; `field(key)` returns a key's contents or None."""
-    tokens = field(Keys.Tokenizer.LIST)
+def vocab_from_fields(field, where: str, n_vocab: int | None = None) -> GGUFVocab | None:
+    """Read GGUFVocab back; `field(key)` returns a key's value or None.
+
+    Every key is checked for its type, and every length that must agree does (a token_type array shorter
+    than the tokens once made zip() drop the rest): one type (and score) per token, one token per embedding
+    row (`n_vocab`: llama.cpp's vocabulary is the token list), ids inside the vocabulary, merges of two parts."""
+    tokens = _key(field, Keys.Tokenizer.LIST, where, _strings, "an array of strings")
     if tokens is None:
         return None
     model = field(Keys.Tokenizer.MODEL)
     if model != "gpt2":
-        raise ConvertError(f"{where}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
-    pre = field(Keys.Tokenizer.PRE) or "default"
-    pre = PRE_ALIASES.get(pre, pre)
-    types = field(Keys.Tokenizer.TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
+        raise ConvertError(f"{where}: tokenizer model {str(model)[:40]!r} is not supported (only byte-level BPE, 'gpt2')")
+    if n_vocab is not None and len(tokens) != n_vocab:
+        raise ConvertError(f"{where}: {Keys.Tokenizer.LIST} holds {len(tokens)} tokens, but token_embd.weight has "
+                           f"{n_vocab} rows")
+    types = _per_token(field, Keys.Tokenizer.TOKEN_TYPE, where, tokens, _token_type, "token types (0..6)")
+    _per_token(field, Keys.Tokenizer.SCORES, where, tokens, _number, "numbers")
+    pre = _key(field, Keys.Tokenizer.PRE, where, _is_text, "a string") or "default"
     return GGUFVocab(
-        pre=pre,
+        pre=PRE_ALIASES.get(pre, pre),
         tokens=tokens,
-        token_types=types,
-        merges=field(Keys.Tokenizer.MERGES) or [],
-        bos_id=field(Keys.Tokenizer.BOS_ID),
-        eos_id=field(Keys.Tokenizer.EOS_ID),
-        eot_id=field(Keys.Tokenizer.EOT_ID),
-        add_bos=bool(field(Keys.Tokenizer.ADD_BOS)),
-        add_eos=bool(field(Keys.Tokenizer.ADD_EOS)),
-        chat_template=field(Keys.Tokenizer.CHAT_TEMPLATE),
+        token_types=[int(TokenType.NORMAL)] * len(tokens) if types is None else types,
+        merges=_key(field, Keys.Tokenizer.MERGES, where, _merges, 'an array of "left right" strings') or [],
+        bos_id=_token_id(field, Keys.Tokenizer.BOS_ID, where, len(tokens)),
+        eos_id=_token_id(field, Keys.Tokenizer.EOS_ID, where, len(tokens)),
+        eot_id=_token_id(field, Keys.Tokenizer.EOT_ID, where, len(tokens)),
+        add_bos=bool(_key(field, Keys.Tokenizer.ADD_BOS, where, _is_bool, "a bool")),
+        add_eos=bool(_key(field, Keys.Tokenizer.ADD_EOS, where, _is_bool, "a bool")),
+        chat_template=_key(field, Keys.Tokenizer.CHAT_TEMPLATE, where, _is_text, "a string"),
     )
+
+
+def _key(field, key: str, where: str, accepts, expected: str):
+    """field(key) when absent (None) or accepted, else one error naming the key."""
+    value = field(key)
+    if value is not None and not accepts(value):
+        shown = f"an array of {len(value)}" if isinstance(value, list) else repr(value)[:40]
+        raise ConvertError(f"{where}: key {key} is {shown}, expected {expected}")
+    return value
+
+
+def _per_token(field, key: str, where: str, tokens: list[str], accepts, items: str) -> list | None:
+    """An array with one entry per token (token types, scores), or None when absent."""
+    values = _key(field, key, where, lambda v: isinstance(v, list) and all(map(accepts, v)), f"an array of {items}")
+    if values is not None and len(values) != len(tokens):
+        raise ConvertError(f"{where}: {key} has {len(values)} entries for {len(tokens)} tokens")
+    return values
+
+
+def _token_id(field, key: str, where: str, n_tokens: int) -> int | None:
+    return _key(field, key, where, lambda v: _is_integer(v) and 0 <= v < n_tokens, f"a token id in 0..{n_tokens - 1}")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _token_type(value) -> bool:
+    return _is_integer(value) and 0 <= value <= max(TokenType)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _merges(value) -> bool:
+    return _strings(value) and all(" " in m for m in value)
 
 
 def tokenizer_files(vocab: GGUFVocab, model_max_length: int, where: str) -> dict[str, bytes]:
@@ -199,7 +259,7 @@ def tokenizer_files(vocab: GGUFVocab, model_max_length: int, where: str) -> dict
         raise ConvertError(f"{where}: pre-tokenizer {vocab.pre!r} has no tokenizer.json equivalent here")
     spec = PRE_TOKENIZERS[vocab.pre]
     model_vocab, added = {}, []
-    for i, (text, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+    for i, (text, kind) in enumerate(zip(vocab.tokens, vocab.token_types, strict=True)):  # one type per token
         if kind == TokenType.UNUSED and text == PAD_TOKEN.format(i):
             continue
         if kind in (TokenType.CONTROL, TokenType.USER_DEFINED):

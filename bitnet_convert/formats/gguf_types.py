@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+    LlamaFileType,
+)
 
-from ..codecs import i2s
+from bitnet_convert.formats.options import WriterOption
+from bitnet_core.codecs import i2s
 
 
 def _register_i2s() -> GGMLQuantizationType:
@@ -53,7 +60,7 @@ class OutType:
 
 # outtype -> storage of the ternary projections. Float outtypes store the *codes* (exact in every float
 # type) with the `.scale` tensor, never codes*multiplier: that keeps them lossless, and it avoids the trap of
-# bitnet.cpp's own converter, which divides by weight_scale on its F16/F32 path (formats.md §4).
+# bitnet.cpp's own converter, which divides by weight_scale on its F16/F32 path (docs/formats.md §7).
 OUTTYPES: dict[str, OutType] = {
     "tq1_0": OutType(T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, True, ("llama.cpp",)),
     "tq2_0": OutType(T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, True, ("llama.cpp",)),
@@ -79,23 +86,37 @@ TARGETS: dict[str, Target] = {
     "llama.cpp": Target("bitnet", "tq2_0", "f16", False),
     "bitnet.cpp": Target("bitnet-b1.58", "i2_s", "f16", True),
 }
+DEFAULT_TARGET = "llama.cpp"
+
+WRITER_OPTIONS = {
+    "target": WriterOption(tuple(TARGETS), DEFAULT_TARGET, "runtime the file is for"),
+    "outtype": WriterOption(tuple(OUTTYPES), None, "projection type (default: " + ", ".join(
+        f"{t.default_outtype} for {name}" for name, t in TARGETS.items()) + ")"),
+    "embed_type": WriterOption(tuple(EMBED_TYPES), None, "token embedding type (default: " + ", ".join(
+        f"{t.default_embed_type} for {name}" for name, t in TARGETS.items()) + ")"),
+}
 
 # general.architecture values we read -> the activation their runtime computes when our own key is absent.
 # "bitnet" is llama.cpp's (whose graph computes SiLU, but every model shipped under it is relu2: 2B4T);
 # "bitnet-25" is bitnet.cpp's name for 2B4T before 2025-04-22.
 ARCHITECTURES: dict[str, str] = {"bitnet": "relu2", "bitnet-b1.58": "relu2", "bitnet-25": "relu2"}
 
-# Model hyper-parameters: config.json field <- `{arch}.KEY`. Types are GGUF's: u32 counts, f32 reals.
-MODEL_KEYS: dict[str, tuple[str, str]] = {
-    "max_position_embeddings": ("context_length", "u32"),
-    "hidden_size": ("embedding_length", "u32"),
-    "num_hidden_layers": ("block_count", "u32"),
-    "intermediate_size": ("feed_forward_length", "u32"),
-    "num_attention_heads": ("attention.head_count", "u32"),
-    "num_key_value_heads": ("attention.head_count_kv", "u32"),
-    "rms_norm_eps": ("attention.layer_norm_rms_epsilon", "f32"),
-    "rope_theta": ("rope.freq_base", "f32"),
+# Model hyper-parameters: config.json field <- gguf-py's key template ("{arch}.context_length") and GGUF value
+# type: u32 counts, f32 reals.
+U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+MODEL_KEYS: dict[str, tuple[str, GGUFValueType]] = {
+    "max_position_embeddings": (Keys.LLM.CONTEXT_LENGTH, U32),
+    "hidden_size": (Keys.LLM.EMBEDDING_LENGTH, U32),
+    "num_hidden_layers": (Keys.LLM.BLOCK_COUNT, U32),
+    "intermediate_size": (Keys.LLM.FEED_FORWARD_LENGTH, U32),
+    "num_attention_heads": (Keys.Attention.HEAD_COUNT, U32),
+    "num_key_value_heads": (Keys.Attention.HEAD_COUNT_KV, U32),
+    "rms_norm_eps": (Keys.Attention.LAYERNORM_RMS_EPS, F32),
+    "rope_theta": (Keys.Rope.FREQ_BASE, F32),
 }
+# Written for bitnet.cpp (Target.vocab_and_rope_dims), and where head_dim is not hidden / heads.
+VOCAB_SIZE, ROPE_DIMENSIONS = Keys.LLM.VOCAB_SIZE, Keys.Rope.DIMENSION_COUNT
+KEY_LENGTH, VALUE_LENGTH = Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH
 
 # Our own keys (ignored by both runtimes).
 KEY_PROVENANCE = "bitnet_convert.provenance"  # JSON: integrity.provenance_record(...)

@@ -12,9 +12,9 @@ hashed piece by piece. HF packed projections are transcoded straight into I2_S /
 (`PackedTernary`), never unpacked into int8 codes.
 
 gguf-py writes the header, the key/values and every tensor's info before any data, so the content hash
-(integrity.TensorHasher over the stored bytes, in file order) is not known when the provenance key is written.
-The key holds a fixed-width placeholder that is overwritten in the temporary file once the data is out,
-before atomic_path renames it into place.
+(integrity.ModelHasher over the tensors as stored, in file order, and the key/values as stored) is not known
+when the provenance key is written. The key holds a fixed-width placeholder that is overwritten in the
+temporary file once the data is out, before atomic_path renames it into place.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -30,30 +31,40 @@ import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-from .. import integrity, validate
-from ..atomic import atomic_path
-from ..checkpoint import Checkpoint, PackedTernary, TensorEntry, Ternary
-from ..codecs import i2s, tq
-from ..errors import ConvertError
-from ..names import hf_to_gguf, is_projection
-from ..prefetch import prefetch
-from ..progress import progress_bar
-from . import gguf_tokenizer
-from .gguf_types import (
+from bitnet_convert.fileio import integrity
+from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio.prefetch import prefetch
+from bitnet_convert.fileio.progress import progress_bar
+from bitnet_convert.formats import gguf_tokenizer
+from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.folder import read_from
+from bitnet_convert.formats.gguf_read import KEY_VALUES_DOCUMENT, recorded_provenance
+from bitnet_convert.formats.gguf_types import (
+    DEFAULT_TARGET,
     EMBED_TYPES,
     I2_S,
     KEY_HIDDEN_ACT,
+    KEY_LENGTH,
     KEY_MULTIPLIER_SOURCE,
     KEY_PROVENANCE,
     MODEL_KEYS,
     OUTTYPES,
+    ROPE_DIMENSIONS,
     SCALE_SUFFIX,
     TARGETS,
+    VALUE_LENGTH,
+    VOCAB_SIZE,
     OutType,
 )
-from .hf import as_ternary
+from bitnet_core import validate
+from bitnet_core.checkpoint import Checkpoint, TensorEntry, Ternary
+from bitnet_core.codecs import hf2bit, i2s
+from bitnet_core.errors import ConvertError
+from bitnet_core.names import hf_to_gguf, is_projection
+from bitnet_core.quantize import as_ternary, projection_bytes
 
 log = logging.getLogger("bitnet_convert")
+EMBEDDING_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # stored as --embed-type
 T = GGMLQuantizationType
 NAME = "gguf"
 HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
@@ -84,9 +95,9 @@ def write(
     *,
     force: bool = False,
     quiet: bool = True,
-    target: str = "llama.cpp",
+    target: str = DEFAULT_TARGET,
     outtype: str | None = None,
-    embed_type: str = "f16",
+    embed_type: str | None = None,
 ) -> Path:
     """Write `ckpt` as one GGUF file for `target` ("llama.cpp" or "bitnet.cpp").
 
@@ -97,6 +108,7 @@ def write(
         raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
     tgt = TARGETS[target]
     outtype = outtype or tgt.default_outtype
+    embed_type = embed_type or tgt.default_embed_type
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     kind = OUTTYPES[outtype]
@@ -104,7 +116,7 @@ def write(
         raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
     if embed_type not in EMBED_TYPES:
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
-    where = str(ckpt.provenance.get("source") or "checkpoint")
+    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     cfg = validate.check_tensors(ckpt, where)
     if not cfg.sub_norms:
         raise ConvertError(f"{where}: {cfg.architecture} has no sub-norms; the GGUF bitnet graphs need them")
@@ -118,27 +130,33 @@ def write(
     vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
     plan = _plan(ckpt, kind, EMBED_TYPES[embed_type], where)
 
+    casts = {**(ckpt.provenance.get("tensor_casts") or {}),
+             **{name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors}}
     record = integrity.provenance_record(
-        ckpt.provenance, HASH_PLACEHOLDER, NAME, target=target, outtype=outtype, embed_type=embed_type,
-        hidden_act=cfg.hidden_act,
+        dict(ckpt.provenance, tensor_casts=casts), HASH_PLACEHOLDER, NAME, target=target, outtype=outtype,
+        embed_type=embed_type, hidden_act=cfg.hidden_act,
     )
-    with atomic_path(out, force=force) as tmp:
+    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
         writer = GGUFWriter(tmp, tgt.architecture)
         try:
             _add_model_keys(writer, tgt, kind, cfg, ckpt, vocab)
             writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
-            kv_end, digest = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
+            key_values, hasher = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
         finally:
             writer.close()
-        _patch_hash(tmp, kv_end, digest)
+        _patch_hash(tmp, key_values, hasher)
     return Path(out)
 
 
-def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quiet: bool) -> tuple[int, str]:
-    """Header, key/values, tensor infos, then the data one tensor at a time; returns (end of KVs, content hash)."""
+def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str,
+                   quiet: bool) -> tuple[range, integrity.ModelHasher]:
+    """Header, key/values, tensor infos, then the data one tensor at a time. Returns where the key/values lie
+    in the file and the content hash fed with every tensor (the key/values complete it: _patch_hash)."""
     for t in plan:
         writer.add_tensor_info(t.name, t.array_shape, t.array_dtype, t.nbytes, raw_dtype=t.ggml_type)
+    dims = _stored_dims(writer)
     writer.write_header_to_file()
+    kv_start = writer.fout[0].tell()
     writer.write_kv_data_to_file()
     kv_end = writer.fout[0].tell()
     writer.write_ti_data_to_file()
@@ -158,14 +176,14 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
                 yield t, piece
 
     with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar, \
-            contextlib.closing(integrity.TensorHasher(background=True)) as hasher:
+            contextlib.closing(integrity.ModelHasher(background=True)) as hasher:
         current, written = None, 0
         for t, piece in prefetch(pieces()):
             if piece is None:
                 # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
                 finish(current, written)
                 writer.write_padding(fout, fout.tell())
-                hasher.begin(t.name, t.nbytes)
+                hasher.begin(t.name, t.ggml_type.name, dims[t.name], t.nbytes)
                 current, written = t, 0
                 continue
             raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
@@ -174,7 +192,12 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str, quie
             written += raw.nbytes
             bar.update(raw.nbytes)
         finish(current, written)
-    return kv_end, hasher.hexdigest()
+    return range(kv_start, kv_end), hasher
+
+
+def _stored_dims(writer: GGUFWriter) -> dict[str, tuple[int, ...]]:
+    """Each tensor's dims as its tensor info stores them, ne0 first (gguf-py keeps them in numpy order)."""
+    return {name: tuple(int(d) for d in reversed(info.shape)) for part in writer.tensors for name, info in part.items()}
 
 
 def _add_model_keys(writer: GGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
@@ -190,14 +213,13 @@ def _add_model_keys(writer: GGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoin
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
     }
     for field, (key, vtype) in MODEL_KEYS.items():
-        add = writer.add_uint32 if vtype == "u32" else writer.add_float32
-        add(f"{arch}.{key}", values[field])
+        writer.add_key_value(key.format(arch=arch), values[field], vtype)
     if tgt.vocab_and_rope_dims:
-        writer.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
-        writer.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+        writer.add_uint32(VOCAB_SIZE.format(arch=arch), cfg.vocab_size)
+        writer.add_uint32(ROPE_DIMENSIONS.format(arch=arch), cfg.head_dim)
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp assumes hidden / heads otherwise
-        writer.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
-        writer.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+        writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
+        writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
     writer.add_string(KEY_MULTIPLIER_SOURCE, "scale_tensor" if kind.scale_tensor else "i2_s_tail")
     if vocab is not None:
@@ -277,27 +299,19 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> lis
         loaded["multiplier"] = value.multiplier
         return value
 
-    def hf_packed() -> PackedTernary | None:
-        """The weight as the source stores it, if that is the HF 2-bit layout: transcoded, never unpacked."""
-        if entry.load_packed is None:
-            return None
-        value = entry.load_packed()
-        if value.layout != "hf2bit":
-            return None
-        loaded["multiplier"] = value.multiplier
-        return value
+    def stored(from_hf2bit, pack) -> list[np.ndarray]:
+        data, loaded["multiplier"] = projection_bytes(entry, from_hf2bit, pack, where)
+        return [data]
 
     t = kind.ggml_type
     if t == I2_S:
         if int(np.prod(shape)) % i2s.BLOCK_VALUES:
             raise ConvertError(f"{where}: {name} has {int(np.prod(shape))} values, I2_S needs a multiple of 128")
 
-        def i2s_bytes() -> list[np.ndarray]:
-            source = hf_packed()
-            if source is not None:
-                return [source.transcode(i2s.from_hf2bit, shape[0], source.multiplier)]
-            value = ternary()
-            return [i2s.pack(value.codes, value.multiplier)]
+        def i2s_bytes() -> list[np.ndarray]:  # the multiplier goes into the tail: pack with a unit one, then set it
+            (data,) = stored(lambda d, rows: i2s.from_hf2bit(d, rows, 1.0), lambda c: i2s.pack(c, 1.0))
+            i2s.set_multiplier(data, loaded["multiplier"])
+            return [data]
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
@@ -305,10 +319,8 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> lis
         _check_blocks(shape, t, name, where)
 
         def tq_bytes() -> list[np.ndarray]:
-            source = hf_packed() if t == T.TQ2_0 else None
-            if source is not None:
-                return [source.transcode(tq.tq2_0_from_hf2bit, shape[0])]
-            return [tq.pack(ternary().codes, t)]
+            from_hf2bit = tq.tq2_0_from_hf2bit if t == T.TQ2_0 else (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
+            return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
@@ -321,12 +333,16 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> lis
     return [weight, scale]
 
 
-def _patch_hash(path: Path, kv_end: int, digest: str) -> None:
-    """Overwrite the placeholder in the provenance key (the last key) with the real content hash."""
+def _patch_hash(path: Path, key_values: range, hasher: integrity.ModelHasher) -> None:
+    """Complete the content hash with the key/values as stored before the provenance key (the last one; the
+    same bytes gguf_read.stored_key_values finds), then overwrite the placeholder in that key with it."""
+    key = KEY_PROVENANCE.encode()
     with open(path, "r+b") as fh:
-        header = fh.read(kv_end)
-        at = header.rfind(HASH_PLACEHOLDER.encode())
-        if at < 0:
-            raise AssertionError("provenance placeholder not found in the GGUF header")
-        fh.seek(at)
-        fh.write(digest.encode())
+        header = fh.read(key_values.stop)
+        provenance_at = header.rfind(struct.pack("<Q", len(key)) + key, key_values.start)
+        placeholder_at = header.rfind(HASH_PLACEHOLDER.encode())
+        if not key_values.start <= provenance_at < placeholder_at:
+            raise AssertionError("provenance key or its placeholder not found in the GGUF header")
+        hasher.add_config(KEY_VALUES_DOCUMENT, header[key_values.start : provenance_at])
+        fh.seek(placeholder_at)
+        fh.write(hasher.hexdigest().encode())

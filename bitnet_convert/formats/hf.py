@@ -6,7 +6,7 @@
 | "bitlinear"     | linear_class bitlinear (the default)              | same, but weight_scale = 1 / w            |
 | "online"        | linear_class autobitlinear, mode online           | bf16 master weights [out, in]             |
 
-(formats.md §2.) The reader turns packed projections into `Ternary` entries whose multiplier is always w, and
+(docs/formats.md §2.) The reader turns packed projections into `Ternary` entries whose multiplier is always w, and
 keeps online masters as DENSE entries: quantizing them is the model's job, and `ternarize_master` does it
 exactly as transformers' AutoBitLinear does when a writer needs ternary codes.
 """
@@ -16,24 +16,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from .. import integrity, validate
-from ..atomic import atomic_path
-from ..checkpoint import (
-    TERNARY, Checkpoint, PackedLoader, PackedTernary, TensorEntry, Ternary, dense_entry, ternary_entry,
+from bitnet_convert.fileio import integrity
+from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio.hub import (
+    looks_like_repo_id,
+    resolve_source,
+    snapshot_revision,
 )
-from ..codecs import hf2bit
-from ..errors import ConvertError, CorruptData
-from ..hub import looks_like_repo_id, resolve_source, snapshot_revision
-from ..names import expected_tensors, is_projection
-from .folder import dense_producer, hashing_progress, read_json_object, recorded_provenance, write_side_files
-from ..safetensors_io import (
+from bitnet_convert.fileio.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     StoredTensor,
@@ -42,25 +39,40 @@ from ..safetensors_io import (
     open_model_files,
     write_sharded_safetensors,
 )
+from bitnet_convert.fileio.sources import SourceWatch, read_json_file
+from bitnet_convert.formats import tokenizer_files
+from bitnet_convert.formats.folder import (
+    TOKENIZER_FILES,
+    dense_producer,
+    hashing_progress,
+    read_from,
+    recorded_provenance,
+    side_files,
+    stored_folder_model,
+)
+from bitnet_convert.formats.options import WriterOption
+from bitnet_core import validate
+from bitnet_core.checkpoint import (
+    TERNARY,
+    Checkpoint,
+    PackedLoader,
+    PackedTernary,
+    TensorEntry,
+    Ternary,
+    dense_entry,
+    ternary_entry,
+)
+from bitnet_core.codecs import hf2bit
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_core.names import expected_tensors, is_projection
+from bitnet_core.quantize import projection_bytes
 
 NAME = "hf"
 CONFIG_FILE = "config.json"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SCALE_SUFFIX = ".weight_scale"
 SCALE_DTYPES = {"bf16": BF16, "f32": np.dtype(np.float32)}
-
-# Files copied verbatim between formats (whatever of them a checkpoint has), besides any *.jinja template.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
+DEFAULT_LAYOUT = "autobitlinear"
 
 # Buffers some exporters save that the model recomputes; never part of a checkpoint.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -96,38 +108,15 @@ LAYOUTS = {
 }
 
 
-# ------------------------------------------------------------------------------------------- quantization
-
-
-def ternarize_master(w: np.ndarray) -> Ternary:
-    """Quantize master weights the way transformers' AutoBitLinear (online) does in its forward.
-
-    transformers: ``scale = 1 / max(mean|W|, 1e-5)``, ``T = clamp(round(W * scale), -1, 1)``, effective weight
-    ``T / scale``, all in float32 with round-half-to-even. So T comes from ``W * scale`` (not ``W / m``, which
-    can round differently) and the multiplier is ``1 / scale``. The mean is accumulated in float64 and rounded
-    once: a correctly rounded, order-independent value; torch's float32 reduction can land one ulp away.
-    """
-    w32 = np.asarray(w, dtype=np.float32)
-    mean = np.float32(np.mean(np.abs(w32), dtype=np.float64))
-    scale = np.float32(1.0) / max(mean, np.float32(1e-5))
-    codes = np.clip(np.rint(w32 * scale), -1, 1).astype(np.int8)
-    return Ternary(codes, np.float32(1.0) / scale)
-
-
-def as_ternary(value: Ternary | np.ndarray) -> Ternary:
-    """A projection as codes + multiplier, quantizing float master weights if that is what it holds."""
-    return value if isinstance(value, Ternary) else ternarize_master(value)
-
-
 # ------------------------------------------------------------------------------------------------ reading
 
 
 def detect(path: Path) -> bool:
     """A folder with config.json and safetensors weights, or a hub repo id only this format resolves."""
     path = Path(path)
-    if path.is_dir():
-        has_weights = (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
-        return (path / CONFIG_FILE).is_file() and has_weights
+    if path.is_dir():  # lexists, not is_file: a FIFO named model.safetensors is refused by the reader, by name
+        has_weights = os.path.lexists(path / SINGLE_FILE) or os.path.lexists(path / INDEX_FILE)
+        return os.path.lexists(path / CONFIG_FILE) and has_weights
     return not path.exists() and looks_like_repo_id(str(path))
 
 
@@ -141,11 +130,13 @@ def layout_of(quant: dict | None, where: str | os.PathLike) -> Layout:
     if not isinstance(quant, dict):
         raise ConvertError(f"{where}: quantization_config is not a JSON object")
     if quant.get("quant_method") != "bitnet":
-        raise ConvertError(f"{where}: quantization_config quant_method {quant.get('quant_method')!r} is not 'bitnet'")
+        raise ConvertError(f"{where}: quantization_config quant_method {quant.get('quant_method')!r:.60} is not "
+                           "'bitnet'")
     linear_class = quant.get("linear_class", "bitlinear")
     mode = quant.get("quantization_mode", "offline")
     if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("offline", "online"):
-        raise ConvertError(f"{where}: unknown BitNet linear_class {linear_class!r} / quantization_mode {mode!r}")
+        raise ConvertError(f"{where}: unknown BitNet linear_class {linear_class!r:.60} / quantization_mode "
+                           f"{mode!r:.60}")
     if quant.get("use_rms_norm"):
         raise ConvertError(f"{where}: use_rms_norm (an extra RMSNorm inside every BitLinear) is not supported")
     if linear_class == "bitlinear":  # transformers' BitLinear is always packed, whatever the mode says
@@ -153,61 +144,92 @@ def layout_of(quant: dict | None, where: str | os.PathLike) -> Layout:
     return LAYOUTS["online" if mode == "online" else "autobitlinear"]
 
 
-def _unquantized_projection(patterns: list[str], cfg) -> str | None:
+# A modules_to_not_convert entry made of these is a module name (where '.' also matches any one character, as
+# in transformers' regex match); any other character makes it a regex we do not run: a crafted one can
+# backtrack for hours, and a name match cannot tell what it would leave unquantized.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.-]*")
+
+
+def _unquantized_projection(patterns, cfg, where) -> str | None:
     """A projection module that a modules_to_not_convert entry leaves as plain Linear, if any.
 
     transformers skips a module when an entry matches its full name from the start up to a module boundary
-    (plain or as a regex) or is a suffix of it.
+    or is a suffix of it (quantizers_utils.should_convert_module). Entries are matched as names, in time linear
+    in their length; an entry that needs a regex engine is refused (see _MODULE_NAME).
     """
     modules = [name[: -len(".weight")] for name, (_, kind) in expected_tensors(cfg).items() if kind == TERNARY]
     if isinstance(patterns, str):
         patterns = [patterns]
-    for pattern in (p for p in patterns if isinstance(p, str) and p):
-        try:
-            prefix = re.compile(rf"(?:{pattern})(?=\.|$)")
-        except re.error:
-            prefix = re.compile(rf"{re.escape(pattern)}(?=\.|$)")
+    if not isinstance(patterns, list):
+        raise ConvertError(f"{where}: quantization_config.modules_to_not_convert is not a list of module names")
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not _MODULE_NAME.fullmatch(pattern):
+            raise ConvertError(f"{where}: quantization_config.modules_to_not_convert entry {pattern!r:.60} is not a "
+                               "module name (regular expressions are not supported)")
         for module in modules:
-            if module.endswith(pattern) or prefix.match(module) or (pattern.endswith(".") and module.startswith(pattern)):
+            if pattern and (module.endswith(pattern) or _prefix_match(pattern, module)):
                 return module
     return None
+
+
+def _prefix_match(pattern: str, module: str) -> bool:
+    r"""transformers' `re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module)` for a pattern of name characters:
+    '.' matches any one character, and the match ends at a module boundary."""
+    if len(pattern) > len(module):
+        return False
+    if not all(p == "." or p == m for p, m in zip(pattern, module[: len(pattern)], strict=True)):
+        return False
+    rest = module[len(pattern):]
+    return module[len(pattern) - 1] == "." or rest == "" or rest.startswith(".")
 
 
 def read(path: str, *, revision: str | None = None) -> Checkpoint:
     """Lazily read a Hugging Face BitNet folder or hub repo (resolved through the local cache)."""
     folder = resolve_source(str(path), revision)
-    config = _read_config(folder)
+    watch = SourceWatch()  # every file read below, checked again after each tensor load
+    config = _read_config(folder, watch)
     quant = config.pop("quantization_config", None)
     layout = layout_of(quant, folder / CONFIG_FILE)
     cfg = validate.model_config(config, str(folder / CONFIG_FILE))
-    plain = _unquantized_projection(quant.get("modules_to_not_convert") or [], cfg)
+    plain = _unquantized_projection(quant.get("modules_to_not_convert") or [], cfg, folder / CONFIG_FILE)
     if plain:
         raise ConvertError(f"{folder / CONFIG_FILE}: modules_to_not_convert leaves {plain} unquantized; not supported")
-    files = open_model_files(folder)
-    entries = _entries(files, layout, expected_tensors(cfg))
+    files = open_model_files(folder, watch)
+    entries = watch.guard(_entries(files, layout, expected_tensors(cfg)))
     local = Path(path).expanduser().is_dir()
     # A hub repo is its own source (id + commit); a local folder we wrote names the source it came from.
     provenance = integrity.reader_provenance(
         NAME, folder, recorded_provenance(folder) if local else None,
         source=str(folder.resolve()) if local else str(path),
         revision=snapshot_revision(folder), layout=layout.name, quantization_config=quant,
+        multiplier_roundings=_stored_roundings(files, layout),
     )
-    ckpt = Checkpoint(config, entries, tokenizer_files=_tokenizer_files(folder), provenance=provenance)
+    ckpt = Checkpoint(config, entries, tokenizer_files=_tokenizer_files(folder, watch), provenance=provenance)
     validate.check_tensors(ckpt, str(files.where))
     return ckpt
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _stored_roundings(files: TensorFiles, layout: Layout) -> list[str]:
+    """The rounding this folder's weight_scale dtype imposes on multipliers (for a folder that records none)."""
+    scale = next((t for n, t in files.tensors.items() if n.endswith(SCALE_SUFFIX)), None)
+    rounding = scale_rounding(layout, scale.dtype) if scale is not None else None
+    return [rounding] if rounding else []
+
+
+def _read_config(folder: Path, watch: SourceWatch) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConvertError(f"{path}: missing (a Hugging Face model folder needs its config.json)")
-    return read_json_object(path)
+    return read_json_file(watch, path, "config file")
 
 
-def _tokenizer_files(folder: Path) -> dict[str, bytes]:
-    names = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
-    names += sorted(p.name for p in folder.glob("*.jinja") if p.is_file())
-    return {name: (folder / name).read_bytes() for name in names}
+def _tokenizer_files(folder: Path, watch: SourceWatch) -> dict[str, bytes]:
+    """The tokenizer files present (by name: a FIFO or folder under one of the names is refused), checked."""
+    names = [n for n in TOKENIZER_FILES if os.path.lexists(folder / n)]
+    names += sorted(p.name for p in folder.glob("*.jinja"))
+    files = {name: watch.read_side_file(folder / name, "tokenizer file") for name in names}
+    tokenizer_files.check(files, lambda name: str(folder / name))
+    return files
 
 
 def _entries(files: TensorFiles, layout: Layout, expected: dict) -> dict[str, TensorEntry]:
@@ -236,7 +258,7 @@ def _entries(files: TensorFiles, layout: Layout, expected: dict) -> dict[str, Te
 def _dense_entry(tensor: StoredTensor) -> TensorEntry:
     if tensor.dtype.kind != "f" and tensor.dtype != BF16:
         raise ConvertError(f"{tensor.path}: tensor {tensor.name} is {tensor.dtype}, expected floating point")
-    return dense_entry(tensor.name, tensor.shape, tensor.dtype, tensor.array)
+    return dense_entry(tensor.name, tensor.shape, tensor.dtype, tensor.read)  # a copy: see SourceWatch
 
 
 def _master_entry(tensor: StoredTensor) -> TensorEntry:
@@ -278,7 +300,7 @@ def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:
         raise ConvertError(
             f"{scale.path}: tensor {scale.name} is {scale.dtype}{list(scale.shape)}, expected one float"
         )
-    value = np.float32(scale.array().reshape(()).astype(np.float32))
+    value = np.float32(scale.read().reshape(()).astype(np.float32))
     if not np.isfinite(value) or value <= 0:
         raise CorruptData(f"{scale.path}: tensor {scale.name} is {value}, expected a finite positive scale")
     with np.errstate(over="ignore"):  # a subnormal inverse scale overflows: reported just below
@@ -290,6 +312,13 @@ def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:
 
 # ------------------------------------------------------------------------------------------------ writing
 
+WRITER_OPTIONS = {
+    "layout": WriterOption(tuple(LAYOUTS), DEFAULT_LAYOUT,
+                           "projection layout: packed 2B4T, packed bitlinear (inverse weight_scale), or bf16 masters"),
+    "scale_dtype": WriterOption(tuple(SCALE_DTYPES), "bf16",
+                                "dtype of weight_scale: bf16 as in 2B4T, or f32 to keep any multiplier exactly"),
+}
+
 
 def write(
     ckpt: Checkpoint,
@@ -297,41 +326,69 @@ def write(
     *,
     force: bool = False,
     quiet: bool = True,
-    layout: str = "autobitlinear",
+    layout: str | None = None,
     scale_dtype: str = "bf16",
     max_shard_bytes: int | None = None,
 ) -> Path:
     """Write a folder transformers loads with `AutoModelForCausalLM.from_pretrained`.
 
-    layout: "autobitlinear" (2B4T's), "bitlinear" or "online" (bf16 masters; needs master weights).
+    layout: "autobitlinear" (2B4T's), "bitlinear" or "online" (bf16 masters; needs master weights); by
+        default the layout the model first came in (its provenance), so a round trip keeps it, else autobitlinear.
     scale_dtype: "bf16" stores weight_scale as 2B4T does (a multiplier that is not bf16-exact, e.g. one
-        computed from master weights, is rounded: at most 2^-9 relative); "f32" keeps every multiplier exactly
+        computed from master weights, is rounded: at most 2^-8 relative); "f32" keeps every multiplier exactly
         (transformers reads it in float32 mode, and rounds it to bf16 itself when run in bf16).
     max_shard_bytes: split model.safetensors into shards plus an index beyond this size (default: one file).
     """
+    layout = layout or default_layout(ckpt)
     if layout not in LAYOUTS:
         raise ConvertError(f"unknown Hugging Face layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     if scale_dtype not in SCALE_DTYPES:
         raise ConvertError(f"unknown weight_scale dtype {scale_dtype!r} (choose from {', '.join(SCALE_DTYPES)})")
     target = LAYOUTS[layout]
-    where = str(ckpt.provenance.get("source") or "checkpoint")
+    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     validate.check_tensors(ckpt, where)
     specs, produce = _plan(ckpt, target, SCALE_DTYPES[scale_dtype], where)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     config["quantization_config"] = dict(target.quantization_config)
 
-    with atomic_path(out, force=force, directory=True) as tmp:
+    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
         with hashing_progress(specs, out, quiet) as (hasher, on_written):
             files = write_sharded_safetensors(
                 tmp, specs, produce, {"format": "pt"},
                 max_shard_bytes=max_shard_bytes or 2**63, on_written=on_written,
             )
+        side = side_files(config, ckpt.tokenizer_files, reserved=[f.name for f in files], where=read_from(ckpt))
+        side.hash_into(hasher)
+        provenance = dict(ckpt.provenance, multiplier_roundings=_roundings_after(ckpt.provenance, target, scale_dtype))
         record = integrity.provenance_record(
-            ckpt.provenance, hasher.hexdigest(), NAME, layout=layout, scale_dtype=scale_dtype,
+            provenance, hasher.hexdigest(), NAME, layout=layout, scale_dtype=scale_dtype,
             files=[f.name for f in files],
         )
-        write_side_files(tmp, config, ckpt.tokenizer_files, record, reserved=[f.name for f in files], where=where)
+        side.write(tmp, record)
     return Path(out)
+
+
+def default_layout(ckpt: Checkpoint) -> str:
+    """The layout the model first came in (provenance), when the checkpoint can still be written in it (the
+    online layout needs master weights), else DEFAULT_LAYOUT."""
+    layout = ckpt.provenance.get("source_layout")
+    if layout not in LAYOUTS:
+        return DEFAULT_LAYOUT
+    if not LAYOUTS[layout].packed and any(e.kind == TERNARY for e in ckpt if is_projection(e.name)):
+        return DEFAULT_LAYOUT
+    return layout
+
+
+def scale_rounding(layout: Layout, scale_dtype: np.dtype) -> str | None:
+    """How storing a multiplier as this layout's weight_scale rounds it (docs/formats.md §2), or None (exact)."""
+    if not layout.packed or scale_dtype != BF16:
+        return None
+    return "bf16-inverse" if layout.inverse_scale else "bf16"
+
+
+def _roundings_after(provenance: dict, layout: Layout, scale_dtype: str) -> list[str]:
+    rounding = scale_rounding(layout, SCALE_DTYPES[scale_dtype])
+    return list(provenance.get("multiplier_roundings") or []) + ([rounding] if rounding else [])
 
 
 def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -> tuple[list[TensorSpec], Callable]:
@@ -358,17 +415,16 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
             scale_name = entry.name[: -len(".weight")] + SCALE_SUFFIX
             specs.append(TensorSpec(entry.name, np.uint8, (hf2bit.packed_rows(out_features), in_features)))
             specs.append(TensorSpec(scale_name, scale_dtype, (1,)))
-            producers[entry.name] = _packed_producer(entry, multipliers)
+            producers[entry.name] = _packed_producer(entry, multipliers, where)
             producers[scale_name] = _scale_producer(entry.name, target, scale_dtype, multipliers)
 
     return specs, lambda spec: producers[spec.name]()
 
 
-def _packed_producer(entry: TensorEntry, multipliers: dict) -> Callable[[], np.ndarray]:
-    def produce() -> np.ndarray:
-        ternary = as_ternary(entry.load())
-        multipliers[entry.name] = ternary.multiplier
-        return hf2bit.pack(ternary.codes)
+def _packed_producer(entry: TensorEntry, multipliers: dict, where: str) -> Callable[[], np.ndarray]:
+    def produce() -> np.ndarray:  # stored HF bytes pass through (checked for code 3), others are packed
+        packed, multipliers[entry.name] = projection_bytes(entry, hf2bit.check, hf2bit.pack, where)
+        return packed
 
     return produce
 
@@ -385,8 +441,11 @@ def _scale_producer(weight_name: str, target: Layout, dtype: np.dtype, multiplie
 # ------------------------------------------------------------------------------------------- inspection
 
 
-def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
-    """Every stored tensor's bytes (weight_scale included), shard by shard in file order."""
-    yield from open_model_files(resolve_source(str(path))).stored_bytes()
+def stored_tensor_bytes(path) -> integrity.StoredModel:
+    """What the content hash covers: every stored tensor (weight_scale included), shard by shard in file order,
+    config.json and the tokenizer files."""
+    folder = resolve_source(str(path))
+    files = open_model_files(folder)
+    return stored_folder_model(folder, files.files)
 
 

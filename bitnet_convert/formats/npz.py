@@ -17,8 +17,9 @@ Keys (zip member = key + ".npy"; all members stored uncompressed, written in thi
 | `meta/provenance.json`         | uint8         | [n]                    | `integrity.provenance_record`: source, producer, `content_hash` |
 
 Arrays are C order, little-endian. `<hf name>` is the Hugging Face tensor name, e.g. `tensor/model.layers.0.mlp.down_proj.weight/codes`.
-`content_hash` is `sha256-tensors-v1` over every `tensor/...` member (key without `.npy`, then its array
-bytes) in file order. Byte arrays decode with `bytes(z["meta/config.json"])`.
+`content_hash` is `sha256-model-v2` (docs/formats.md §9) over every member but the provenance record: the
+`tensor/...` members (key without `.npy`, npy dtype, shape, array bytes) in file order, the `tokenizer/...`
+members and the `meta/...` ones. Byte arrays decode with `bytes(z["meta/config.json"])`.
 
 Ternary bit layout ("base3-5", `codecs/trits.py`)
 -------------------------------------------------
@@ -36,23 +37,11 @@ Dense projections (bf16 master weights of the HF "online" layout) stay dense `da
 `.npz` then round-trips a training checkpoint. Ternarize them first (the HF reader's `ternarize_master`) to get
 the 1.6-bit file.
 
-Why base-3 and why uncompressed (measured on a random 6912x2560 ternary matrix, 17.7 M weights, numpy 2.4,
-best of 7 on a shared 2-core x86 VM; the two codes distributions were uniform and 50 % zeros):
-
-| packing                         | bits/weight | pack     | unpack   | savez_compressed b/w (uniform / 50 % zeros) | np.load (savez / compressed) |
-|---------------------------------|-------------|----------|----------|---------------------------------------------|------------------------------|
-| 2-bit, HF block layout (hf2bit) | 2.000       | 18-25 ms | 12-16 ms | 1.610 / 1.531                               | 1.6 ms / 22-34 ms            |
-| 2-bit, flat, 4 per byte         | 2.000       | 13-19 ms | 7-14 ms  | 1.610 / 1.531                               | 1.6 ms / 21-29 ms            |
-| base-3, 5 per byte (chosen)     | 1.600       | 10-14 ms | 11-12 ms | 1.591 / 1.510                               | 1.3 ms / 17-28 ms            |
-
-Base-3 is 20 % smaller at the same speed (both ~1.5 G weights/s). Deflate wins at most 0.09 bit on base-3
-bytes and costs 15-30 ms of inflating per matrix, so members are stored (np.savez), not compressed. For 2B4T
-(2.08 G ternary weights) the projections take 417 MB instead of 521 MB; with the bf16 embedding (657 MB) the
-whole file is about 1.07 GB against 1.18 GB for the HF packed safetensors. Measured on a synthetic checkpoint of
-2B4T's shapes (30 layers, vocab 128256): 1,074.6 MB file, written in ~9 s beyond producing the tensors, every
-tensor read back in 4.2 s, `read()` (all headers) 54 ms, peak RSS 690 MB: the bf16 embedding (657 MB) is the
-largest thing ever in memory. The tiny test model (1.18 M ternary weights) costs 1.68 bits per ternary weight
-with every zip/npy header charged to them.
+Why base-3 and why uncompressed: base-3 is 20 % smaller than 2-bit packing at the same speed, and deflate wins
+under 0.1 bit per weight on base-3 bytes while costing tens of ms of inflating per matrix, so members are stored,
+not compressed (BENCHMARKS.md, design measurements). For 2B4T (2.08 G ternary weights) the projections take
+417 MB instead of 521 MB; with the bf16 embedding the file is about 1.07 GB against 1.18 GB for the HF packed
+safetensors, and the embedding is the largest thing ever in memory while reading or writing it.
 """
 
 from __future__ import annotations
@@ -60,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +57,20 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..atomic import atomic_path
-from ..checkpoint import (
+from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio.integrity import (
+    ModelHasher,
+    StoredModel,
+    TensorBytes,
+    provenance_record,
+    reader_provenance,
+)
+from bitnet_convert.fileio.prefetch import prefetch
+from bitnet_convert.fileio.progress import progress_bar
+from bitnet_convert.fileio.sources import SourceWatch, parse_json
+from bitnet_convert.formats import tokenizer_files
+from bitnet_convert.formats.folder import carried_tokenizer_files, read_from
+from bitnet_core.checkpoint import (
     DENSE,
     TERNARY,
     Checkpoint,
@@ -77,12 +79,10 @@ from ..checkpoint import (
     dense_entry,
     ternary_entry,
 )
-from ..codecs import trits
-from ..errors import ConvertError, CorruptData
-from ..integrity import TensorHasher, provenance_record, reader_provenance
-from ..prefetch import prefetch
-from ..progress import progress_bar
-from ..validate import check_tensors
+from bitnet_core.codecs import trits
+from bitnet_core.errors import ConvertError, CorruptData
+from bitnet_core.quantize import projection_bytes
+from bitnet_core.validate import check_tensors
 
 NAME = "npz"
 FORMAT_ID = "bitnet-convert-npz"
@@ -128,20 +128,26 @@ def _member(key: str) -> str:
 # --------------------------------------------------------------------------------------------------- write
 
 
+WRITER_OPTIONS = {}  # nothing to choose: one layout
+
+
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True) -> Path:
     """Write `ckpt` to the single file `out`, one tensor in memory at a time; returns the path."""
-    check_tensors(ckpt, str(ckpt.provenance.get("source") or "checkpoint"))
+    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
+    check_tensors(ckpt, where)
     index = []
     total = sum(entry.nbytes_hint for entry in ckpt)
-    with atomic_path(out, force=force) as tmp:
+    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
+        # The content hash covers every member but the provenance record (stored_tensor_bytes).
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, progress_bar(
             total, f"npz {Path(out).name}", quiet
-        ) as bar, contextlib.closing(TensorHasher(background=True)) as hasher:
+        ) as bar, contextlib.closing(ModelHasher(background=True)) as hasher:
             format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
-            _write_json(zf, FORMAT_KEY, format_record)
-            _write_json(zf, CONFIG_KEY, ckpt.config)
-            for fname, data in ckpt.tokenizer_files.items():
+            hasher.add_config(FORMAT_KEY, _write_json(zf, FORMAT_KEY, format_record))
+            hasher.add_config(CONFIG_KEY, _write_json(zf, CONFIG_KEY, ckpt.config))
+            for fname, data in carried_tokenizer_files(ckpt.tokenizer_files, read_from(ckpt)).items():
                 _write_array(zf, TOKENIZER_PREFIX + fname, np.frombuffer(bytes(data), np.uint8))
+                hasher.add_tokenizer_file(fname, data)
 
             # Each tensor's arrays are made on a second core while the previous ones are written (prefetch.py).
             stored_arrays = ((entry, key, stored) for entry in ckpt for key, stored in _stored_arrays(entry, out, index))
@@ -151,10 +157,10 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
                     bar.update(previous.nbytes_hint)
                 previous = entry
                 _write_array(zf, key, stored)
-                hasher.add(key, stored)
+                hasher.add(key, _npy_descr(stored.dtype), stored.shape, stored)
             if previous is not None:
                 bar.update(previous.nbytes_hint)
-            _write_json(zf, INDEX_KEY, index)
+            hasher.add_config(INDEX_KEY, _write_json(zf, INDEX_KEY, index))
             record = provenance_record(
                 ckpt.provenance, hasher.hexdigest(), NAME, format_version=FORMAT_VERSION, ternary_packing=TERNARY_PACKING
             )
@@ -165,34 +171,15 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
 def _stored_arrays(entry: TensorEntry, out, index: list) -> Iterator[tuple[str, np.ndarray]]:
     """Load one tensor and yield the arrays that store it; appends its index record."""
     where = f"{out}: tensor {entry.name}"
-    source = entry.load_packed() if entry.kind == TERNARY and entry.load_packed is not None else None
-    if source is not None and source.layout == "hf2bit" and len(entry.shape) == 2:
-        # HF packed bytes straight to base-3: no int8 codes (4x the packed size) are ever made.
-        if not np.isfinite(source.multiplier):
-            raise ConvertError(f"{where}: multiplier is {source.multiplier}")
-        packed = source.transcode(trits.from_hf2bit, entry.shape[0])
+    if entry.kind == TERNARY:  # HF packed bytes go straight to base-3: no int8 codes (4x the packed size)
+        packed, multiplier = projection_bytes(entry, trits.from_hf2bit, trits.pack, str(out))
         if packed.size != trits.packed_size(math.prod(entry.shape)):
             raise ConvertError(f"{where}: packed codes do not hold shape {list(entry.shape)}")
         index.append({"name": entry.name, "kind": TERNARY, "shape": list(entry.shape), "dtype": None})
         yield codes_key(entry.name), packed
-        yield multiplier_key(entry.name), np.array([source.multiplier], _MULTIPLIER_DTYPE)
+        yield multiplier_key(entry.name), np.array([multiplier], _MULTIPLIER_DTYPE)
         return
     value = entry.load()
-    if entry.kind == TERNARY:
-        if not isinstance(value, Ternary):
-            raise ConvertError(f"{where}: expected ternary codes and a multiplier, got {type(value).__name__}")
-        if value.shape != entry.shape:
-            raise ConvertError(f"{where}: codes have shape {list(value.shape)}, expected {list(entry.shape)}")
-        if not np.isfinite(value.multiplier):
-            raise ConvertError(f"{where}: multiplier is {value.multiplier}")
-        try:
-            packed = trits.pack(value.codes)
-        except ValueError as exc:
-            raise ConvertError(f"{where}: {exc}") from None
-        index.append({"name": entry.name, "kind": TERNARY, "shape": list(entry.shape), "dtype": None})
-        yield codes_key(entry.name), packed
-        yield multiplier_key(entry.name), np.array([value.multiplier], _MULTIPLIER_DTYPE)
-        return
     if isinstance(value, Ternary):
         raise ConvertError(f"{where}: expected a plain array, got ternary codes")
     array = np.asarray(value)
@@ -218,8 +205,16 @@ def _write_array(zf: zipfile.ZipFile, key: str, array: np.ndarray) -> None:
         fh.write(memoryview(array).cast("B"))
 
 
-def _write_json(zf: zipfile.ZipFile, key: str, value) -> None:
-    _write_array(zf, key, np.frombuffer(json.dumps(value, indent=1).encode(), np.uint8))
+def _write_json(zf: zipfile.ZipFile, key: str, value) -> bytes:
+    """Store `value` as a JSON member; returns the bytes stored (what the content hash covers)."""
+    encoded = json.dumps(value, indent=1).encode()
+    _write_array(zf, key, np.frombuffer(encoded, np.uint8))
+    return encoded
+
+
+def _npy_descr(dtype: np.dtype) -> str:
+    """A member's dtype as its .npy header names it ("<u2", "|u1", "<f4"): what the content hash records."""
+    return np.lib.format.dtype_to_descr(np.dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- read
@@ -228,10 +223,10 @@ def _write_json(zf: zipfile.ZipFile, key: str, value) -> None:
 def detect(path) -> bool:
     """An existing file named *.npz, or any zip holding our `meta/format.json`."""
     path = Path(path)
+    if path.suffix.lower() == ".npz" and path.exists():  # a FIFO named m.npz is refused by the reader, by name
+        return True
     if not path.is_file():
         return False
-    if path.suffix.lower() == ".npz":
-        return True
     try:
         with zipfile.ZipFile(path) as zf:
             return _member(FORMAT_KEY) in zf.NameToInfo
@@ -244,47 +239,58 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     if revision is not None:
         raise ConvertError(f"{path}: --revision applies to Hugging Face hub sources only")
     path = Path(path)
-    with _open_zip(path) as zf:
-        headers = _member_headers(path, zf)
-        if FORMAT_KEY not in headers:
-            raise ConvertError(f"{path}: not a bitnet-convert .npz (it has no {FORMAT_KEY} member)")
-        fmt = _read_json(path, zf, headers, FORMAT_KEY)
-        if not isinstance(fmt, dict) or fmt.get("format") != FORMAT_ID:
-            raise ConvertError(f"{path}: {FORMAT_KEY} does not name the {FORMAT_ID} format")
-        if fmt.get("version") != FORMAT_VERSION or fmt.get("ternary_packing") != TERNARY_PACKING:
-            raise ConvertError(
-                f"{path}: npz format version {fmt.get('version')!r} / packing {fmt.get('ternary_packing')!r} "
-                f"is not one this bitnet-convert reads (version {FORMAT_VERSION}, {TERNARY_PACKING})"
-            )
-        config = _read_json(path, zf, headers, CONFIG_KEY)
-        index = _read_json(path, zf, headers, INDEX_KEY)
-        tokenizer_files = {
-            key[len(TOKENIZER_PREFIX):]: bytes(_read_bytes(path, zf, headers, key))
-            for key in headers
-            if key.startswith(TOKENIZER_PREFIX)
-        }
-        recorded = _read_json(path, zf, headers, PROVENANCE_KEY) if PROVENANCE_KEY in headers else None
+    watch = SourceWatch()  # the archive, held open for the whole run and checked again after each tensor load
+    zf = _open_zip(path, watch)
+    headers = _member_headers(path, zf)
+    if FORMAT_KEY not in headers:
+        raise ConvertError(f"{path}: not a bitnet-convert .npz (it has no {FORMAT_KEY} member)")
+    fmt = _read_json(path, zf, headers, FORMAT_KEY, watch)
+    if not isinstance(fmt, dict) or fmt.get("format") != FORMAT_ID:
+        raise ConvertError(f"{path}: {FORMAT_KEY} does not name the {FORMAT_ID} format")
+    if fmt.get("version") != FORMAT_VERSION or fmt.get("ternary_packing") != TERNARY_PACKING:
+        raise ConvertError(
+            f"{path}: npz format version {fmt.get('version')!r} / packing {fmt.get('ternary_packing')!r} "
+            f"is not one this bitnet-convert reads (version {FORMAT_VERSION}, {TERNARY_PACKING})"
+        )
+    config = _read_json(path, zf, headers, CONFIG_KEY, watch)
+    index = _read_json(path, zf, headers, INDEX_KEY, watch)
+    tokenizer = {
+        key[len(TOKENIZER_PREFIX):]: bytes(_read_bytes(path, zf, headers, key, watch))
+        for key in headers
+        if key.startswith(TOKENIZER_PREFIX)
+    }
+    tokenizer_files.check(tokenizer, lambda name: f"{path}: member {TOKENIZER_PREFIX}{name}")
+    recorded = _read_json(path, zf, headers, PROVENANCE_KEY, watch) if PROVENANCE_KEY in headers else None
     if not isinstance(config, dict):
         raise ConvertError(f"{path}: {CONFIG_KEY} is not a JSON object")
-    tensors = _entries(path, index, headers)
+    tensors = watch.guard(_entries(path, zf, index, headers))
     provenance = reader_provenance(NAME, path, recorded, source=str(path.resolve()))
-    ckpt = Checkpoint(config, tensors, tokenizer_files, provenance)
+    ckpt = Checkpoint(config, tensors, tokenizer, provenance)
     check_tensors(ckpt, str(path))
     return ckpt
 
 
-def _entries(path: Path, index, headers: dict) -> dict[str, TensorEntry]:
+def _index_record(path: Path, record) -> tuple[str, str, tuple[int, ...], str | None]:
+    """(name, kind, shape, dtype) of one meta/tensors.json record, each of the JSON type it must have."""
+    fields = (record.get("name"), record.get("kind"), record.get("shape"), record.get("dtype")) \
+        if isinstance(record, dict) else (None,) * 4
+    name, kind, shape, dtype_name = fields
+    well_formed = (isinstance(name, str) and isinstance(kind, str) and isinstance(dtype_name, (str, type(None)))
+                   and isinstance(shape, list)
+                   and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape))
+    if not well_formed:
+        raise ConvertError(f"{path}: malformed record in {INDEX_KEY}: {str(record)[:80]}")
+    return name, kind, tuple(shape), dtype_name
+
+
+def _entries(path: Path, zf: zipfile.ZipFile, index, headers: dict) -> dict[str, TensorEntry]:
     """Check every index record against the member headers and build a lazy entry for it."""
     if not isinstance(index, list):
         raise ConvertError(f"{path}: {INDEX_KEY} is not a JSON list")
     tensors: dict[str, TensorEntry] = {}
     claimed: set[str] = set()
     for record in index:
-        try:
-            name, kind, shape, dtype_name = record["name"], record["kind"], tuple(record["shape"]), record["dtype"]
-            shape = tuple(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise ConvertError(f"{path}: malformed record in {INDEX_KEY}: {record!r}") from None
+        name, kind, shape, dtype_name = _index_record(path, record)
         if name in tensors:
             raise ConvertError(f"{path}: tensor {name} is listed twice in {INDEX_KEY}")
         if kind == TERNARY:
@@ -292,14 +298,14 @@ def _entries(path: Path, index, headers: dict) -> dict[str, TensorEntry]:
             _expect(path, headers, codes_key(name), (trits.packed_size(count),), np.dtype(np.uint8))
             _expect(path, headers, multiplier_key(name), (1,), _MULTIPLIER_DTYPE)
             claimed.update((codes_key(name), multiplier_key(name)))
-            tensors[name] = ternary_entry(name, shape, _ternary_loader(path, name, shape))
+            tensors[name] = ternary_entry(name, shape, _ternary_loader(path, zf, name, shape))
         elif kind == DENSE:
             if dtype_name not in DENSE_DTYPES:
                 raise ConvertError(f"{path}: tensor {name} has unknown dtype {dtype_name!r} in {INDEX_KEY}")
             memory, stored = DENSE_DTYPES[dtype_name]
             _expect(path, headers, data_key(name), shape, stored)
             claimed.add(data_key(name))
-            tensors[name] = dense_entry(name, shape, memory, _dense_loader(path, name, memory))
+            tensors[name] = dense_entry(name, shape, memory, _dense_loader(path, zf, name, memory))
         else:
             raise ConvertError(f"{path}: tensor {name} has unknown kind {kind!r} in {INDEX_KEY}")
     stray = [key for key in headers if key.startswith(TENSOR_PREFIX) and key not in claimed]
@@ -318,11 +324,10 @@ def _expect(path: Path, headers: dict, key: str, shape: tuple, dtype: np.dtype) 
         )
 
 
-def _ternary_loader(path: Path, name: str, shape: tuple):
+def _ternary_loader(path: Path, zf: zipfile.ZipFile, name: str, shape: tuple):
     def load() -> Ternary:
-        with _open_zip(path) as zf:
-            packed = _read_array(path, zf, codes_key(name))
-            multiplier = _read_array(path, zf, multiplier_key(name))[0]
+        packed = _read_array(path, zf, codes_key(name))
+        multiplier = _read_array(path, zf, multiplier_key(name))[0]
         if not (np.isfinite(multiplier) and multiplier > 0):
             raise CorruptData(f"{path}: tensor {name} has the multiplier {multiplier} (expected a finite positive number)")
         try:
@@ -334,10 +339,9 @@ def _ternary_loader(path: Path, name: str, shape: tuple):
     return load
 
 
-def _dense_loader(path: Path, name: str, memory_dtype: np.dtype):
+def _dense_loader(path: Path, zf: zipfile.ZipFile, name: str, memory_dtype: np.dtype):
     def load() -> np.ndarray:
-        with _open_zip(path) as zf:
-            return _read_array(path, zf, data_key(name)).view(memory_dtype)
+        return _read_array(path, zf, data_key(name)).view(memory_dtype)
 
     return load
 
@@ -345,13 +349,26 @@ def _dense_loader(path: Path, name: str, memory_dtype: np.dtype):
 # ------------------------------------------------------------------------------------- stored bytes, provenance
 
 
-def stored_tensor_bytes(path) -> Iterator[tuple[str, memoryview]]:
-    """Every `tensor/...` member's array bytes, keyed without `.npy`, in file order (what the hash covers)."""
+def stored_tensor_bytes(path) -> StoredModel:
+    """What the content hash covers: every member but the provenance record, keyed without `.npy`. The
+    `tensor/...` members are the tensors (npy dtype, shape, array bytes) in file order, the `tokenizer/...`
+    members the tokenizer files, every other member (meta/format, config, tensors.json) a config document."""
     path = Path(path)
     with _open_zip(path) as zf:
-        keys = [info.filename[: -len(".npy")] for info in zf.infolist() if info.filename.startswith(TENSOR_PREFIX)]
-        for key in keys:
-            yield key, memoryview(np.ascontiguousarray(_read_array(path, zf, key))).cast("B")
+        headers = _member_headers(path, zf)  # in file order
+        side = {key: _read_array(path, zf, key).tobytes() for key in headers
+                if not key.startswith(TENSOR_PREFIX) and key != PROVENANCE_KEY}
+
+    def tensors() -> Iterator[TensorBytes]:
+        with _open_zip(path) as zf:
+            for key, (shape, dtype) in headers.items():
+                if key.startswith(TENSOR_PREFIX):
+                    data = memoryview(np.ascontiguousarray(_read_array(path, zf, key))).cast("B")
+                    yield TensorBytes(key, _npy_descr(dtype), shape, data)
+
+    tokenizer = {key[len(TOKENIZER_PREFIX):]: data for key, data in side.items() if key.startswith(TOKENIZER_PREFIX)}
+    config = {key: data for key, data in side.items() if not key.startswith(TOKENIZER_PREFIX)}
+    return StoredModel(tensors, config, tokenizer)
 
 
 def recorded_provenance(path) -> dict | None:
@@ -371,11 +388,11 @@ def recorded_provenance(path) -> dict | None:
 # -------------------------------------------------------------------------------------------- zip plumbing
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.is_file():
-        raise ConvertError(f"{path}: no such file")
+def _open_zip(path: Path, watch: SourceWatch | None = None) -> zipfile.ZipFile:
+    """The archive, read through a descriptor held by `watch` (or one of its own): never a FIFO or a device."""
+    held = (watch or SourceWatch()).hold(path)
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(os.fdopen(os.dup(held.fd), "rb"))  # preads of `held` never move the shared offset
     except zipfile.BadZipFile:
         raise ConvertError(f"{path}: not a zip archive, or truncated (an .npz is a zip of .npy members)") from None
     except OSError as exc:
@@ -391,7 +408,7 @@ def _member_headers(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[tuple[in
         key = info.filename[: -len(".npy")]
         try:
             with zf.open(info) as fh:
-                headers[key] = _npy_header(path, info, key, fh)
+                headers[key] = _npy_header(path, info, key, fh, _archive_size(zf))
         except zipfile.BadZipFile as exc:  # zipfile reads small members whole: a CRC mismatch shows up here
             raise CorruptData(f"{path}: member {key} is damaged: {exc}") from None
         except (ValueError, EOFError, OSError) as exc:
@@ -403,7 +420,12 @@ def _member_headers(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[tuple[in
 _MAX_DEFLATE_RATIO = 1032
 
 
-def _npy_header(path: Path, info: zipfile.ZipInfo, key: str, fh) -> tuple[tuple[int, ...], np.dtype]:
+def _archive_size(zf: zipfile.ZipFile) -> int:
+    """The size of the archive as opened (its descriptor, not its path: that may name another file by now)."""
+    return os.fstat(zf.fp.fileno()).st_size
+
+
+def _npy_header(path: Path, info: zipfile.ZipInfo, key: str, fh, archive_size: int) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from the .npy header at the start of `fh`, checked before anything is allocated.
 
     Object dtypes are refused: such a member holds a pickle, and we never unpickle. So is a shape that needs
@@ -427,7 +449,7 @@ def _npy_header(path: Path, info: zipfile.ZipInfo, key: str, fh) -> tuple[tuple[
     if needed != info.file_size:
         raise ConvertError(f"{path}: member {key} declares {needed} bytes in its .npy header but holds "
                            f"{info.file_size} (corrupt or truncated)")
-    limit = path.stat().st_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO)
+    limit = archive_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO)
     if info.file_size > limit:
         raise ConvertError(f"{path}: member {key} claims {info.file_size} bytes, more than the archive can hold")
     return tuple(shape), dtype
@@ -441,7 +463,7 @@ def _read_array(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
         raise ConvertError(f"{path}: missing member {key}") from None
     try:
         with zf.open(info) as fh:
-            shape, dtype = _npy_header(path, info, key, fh)
+            shape, dtype = _npy_header(path, info, key, fh, _archive_size(zf))
             nbytes = math.prod(shape) * dtype.itemsize
             data = fh.read(nbytes)  # reading to the member's end makes zipfile check its CRC
     except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
@@ -452,21 +474,20 @@ def _read_array(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(shape)
 
 
-def _read_bytes(path: Path, zf: zipfile.ZipFile, headers: dict, key: str) -> np.ndarray:
+def _read_bytes(path: Path, zf: zipfile.ZipFile, headers: dict, key: str, watch: SourceWatch) -> np.ndarray:
+    """A side member (metadata, tokenizer file) whole, refused beyond the side-file limits before inflating."""
     if key not in headers:
         raise ConvertError(f"{path}: missing member {key}")
     shape, dtype = headers[key]
     if dtype != np.uint8 or len(shape) != 1:
         raise ConvertError(f"{path}: member {key} should be a uint8 byte array, is {dtype} {list(shape)}")
+    what = "tokenizer file" if key.startswith(TOKENIZER_PREFIX) else "metadata member"
+    watch.charge(shape[0], f"{path}: member {key}", what)
     return _read_array(path, zf, key)
 
 
-def _read_json(path: Path, zf: zipfile.ZipFile, headers: dict, key: str):
-    raw = _read_bytes(path, zf, headers, key)
-    try:
-        return json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: member {key} is not valid JSON: {exc}") from None
+def _read_json(path: Path, zf: zipfile.ZipFile, headers: dict, key: str, watch: SourceWatch):
+    return parse_json(bytes(_read_bytes(path, zf, headers, key, watch)), str(path), f"member {key}")
 
 
 __all__ = ["NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance"]

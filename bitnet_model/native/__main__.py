@@ -2,7 +2,7 @@
 
 import sys
 
-from . import available, build, level, library_path, reason
+from bitnet_model.native import available, build, level, library_path, reason
 
 if __name__ == "__main__":
     try:

@@ -1,0 +1,99 @@
+"""The Python front door: every command of the CLI as a function with the same arguments, returning Python values.
+
+    import bitnet_convert
+    bitnet_convert.convert("microsoft/bitnet-b1.58-2B-4T", "2b4t.gguf", target="bitnet.cpp")
+    report = bitnet_convert.verify("2b4t.gguf", reference="microsoft/bitnet-b1.58-2B-4T")
+    model = bitnet_convert.load_model("2b4t.gguf")
+    text = bitnet_convert.generator("2b4t.gguf", "User: Hi<|eot_id|>Assistant: ", max_new_tokens=16).text
+
+Errors are `bitnet_core.errors.ConvertError` (bad input, one line naming the file); the CLI prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from bitnet_convert.formats import registry
+from bitnet_core.checkpoint import Checkpoint
+from bitnet_core.errors import ConvertError
+
+PathLike = str | os.PathLike
+
+
+def read(src: PathLike, *, format: str | None = None, revision: str | None = None) -> Checkpoint:
+    """The checkpoint at SRC (a path in any format, or a hub repo id), lazy: tensors load when asked for."""
+    return registry.read_checkpoint(os.fspath(src), format, revision)
+
+
+def write(ckpt: Checkpoint, dst: PathLike, *, format: str | None = None, force: bool = False, quiet: bool = True,
+          **format_options) -> Path:
+    """Write CKPT to DST as FORMAT (default: from DST's name); format options as the CLI's (`target="bitnet.cpp"`)."""
+    dst = os.fspath(dst)
+    return registry.write_checkpoint(ckpt, dst, format or registry.infer_output_format(dst), force=force,
+                                     quiet=quiet, **format_options)
+
+
+def convert(src: PathLike, dst: PathLike, *, src_format: str | None = None, dst_format: str | None = None,
+            revision: str | None = None, force: bool = False, quiet: bool = True, **format_options) -> Path:
+    """`bitnet-convert convert SRC DST`: read SRC (any format) and write DST; returns the path written."""
+    return registry.convert(os.fspath(src), os.fspath(dst), src_format, dst_format, revision=revision,
+                            force=force, quiet=quiet, **format_options)
+
+
+def verify(candidate: PathLike, reference: PathLike, *, revision: str | None = None, levels=None,
+           runtime: str | None = None):
+    """`bitnet-convert verify`: the VerifyReport (`.passed`, `.layers`, `.as_dict()`) of CANDIDATE against
+    REFERENCE; `levels` as the CLI's --level ("weights,function" by default, "all"), `runtime` its --runtime."""
+    from bitnet_convert.verification import run_verify
+
+    return run_verify(os.fspath(candidate), os.fspath(reference), revision=revision, levels=levels,
+                      runtime=runtime)
+
+
+def inspect(path: PathLike, *, check: bool = False, revision: str | None = None):
+    """`bitnet-convert inspect`: the InspectReport (`.as_dict()`, `.text()`, `.check_passed` with check=True)."""
+    from bitnet_convert.inspection import inspect_path
+
+    return inspect_path(os.fspath(path), check=check, revision=revision)
+
+
+def load_model(src: PathLike, *, mode: str = "inference", revision: str | None = None):
+    """The JAX reference model (`bitnet_model.BitNetForCausalLM`) of any checkpoint this tool reads."""
+    from bitnet_model.params import model_from_checkpoint
+
+    return model_from_checkpoint(read(src, revision=revision), mode=mode)
+
+
+@dataclasses.dataclass
+class Generated:
+    """What `generate` returns: the new token ids, their text (None without a tokenizer) and the timings."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str | None
+    stopped_at_eos: bool
+    prefill_s: float
+    decode_s_per_token: float
+
+
+def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int = 32, greedy: bool | None = None,
+             temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+             revision: str | None = None) -> Generated:
+    """`bitnet-convert generate`: continue PROMPT (text, or token ids) with the packed engine.
+
+    Greedy unless `temperature` or `top_p` is given (as the CLI)."""
+    from bitnet_convert.generator import load_generator, sampling_request
+
+    sampling = sampling_request(greedy, temperature, top_p)
+    gen = load_generator(os.fspath(src), revision=revision)
+    ids = gen.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    result = gen.generate(ids, max_new_tokens, **sampling, seed=seed)
+    text = None if gen.tokenizer is None else gen.tokenizer.decode(result.new_ids, skip_special_tokens=True)
+    return Generated(ids, list(result.new_ids), text, result.stopped_at_eos, result.prefill_s,
+                     result.decode_s_per_token)
+
+
+__all__ = ["ConvertError", "Generated", "convert", "generate", "inspect", "load_model", "read", "verify", "write"]

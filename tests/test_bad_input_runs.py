@@ -1,0 +1,345 @@
+"""Bad input the case table of test_bad_input.py cannot express (issue 15): a source that changes while it is
+read (forced deterministically, between two tensor loads), paths the system refuses, a closed stdout,
+`--json` that must stay strict JSON, a reference that holds only a pickle, bounded metadata and generation.
+
+Each test asserts what the table asserts: exit code 2 (or the documented one), one `error:` line naming the
+file and the problem, no traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from damage import run_cli, small_checkpoint, write
+from test_bad_input import gguf_rebuilt
+
+from bitnet_convert.fileio import sources
+from bitnet_convert.formats import flax_dir, registry
+
+OTHER_SEED = 6  # the model written over the source: same shapes, other values
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_refused(result, mentions: str, why: str, out: Path | None = None) -> str:
+    """Exit 2, exactly one error line naming `mentions` and matching `why`, no traceback, `out` empty."""
+    lines = error_lines(result)
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-500:])
+    assert len(lines) == 1, result.stderr
+    assert mentions in lines[0], lines[0]
+    assert re.search(why, lines[0], re.IGNORECASE), lines[0]
+    assert "Traceback" not in result.stderr and len(lines[0]) <= 400
+    if out is not None:
+        assert list(out.iterdir()) == [], list(out.iterdir())
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Each format of one small model, and of another with the same shapes (what is written over a source)."""
+    root = tmp_path_factory.mktemp("models")
+    files = {}
+    for seed, tag in ((5, "a"), (OTHER_SEED, "b")):
+        ckpt = small_checkpoint(seed=seed)
+        files[tag] = {"hf": write(ckpt, root / f"{tag}-hf", "hf"), "flax": write(ckpt, root / f"{tag}-flax", "flax"),
+                      "npz": write(ckpt, root / f"{tag}.npz", "npz"), "gguf": write(ckpt, root / f"{tag}.gguf", "gguf")}
+    return files
+
+
+# ------------------------------------------------------------------------ a source changed while it is read
+
+# format -> the file inside the source that is changed (None: the source is the file)
+CHANGED = {"hf": "model.safetensors", "flax": "params.safetensors", "npz": None, "gguf": None}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst) if src.is_dir() else shutil.copyfile(src, dst)
+    return dst
+
+
+def _replace(victim: Path, other: Path) -> None:
+    """Another model saved over the file the usual way: written beside it, renamed over it."""
+    shutil.copyfile(other, victim.with_name(victim.name + ".new"))
+    os.replace(victim.with_name(victim.name + ".new"), victim)
+
+
+def _overwrite(victim: Path, other: Path) -> None:
+    """Another model written into the same file (same inode, same size: only the modification time tells)."""
+    with open(victim, "r+b") as fh:
+        fh.write(other.read_bytes())
+
+
+CHANGES = {
+    "replaced": (_replace, r"was replaced by another file while it was being read"),
+    "overwritten-in-place": (_overwrite, r"was modified .* while it was being read"),
+    "truncated": (lambda victim, other: os.truncate(victim, victim.stat().st_size // 2),
+                  r"(was modified|cut short|truncated)"),
+    "removed": (lambda victim, other: victim.unlink(), r"was removed while it was being read"),
+}
+
+
+def change_after_loads(monkeypatch, loads: int, change) -> list[int]:
+    """Run `change()` right after the `loads`-th tensor load has passed its check: between two loads."""
+    checks = []
+    original = sources.SourceWatch.check
+
+    def check(self):
+        original(self)
+        checks.append(1)
+        if len(checks) == loads:
+            change()
+
+    monkeypatch.setattr(sources.SourceWatch, "check", check)
+    return checks
+
+
+@pytest.mark.parametrize("how", CHANGES)
+@pytest.mark.parametrize("fmt", CHANGED)
+def test_a_source_changed_between_two_tensor_loads_is_refused(fmt, how, models, tmp_path, monkeypatch):
+    src = _copy(models["a"][fmt], tmp_path / models["a"][fmt].name)
+    inner = CHANGED[fmt]
+    victim, other = (src / inner, models["b"][fmt] / inner) if inner else (src, models["b"][fmt])
+    os.utime(victim, ns=(0, 0))  # an old mtime: an in-place write within the same clock tick still shows
+    change, why = CHANGES[how]
+    checks = change_after_loads(monkeypatch, 3, lambda: change(victim, other))
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("m-flax" if fmt != "flax" else "m.npz")
+    result = run_cli(["convert", str(src), str(target)])
+    assert checks, "no tensor load was checked"
+    assert_refused(result, str(victim), why, out)
+
+
+def test_a_config_rewritten_during_the_run_is_refused(models, tmp_path, monkeypatch):
+    src = _copy(models["a"]["hf"], tmp_path / "m-hf")
+    config = src / "config.json"
+    os.utime(config, ns=(0, 0))
+    change_after_loads(monkeypatch, 2, lambda: config.write_text(config.read_text().replace("1e-05", "1e-06")))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(run_cli(["convert", str(src), str(out / "m.npz")]), str(config), r"was modified", out)
+
+
+def test_an_unchanged_source_passes_every_check(models, tmp_path):
+    out = tmp_path / "m.npz"
+    result = run_cli(["convert", str(models["a"]["hf"]), str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert registry.read_checkpoint(str(out)).materialize()
+
+
+def test_one_descriptor_per_source_file_is_held_for_the_whole_read(models, tmp_path):
+    """The file renamed away after open is still the one read: a replacement is never mixed in."""
+    src = _copy(models["a"]["flax"], tmp_path / "m-flax")
+    ckpt = registry.read_checkpoint(str(src))
+    first = next(iter(ckpt)).load()
+    _replace(src / "params.safetensors", models["b"]["flax"] / "params.safetensors")
+    with pytest.raises(sources.ConvertError, match="was replaced"):
+        next(iter(ckpt)).load()
+    assert first is not None
+
+
+# ------------------------------------------------------------------------------- paths the system refuses
+
+
+def test_a_4200_character_path_is_one_short_line(tmp_path):
+    long = str(tmp_path / "/".join(["d" * 200] * 21))
+    assert len(long) > 4200
+    for argv in (["inspect", long], ["npz-to-flax", long, str(tmp_path / "m-flax")], ["hf-to-npz", long, "m.npz"]):
+        line = assert_refused(run_cli(argv), long[:40], r"too long")
+        assert "characters)" in line  # shortened, with its length said
+
+
+def test_a_too_long_output_path_is_one_line(models, tmp_path):
+    """(The line's length is atomic.py's: it names the whole path, twice.)"""
+    long = str(tmp_path / "/".join(["d" * 200] * 21)) + ".npz"
+    result = run_cli(["convert", str(models["a"]["npz"]), long])
+    lines = error_lines(result)
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(r"too long|does not exist", lines[0], re.IGNORECASE), lines[0]
+
+
+def test_a_read_only_output_folder_is_named(models):
+    probe = Path("/sys/bitnet-convert-probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    assert_refused(run_cli(["convert", str(models["a"]["npz"]), "/sys/m.gguf"]), "/sys/", r"denied|read-only|write")
+
+
+@pytest.mark.parametrize("typo, why", [
+    ("models/modle-hf", r"no local folder of that name either \(models/ exists here: a mistyped folder name\?\)"),
+    ("foo/bar", r"not in the local Hugging Face cache .*no local folder of that name either"),
+    ("./modle-hf", r"no such (file or )?folder"),
+])
+def test_a_mistyped_local_path_is_not_reported_as_only_a_missing_hub_id(typo, why, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for argv in (["inspect", typo], ["hf-to-npz", typo, "out.npz"]):
+        assert_refused(run_cli(argv), typo.removeprefix("./"), why)
+
+
+# ------------------------------------------------------------------------------------- closed stdout, JSON
+
+
+def test_a_closed_stdout_is_one_error_line(models):
+    """`inspect m.npz | head -c0`: the reader end closes before anything is written."""
+    code = "import sys; from bitnet_convert.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(models["a"]["npz"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc.stdout.close()  # long before the child has imported anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == ["error: standard output: closed before all output was written (broken pipe)"], stderr
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise AssertionError(f"{name} in --json output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_inspect_json_is_strict_even_with_nan_in_what_it_reports(models, tmp_path):
+    src = _copy(models["a"]["hf"], tmp_path / "m-hf")
+    record = src / "bitnet_convert.json"  # what an older or foreign writer may have left: NaN is not JSON
+    record.write_text(record.read_text().replace('"producer"', '"weird": NaN, "producer"', 1))
+    result = run_cli(["inspect", "--json", str(src)])
+    assert result.exit_code == 0, result.stderr
+    report = _strict_json(result.stdout)
+    assert report["provenance"]["weird"] is None
+
+
+def test_jsonout_writes_non_finite_numbers_as_null():
+    import numpy as np
+
+    from bitnet_convert import jsonout
+
+    text = jsonout.dumps({"a": float("nan"), "b": [np.float32(np.inf), np.float64(1.5)], "c": np.arange(2)})
+    assert _strict_json(text) == {"a": None, "b": [None, 1.5], "c": [0, 1]}
+
+
+def test_inspect_warns_about_nan_values_in_a_dense_tensor(models, tmp_path):
+    from damage import NORM, patch_tensor
+
+    src = _copy(models["a"]["hf"], tmp_path / "m-hf")
+    patch_tensor(src / "model.safetensors", NORM, bytes.fromhex("c07f"))  # bf16 NaN
+    result = run_cli(["inspect", "--json", str(src)])
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: {NORM}: 1 of 256 values are NaN or infinite" in result.stderr
+    _strict_json(result.stdout)
+
+
+# ----------------------------------------------------------------------------------------- never unpickle
+
+
+def test_verify_refuses_a_reference_that_holds_only_a_pickle(models, tmp_path):
+    reference = _copy(models["a"]["hf"], tmp_path / "ref-hf")
+    (reference / "model.safetensors").rename(reference / "pytorch_model.bin")
+    result = run_cli(["verify", str(models["a"]["npz"]), "--reference", str(reference)])
+    assert_refused(result, str(reference), r"pytorch_model\.bin is a pickle, which bitnet-convert never loads")
+
+
+def test_the_transformers_reference_loader_refuses_a_pickle_itself(models, tmp_path):
+    from bitnet_convert.reference import load_reference
+
+    reference = _copy(models["a"]["hf"], tmp_path / "ref-hf")
+    (reference / "model.safetensors").rename(reference / "pytorch_model.bin")
+    with pytest.raises(sources.ConvertError, match=r"pytorch_model\.bin is a pickle"):
+        load_reference(reference)
+
+
+# ------------------------------------------------------------------------------------------ bounded work
+
+
+def test_a_huge_metadata_array_is_skipped_not_parsed(models, tmp_path):
+    """One u8 array of 24 M items (gguf-py made a numpy view per item: 1.4 GB and 25 s for 2.4 M): skipped
+    in one step, since no reader needs it; the file converts."""
+    count = 24_000_000
+    entry = struct.pack("<Q", 7) + b"x.bytes" + struct.pack("<IIQ", 9, 0, count) + bytes(count)
+    src = gguf_rebuilt(models["a"]["gguf"], tmp_path / "big.gguf", add=(entry,))
+    started = time.perf_counter()
+    result = run_cli(["convert", str(src), str(tmp_path / "m.npz")])
+    assert result.exit_code == 0, result.stderr
+    assert time.perf_counter() - started < 20
+
+
+def test_metadata_strings_are_walked_fast():
+    """400 k strings (a real tokenizer's tokens and merges): gguf-py took ~20 s; this parser well under one."""
+    from bitnet_convert.formats.gguf_header import GGUFHeader
+
+    count = 400_000
+    strings = b"".join(struct.pack("<Q", 3) + b"abc" for _ in range(count))
+    entry = struct.pack("<Q", 3) + b"x.s" + struct.pack("<IIQ", 9, 8, count) + strings
+    raw = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + entry
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"strings-{os.getpid()}.gguf"
+    path.write_bytes(raw)
+    try:
+        started = time.perf_counter()
+        header = GGUFHeader(sources.HeldFile(path), path)
+        assert len(header.value("x.s")) == count
+        assert time.perf_counter() - started < 5
+    finally:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """A small Flax model whose context (max_position_embeddings) is 40 tokens."""
+    ckpt = small_checkpoint(seed=4, hidden_size=64, intermediate_size=128)
+    ckpt.config["max_position_embeddings"] = 40
+    return flax_dir.write(ckpt, str(tmp_path_factory.mktemp("ctx") / "m-flax"))
+
+
+def test_generate_caps_max_new_tokens_at_the_context_and_says_so(short_context_model, caplog):
+    """The KV cache is sized from the request: 10^7 tokens once grew to 24 GB. The CLI prints the log record as
+    a `warning:` line (pytest's log capture takes it here)."""
+    result = run_cli(["generate", str(short_context_model), "--prompt-ids", "1 2 3", "--max-new-tokens", "10000000"])
+    assert result.exit_code == 0, result.stderr
+    assert ("--max-new-tokens 10000000 capped at 37: the model's context (max_position_embeddings) is 40 "
+            "tokens and the prompt takes 3") in caplog.messages
+    assert len(result.stdout.split()) <= 37
+
+
+def test_generate_refuses_a_prompt_that_fills_the_context(short_context_model):
+    ids = " ".join(["1"] * 40)
+    assert_refused(run_cli(["generate", str(short_context_model), "--prompt-ids", ids]), "prompt has 40 tokens",
+                   r"context \(max_position_embeddings\) holds 40")
+
+
+def test_within_context_bounds_the_request():
+    from bitnet_model.generation import within_context
+
+    assert within_context(3, 10_000_000, 4096) == 4093
+    assert within_context(3, 16, 4096) == 16
+    with pytest.raises(sources.ConvertError, match="no room"):
+        within_context(4096, 1, 4096)
+
+
+# ------------------------------------------------------------------------ writers name the file they read
+
+
+def test_a_tokenizer_the_tokenizers_library_refuses_names_the_input_not_the_first_source(models, tmp_path):
+    src = _copy(models["a"]["hf"], tmp_path / "m-hf")
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = ["nosuch token"] + tokenizer["model"]["merges"]
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "out"
+    out.mkdir()
+    line = assert_refused(run_cli(["convert", str(src), str(out / "m.gguf")]), str(src),
+                          r"tokenizer\.json is not one the tokenizers library loads", out)
+    assert "bitnet_convert.tiny" not in line
