@@ -91,7 +91,7 @@ from bitnet_core.names import (
     is_projection,
     ternary_keys,
 )
-from bitnet_core.quantize import projection_bytes
+from bitnet_core.quantize import check_multiplier, projection_bytes
 
 NAME = "flax"
 FORMAT_VERSION = 2  # 1: int8 `...codes` [out, in] (refused on read, see the module docstring)
@@ -240,9 +240,7 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
         raise ConvertError(f"{where}: {packed.name} is {packed.dtype}{list(packed.shape)}, expected uint8 [out/4, in]")
     if multiplier.dtype != np.float32 or multiplier.shape != ():
         raise ConvertError(f"{where}: {multiplier.name} is {multiplier.dtype}{list(multiplier.shape)}, expected float32 []")
-    value = np.float32(multiplier.read())
-    if not (np.isfinite(value) and value > 0):
-        raise CorruptData(f"{where}: {multiplier.name} is not a finite positive number ({value})")
+    value = check_multiplier(multiplier.read(), f"{where}: {multiplier.name}")
     label = f"{where}: tensor {packed.name}"
 
     def load() -> Ternary:

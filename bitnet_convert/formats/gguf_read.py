@@ -55,6 +55,7 @@ from bitnet_core.checkpoint import (
 from bitnet_core.codecs import i2s
 from bitnet_core.errors import ConvertError, CorruptData
 from bitnet_core.names import expected_tensors, gguf_to_hf, is_projection
+from bitnet_core.quantize import check_multiplier
 
 T = GGMLQuantizationType
 PROJECTION_TYPES = (T.TQ1_0, T.TQ2_0, I2_S, T.F16, T.BF16, T.F32)
@@ -270,9 +271,7 @@ def _ternary_entry(reader: GGUFHeader, t: TensorInfo, scale: TensorInfo | None, 
             raise CorruptData(f"{path}: {t.name}: {exc}") from None
         if scale is not None:
             multiplier = np.float32(multiplier * _read_tensor(reader, scale).view(np.float32)[0])
-        if not (np.isfinite(multiplier) and multiplier > 0):
-            raise CorruptData(f"{path}: {t.name}: multiplier {multiplier} is not a finite positive number")
-        return Ternary(codes, multiplier)
+        return Ternary(codes, check_multiplier(multiplier, f"{path}: {t.name}"))
 
     return ternary_entry(hf_name, shape, load)
 

@@ -81,7 +81,7 @@ from bitnet_core.checkpoint import (
 )
 from bitnet_core.codecs import trits
 from bitnet_core.errors import ConvertError, CorruptData
-from bitnet_core.quantize import projection_bytes
+from bitnet_core.quantize import check_multiplier, projection_bytes
 from bitnet_core.validate import check_tensors
 
 NAME = "npz"
@@ -327,9 +327,7 @@ def _expect(path: Path, headers: dict, key: str, shape: tuple, dtype: np.dtype) 
 def _ternary_loader(path: Path, zf: zipfile.ZipFile, name: str, shape: tuple):
     def load() -> Ternary:
         packed = _read_array(path, zf, codes_key(name))
-        multiplier = _read_array(path, zf, multiplier_key(name))[0]
-        if not (np.isfinite(multiplier) and multiplier > 0):
-            raise CorruptData(f"{path}: tensor {name} has the multiplier {multiplier} (expected a finite positive number)")
+        multiplier = check_multiplier(_read_array(path, zf, multiplier_key(name))[0], f"{path}: tensor {name}")
         try:
             codes = trits.unpack(packed, shape)
         except CorruptData as exc:
