@@ -48,6 +48,15 @@ def small_checkpoint(seed: int = 0, **overrides):
     return tiny_checkpoint(seed=seed, **{**SMALL, **overrides})
 
 
+def small_sources(root: Path) -> dict[str, Path]:
+    """Sources for the overwrite tests: an npz and an HF folder of one model (seed 11), an npz of another (12)."""
+    return {
+        "npz": write(small_checkpoint(seed=11), root / "a.npz", "npz"),
+        "other": write(small_checkpoint(seed=12), root / "b.npz", "npz"),
+        "hf": write(small_checkpoint(seed=11), root / "a-hf", "hf"),
+    }
+
+
 def write(ckpt, path, fmt: str, **options) -> Path:
     return registry.write_checkpoint(ckpt, str(path), fmt, quiet=True, **options)
 

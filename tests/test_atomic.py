@@ -29,6 +29,7 @@ from damage import (
     patch_tensor,
     run_cli,
     small_checkpoint,
+    small_sources,
     tree_digest,
     write,
 )
@@ -39,12 +40,7 @@ OUTPUTS = {"npz": "m.npz", "gguf": "m.gguf", "hf": "m-hf", "flax": "m-flax"}
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {
-        "npz": write(small_checkpoint(seed=11), root / "a.npz", "npz"),
-        "other": write(small_checkpoint(seed=12), root / "b.npz", "npz"),
-        "hf": write(small_checkpoint(seed=11), root / "a-hf", "hf"),
-    }
+    return small_sources(tmp_path_factory.mktemp("src"))
 
 
 

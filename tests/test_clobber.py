@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from damage import run_cli, small_checkpoint, write
+from damage import run_cli, small_checkpoint, small_sources, write
 from gguf import GGUFWriter
 from test_atomic import SLOW_CONVERT, _partial_with_data, child_env
 
@@ -45,12 +45,7 @@ DEFAULT_SIGNALS = "import signal\nfor s in (signal.SIGTERM, signal.SIGHUP):\n   
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {
-        "npz": write(small_checkpoint(seed=11), root / "a.npz", "npz"),
-        "other": write(small_checkpoint(seed=12), root / "b.npz", "npz"),
-        "hf": write(small_checkpoint(seed=11), root / "a-hf", "hf"),
-    }
+    return small_sources(tmp_path_factory.mktemp("src"))
 
 
 def listing(root: Path) -> dict[str, tuple]:
