@@ -115,12 +115,19 @@ def _pre_name(pre_tokenizer: Mapping | None, where: str) -> str:
     raise ConvertError(f"{where}: pre-tokenizer regex {regexes[0][:60]!r}... matches no llama.cpp pre-tokenizer")
 
 
-def _template_specials(tokenizer_json: str, where: str) -> tuple[int | None, int | None]:
-    """The special token the post-processor puts in front of / after a text (None if none): asks `tokenizers`."""
+def _template_specials(tok: dict, where: str) -> tuple[int | None, int | None]:
+    """The special token the post-processor puts in front of / after a text (None if none): asks `tokenizers`.
+
+    It builds the tokenizer with a one-token vocabulary ("a", which it then encodes) and no merges: the
+    post-processor and added tokens are what decide, and a real-size vocabulary (Llama 3: 128k tokens, 280k
+    merges) would take most of a second to build."""
     from tokenizers import Tokenizer
 
+    model = tok.get("model") or {}
+    one = {"a": (model.get("vocab") or {}).get("a", 0)}
+    reduced = dict(tok, model=dict(model, vocab=one, merges=[]))
     try:
-        enc = Tokenizer.from_str(tokenizer_json).encode("a", add_special_tokens=True)
+        enc = Tokenizer.from_str(json.dumps(reduced)).encode("a", add_special_tokens=True)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for files it cannot build
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ConvertError(f"{where}: tokenizer.json is not one the tokenizers library loads: {first}") from None
@@ -161,7 +168,7 @@ def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, 
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
     eot_id = next((ids[t] for t in EOT_TOKENS if t in ids), None)
-    prefix, suffix = _template_specials(tok_json, where)
+    prefix, suffix = _template_specials(tok, where)
     bos_id = prefix if bos_id is None else bos_id  # Llama 3 names BOS only in its post-processor template
     add_bos, add_eos = prefix is not None and prefix == bos_id, suffix is not None and suffix == eos_id
     template = tok_config.get("chat_template")

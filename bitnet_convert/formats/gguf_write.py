@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, quants
 
 from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
@@ -38,6 +38,7 @@ from bitnet_convert.fileio.progress import progress_bar
 from bitnet_convert.formats import gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.folder import read_from
+from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
 from bitnet_convert.formats.gguf_read import KEY_VALUES_DOCUMENT, recorded_provenance
 from bitnet_convert.formats.gguf_types import (
     DEFAULT_TARGET,
@@ -137,7 +138,7 @@ def write(
         embed_type=embed_type, hidden_act=cfg.hidden_act,
     )
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
-        writer = GGUFWriter(tmp, tgt.architecture)
+        writer = BulkGGUFWriter(tmp, tgt.architecture)
         try:
             _add_model_keys(writer, tgt, kind, cfg, ckpt, vocab)
             writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
@@ -148,7 +149,7 @@ def write(
     return Path(out)
 
 
-def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str,
+def _write_tensors(writer: BulkGGUFWriter, plan: list[StoredTensor], desc: str,
                    quiet: bool) -> tuple[range, integrity.ModelHasher]:
     """Header, key/values, tensor infos, then the data one tensor at a time. Returns where the key/values lie
     in the file and the content hash fed with every tensor (the key/values complete it: _patch_hash)."""
@@ -195,12 +196,12 @@ def _write_tensors(writer: GGUFWriter, plan: list[StoredTensor], desc: str,
     return range(kv_start, kv_end), hasher
 
 
-def _stored_dims(writer: GGUFWriter) -> dict[str, tuple[int, ...]]:
+def _stored_dims(writer: BulkGGUFWriter) -> dict[str, tuple[int, ...]]:
     """Each tensor's dims as its tensor info stores them, ne0 first (gguf-py keeps them in numpy order)."""
     return {name: tuple(int(d) for d in reversed(info.shape)) for part in writer.tensors for name, info in part.items()}
 
 
-def _add_model_keys(writer: GGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
+def _add_model_keys(writer: BulkGGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
     arch = tgt.architecture
     writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
     writer.add_file_type(int(kind.file_type))

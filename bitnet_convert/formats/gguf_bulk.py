@@ -1,0 +1,47 @@
+"""GGUF metadata arrays packed in bulk: the same bytes gguf-py writes, without one struct call per element.
+
+gguf-py's GGUFWriter packs an array value element by element through Python; a Llama-3 tokenizer's 128,256 tokens,
+token types and 280,147 merges then take seconds to serialize. `BulkGGUFWriter` packs string arrays (u64 length +
+UTF-8 bytes per item) and numeric arrays (one numpy `tobytes`) at once and hands everything else to gguf-py,
+so the file is byte for byte what gguf-py would write (tests/test_gguf_bulk.py holds them together).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+
+# numeric GGUF array element types -> numpy dtype (little endian; a big-endian file goes through gguf-py)
+NUMERIC = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
+
+def string_array_body(items: Sequence[str]) -> bytes:
+    """The elements of a GGUF string array: for each, its UTF-8 length as u64 (little endian), then its bytes."""
+    encoded = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in items]
+    lengths = np.fromiter((len(e) for e in encoded), dtype="<u8", count=len(encoded)).tobytes()
+    parts = [None] * (2 * len(encoded))
+    parts[0::2] = [lengths[8 * i: 8 * i + 8] for i in range(len(encoded))]
+    parts[1::2] = encoded
+    return b"".join(parts)
+
+
+class BulkGGUFWriter(GGUFWriter):
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
+        if vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE or not val or isinstance(val, bytes):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        element = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
+        if element == GGUFValueType.STRING and all(isinstance(item, str) for item in val):
+            body = string_array_body(val)
+        elif element in NUMERIC and not isinstance(val[0], bool):
+            body = np.asarray(val, dtype=NUMERIC[element]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", element) + self._pack("Q", len(val))
+        return head + body
