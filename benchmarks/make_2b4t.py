@@ -3,8 +3,9 @@
     python benchmarks/make_2b4t.py OUT_DIR [--seed N] [--force]
 
 Writes OUT_DIR/config.json (the real 2B4T config, packed autobitlinear layout), OUT_DIR/generation_config.json
-and OUT_DIR/model.safetensors, which is 1,178,623,988 bytes like the real file. There is no tokenizer:
-conversions copy tokenizer files verbatim and `generate` takes token ids.
+and OUT_DIR/model.safetensors, which is 1,178,623,988 bytes like the real file, and the real-size Llama-3
+tokenizer 2B4T ships (tokenizer.json: 128,256 tokens, 280,147 merges; from ../shared/data/llama3-tokenizer beside
+the checkout, or $BITNET_TOKENIZER_DIR): its GGUF metadata is a real part of a conversion's cost.
 
 Why the size matches: the real file was written by the safetensors library, which stores tensors ordered by
 dtype (BF16 before U8) and then by name, describes them in that order in a compact JSON header with
@@ -170,6 +171,19 @@ def make_checkpoint(out_dir: str | os.PathLike, config: dict = CONFIG_2B4T, seed
     return target
 
 
+TOKENIZER_DIR = Path(os.environ.get("BITNET_TOKENIZER_DIR", REPO.parent / "shared" / "data" / "llama3-tokenizer"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def add_tokenizer(out_dir: str | os.PathLike) -> bool:
+    """Copy the real-size tokenizer into `out_dir` (when it is there to copy); True if the folder has it."""
+    out = Path(out_dir)
+    for name in TOKENIZER_FILES:
+        if not (out / name).is_file() and (TOKENIZER_DIR / name).is_file():
+            (out / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    return all((out / name).is_file() for name in TOKENIZER_FILES)
+
+
 def is_complete(out_dir: str | os.PathLike) -> bool:
     """True when `out_dir` holds a finished 2B4T-shaped checkpoint (right file size and config)."""
     out = Path(out_dir)
@@ -186,10 +200,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if is_complete(args.out_dir) and not args.force:
         print(f"{args.out_dir}: 2B4T-shaped checkpoint already there", file=sys.stderr)
-        return 0
-    start = time.perf_counter()
-    path = make_checkpoint(args.out_dir, CONFIG_2B4T, args.seed, expected_bytes=REAL_2B4T_BYTES)
-    print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    else:
+        start = time.perf_counter()
+        path = make_checkpoint(args.out_dir, CONFIG_2B4T, args.seed, expected_bytes=REAL_2B4T_BYTES)
+        print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if not add_tokenizer(args.out_dir):
+        print(f"warning: no real-size tokenizer in {TOKENIZER_DIR}: the checkpoint has none", file=sys.stderr)
     return 0
 
 
