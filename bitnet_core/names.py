@@ -56,6 +56,13 @@ LAYER_ROLES: tuple[LayerRole, ...] = (
 PROJECTIONS: dict[str, LayerRole] = {r.hf: r for r in LAYER_ROLES if r.kind == TERNARY}
 LAYER_NORMS: dict[str, LayerRole] = {r.hf: r for r in LAYER_ROLES if r.kind == DENSE}
 
+# The tokenizer files a checkpoint carries between formats (besides *.jinja chat templates): the allow-list of
+# what travels, and of what --force may find in an output folder of ours.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+)
+
 # Whole-model tensors: HF name -> GGUF name.
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",

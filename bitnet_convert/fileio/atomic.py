@@ -44,19 +44,17 @@ from bitnet_convert.fileio.integrity import PROVENANCE_FILE
 from bitnet_convert.fileio.safetensors_io import INDEX_FILE, SINGLE_FILE
 from bitnet_convert.fileio.writeback import early_writeback
 from bitnet_core.errors import ConvertError
+from bitnet_core.names import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "bitnet-convert"  # the "producer" of every provenance record (integrity.provenance_record)
 
 # What our folder writers (hf, flax) put into an output besides the weight files their record lists: config,
-# provenance, weights of fixed name, and the tokenizer files the readers carry (formats/hf.py TOKENIZER_FILES,
-# chat templates). Anything else in a folder is the user's, and --force never deletes it.
-FOLDER_FILES = frozenset({
-    "config.json", PROVENANCE_FILE, SINGLE_FILE, INDEX_FILE, "params.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-    "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-})
+# provenance, weights of fixed name, and the tokenizer files the readers carry (names.TOKENIZER_FILES, chat
+# templates). Anything else in a folder is the user's, and --force never deletes it.
+FOLDER_FILES = frozenset({"config.json", PROVENANCE_FILE, SINGLE_FILE, INDEX_FILE, "params.safetensors",
+                          *TOKENIZER_FILES})
 _CHAT_TEMPLATE = re.compile(r"[^.].*\.jinja")
 _RECORD_LIMIT = 1 << 20  # our provenance record is ~1 kB; a bigger file there is not ours (never read it whole)
 _NAMES_SHOWN = 8  # unexpected entries named in a refusal

@@ -22,22 +22,12 @@ from bitnet_convert.fileio.progress import progress_bar
 from bitnet_convert.fileio.safetensors_io import SafetensorsFile, TensorSpec, dtype_code
 from bitnet_core.checkpoint import Checkpoint, TensorEntry, Ternary
 from bitnet_core.errors import ConvertError
+from bitnet_core.names import TOKENIZER_FILES
 
 log = logging.getLogger("bitnet_convert")
 CONFIG_FILE = "config.json"
 
-# Files carried verbatim between formats (whatever of them a checkpoint has), besides chat templates (*.jinja).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
+# Tokenizer files travel by names.TOKENIZER_FILES (whatever of them a checkpoint has), and chat templates (*.jinja).
 _TEMPLATE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.jinja")  # a plain, visible file name: no path, no dot file
 
 

@@ -42,7 +42,6 @@ from bitnet_convert.fileio.safetensors_io import (
 from bitnet_convert.fileio.sources import SourceWatch, read_json_file
 from bitnet_convert.formats import tokenizer_files
 from bitnet_convert.formats.folder import (
-    TOKENIZER_FILES,
     dense_producer,
     hashing_progress,
     read_from,
@@ -64,7 +63,7 @@ from bitnet_core.checkpoint import (
 )
 from bitnet_core.codecs import hf2bit
 from bitnet_core.errors import ConvertError, CorruptData
-from bitnet_core.names import expected_tensors, is_projection
+from bitnet_core.names import TOKENIZER_FILES, expected_tensors, is_projection
 from bitnet_core.quantize import projection_bytes
 
 NAME = "hf"
