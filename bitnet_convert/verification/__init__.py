@@ -80,7 +80,6 @@ def _levels(levels, runtime) -> tuple[str, ...]:
 def _parity(ref, reference: str, revision: str | None) -> LayerReport:
     from bitnet_convert.fileio.hub import resolve_source
     from bitnet_convert.verification.parity import check_parity
-    from bitnet_core.errors import ConvertError
 
     if ref.provenance.get("format") != "hf":
         return LayerReport("parity", None, notes=["skipped: parity needs a Hugging Face reference (transformers "
