@@ -137,6 +137,16 @@ def _template_specials(tok: dict, where: str) -> tuple[int | None, int | None]:
     return first, last
 
 
+def _check_merges(merges: list[str], vocab: Mapping[str, int], where: str) -> None:
+    """Every merge joins two tokens of the vocabulary, as the tokenizers library requires when it loads the file
+    (here rather than by building the whole tokenizer: 280k merges take most of a second to build)."""
+    for merge in merges:
+        parts = merge.split(" ", 1)
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
+            raise ConvertError(f"{where}: tokenizer.json is not one the tokenizers library loads: merge {merge!r} "
+                               "names a token that is not in the vocabulary")
+
+
 def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, where: str) -> GGUFVocab | None:
     """GGUF tokenizer metadata from a checkpoint's tokenizer files; None when it has no tokenizer.json."""
     if "tokenizer.json" not in files:
@@ -160,6 +170,7 @@ def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, 
         tokens.append(text)
         types.append(int(kind))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    _check_merges(merges, model["vocab"], where)
 
     ids = {text: i for i, text in enumerate(tokens)}
     bos_id = ids.get(_token_text(tok_config.get("bos_token")), config.get("bos_token_id"))
