@@ -1,4 +1,11 @@
-"""transformers' own BitNet model, loaded in float32, as the reference every conversion is checked against."""
+"""transformers' own BitNet model, loaded in float32, as the reference every conversion is checked against.
+
+transformers has no class for the 1bitLLM models (`BitnetForCausalLM`, remote code that is never run here). Their
+published modeling code computes what transformers' `BitNetForCausalLM` computes with online AutoBitLinear
+layers: the same weight quantizer (scale 1/max(mean|W|, 1e-5), round, clip to -1..1, divide back), the same
+per-token absmax int8 activation quantizer, RMSNorm sub-norms before o_proj and down_proj, a SiLU-gated FFN. So
+their reference is that class, loaded from the same weights written in the online layout (sub-norms renamed).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ def load_reference(hf_dir: str | os.PathLike):
     ternary values and bf16 norms cast to float32 exactly.
     """
     _require_safetensors(Path(hf_dir))
+    if _is_latent(Path(hf_dir)):
+        return _latent_reference(Path(hf_dir))
     require("accelerate", "the transformers reference")  # transformers loads packed BitNet weights with it
     torch = require("torch", "the transformers reference")
     transformers = require("transformers", "the transformers reference")
@@ -44,6 +53,24 @@ def load_reference(hf_dir: str | os.PathLike):
             module.dtype = torch.float32  # BitLinear unpacks its weights to this dtype in every forward
     model.eval()
     return model
+
+
+def _is_latent(folder: Path) -> bool:
+    from bitnet_convert.fileio.sources import SourceWatch, read_json_file
+    from bitnet_core.config import LATENT_ARCHITECTURE
+
+    config = read_json_file(SourceWatch(), folder / "config.json", "config file")
+    return (config.get("architectures") or [None])[0] == LATENT_ARCHITECTURE and not config.get("quantization_config")
+
+
+def _latent_reference(folder: Path):
+    import tempfile
+
+    from bitnet_convert.formats import hf
+
+    with tempfile.TemporaryDirectory(prefix="bitnet-reference-") as tmp:
+        online = hf.write(hf.read(str(folder)), str(Path(tmp) / "online"), layout="online")
+        return load_reference(online)  # every tensor is in memory once loaded: the folder may go
 
 
 def _require_safetensors(folder: Path) -> None:

@@ -10,8 +10,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-# Architectures we compute exactly. Llama-family BitNets (Falcon3-1.58bit, Llama3-8B-1.58) have no sub-norms.
-BITNET_ARCHITECTURES = {"BitNetForCausalLM": True, "LlamaForCausalLM": False}  # name -> has sub-norms
+# Architectures we compute exactly, name -> has sub-norms. Llama-family BitNets (Falcon3-1.58bit, Falcon-E,
+# Llama3-8B-1.58) have none; "BitnetForCausalLM" (lower-case n) is the 1bitLLM models' remote-code class: 2B4T's
+# arithmetic with SiLU and fp16 latent weights quantized at run time (docs/formats.md §7).
+BITNET_ARCHITECTURES = {"BitNetForCausalLM": True, "LlamaForCausalLM": False, "BitnetForCausalLM": True}
+LATENT_ARCHITECTURE = "BitnetForCausalLM"
+DEFAULT_ACTIVATION = {"BitNetForCausalLM": "relu2", "LlamaForCausalLM": "silu", "BitnetForCausalLM": "silu"}
+MODEL_TYPES = {"BitNetForCausalLM": "bitnet", "LlamaForCausalLM": "llama", "BitnetForCausalLM": "llama"}
 ACTIVATIONS = ("relu2", "silu")
 
 
@@ -49,10 +54,12 @@ class ModelConfig:
         heads = _integer(cfg, "num_attention_heads")
         if heads <= 0:
             raise ConfigError(f"num_attention_heads is {heads}, must be positive")
-        act = _text(cfg, "hidden_act", "relu2" if arch == "BitNetForCausalLM" else "silu")
+        act = _text(cfg, "hidden_act", DEFAULT_ACTIVATION[arch])
         if act not in ACTIVATIONS:
             raise ConfigError(f"unsupported hidden_act {act!r:.60} (expected one of {ACTIVATIONS})")
         rope = _object(cfg, "rope_parameters")
+        _check_rope_type(_object(cfg, "rope_scaling"), "rope_scaling")
+        _check_rope_type(rope, "rope_parameters")
         return cls(
             vocab_size=_integer(cfg, "vocab_size"),
             hidden_size=hidden,
@@ -77,7 +84,7 @@ class ModelConfig:
         that never had a checkpoint (trained from scratch). Loaded models keep their checkpoint's own dict."""
         return {
             "architectures": [self.architecture],
-            "model_type": "bitnet" if self.architecture == "BitNetForCausalLM" else "llama",
+            "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -176,6 +183,14 @@ def _object(cfg: Mapping, key: str) -> Mapping:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} is {_json_type(value)}, expected an object")
     return value
+
+
+def _check_rope_type(rope: Mapping, key: str) -> None:
+    """Plain RoPE only: a scaled one (Llama-3.1's "llama3", linear, yarn, ...) changes every rotation angle, and
+    computing it as plain RoPE would be silently wrong."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise ConfigError(f"{key} of type {kind!r:.40} is not supported (only plain RoPE)")
 
 
 def _architecture(cfg: Mapping) -> str:

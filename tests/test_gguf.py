@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 
+import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -34,13 +35,18 @@ def arrays(ckpt):
     return ckpt.materialize()
 
 
-def assert_same_model(arrays, back, embed_rtol=0.0):
+# bitnet.cpp's graphs apply no `.scale` tensor: a float projection holds codes x multiplier, rounded once.
+MULTIPLIER_IN_VALUES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16, "f32": np.float32}
+
+
+def assert_same_model(arrays, back, embed_rtol=0.0, multiplier_dtype=np.float32):
     got = back.materialize()
     assert list(got) == list(arrays)
     for name, value in arrays.items():
         if isinstance(value, Ternary):
             assert np.array_equal(got[name].codes, value.codes), name
-            assert got[name].multiplier == value.multiplier, name  # float32 multipliers: exact
+            expected = np.float32(np.asarray(value.multiplier).astype(multiplier_dtype))
+            assert got[name].multiplier == expected, name  # float32 multipliers: exact
         else:
             np.testing.assert_allclose(np.asarray(got[name], np.float32), np.asarray(value, np.float32),
                                        rtol=embed_rtol, atol=0, err_msg=name)
@@ -51,8 +57,9 @@ def test_round_trip_every_outtype(ckpt, arrays, tmp_path, target, outtype):
     out = gguf.write(ckpt, tmp_path / "m.gguf", target=target, outtype=outtype)
     assert gguf.detect(out)
     back = gguf.read(str(out))
+    in_values = target == "bitnet.cpp" and outtype != "i2_s"
     # bf16 norms and embeddings are exact in f16 here (|x| < 65504, no tiny values); f32 norms are exact.
-    assert_same_model(arrays, back)
+    assert_same_model(arrays, back, multiplier_dtype=MULTIPLIER_IN_VALUES[outtype] if in_values else np.float32)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
                 "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
@@ -62,7 +69,10 @@ def test_round_trip_every_outtype(ckpt, arrays, tmp_path, target, outtype):
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == PROJECTION_TYPE[outtype]
     assert types["blk.1.attn_sub_norm.weight"] == T.F32 and types["token_embd.weight"] == T.F16
-    assert ("blk.0.ffn_down.scale" in types) == (outtype != "i2_s")
+    assert ("blk.0.ffn_down.scale" in types) == (target == "llama.cpp")
+    if in_values:
+        rounding = {"f16": ["f16"], "bf16": ["bf16"], "f32": []}[outtype]
+        assert gguf.recorded_provenance(out)["multiplier_roundings"] == rounding
     arch = reader.get_field("general.architecture").contents()
     assert arch == {"llama.cpp": "bitnet", "bitnet.cpp": "bitnet-b1.58"}[target]
     if target == "bitnet.cpp":
@@ -134,13 +144,13 @@ def test_embedding_types(ckpt, arrays, tmp_path, embed_type, rtol):
 def test_relu2_to_llama_cpp_warns_once(ckpt, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="bitnet_convert"):
         gguf.write(ckpt, tmp_path / "a.gguf")
-    lines = [r.getMessage() for r in caplog.records if "SiLU" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "graph computes silu" in r.getMessage()]
     assert len(lines) == 1 and "relu2" in lines[0] and "\n" not in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bitnet_convert"):
         gguf.write(tiny_checkpoint(seed=0, hidden_act="silu"), tmp_path / "b.gguf")
         gguf.write(ckpt, tmp_path / "c.gguf", target="bitnet.cpp")
-    assert not [r for r in caplog.records if "SiLU" in r.getMessage()]
+    assert not [r for r in caplog.records if "graph computes" in r.getMessage()]
 
 
 @pytest.mark.parametrize(
@@ -290,8 +300,19 @@ def test_unsupported_architecture_refused(ckpt, arrays, tmp_path):
     def tensors(name, value):
         return dense_f32(name, value.dequantize() if isinstance(value, Ternary) else value)
 
+    path = write_foreign(tmp_path / "a.gguf", "qwen2", arrays, ckpt.config, tensors=tensors)
+    with pytest.raises(ConvertError, match=r"a\.gguf: architecture 'qwen2' is not BitNet"):
+        gguf.read(path)
+
+
+def test_llama_architecture_with_sub_norms_refused(ckpt, arrays, tmp_path):
+    """`llama` is read (Llama-family BitNets run under it), but its graph has no sub-norms: a 2B4T-shaped file
+    under it is named, not silently run without them."""
+    def tensors(name, value):
+        return dense_f32(name, value.dequantize() if isinstance(value, Ternary) else value)
+
     path = write_foreign(tmp_path / "a.gguf", "llama", arrays, ckpt.config, tensors=tensors)
-    with pytest.raises(ConvertError, match=r"a\.gguf: architecture 'llama' is not BitNet"):
+    with pytest.raises(ConvertError, match=r"a\.gguf: unexpected tensor model\.layers\.0\.self_attn\.attn_sub_norm"):
         gguf.read(path)
 
 

@@ -244,6 +244,7 @@ def reader_provenance(fmt: str, path, recorded: dict | None, *, source: str | No
     """A reader's `Checkpoint.provenance`. The original source, its format and revision travel on through a
     chain of conversions (read from what the file recorded); `path`/`format` name the file just read."""
     recorded = recorded or {}
+    stored_roundings = extra.pop("multiplier_roundings", [])  # what the file alone shows; its record knows more
     return {
         "format": fmt,
         "path": str(Path(path).resolve()),
@@ -252,7 +253,7 @@ def reader_provenance(fmt: str, path, recorded: dict | None, *, source: str | No
         "revision": recorded.get("revision") or revision,
         # the HF layout the model first came in, and each rounding its multipliers went through (in order)
         "source_layout": recorded.get("source_layout") or extra.get("layout"),
-        "multiplier_roundings": list(recorded.get("multiplier_roundings") or extra.pop("multiplier_roundings", [])),
+        "multiplier_roundings": list(recorded.get("multiplier_roundings") or stored_roundings),
         # tensor -> the type a writer on the path cast it to (a GGUF's embedding type), for verify
         "tensor_casts": dict(recorded.get("tensor_casts") or {}),
         **extra,

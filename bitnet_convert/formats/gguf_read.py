@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, quants
 
 from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.sources import SourceWatch
-from bitnet_convert.formats import gguf_tokenizer
+from bitnet_convert.formats import gguf_rope, gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.gguf_header import (
     FLOAT_TYPES,
@@ -37,6 +37,7 @@ from bitnet_convert.formats.gguf_types import (
     ARCHITECTURES,
     I2_S,
     KEY_HIDDEN_ACT,
+    SENTENCEPIECE_ACT,
     KEY_LENGTH,
     KEY_PROVENANCE,
     MODEL_KEYS,
@@ -174,7 +175,8 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
             raise ConvertError(f"{path}: unexpected tensor {t.name}") from None
         scale = by_name.get(t.name.removesuffix(".weight") + SCALE_SUFFIX)
         if is_projection(hf_name):
-            entries[hf_name] = _ternary_entry(reader, t, scale, hf_name, path)
+            heads = gguf_rope.heads_of(hf_name, config) if ARCHITECTURES[arch].interleaved_rope else None
+            entries[hf_name] = _ternary_entry(reader, t, scale, hf_name, path, heads)
         else:
             entries[hf_name] = _dense_entry(reader, t, hf_name, path)
     order = expected_tensors(validate.model_config(config, str(path)))
@@ -190,9 +192,11 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
 
 
 def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> dict:
-    """config.json of BitNetForCausalLM from the model keys, each of the GGUF type it must have (its range is
-    validate.model_config's to check)."""
-    config: dict = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet"}
+    """config.json from the model keys, each of the GGUF type it must have (its range is validate.model_config's
+    to check): BitNetForCausalLM for the sub-norm graphs, LlamaForCausalLM (BitNet-quantized) for `llama`."""
+    read_as = ARCHITECTURES[arch]
+    config: dict = {"architectures": [read_as.hf_architecture],
+                    "model_type": "bitnet" if read_as.sub_norms else "llama"}
     for hf_key, (template, vtype) in MODEL_KEYS.items():
         key = template.format(arch=arch)
         value = _model_key(reader, key, vtype)
@@ -207,7 +211,8 @@ def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> di
     if head_dim or config["num_attention_heads"] > 0:  # else validation names the head count
         config["head_dim"] = head_dim or config["hidden_size"] // config["num_attention_heads"]
     config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
-    config["hidden_act"] = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or ARCHITECTURES[arch]
+    config["hidden_act"] = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or \
+        _default_activation(reader, read_as)
     config["tie_word_embeddings"] = "output.weight" not in by_name
     for hf_key, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         value = _model_key(reader, key, U32)
@@ -215,6 +220,13 @@ def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> di
             config[hf_key] = value
     config.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0, torch_dtype="bfloat16")
     return config
+
+
+def _default_activation(reader: GGUFHeader, read_as) -> str:
+    """The activation of a file without our key: the architecture's, but a `bitnet` file with a SentencePiece
+    vocabulary is one of bitnet.cpp's 1bitLLM conversions (SiLU), not 2B4T (Llama-3 BPE, relu2)."""
+    model = typed_value(reader, "tokenizer.ggml.model", frozenset((STRING,)), "a string")
+    return SENTENCEPIECE_ACT if read_as.sub_norms and model == "llama" else read_as.hidden_act
 
 
 def _model_key(reader: GGUFHeader, key: str, vtype: GGUFValueType) -> int | float | None:
@@ -253,7 +265,8 @@ def _dense_entry(reader: GGUFHeader, t: TensorInfo, hf_name: str, path: Path) ->
 
 
 def _ternary_entry(reader: GGUFHeader, t: TensorInfo, scale: TensorInfo | None, hf_name: str,
-                   path: Path) -> TensorEntry:
+                   path: Path, heads: int | None = None) -> TensorEntry:
+    """A projection; `heads`: its rows are in interleaved-RoPE order by that many heads (put back in HF's)."""
     if t.tensor_type not in PROJECTION_TYPES:
         raise ConvertError(f"{path}: projection {t.name} has type {t.tensor_type.name}, not ternary "
                            f"({', '.join(k.name for k in PROJECTION_TYPES)})")
@@ -271,6 +284,8 @@ def _ternary_entry(reader: GGUFHeader, t: TensorInfo, scale: TensorInfo | None, 
             raise CorruptData(f"{path}: {t.name}: {exc}") from None
         if scale is not None:
             multiplier = np.float32(multiplier * _read_tensor(reader, scale).view(np.float32)[0])
+        if heads is not None:
+            codes = gguf_rope.from_interleaved(codes, heads)
         return Ternary(codes, check_multiplier(multiplier, f"{path}: {t.name}"))
 
     return ternary_entry(hf_name, shape, load)

@@ -54,39 +54,79 @@ class OutType:
 
     ggml_type: GGMLQuantizationType
     file_type: int  # general.file_type (llama_ftype)
-    scale_tensor: bool  # multiplier as a separate F32 `.scale` tensor (else inside the I2_S tail)
     targets: tuple[str, ...]  # runtimes that can load it
 
 
-# outtype -> storage of the ternary projections. Float outtypes store the *codes* (exact in every float
-# type) with the `.scale` tensor, never codes*multiplier: that keeps them lossless, and it avoids the trap of
-# bitnet.cpp's own converter, which divides by weight_scale on its F16/F32 path (docs/formats.md §7).
+# outtype -> storage of the ternary projections. Where the architecture's graph applies `.scale` tensors, float
+# outtypes store the *codes* (exact in every float type) with the `.scale` tensor; where it does not (bitnet.cpp's
+# graphs, Graph.scale_tensors), they store codes x multiplier (exact in F32; F16/BF16 round the multiplier, a
+# declared cast). Never weight / weight_scale: bitnet.cpp's own converter does that on its float path
+# (docs/formats.md §7).
 OUTTYPES: dict[str, OutType] = {
-    "tq1_0": OutType(T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, True, ("llama.cpp",)),
-    "tq2_0": OutType(T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, True, ("llama.cpp",)),
-    "i2_s": OutType(I2_S, i2s.FILE_TYPE, False, ("bitnet.cpp",)),
-    "f16": OutType(T.F16, LlamaFileType.MOSTLY_F16, True, ("llama.cpp", "bitnet.cpp")),
-    "bf16": OutType(T.BF16, LlamaFileType.MOSTLY_BF16, True, ("llama.cpp", "bitnet.cpp")),
-    "f32": OutType(T.F32, LlamaFileType.ALL_F32, True, ("llama.cpp", "bitnet.cpp")),
+    "tq1_0": OutType(T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, ("llama.cpp",)),
+    "tq2_0": OutType(T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, ("llama.cpp",)),
+    "i2_s": OutType(I2_S, i2s.FILE_TYPE, ("bitnet.cpp",)),
+    "f16": OutType(T.F16, LlamaFileType.MOSTLY_F16, ("llama.cpp", "bitnet.cpp")),
+    "bf16": OutType(T.BF16, LlamaFileType.MOSTLY_BF16, ("llama.cpp", "bitnet.cpp")),
+    "f32": OutType(T.F32, LlamaFileType.ALL_F32, ("llama.cpp", "bitnet.cpp")),
 }
+# The float type a projection falls back to when its rows do not fit the outtype's blocks (TQ: 256 values).
+FALLBACK_FLOAT = {True: T.F16, False: T.F32}  # by Graph.scale_tensors: codes in F16 are exact; codes x m need F32
+FLOAT_ROUNDING = {T.F16: "f16", T.BF16: "bf16"}  # a multiplier stored in a float value rounds to this
 
-# embed_type -> GGML type of token_embd.weight (and output.weight if ever untied).
+# embed_type -> GGML type of token_embd.weight (and output.weight of an untied head).
 EMBED_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "bf16": T.BF16, "f32": T.F32, "q8_0": T.Q8_0}
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
+class Graph:
+    """What one runtime's graph for one `general.architecture` computes and loads (docs/formats.md §6)."""
+
     architecture: str  # general.architecture; also the prefix of the model keys
+    sub_norms: bool  # attn_sub_norm / ffn_sub_norm before o_proj / down_proj
+    activation: str  # what the graph computes in the FFN, whatever the model says
+    scale_tensors: bool  # applies blk.N.<proj>.scale; else the loader refuses them
+    output_tensor: bool  # loads output.weight (an untied head); else the head is token_embd
+    vocab_and_rope_dims: bool  # writes `{arch}.vocab_size` and `{arch}.rope.dimension_count`
+    interleaved_rope: bool = False  # rotates adjacent pairs: q/k rows reordered (gguf_rope.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
     default_outtype: str
     default_embed_type: str
-    vocab_and_rope_dims: bool  # writes `{arch}.vocab_size` and `{arch}.rope.dimension_count`
+    graphs: tuple[Graph, ...]  # the BitNet architectures this runtime runs, preferred first
 
 
+# llama.cpp (as vendored by llama-cpp-python 0.3.36) loads `.scale` tensors for every architecture; its `bitnet`
+# graph computes SiLU and ties the head. bitnet.cpp runs 2B4T as `bitnet-b1.58` (relu2), the 1bitLLM models as
+# `bitnet` (SiLU) and the Llama-family BitNets (Falcon3, Falcon-E, Llama3-8B-1.58) as `llama`; its loaders know
+# no `.scale` tensors (the I2_S tail holds the multiplier).
 TARGETS: dict[str, Target] = {
-    "llama.cpp": Target("bitnet", "tq2_0", "f16", False),
-    "bitnet.cpp": Target("bitnet-b1.58", "i2_s", "f16", True),
+    "llama.cpp": Target("tq2_0", "f16", (
+        Graph("bitnet", sub_norms=True, activation="silu", scale_tensors=True, output_tensor=False,
+              vocab_and_rope_dims=False),
+        Graph("llama", sub_norms=False, activation="silu", scale_tensors=True, output_tensor=True,
+              vocab_and_rope_dims=True, interleaved_rope=True),
+    )),
+    "bitnet.cpp": Target("i2_s", "f16", (
+        Graph("bitnet-b1.58", sub_norms=True, activation="relu2", scale_tensors=False, output_tensor=False,
+              vocab_and_rope_dims=True),
+        Graph("bitnet", sub_norms=True, activation="silu", scale_tensors=False, output_tensor=False,
+              vocab_and_rope_dims=True),
+        Graph("llama", sub_norms=False, activation="silu", scale_tensors=False, output_tensor=True,
+              vocab_and_rope_dims=True, interleaved_rope=True),
+    )),
 }
 DEFAULT_TARGET = "llama.cpp"
+
+
+def graph_for(target: str, sub_norms: bool, hidden_act: str) -> Graph:
+    """The graph `target` runs a model under: the one with its norms and activation, else the one with its norms
+    (the writer warns that the runtime computes another activation there)."""
+    fitting = [g for g in TARGETS[target].graphs if g.sub_norms == sub_norms]
+    return next((g for g in fitting if g.activation == hidden_act), fitting[0])
+
 
 WRITER_OPTIONS = {
     "target": WriterOption(tuple(TARGETS), DEFAULT_TARGET, "runtime the file is for"),
@@ -96,10 +136,27 @@ WRITER_OPTIONS = {
         f"{t.default_embed_type} for {name}" for name, t in TARGETS.items()) + ")"),
 }
 
-# general.architecture values we read -> the activation their runtime computes when our own key is absent.
-# "bitnet" is llama.cpp's (whose graph computes SiLU, but every model shipped under it is relu2: 2B4T);
-# "bitnet-25" is bitnet.cpp's name for 2B4T before 2025-04-22.
-ARCHITECTURES: dict[str, str] = {"bitnet": "relu2", "bitnet-b1.58": "relu2", "bitnet-25": "relu2"}
+
+@dataclasses.dataclass(frozen=True)
+class ReadArchitecture:
+    """A general.architecture we read: the model it holds when our own keys are absent."""
+
+    sub_norms: bool
+    hidden_act: str
+    hf_architecture: str  # config.json's class: one transformers runs (BitNet for sub-norm models)
+    interleaved_rope: bool = False  # q/k rows stored in llama.cpp's interleaved order (gguf_rope.py)
+
+
+# "bitnet" is llama.cpp's name (2B4T converted by its converter, relu2 although its graph computes SiLU) and
+# bitnet.cpp's for the 1bitLLM models (SiLU); the tokenizer tells them apart (SENTENCEPIECE_ACT). "bitnet-25" is
+# bitnet.cpp's name for 2B4T before 2025-04-22.
+ARCHITECTURES: dict[str, ReadArchitecture] = {
+    "bitnet": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
+    "bitnet-b1.58": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
+    "bitnet-25": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
+    "llama": ReadArchitecture(False, "silu", "LlamaForCausalLM", interleaved_rope=True),
+}
+SENTENCEPIECE_ACT = "silu"  # a `bitnet` file with a SentencePiece tokenizer (tokenizer.ggml.model "llama"): 1bitLLM
 
 # Model hyper-parameters: config.json field <- gguf-py's key template ("{arch}.context_length") and GGUF value
 # type: u32 counts, f32 reals.
@@ -114,12 +171,12 @@ MODEL_KEYS: dict[str, tuple[str, GGUFValueType]] = {
     "rms_norm_eps": (Keys.Attention.LAYERNORM_RMS_EPS, F32),
     "rope_theta": (Keys.Rope.FREQ_BASE, F32),
 }
-# Written for bitnet.cpp (Target.vocab_and_rope_dims), and where head_dim is not hidden / heads.
+# Written where Graph.vocab_and_rope_dims, and where head_dim is not hidden / heads.
 VOCAB_SIZE, ROPE_DIMENSIONS = Keys.LLM.VOCAB_SIZE, Keys.Rope.DIMENSION_COUNT
 KEY_LENGTH, VALUE_LENGTH = Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH
 
 # Our own keys (ignored by both runtimes).
 KEY_PROVENANCE = "bitnet_convert.provenance"  # JSON: integrity.provenance_record(...)
 KEY_HIDDEN_ACT = "bitnet_convert.hidden_act"  # the checkpoint's activation; llama.cpp's graph ignores it
-KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # where multipliers live: "scale_tensor" | "i2_s_tail"
+KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # "scale_tensor" | "i2_s_tail" | "in_values"
 SCALE_SUFFIX = ".scale"  # blk.N.attn_q.scale: F32 [1], applied as out * scale

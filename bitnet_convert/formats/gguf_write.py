@@ -1,10 +1,15 @@
-"""Checkpoint -> GGUF for llama.cpp (`bitnet`) or bitnet.cpp (`bitnet-b1.58`), streamed tensor by tensor.
+"""Checkpoint -> GGUF for llama.cpp or bitnet.cpp, under the architecture that runtime runs the model's family as
+(gguf_types.TARGETS: `bitnet` / `llama` for llama.cpp; `bitnet-b1.58`, `bitnet`, `llama` for bitnet.cpp),
+streamed tensor by tensor.
 
-Multipliers travel exactly: for TQ1_0/TQ2_0 and the float outtypes the codes are stored with unit scale (TQ
-blocks get d = 1.0, float outtypes hold -1/0/+1) and the float32 multiplier goes into the tensor
-`blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp multiplies into the projection's output. Folding it
-into the TQ blocks' f16 `d` instead would round it to 11 bits. I2_S keeps the float32 multiplier in its own
-tail, as bitnet.cpp reads it.
+Multipliers travel exactly where the file can hold them: for TQ1_0/TQ2_0, and for float outtypes under a graph
+that applies `.scale` tensors (llama.cpp's), the codes are stored with unit scale (TQ blocks get d = 1.0, floats
+hold -1/0/+1) and the float32 multiplier goes into `blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp
+multiplies into the projection's output. Folding it into the TQ blocks' f16 `d` instead would round it to 11
+bits. I2_S keeps the float32 multiplier in its own tail, as bitnet.cpp reads it. bitnet.cpp's graphs know no
+`.scale` tensors, so there a float projection holds codes x multiplier: exact in F32, rounded once in F16/BF16
+(declared in the provenance's `multiplier_roundings`). A projection whose rows do not fit the outtype's blocks
+is written in an exact float type instead, with a warning naming it.
 
 Tensors are produced in pieces (a 2B4T embedding is 328 M values: converted 8 M at a time, it never exists in
 float32), written with our own loop in place of gguf-py's `write_tensor_data` (same alignment padding), and
@@ -35,7 +40,7 @@ from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
 from bitnet_convert.fileio.prefetch import prefetch
 from bitnet_convert.fileio.progress import progress_bar
-from bitnet_convert.formats import gguf_tokenizer
+from bitnet_convert.formats import gguf_rope, gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.folder import read_from
 from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
@@ -43,6 +48,8 @@ from bitnet_convert.formats.gguf_read import KEY_VALUES_DOCUMENT, recorded_prove
 from bitnet_convert.formats.gguf_types import (
     DEFAULT_TARGET,
     EMBED_TYPES,
+    FALLBACK_FLOAT,
+    FLOAT_ROUNDING,
     I2_S,
     KEY_HIDDEN_ACT,
     KEY_LENGTH,
@@ -55,14 +62,16 @@ from bitnet_convert.formats.gguf_types import (
     TARGETS,
     VALUE_LENGTH,
     VOCAB_SIZE,
+    Graph,
     OutType,
+    graph_for,
 )
 from bitnet_core import validate
-from bitnet_core.checkpoint import Checkpoint, TensorEntry, Ternary
+from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary
 from bitnet_core.codecs import hf2bit, i2s
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import hf_to_gguf, is_projection
-from bitnet_core.quantize import as_ternary, projection_bytes
+from bitnet_core.quantize import as_ternary, check_multiplier, projection_bytes
 
 log = logging.getLogger("bitnet_convert")
 EMBEDDING_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # stored as --embed-type
@@ -119,28 +128,31 @@ def write(
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     cfg = validate.check_tensors(ckpt, where)
-    if not cfg.sub_norms:
-        raise ConvertError(f"{where}: {cfg.architecture} has no sub-norms; the GGUF bitnet graphs need them")
-    if not cfg.tie_word_embeddings:
-        raise ConvertError(f"{where}: untied lm_head; {target}'s BitNet graph always ties the output to token_embd")
-    if cfg.hidden_act != "silu" and target == "llama.cpp":
+    graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
+    if not cfg.tie_word_embeddings and not graph.output_tensor:
+        raise ConvertError(f"{where}: untied lm_head; {target}'s {graph.architecture} graph always ties the output "
+                           "to token_embd")
+    if cfg.hidden_act != graph.activation:
         log.warning(
-            "%s: this model uses %s but llama.cpp's bitnet graph computes SiLU in the FFN: its outputs will be wrong",
-            where, cfg.hidden_act,
+            "%s: this model uses %s but %s's %s graph computes %s in the FFN: its outputs will be wrong",
+            where, cfg.hidden_act, target, graph.architecture, graph.activation,
         )
     vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    plan = _plan(ckpt, kind, EMBED_TYPES[embed_type], where)
+    plan = _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
 
     casts = {**(ckpt.provenance.get("tensor_casts") or {}),
              **{name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors}}
+    roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
+    if _multiplier_source(kind, graph) == "in_values" and kind.ggml_type in FLOAT_ROUNDING:
+        roundings.append(FLOAT_ROUNDING[kind.ggml_type])
     record = integrity.provenance_record(
-        dict(ckpt.provenance, tensor_casts=casts), HASH_PLACEHOLDER, NAME, target=target, outtype=outtype,
-        embed_type=embed_type, hidden_act=cfg.hidden_act,
+        dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings), HASH_PLACEHOLDER, NAME,
+        target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act,
     )
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
-        writer = BulkGGUFWriter(tmp, tgt.architecture)
+        writer = BulkGGUFWriter(tmp, graph.architecture)
         try:
-            _add_model_keys(writer, tgt, kind, cfg, ckpt, vocab)
+            _add_model_keys(writer, graph, kind, cfg, ckpt, vocab)
             writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
             key_values, hasher = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
         finally:
@@ -201,8 +213,15 @@ def _stored_dims(writer: BulkGGUFWriter) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(d) for d in reversed(info.shape)) for part in writer.tensors for name, info in part.items()}
 
 
-def _add_model_keys(writer: BulkGGUFWriter, tgt, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
-    arch = tgt.architecture
+def _multiplier_source(kind: OutType, graph: Graph) -> str:
+    """Where the file keeps each projection's multiplier (our KEY_MULTIPLIER_SOURCE)."""
+    if kind.ggml_type == I2_S:
+        return "i2_s_tail"
+    return "scale_tensor" if graph.scale_tensors else "in_values"
+
+
+def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
+    arch = graph.architecture
     writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
     writer.add_file_type(int(kind.file_type))
     if kind.ggml_type not in (T.F16, T.BF16, T.F32):
@@ -215,30 +234,43 @@ def _add_model_keys(writer: BulkGGUFWriter, tgt, kind: OutType, cfg, ckpt: Check
     }
     for field, (key, vtype) in MODEL_KEYS.items():
         writer.add_key_value(key.format(arch=arch), values[field], vtype)
-    if tgt.vocab_and_rope_dims:
+    if graph.vocab_and_rope_dims:
         writer.add_uint32(VOCAB_SIZE.format(arch=arch), cfg.vocab_size)
         writer.add_uint32(ROPE_DIMENSIONS.format(arch=arch), cfg.head_dim)
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp assumes hidden / heads otherwise
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
-    writer.add_string(KEY_MULTIPLIER_SOURCE, "scale_tensor" if kind.scale_tensor else "i2_s_tail")
+    writer.add_string(KEY_MULTIPLIER_SOURCE, _multiplier_source(kind, graph))
     if vocab is not None:
         vocab.add_to(writer)
 
 
-def _plan(ckpt: Checkpoint, kind: OutType, embed_type, where: str) -> list[StoredTensor]:
+def _plan(ckpt: Checkpoint, kind: OutType, graph: Graph, embed_type, where: str) -> list[StoredTensor]:
     """Every stored tensor in file order; each checkpoint entry is loaded once, when its first tensor is due."""
     plan: list[StoredTensor] = []
     for entry in ckpt:
         name = hf_to_gguf(entry.name)
+        heads = gguf_rope.heads_of(entry.name, ckpt.config) if graph.interleaved_rope else None
+        if heads is not None:
+            entry = _rows_interleaved(entry, heads)
         if is_projection(entry.name):
-            plan += _projection(entry, name, kind, where)
+            plan += _projection(entry, name, kind, graph, where)
         elif len(entry.shape) == 1:
             plan.append(_float_tensor(entry, name, T.F32, where))
         else:
             plan.append(_float_tensor(entry, name, embed_type, where))
     return plan
+
+
+def _rows_interleaved(entry: TensorEntry, heads: int) -> TensorEntry:
+    """The projection with its rows in the interleaved-RoPE order (its codes moved, none changed; the stored HF
+    bytes are not transcoded directly then)."""
+    def load() -> Ternary:
+        value = as_ternary(entry.load())
+        return Ternary(gguf_rope.to_interleaved(value.codes, heads), value.multiplier)
+
+    return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load)
 
 
 def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> StoredTensor:
@@ -281,34 +313,34 @@ def _encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.nd
     return quants.quantize(values, ggml_type)  # BF16 rounds to nearest even like ggml: bf16 sources pass unchanged
 
 
+def _fits_blocks(shape, ggml_type) -> bool:
+    return shape[-1] % quants.GGML_QUANT_SIZES[ggml_type][0] == 0
+
+
 def _check_blocks(shape, ggml_type, name: str, where: str) -> None:
-    block = quants.GGML_QUANT_SIZES[ggml_type][0]
-    if shape[-1] % block:
+    if not _fits_blocks(shape, ggml_type):
         raise ConvertError(
-            f"{where}: {name} has rows of {shape[-1]} values; {ggml_type.name} needs a multiple of {block} "
-            "(choose a float outtype)"
+            f"{where}: {name} has rows of {shape[-1]} values; {ggml_type.name} needs a multiple of "
+            f"{quants.GGML_QUANT_SIZES[ggml_type][0]} (choose a float type)"
         )
 
 
-def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> list[StoredTensor]:
-    """The weight (codes) and, unless the multiplier lives in an I2_S tail, its `.scale` tensor."""
+def _projection(entry: TensorEntry, name: str, kind: OutType, graph: Graph, where: str) -> list[StoredTensor]:
+    """The weight and, where the multiplier is neither in an I2_S tail nor in the values, its `.scale` tensor."""
     shape = tuple(entry.shape)
+    t = kind.ggml_type
+    if t not in (T.F16, T.BF16, T.F32) and not _fits_blocks(shape, t):
+        fallback = FALLBACK_FLOAT[graph.scale_tensors]
+        log.warning("%s: %s has rows of %d values, which %s blocks (%d values) do not fit: written as %s, exactly",
+                    where, name, shape[-1], t.name, quants.GGML_QUANT_SIZES[t][0], fallback.name)
+        t = fallback
     loaded: dict[str, np.float32] = {}  # the weight's producer loads; the scale's producer (next in file) reads
-
-    def ternary() -> Ternary:
-        value = as_ternary(entry.load())
-        loaded["multiplier"] = value.multiplier
-        return value
 
     def stored(from_hf2bit, pack) -> list[np.ndarray]:
         data, loaded["multiplier"] = projection_bytes(entry, from_hf2bit, pack, where)
         return [data]
 
-    t = kind.ggml_type
     if t == I2_S:
-        if int(np.prod(shape)) % i2s.BLOCK_VALUES:
-            raise ConvertError(f"{where}: {name} has {int(np.prod(shape))} values, I2_S needs a multiple of 128")
-
         def i2s_bytes() -> list[np.ndarray]:  # the multiplier goes into the tail: pack with a unit one, then set it
             (data,) = stored(lambda d, rows: i2s.from_hf2bit(d, rows, 1.0), lambda c: i2s.pack(c, 1.0))
             i2s.set_multiplier(data, loaded["multiplier"])
@@ -317,21 +349,41 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, where: str) -> lis
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
     if t in (T.TQ1_0, T.TQ2_0):
-        _check_blocks(shape, t, name, where)
-
         def tq_bytes() -> list[np.ndarray]:
             from_hf2bit = tq.tq2_0_from_hf2bit if t == T.TQ2_0 else (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
             return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
+    elif graph.scale_tensors:
+        def codes() -> np.ndarray:
+            value = as_ternary(entry.load())
+            loaded["multiplier"] = value.multiplier
+            return value.codes
+
+        weight = _float_tensor(dataclasses.replace(entry, load=codes), name, t, where)
     else:
-        weight = _float_tensor(dataclasses.replace(entry, load=lambda: ternary().codes), name, t, where)
+        return [_float_tensor(dataclasses.replace(entry, load=lambda: _weights_in_values(entry, t, where)),
+                              name, t, where)]
     scale = StoredTensor(
         name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32), 4,
         lambda: [np.array([loaded.pop("multiplier")], np.float32)],
     )
     return [weight, scale]
+
+
+def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:
+    """codes x multiplier, for a graph that applies no `.scale` tensor: every value is 0 or +-m, with m rounded
+    once to the stored float type (nothing is rounded in F32). Refused where that rounding loses m."""
+    value = as_ternary(entry.load())
+    multiplier = check_multiplier(value.multiplier, f"{where}: tensor {entry.name}")
+    stored = {T.F16: np.float16, T.BF16: BF16}.get(ggml_type, np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = np.float32(np.asarray(multiplier).astype(stored))
+    if not np.isfinite(rounded) or rounded == 0:
+        raise ConvertError(f"{where}: tensor {entry.name} has multiplier {multiplier!r}, which {ggml_type.name} "
+                           "cannot hold; choose outtype f32")
+    return value.codes.astype(stored) * np.asarray(rounded).astype(stored)
 
 
 def _patch_hash(path: Path, key_values: range, hasher: integrity.ModelHasher) -> None:

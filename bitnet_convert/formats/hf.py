@@ -1,14 +1,17 @@
-"""Hugging Face folders (config.json + safetensors + tokenizer files) in the three BitNet layouts.
+"""Hugging Face folders (config.json + safetensors + tokenizer files) in the four BitNet layouts.
 
 | layout          | quantization_config                               | projection tensors                        |
 |-----------------|---------------------------------------------------|-------------------------------------------|
 | "autobitlinear" | linear_class autobitlinear, mode offline (2B4T)   | uint8 [out/4, in] + bf16 weight_scale = w |
-| "bitlinear"     | linear_class bitlinear (the default)              | same, but weight_scale = 1 / w            |
+| "bitlinear"     | linear_class bitlinear (the default; Falcon3)     | same, but weight_scale = 1 / w            |
 | "online"        | linear_class autobitlinear, mode online           | bf16 master weights [out, in]             |
+| "latent"        | none: 1bitLLM's BitnetForCausalLM (remote code)   | fp16 latent weights [out, in]             |
 
-(docs/formats.md §2.) The reader turns packed projections into `Ternary` entries whose multiplier is always w, and
-keeps online masters as DENSE entries: quantizing them is the model's job, and `ternarize_master` does it
-exactly as transformers' AutoBitLinear does when a writer needs ternary codes.
+(docs/formats.md §2, §7.) The reader turns packed projections into `Ternary` entries whose multiplier is always w,
+and keeps online and latent masters as DENSE entries: quantizing them is the model's job, and `ternarize_master`
+does it exactly as transformers' AutoBitLinear and 1bitLLM's BitLinear do (one rule) when a writer needs codes.
+The latent layout names the sub-norms `inner_attn_ln` / `ffn_layernorm`; they are renamed to 2B4T's names on
+reading and back on writing.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from bitnet_core.checkpoint import (
     ternary_entry,
 )
 from bitnet_core.codecs import hf2bit
+from bitnet_core.config import LATENT_ARCHITECTURE
 from bitnet_core.errors import ConvertError, CorruptData
 from bitnet_core.names import TOKENIZER_FILES, expected_tensors, is_projection
 from bitnet_core.quantize import projection_bytes
@@ -80,9 +84,20 @@ _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str
-    quantization_config: dict[str, str]  # what the writer puts in config.json
+    quantization_config: dict[str, str] | None  # what the writer puts in config.json (None: no key)
     packed: bool  # uint8 codes + weight_scale; otherwise float master weights
     inverse_scale: bool  # weight_scale holds 1/w (transformers' BitLinear divides by it)
+    renames: tuple[tuple[str, str], ...] = ()  # (name part in the files, our name part)
+
+    def our_name(self, stored: str) -> str:
+        for theirs, ours in self.renames:
+            stored = stored.replace(theirs, ours)
+        return stored
+
+    def stored_name(self, ours: str) -> str:
+        for theirs, canonical in self.renames:
+            ours = ours.replace(canonical, theirs)
+        return ours
 
 
 LAYOUTS = {
@@ -104,7 +119,13 @@ LAYOUTS = {
         packed=False,
         inverse_scale=False,
     ),
+    "latent": Layout(
+        "latent", None, packed=False, inverse_scale=False,
+        renames=((".self_attn.inner_attn_ln.", ".self_attn.attn_sub_norm."), (".mlp.ffn_layernorm.", ".mlp.ffn_sub_norm.")),
+    ),
 }
+# The architecture whose folders carry no quantization_config: its class quantizes at run time.
+LATENT_LAYOUT = {LATENT_ARCHITECTURE: "latent"}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -119,8 +140,11 @@ def detect(path: Path) -> bool:
     return not path.exists() and looks_like_repo_id(str(path))
 
 
-def layout_of(quant: dict | None, where: str | os.PathLike) -> Layout:
-    """The layout a config's quantization_config describes, as transformers would build its layers."""
+def layout_of(quant: dict | None, where: str | os.PathLike, architecture: str = "BitNetForCausalLM") -> Layout:
+    """The layout a config's quantization_config describes, as transformers would build its layers (or the
+    latent layout of an architecture that quantizes without one)."""
+    if not quant and architecture in LATENT_LAYOUT:
+        return LAYOUTS[LATENT_LAYOUT[architecture]]
     if not quant:
         raise ConvertError(
             f"{where}: no quantization_config: transformers would run plain Linear layers, not BitNet "
@@ -188,9 +212,9 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     watch = SourceWatch()  # every file read below, checked again after each tensor load
     config = _read_config(folder, watch)
     quant = config.pop("quantization_config", None)
-    layout = layout_of(quant, folder / CONFIG_FILE)
     cfg = validate.model_config(config, str(folder / CONFIG_FILE))
-    plain = _unquantized_projection(quant.get("modules_to_not_convert") or [], cfg, folder / CONFIG_FILE)
+    layout = layout_of(quant, folder / CONFIG_FILE, cfg.architecture)
+    plain = _unquantized_projection((quant or {}).get("modules_to_not_convert") or [], cfg, folder / CONFIG_FILE)
     if plain:
         raise ConvertError(f"{folder / CONFIG_FILE}: modules_to_not_convert leaves {plain} unquantized; not supported")
     files = open_model_files(folder, watch)
@@ -233,7 +257,7 @@ def _tokenizer_files(folder: Path, watch: SourceWatch) -> dict[str, bytes]:
 
 def _entries(files: TensorFiles, layout: Layout, expected: dict) -> dict[str, TensorEntry]:
     """Checkpoint entries in model order (then anything unexpected, which validation reports)."""
-    stored = {n: t for n, t in files.tensors.items() if not n.endswith(_DERIVED_SUFFIXES)}
+    stored = {layout.our_name(n): t for n, t in files.tensors.items() if not n.endswith(_DERIVED_SUFFIXES)}
     entries: dict[str, TensorEntry] = {}
     for name, tensor in stored.items():
         if name.endswith(SCALE_SUFFIX) and layout.packed and is_projection(name[: -len("_scale")]):
@@ -246,21 +270,21 @@ def _entries(files: TensorFiles, layout: Layout, expected: dict) -> dict[str, Te
                     raise ConvertError(f"{files.where}: missing tensor {name[: -len('.weight')] + SCALE_SUFFIX}")
                 entries[name] = _packed_entry(tensor, scale, layout, expected_shape[0])
             else:
-                entries[name] = _master_entry(tensor)
+                entries[name] = _master_entry(tensor, name)
         else:
-            entries[name] = _dense_entry(tensor)
+            entries[name] = _dense_entry(tensor, name)
     ordered = {n: entries[n] for n in expected if n in entries}
     ordered.update((n, e) for n, e in entries.items() if n not in ordered)
     return ordered
 
 
-def _dense_entry(tensor: StoredTensor) -> TensorEntry:
+def _dense_entry(tensor: StoredTensor, name: str) -> TensorEntry:
     if tensor.dtype.kind != "f" and tensor.dtype != BF16:
         raise ConvertError(f"{tensor.path}: tensor {tensor.name} is {tensor.dtype}, expected floating point")
-    return dense_entry(tensor.name, tensor.shape, tensor.dtype, tensor.read)  # a copy: see SourceWatch
+    return dense_entry(name, tensor.shape, tensor.dtype, tensor.read)  # a copy: see SourceWatch
 
 
-def _master_entry(tensor: StoredTensor) -> TensorEntry:
+def _master_entry(tensor: StoredTensor, name: str) -> TensorEntry:
     if len(tensor.shape) != 2:
         raise ConvertError(f"{tensor.path}: tensor {tensor.name} has shape {list(tensor.shape)}, expected [out, in]")
     if tensor.dtype == np.uint8:
@@ -268,7 +292,7 @@ def _master_entry(tensor: StoredTensor) -> TensorEntry:
             f"{tensor.path}: tensor {tensor.name} holds packed uint8 codes but config.json says online "
             "(float master weights)"
         )
-    return _dense_entry(tensor)
+    return _dense_entry(tensor, name)
 
 
 def _packed_entry(weight: StoredTensor, scale: StoredTensor, layout: Layout, out_features: int) -> TensorEntry:
@@ -345,10 +369,12 @@ def write(
         raise ConvertError(f"unknown weight_scale dtype {scale_dtype!r} (choose from {', '.join(SCALE_DTYPES)})")
     target = LAYOUTS[layout]
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
-    validate.check_tensors(ckpt, where)
+    cfg = validate.check_tensors(ckpt, where)
+    if target.quantization_config is None and cfg.architecture not in LATENT_LAYOUT:
+        raise ConvertError(f"{where}: the {layout} layout is {', '.join(LATENT_LAYOUT)}'s; a {cfg.architecture} "
+                           "folder without quantization_config would run as a plain (not BitNet) model")
     specs, produce = _plan(ckpt, target, SCALE_DTYPES[scale_dtype], where)
-    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    config["quantization_config"] = dict(target.quantization_config)
+    config = _config_for(ckpt.config, target)
 
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
         with hashing_progress(specs, out, quiet) as (hasher, on_written):
@@ -367,12 +393,32 @@ def write(
     return Path(out)
 
 
+def _config_for(config: dict, target: Layout) -> dict:
+    """config.json for `target`: its quantization_config, and a class that runs that layout. The latent layout
+    is 1bitLLM's own class; any other layout of a 1bitLLM model is transformers' BitNetForCausalLM, which
+    computes the same function (same quantizers, sub-norms and SiLU) from 2B4T's tensor names."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    architecture = (config.get("architectures") or [None])[0]
+    if target.quantization_config is None:
+        return config
+    if architecture in LATENT_LAYOUT:
+        config.update(architectures=["BitNetForCausalLM"], model_type="bitnet")
+        config.pop("auto_map", None)
+    config["quantization_config"] = dict(target.quantization_config)
+    return config
+
+
+# The layout a family's own folders have, for a checkpoint that records none (one read from GGUF).
+FAMILY_LAYOUTS = {"LlamaForCausalLM": "bitlinear"}
+
+
 def default_layout(ckpt: Checkpoint) -> str:
-    """The layout the model first came in (provenance), when the checkpoint can still be written in it (the
-    online layout needs master weights), else DEFAULT_LAYOUT."""
+    """The layout the model first came in (provenance) or its family's own, when the checkpoint can still be
+    written in it (the online and latent layouts need master weights), else DEFAULT_LAYOUT."""
     layout = ckpt.provenance.get("source_layout")
     if layout not in LAYOUTS:
-        return DEFAULT_LAYOUT
+        architecture = (ckpt.config.get("architectures") or [None])[0]
+        layout = FAMILY_LAYOUTS.get(architecture, DEFAULT_LAYOUT)
     if not LAYOUTS[layout].packed and any(e.kind == TERNARY for e in ckpt if is_projection(e.name)):
         return DEFAULT_LAYOUT
     return layout
@@ -398,17 +444,17 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
 
     for entry in ckpt:
         if not is_projection(entry.name):
-            specs.append(TensorSpec(entry.name, entry.dtype, entry.shape))
-            producers[entry.name] = dense_producer(entry, where)
+            specs.append(TensorSpec(target.stored_name(entry.name), entry.dtype, entry.shape))
+            producers[specs[-1].name] = dense_producer(entry, where)
         elif not target.packed:
             if entry.kind == TERNARY:
                 raise ConvertError(
-                    f"{where}: cannot write the online layout from ternary weights ({entry.name}): transformers "
+                    f"{where}: cannot write the {target.name} layout from ternary weights ({entry.name}): the model "
                     "recomputes the multiplier as mean|W| of the stored weights, which ternary codes times one "
                     "scale do not reproduce; write 'autobitlinear' or 'bitlinear' instead"
                 )
-            specs.append(TensorSpec(entry.name, entry.dtype, entry.shape))
-            producers[entry.name] = dense_producer(entry, where)
+            specs.append(TensorSpec(target.stored_name(entry.name), entry.dtype, entry.shape))
+            producers[specs[-1].name] = dense_producer(entry, where)
         else:
             out_features, in_features = entry.shape
             scale_name = entry.name[: -len(".weight")] + SCALE_SUFFIX

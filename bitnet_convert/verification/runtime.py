@@ -36,8 +36,8 @@ SEQUENCE = 32  # tokens compared: one sequence, every position
 IQ2_BN_MIN_ROW = 512  # ik_llama.cpp's IQ2_BN activation quantizer asserts rows of at least 512 values
 # What each runtime's graph computes in the FFN, by general.architecture (docs/formats.md §6, §10).
 RUNTIME_ACTIVATION = {
-    "llama.cpp": {"bitnet": "silu"},
-    "ik_llama.cpp": {"bitnet": "silu", "bitnet-25": "relu2", "bitnet-b1.58": "relu2"},
+    "llama.cpp": {"bitnet": "silu", "llama": "silu"},
+    "ik_llama.cpp": {"bitnet": "silu", "bitnet-25": "relu2", "bitnet-b1.58": "relu2", "llama": "silu"},
 }
 
 

@@ -32,8 +32,10 @@ from bitnet_core.names import is_projection
 from bitnet_core.quantize import as_ternary
 
 # ModelConfig fields that change the function; the float ones count in float32, the precision the model computes
-# with (a GGUF stores them as float32: 1e-5 comes back as 9.99999974738e-06, the same float32).
-FUNCTION_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+# with (a GGUF stores them as float32: 1e-5 comes back as 9.99999974738e-06, the same float32). The class name is
+# not one: sub_norms and hidden_act say what it computes (1bitLLM's BitnetForCausalLM comes back from GGUF as
+# transformers' BitNetForCausalLM, the same function).
+FUNCTION_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings",
                    "sub_norms")
 FLOAT32_FIELDS = ("rms_norm_eps", "rope_theta")
@@ -46,10 +48,12 @@ def _bf16(m: np.float32) -> np.float32:
     return np.float32(np.asarray(m, np.float32).astype(BF16))
 
 
-# How a path can round a multiplier (docs/formats.md §2): stored as a bf16 weight_scale w, or as a bf16 1/w.
+# How a path can round a multiplier (docs/formats.md §2, §6): stored as a bf16 weight_scale w, or as a bf16 1/w,
+# or in the values of an F16/BF16 projection.
 MULTIPLIER_ROUNDINGS: dict[str, Callable[[np.float32], np.float32]] = {
     "bf16": _bf16,
     "bf16-inverse": lambda m: np.float32(1.0) / _bf16(np.float32(1.0) / np.float32(m)),
+    "f16": lambda m: np.float32(np.float16(m)),  # a float projection holding codes x m (bitnet.cpp's float types)
 }
 # Formats whose writers declare lossy casts of dense tensors in the file itself (GGUF's embedding type); a later
 # conversion of such a file carries the declaration on in provenance (`tensor_casts`).
