@@ -6,7 +6,7 @@ layout and config (docs/formats.md §7):
 | 2b4t      | BitNetForCausalLM, relu2, tied       | packed uint8 + bf16 weight_scale = w        | attn_sub_norm/ffn_sub_norm |
 | falcon3   | LlamaForCausalLM + quant_method bitnet, modules_to_not_convert [lm_head], SiLU, untied | packed uint8 + bf16 weight_scale = 1/w | none |
 | llama3-8b | as falcon3, Llama-3 rope base (HF1BitLLM/Llama3-8B-1.58)  | same                 | none                     |
-| 1bitllm   | BitnetForCausalLM (remote code), model_type llama, no quantization_config, SiLU, tied | fp16 latent weights | inner_attn_ln/ffn_layernorm |
+| 1bitllm   | BitnetForCausalLM (remote code), model_type llama, no quantization_config, SiLU, tied; SentencePiece tokenizer.model | fp16 latent weights | inner_attn_ln/ffn_layernorm |
 
 Values come from tiny_checkpoint (random, stable: multipliers ~1/sqrt(fan-in)) or, with `is_chaotic`, carry
 2B4T-sized multipliers. Packing uses transformers' `pack_weights`; files are saved with safetensors' torch API.
@@ -26,6 +26,7 @@ from transformers.integrations.bitnet import pack_weights
 from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_core.checkpoint import Ternary
 from fixtures import _torch, chaotic
+from tokenizer_fixtures import sentencepiece_files
 
 SIZES = {
     "parity": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
@@ -81,8 +82,12 @@ def write_family(path, family: str, *, size: str = "small", seed: int = 0, is_ch
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     config.update(EXTRA_CONFIG[family])
+    tokenizer = ckpt.tokenizer_files
+    if latent:  # a Llama-2 style SentencePiece tokenizer.model (<unk> 0, <s> 1, </s> 2), as 1bitLLM ships
+        tokenizer = sentencepiece_files(vocab_size=config["vocab_size"])
+        config.update(bos_token_id=1, eos_token_id=2)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    for fname, data in ckpt.tokenizer_files.items():
+    for fname, data in tokenizer.items():
         (path / fname).write_bytes(data)
     return path
 

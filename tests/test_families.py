@@ -241,3 +241,18 @@ def test_bitnet_cpp_falcon3_i2_s_file_is_read_back_exactly(family_folder, tmp_pa
     assert back.config["tie_word_embeddings"] is False
     report = api.verify(path, src, levels="weights")
     assert report.passed, report.layer("weights").failures
+
+
+def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu(family_folder, tmp_path):
+    """tokenizer.ggml.model "llama" with scores; a `bitnet` file with that vocabulary and none of our keys is a
+    1bitLLM conversion (SiLU), as bitnet.cpp writes them."""
+    src = family_folder("1bitllm")
+    out = api.convert(src, tmp_path / "m.gguf", target="bitnet.cpp")
+    reader = GGUFReader(out)
+    assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
+    assert len(reader.get_field("tokenizer.ggml.scores").contents()) == api.read(src).config["vocab_size"]
+    from bitnet_convert.formats import gguf_read
+
+    assert gguf_read._default_activation(gguf_read.open_gguf(out), gguf_read.ARCHITECTURES["bitnet"]) == "silu"
+    back = api.convert(out, tmp_path / "back")
+    assert (back / "tokenizer.model").is_file()

@@ -57,3 +57,18 @@ def test_every_array_type_packs_as_gguf_py_does(tmp_path, values, vtype):
 def test_string_array_body_layout():
     body = string_array_body(["ab", "é"])
     assert body == np.uint64(2).tobytes() + b"ab" + np.uint64(2).tobytes() + "é".encode()
+
+
+def test_a_sentencepiece_vocabulary_is_written_byte_for_byte_as_gguf_py_does(tmp_path):
+    from tokenizer_fixtures import sentencepiece_files
+
+    pytest.importorskip("sentencepiece")
+    vocab = gguf_tokenizer.vocab_from_files(sentencepiece_files(), {}, 402, "test")
+    assert vocab.scores is not None and vocab.model == "llama"
+    assert kv_bytes(BulkGGUFWriter, tmp_path / "a.gguf", vocab.add_to) == kv_bytes(GGUFWriter, tmp_path / "b.gguf",
+                                                                                     vocab.add_to)
+
+
+def test_string_array_body_of_bytes_and_text():
+    assert string_array_body([b"\xff", "", "ab"]) == (np.uint64(1).tobytes() + b"\xff" + np.uint64(0).tobytes()
+                                                      + np.uint64(2).tobytes() + b"ab")

@@ -156,3 +156,52 @@ def test_no_tokenizer_no_metadata(tmp_path):
     assert back.tokenizer_files == {}
     assert np.array_equal(back.load("model.layers.0.mlp.gate_proj.weight").codes,
                           ckpt.load("model.layers.0.mlp.gate_proj.weight").codes)
+
+
+@pytest.mark.parametrize("name", ["falcon3", "falcon-h1", "falcon_e", "llama3", "llama-v3"])
+def test_runtime_names_of_the_llama3_splitter_read_as_llama_bpe(name):
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"]}
+    vocab = gguf_tokenizer.vocab_from_fields(keys.get, "f.gguf")
+    assert vocab.pre == "llama-bpe"
+    rebuilt = json.loads(gguf_tokenizer.tokenizer_files(vocab, 64, "f.gguf")["tokenizer.json"])
+    assert rebuilt["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] == gguf_tokenizer.LLAMA3_REGEX
+
+
+def with_merges(merges) -> dict[str, bytes]:
+    files = tiny_checkpoint().tokenizer_files
+    tok = json.loads(files["tokenizer.json"])
+    tok["model"]["merges"] = merges
+    return dict(files, **{"tokenizer.json": json.dumps(tok).encode()})
+
+
+def test_merge_of_an_unknown_token_refused():
+    with pytest.raises(ConvertError, match=r"merge 'Ġ nowhere' names a token that is not in the vocabulary"):
+        gguf_tokenizer.vocab_from_files(with_merges([["Ġ", "t"], ["Ġ", "nowhere"]]), {}, 384, "src")
+
+
+def test_merge_of_a_token_holding_a_space_refused():
+    files = with_merges([["a b", "c"]])
+    tok = json.loads(files["tokenizer.json"])
+    tok["model"]["vocab"].update({"a b": 999, "c": 998})
+    files["tokenizer.json"] = json.dumps(tok).encode()
+    with pytest.raises(ConvertError, match="joins a token holding a space"):
+        gguf_tokenizer.vocab_from_files(files, {}, 1000, "src")
+
+
+def test_merges_of_both_spellings_become_left_right_strings():
+    vocab = gguf_tokenizer.vocab_from_files(with_merges(["Ġ t", ["Ġ", "a"]]), {}, 384, "src")
+    assert vocab.merges == ["Ġ t", "Ġ a"]
+
+
+def test_tokenizer_json_is_parsed_once_from_check_to_gguf(monkeypatch):
+    from bitnet_convert.formats import tokenizer_files
+
+    files = tiny_checkpoint().tokenizer_files
+    calls = []
+    original = tokenizer_files.parse_json
+    monkeypatch.setattr(tokenizer_files, "parse_json", lambda data, label: calls.append(label) or original(data, label))
+    tokenizer_files.clear_cache()
+    tokenizer_files.check(files, lambda name: name)
+    gguf_tokenizer.vocab_from_files(files, {}, 384, "src")
+    assert sorted(calls) == sorted(name for name in files if name.endswith(".json"))
