@@ -256,3 +256,24 @@ def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu
     assert gguf_read._default_activation(gguf_read.open_gguf(out), gguf_read.ARCHITECTURES["bitnet"]) == "silu"
     back = api.convert(out, tmp_path / "back")
     assert (back / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("family", ["2b4t", "falcon3"])
+def test_ik_llama_cpp_runs_bitnet_cpp_float_files_holding_codes_times_multiplier(family_folder, tmp_path, family,
+                                                                                 outtype):
+    """No `.scale` tensors: ik_llama.cpp's bitnet-b1.58 and llama loaders take the file as it is, and its graph
+    computes the model: F32 to its f16 KV cache's floor, top-1 identical; F16/BF16 weights multiply activations
+    rounded to 16 bits (ggml's dot type for them) and are held to the int8-rounding bound (on the Falcon3
+    fixture one of 32 positions then has another top-1 than the W1.58A8 model)."""
+    pytest.importorskip("ik_llama_cpp")
+    from bitnet_convert.verification import runtime
+
+    src = family_folder(family, size="runtime", seed=3)
+    out = api.convert(src, tmp_path / "m.gguf", target="bitnet.cpp", outtype=outtype)
+    report = api.verify(out, src, levels="weights", runtime="ik_llama.cpp")
+    layer = report.layer("runtime")
+    assert report.passed and layer.passed, layer.failures
+    if outtype == "f32":
+        assert layer.figures["bound"] == runtime.FLOAT_FLOOR["ik_llama.cpp"]
+        assert layer.figures["top1_agreement_with_w158a8"] == 1.0

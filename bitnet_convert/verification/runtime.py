@@ -33,6 +33,7 @@ A8_SLACK = 1.5  # a finer int8 grid than one scale per token moves logits no mor
 FLOAT_FLOOR = {"llama.cpp": 1e-4, "ik_llama.cpp": 1e-3}
 PACKAGES = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}
 SEQUENCE = 32  # tokens compared: one sequence, every position
+FLOAT_OUTTYPES = ("f32", "f16", "bf16")  # F16/BF16 weights multiply activations rounded to 16 bits, finer than int8
 IQ2_BN_MIN_ROW = 512  # ik_llama.cpp's IQ2_BN activation quantizer asserts rows of at least 512 values
 # What each runtime's graph computes in the FFN, by general.architecture (docs/formats.md §6, §10).
 RUNTIME_ACTIVATION = {
@@ -70,7 +71,7 @@ def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
     scale = float(np.abs(quantized).max())
     to_continuous = float(np.abs(logits - continuous).max()) / scale
     a8_effect = float(np.abs(continuous - quantized).max()) / scale
-    exact_weights = runtime == "llama.cpp" and _outtype(path) == "f32"  # float activations too
+    exact_weights = _outtype(path) == "f32"  # F32 weights multiply float activations: no int8 rounding
     bound = FLOAT_FLOOR[runtime] + (0.0 if exact_weights else A8_SLACK * a8_effect)
     top1 = float(np.mean(logits.argmax(-1) == quantized.argmax(-1)))
     report.figures.update({"max_rel_diff": to_continuous, "bound": bound, "activation_rounding_effect": a8_effect,
@@ -85,11 +86,15 @@ def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
     return report
 
 
-def _outtype(path: str) -> str | None:
-    """The projection type our writer recorded in the file (None for a file of another tool)."""
+def gguf_provenance(path: str) -> dict | None:
     from bitnet_convert.formats import gguf
 
-    return (gguf.recorded_provenance(path) or {}).get("outtype")
+    return gguf.recorded_provenance(path)
+
+
+def _outtype(path: str) -> str | None:
+    """The projection type our writer recorded in the file (None for a file of another tool)."""
+    return (gguf_provenance(path) or {}).get("outtype")
 
 
 def _prepared(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: Path, report) -> str | None:
@@ -97,6 +102,8 @@ def _prepared(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: 
     if runtime == "llama.cpp":
         return path
     outtype = _outtype(path)
+    if outtype in FLOAT_OUTTYPES and (gguf_provenance(path) or {}).get("target") == "bitnet.cpp":
+        return path  # codes x multiplier in a float type: ik_llama.cpp multiplies those as they are
     if outtype not in (None, "i2_s"):
         report.failures.append(f"ik_llama.cpp runs bitnet.cpp's I2_S files (after requantizing); this file holds "
                                f"{outtype} projections: write it with --target bitnet.cpp")
