@@ -1,11 +1,19 @@
 """The native CPU kernels (bitnet_model/native): BitLinear bit for bit against bitlinear.py's arithmetic in XLA,
-the output table and prefill attention against float64.
+the output table and prefill attention against float64, at every kernel level this CPU runs (AVX2 on any
+machine with it, AVX-512 VNNI and AMX where present).
 
-Shapes are chosen to reach every edge of the kernels: token counts on both sides of the VNNI/AMX crossover and
-not multiples of the 4-token (VNNI) or 32-token (AMX) blocks, inputs not multiples of 64 (masked tails) or of 4
-(a partial activation group), output rows not multiples of the 32-row AMX panel, and a layer of a stack.
+Shapes are chosen to reach every edge of the kernels: token counts on both sides of the VNNI/AMX and the AVX2
+16-token (unpacked panel) crossovers and not multiples of the 2- or 3-token (AVX2), 4-token (VNNI) or 32-token
+(AMX) blocks, inputs not multiples of 32 or 64 (partial loads) or of 4 (a partial activation group) and over
+the AVX2 int16 block of 2048, output rows not multiples of the 32-row AMX panel, and a layer of a stack.
 """
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,29 +32,114 @@ if Path("/proc/cpuinfo").exists():
             CPU_FLAGS = set(line.split(":", 1)[1].split())
             break
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
+needs_kernels = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
 
 SHAPES = [  # tokens, output rows, inputs, layers
     (1, 8, 64, 1), (1, 4, 3, 1), (2, 12, 70, 2), (3, 36, 130, 3), (5, 40, 64, 1), (8, 64, 64, 1),
-    (9, 100, 200, 2), (17, 4, 3, 1), (33, 68, 129, 2), (40, 96, 256, 1), (64, 256, 512, 1),
+    (9, 100, 200, 2), (17, 4, 3, 1), (33, 68, 129, 2), (40, 96, 256, 1), (64, 256, 512, 1), (3, 8, 2100, 1),
 ]
 
 
-@pytest.fixture(params=["vnni", "amx"])
+def select(level: str, amx_min_tokens: int = native.AMX_MIN_TOKENS):
+    """Run the test at kernel level `level` (skipped where this CPU, or BITNET_NATIVE, does not allow it)."""
+    if level not in native.levels():
+        pytest.skip(f"{level} kernels not available here (CPU: {native.cpu_level()})")
+    native.configure(level=level, amx_min_tokens=amx_min_tokens)
+
+
+@pytest.fixture(params=["avx2", "avx512-vnni", "avx512-vnni+amx"], ids=["avx2", "vnni", "amx"])
 def path(request):
-    if request.param == "amx" and native.level() != "avx512-vnni+amx":
-        pytest.skip("no AMX on this CPU")
-    native.configure(amx=request.param == "amx", amx_min_tokens=1)
+    """Every BitLinear loop: AVX2, the VNNI loop (AMX off), AMX tiles from the first token."""
+    select(request.param, amx_min_tokens=1)
     yield request.param
     native.configure()  # the defaults
 
 
-def test_kernels_build_where_the_cpu_has_vnni():
-    """A CPU with AVX-512 VNNI must get the kernels: a build failure must not pass silently as a fallback."""
-    if "avx512_vnni" not in CPU_FLAGS:
-        pytest.skip("CPU without AVX-512 VNNI: the engine uses XLA's products")
+@pytest.fixture(params=["avx2", "avx512-vnni"], ids=["avx2", "avx512"])
+def vector_path(request):
+    """The float kernels (output table, attention): one set per vector width."""
+    select(request.param)
+    yield request.param
+    native.configure()
+
+
+def expected_cpu_level() -> str:
+    """The level kernels.cc must find on this CPU, read from /proc/cpuinfo."""
+    if not {"avx2", "fma"} <= CPU_FLAGS:
+        return "none"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= CPU_FLAGS:
+        return "avx2"
+    return "avx512-vnni+amx" if {"amx_tile", "amx_int8"} <= CPU_FLAGS else "avx512-vnni"
+
+
+def test_kernels_build_where_the_cpu_has_avx2():
+    """A CPU with AVX2 and FMA must get the kernels at its best level: a build failure must not pass silently
+    as a fallback."""
+    if expected_cpu_level() == "none":
+        pytest.skip("CPU without AVX2 and FMA: the engine uses XLA's products")
+    if os.environ.get("BITNET_NATIVE", "1") == "0":
+        pytest.skip("kernels turned off by BITNET_NATIVE=0")
     assert native.available(), native.reason()
-    assert native.level() == ("avx512-vnni+amx" if {"amx_tile", "amx_int8"} <= CPU_FLAGS else "avx512-vnni")
+    assert native.cpu_level() == expected_cpu_level()
+    if os.environ.get("BITNET_NATIVE", "1") == "1":
+        assert native.level() == expected_cpu_level()
+        assert native.levels()[-1] == expected_cpu_level()
+
+
+def load_with(setting: str) -> dict:
+    """What a fresh process loads with BITNET_NATIVE=setting (the library from the same cache folder)."""
+    script = (
+        "import json; from bitnet_model import native\n"
+        "try:\n    native.configure(level='avx512-vnni'); above = 'accepted'\n"
+        "except ValueError:\n    above = 'refused'\n"
+        "native.configure()\n"
+        "print(json.dumps({'available': native.available(), 'level': native.level(), 'levels': native.levels(),"
+        " 'reason': native.reason(), 'vnni': above}))"
+    )
+    env = {**os.environ, "BITNET_NATIVE": setting}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_kernels
+def test_bitnet_native_selects_the_level():
+    """BITNET_NATIVE=avx2 holds an AVX-512 machine to the AVX2 kernels (configure() refuses more), 0 turns the
+    kernels off, an unknown value too, saying why."""
+    forced = load_with("avx2")
+    assert forced == {"available": True, "level": "avx2", "levels": ["avx2"], "reason": "", "vnni": "refused"}
+    off = load_with("0")
+    assert off["available"] is False and off["level"] == "none" and off["reason"] == "disabled by BITNET_NATIVE=0"
+    unknown = load_with("avx3")
+    assert unknown["available"] is False and "BITNET_NATIVE='avx3'" in unknown["reason"]
+
+
+EVEX_REGISTERS = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b")  # only AVX-512 encodes these
+YMM_REGISTERS = re.compile(r"%ymm")  # AVX and later
+
+
+def registers_by_function(pattern) -> dict[str, int]:
+    """Disassembled functions of the library (demangled names) -> instructions naming a `pattern` register."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
+                             capture_output=True, text=True, check=True).stdout
+    found, function = {}, None
+    for line in listing.splitlines():
+        if (name := re.match(r"^[0-9a-f]+ <(.*)>:$", line)) is not None:
+            function = name.group(1)
+        elif function is not None and pattern.search(line.split("<", 1)[0]):  # the operands, not a call's target
+            found[function] = found.get(function, 0) + 1
+    return found
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump to disassemble the library")
+def test_each_instruction_set_stays_in_its_kernels():
+    """A CPU without AVX-512 runs the handlers, the static initializers, the threading and the avx2 kernels:
+    none of them may use an AVX-512 register; and only the kernels use 256-bit registers at all, so the
+    library loads (and says "none") on a CPU without AVX. Nothing inlined or hoisted across the pragmas."""
+    evex, ymm = registers_by_function(EVEX_REGISTERS), registers_by_function(YMM_REGISTERS)
+    assert any("avx512::" in f for f in evex) and any("avx2::" in f for f in ymm)  # the check sees them
+    assert [f for f in evex if "avx512::" not in f] == []
+    assert [f for f in ymm if "avx512::" not in f and "avx2::" not in f] == []
 
 
 def reference(x, codes, multiplier):
@@ -65,6 +158,7 @@ def activations(rng, tokens, inputs):
     return x
 
 
+@needs_kernels
 @pytest.mark.parametrize("tokens,out_features,inputs,layers", SHAPES)
 def test_bitlinear_is_bitlinear_bit_for_bit(path, tokens, out_features, inputs, layers):
     rng = np.random.default_rng(tokens * 1000 + inputs)
@@ -79,6 +173,7 @@ def test_bitlinear_is_bitlinear_bit_for_bit(path, tokens, out_features, inputs, 
         np.testing.assert_array_equal(got, reference(x, codes[layer], multipliers[layer]))
 
 
+@needs_kernels
 def test_one_call_through_several_projections_and_inside_a_scan(path):
     """q/k/v in one call (one quantization, different widths), the layer number scanned as the engine does."""
     rng = np.random.default_rng(1)
@@ -101,6 +196,7 @@ def test_one_call_through_several_projections_and_inside_a_scan(path):
 
 
 
+@needs_kernels
 @pytest.mark.parametrize("act", [None, "relu2", "silu"])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("tokens,inputs", [(1, 70), (3, 64), (40, 130)])
@@ -131,6 +227,7 @@ def test_bitlinear_prepares_its_input_as_the_engine_does(path, act, norm, tokens
 
 
 
+@needs_kernels
 def test_bitlinear_adds_the_residual_bit_for_bit(path):
     """residual + BitLinear(x), rounded as XLA rounds the engine's `x + y`."""
     rng = np.random.default_rng(5)
@@ -145,15 +242,34 @@ def test_bitlinear_adds_the_residual_bit_for_bit(path):
         native.bitlinear(x, 1, [(stack, multipliers)] * 2, residual=residual)
 
 
+@needs_kernels
+def test_bitlinear_sums_at_their_largest(path):
+    """Rows of all +1, all -1 and alternating codes against tokens of all +127, all -127 and alternating
+    activations, over 4133 inputs: the largest sums any loop carries (the AVX2 loop's int16 partial sums,
+    64 x 508 at most per 2048 inputs, included), exact."""
+    inputs = 4133
+    signs = np.where(np.arange(inputs) % 2 == 0, 1, -1)
+    codes = np.stack([np.ones(inputs), -np.ones(inputs), signs, -signs] * 2).astype(np.int8)[None]  # [1, 8, K]
+    x = np.stack([np.ones(inputs), -np.ones(inputs), signs, np.zeros(inputs)]).astype(np.float32)
+    stack, multipliers = pack(codes[0])[None], np.array([1.0], np.float32)
+    product = jax.jit(lambda x: native.bitlinear(x, 0, [(stack, multipliers)])[0])
+    for tokens in (np.tile(x, (5, 1))[:17], x, x[:2], x[:1], x[1:2]):  # each loop of each level
+        want = reference(tokens, codes[0], 1.0)
+        assert np.abs(want).max() == 127 * inputs / np.float32(127.0)  # the sums are at their extremes
+        np.testing.assert_array_equal(np.asarray(product(tokens)), want)
+
+
+@needs_kernels
 def test_bitlinear_refuses_act_without_up():
     with pytest.raises(ValueError, match="act and up"):
         native.bitlinear(np.ones((1, 8), np.float32), 0, [(np.zeros((1, 2, 8), np.uint8), np.ones(1, np.float32))],
                          act="relu2")
 
 
-@pytest.mark.parametrize("tokens,rows,width", [(1, 7, 16), (2, 9, 37), (5, 130, 64), (1, 1003, 2560)])
+@needs_kernels
+@pytest.mark.parametrize("tokens,rows,width", [(1, 7, 16), (2, 9, 37), (3, 5, 45), (5, 130, 64), (1, 1003, 2560)])
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
-def test_table_matmul_matches_float64(tokens, rows, width, dtype):
+def test_table_matmul_matches_float64(vector_path, tokens, rows, width, dtype):
     rng = np.random.default_rng(rows)
     h = rng.standard_normal((tokens, width)).astype(np.float32)
     values = rng.standard_normal((rows, width)).astype(np.float32)
@@ -196,13 +312,13 @@ ATTENTION_SHAPES = [  # batch, tokens, query heads, kv heads, head size
 ]
 
 
+@needs_kernels
 @pytest.mark.parametrize("batch,tokens,heads,kv_heads,size", ATTENTION_SHAPES)
-def test_causal_attention_matches_float64_and_xla(batch, tokens, heads, kv_heads, size):
+def test_causal_attention_matches_float64_and_xla(vector_path, batch, tokens, heads, kv_heads, size):
     """Rope, then attention. Partial 16-query and 16-key blocks, head sizes off the 16-float vector and over
     the 128-float tile, odd and single heads per kv head: equal to float64 within float32 rounding, as XLA's
     attention is; the rotated keys too."""
-    from bitnet_model import engine
-    from bitnet_model.modeling import apply_rope, rope_tables
+    from bitnet_model.modeling import apply_rope, attention, rope_tables
 
     rng = np.random.default_rng(tokens * 100 + size)
     q = (rng.standard_normal((batch, tokens, heads, size)) * 2).astype(np.float32)
@@ -218,12 +334,13 @@ def test_causal_attention_matches_float64_and_xla(batch, tokens, heads, kv_heads
 
     def xla(q, k, v):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return engine._attention(q, k, v, None, None, 0, size, 16)
+        return attention(q, k, v, None, None, 0, size, 16)
 
     np.testing.assert_allclose(out, np.asarray(jax.jit(xla)(q, k, v)), rtol=1e-5, atol=2e-5)
 
 
-def test_causal_attention_never_reads_later_keys():
+@needs_kernels
+def test_causal_attention_never_reads_later_keys(vector_path):
     """Changing the last token's key and value leaves every earlier query's output bit for bit the same."""
     rng = np.random.default_rng(7)
     q = rng.standard_normal((1, 50, 4, 32)).astype(np.float32)

@@ -2,16 +2,20 @@
 
 XLA's CPU backend has no kernel for what generation needs most: it multiplies int8 by int8 at ~25-60 GMAC/s
 without VNNI, must unpack 2-bit weights to int8 in memory first, and widens a bf16 output table to float32
-before a dot. kernels.cc reads the packed bytes and the 16-bit table directly, with AVX-512 VNNI for a few
-tokens and AMX tiles for many. Both are the engine's own arithmetic: `bitlinear` is BitLinear bit for bit
-(the same float32 quantizer, an exact int32 product, the same dequantization), `table_matmul` a float32 sum
-in another order than XLA's.
+before a dot. kernels.cc reads the packed bytes and the 16-bit table directly: with AVX2 (VPMADDUBSW) on any
+x86-64 CPU since Haswell / Zen, with AVX-512 VNNI for a few tokens and AMX tiles for many where the CPU has
+them. Every level is the engine's own arithmetic: `bitlinear` is BitLinear bit for bit (the same float32
+quantizer, an exact int32 product, the same dequantization), `table_matmul` a float32 sum in another order
+than XLA's.
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, default g++) against the FFI
 headers jaxlib ships, into a cache folder keyed by the source and jaxlib version (`$BITNET_CONVERT_CACHE`,
 else `$XDG_CACHE_HOME/bitnet-convert`, else `~/.cache/bitnet-convert`); `python -m bitnet_model.native`
-builds it ahead of time (`make install` does). Where it cannot be built or the CPU lacks AVX-512 VNNI, or
-with `BITNET_NATIVE=0`, `available()` is false and the engine keeps XLA's own products; `reason()` says why.
+builds it ahead of time (`make install` does). One library holds every level; the best the CPU has is taken
+when it loads (`level()`). `BITNET_NATIVE` chooses: `0` turns the kernels off, a level name (`avx2`,
+`avx512-vnni`, `avx512-vnni+amx`) uses at most that one (the AVX2 kernels run on an AVX-512 machine too),
+`1` or unset the best. Where the library cannot be built or the CPU lacks AVX2 and FMA, or with
+`BITNET_NATIVE=0`, `available()` is false and the engine keeps XLA's own products; `reason()` says why.
 """
 
 from __future__ import annotations
@@ -35,13 +39,19 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
 ATTENTION_TARGET = "bitnet_causal_attention"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+# -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
+# sums do; with FMA in the target, GCC may otherwise fuse a product and a sum into one rounding.
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 # From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes: even at 8,
 # 1.6-2.4x faster at 16-32); set in the library when it loads.
 AMX_MIN_TOKENS = 8
-LEVELS = {0: "none", 1: "avx512-vnni", 2: "avx512-vnni+amx"}  # bitnet_native_level() in kernels.cc
+LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
+BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
 
 _reason = ""
+_cpu_level = 0  # the best this CPU runs
+_default_level = 0  # what the loader chose: the CPU's best, at most BITNET_NATIVE's
+_active_level = 0  # what runs now (configure() changes it)
 
 
 def cache_dir() -> Path:
@@ -86,10 +96,24 @@ def build(force: bool = False) -> Path:
     return path
 
 
+def _requested_level() -> int | None:
+    """The highest level BITNET_NATIVE allows (0: off); None for a value it does not know."""
+    setting = os.environ.get("BITNET_NATIVE", BEST)
+    if setting == BEST:
+        return max(LEVELS)
+    names = {name: number for number, name in LEVELS.items()}
+    return 0 if setting == "0" else names.get(setting)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    global _reason
-    if os.environ.get("BITNET_NATIVE", "1") == "0":
+    global _reason, _cpu_level, _default_level, _active_level
+    requested = _requested_level()
+    if requested is None:
+        choices = ", ".join(name for number, name in LEVELS.items() if number > 0)
+        _reason = f"BITNET_NATIVE={os.environ['BITNET_NATIVE']!r} is not 0, 1 or a level ({choices})"
+        return None
+    if requested == 0:
         _reason = "disabled by BITNET_NATIVE=0"
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -99,16 +123,19 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
+        lib.bitnet_native_configure.restype = ctypes.c_int
         handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
-    if lib.bitnet_native_level() == 0:
-        _reason = "this CPU lacks AVX-512 VNNI"
+    _cpu_level = lib.bitnet_native_level()
+    if _cpu_level == 0:
+        _reason = "this CPU lacks AVX2 and FMA"
         return None
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    lib.bitnet_native_configure(1, AMX_MIN_TOKENS)
+    _default_level = min(_cpu_level, requested)
+    _active_level = lib.bitnet_native_configure(_default_level, AMX_MIN_TOKENS)
     return lib
 
 
@@ -124,17 +151,34 @@ def reason() -> str:
 
 
 def level() -> str:
-    """What the kernels use on this CPU: "none", "avx512-vnni" or "avx512-vnni+amx"."""
-    lib = _library()
-    return LEVELS[lib.bitnet_native_level()] if lib is not None else "none"
+    """The kernels in use: "none", "avx2", "avx512-vnni" or "avx512-vnni+amx" (LEVELS)."""
+    return LEVELS[_active_level] if _library() is not None else "none"
 
 
-def configure(*, amx: bool = True, amx_min_tokens: int = AMX_MIN_TOKENS) -> None:
-    """Tests and benchmarks: turn the AMX path off or on, move the token count from which it is taken
-    (`configure()` restores the defaults)."""
+def cpu_level() -> str:
+    """The best kernels this CPU runs, whatever BITNET_NATIVE says ("none" where the library did not load)."""
+    _library()
+    return LEVELS[_cpu_level]
+
+
+def levels() -> list[str]:
+    """The levels `configure` may choose here, lowest first: the CPU's, up to the one BITNET_NATIVE allows."""
+    _library()
+    return [LEVELS[number] for number in range(1, _default_level + 1)]
+
+
+def configure(*, level: str | None = None, amx_min_tokens: int = AMX_MIN_TOKENS) -> None:
+    """Tests and benchmarks: run the kernels of `level` (one of `levels()`; "avx512-vnni" turns AMX off) and
+    move the token count from which AMX takes a product; `configure()` restores the loader's choice. Takes
+    effect at the next call of a kernel, compiled programs included."""
+    global _active_level
     lib = _library()
-    if lib is not None:
-        lib.bitnet_native_configure(int(amx), int(amx_min_tokens))
+    if lib is None:
+        return
+    if level is not None and level not in levels():
+        raise ValueError(f"kernel level {level!r} is not available here (choose from {', '.join(levels())})")
+    number = _default_level if level is None else {name: n for n, name in LEVELS.items()}[level]
+    _active_level = lib.bitnet_native_configure(number, int(amx_min_tokens))
 
 
 def _require() -> None:

@@ -2,7 +2,7 @@
 
 import sys
 
-from bitnet_model.native import available, build, level, library_path, reason
+from bitnet_model.native import available, build, cpu_level, level, library_path, reason
 
 if __name__ == "__main__":
     try:
@@ -11,6 +11,7 @@ if __name__ == "__main__":
         print(f"native kernels not built ({exc}); the engine will use XLA's products", file=sys.stderr)
         sys.exit(0)
     if available():
-        print(f"native kernels: {level()} ({library_path()})")
+        held = "" if level() == cpu_level() else f", held there by BITNET_NATIVE (this CPU: {cpu_level()})"
+        print(f"native kernels: {level()}{held} ({library_path()})")
     else:
         print(f"native kernels not used: {reason()}")

@@ -11,17 +11,28 @@
 //   bitnet_model/packed.py: byte (r, i) holds T[4r + k, i] + 1 in bits 2k..2k+1) and float32 multipliers [L];
 //   attributes eps (RMSNorm) and act (0 none, 1 relu2, 2 silu); one float32 output [N, 4R] per projection.
 //   Quantizing once and running q/k/v (or gate/up) in one call shares the quantization and one pass of the
-//   thread pool. The integer products are exact in any order:
-//     * few tokens (decode): AVX-512 VNNI. Each 64-byte load of a packed row gives four rows of 64 codes
-//       (shift + mask), and VPDPBUSD multiplies unsigned codes c = t + 1 by signed activations; the sum of
-//       the activations is subtracted once per token (sum (c - 1) x = sum c x - sum x). Reads each packed
-//       byte once: decode is bound by memory bandwidth, 0.52 GB of weights per 2B4T token.
-//     * many tokens (prefill): AMX. A panel of 32 output rows is unpacked once to signed int8 codes and
-//       multiplied by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
+//   thread pool. The integer products are exact in any order; each packed byte holds four rows' codes
+//   c = t + 1 in {0, 1, 2}, multiplied unsigned by the signed activations, and the sum of the activations is
+//   subtracted once per token (sum (c - 1) x = sum c x - sum x):
+//     * AVX2 (any token count): VPMADDUBSW pairs of c * x into int16 (|pair| <= 2 * 2 * 128: no saturation),
+//       summed in int16 over blocks of columns short enough not to overflow, then widened with VPMADDWD. One
+//       token reads the packed bytes directly; from two on, a task unpacks its rows' codes once and runs tiles
+//       of 4 outputs x 3 tokens over them.
+//     * AVX-512 VNNI (few tokens): each 64-byte load of a packed row gives four rows of 64 codes (shift +
+//       mask) for VPDPBUSD. Both loops read each packed byte once: decode is bound by memory bandwidth,
+//       0.52 GB of weights per 2B4T token.
+//     * AMX (many tokens): a panel of 32 output rows is unpacked once to signed int8 codes and multiplied
+//       by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
 //   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
+//
+// One library holds every instruction set: the kernels of each live in their own namespace (avx2, avx512)
+// compiled under `#pragma GCC target`, everything else (capability checks, static initializers, threading,
+// the loops that hand out work, the handlers) for plain x86-64. The handlers pick the kernels per call from
+// g_level (Kernels below), so a CPU without AVX-512 never executes an AVX-512 instruction; GCC does not inline
+// a function into one compiled for fewer instructions, so nothing crosses those lines.
 //
 // Work is split over XLA's intra-op thread pool: the calling thread and the helpers it schedules claim
 // chunks from one atomic counter, so the call finishes even when no helper ever starts.
@@ -49,11 +60,8 @@ constexpr int64_t kValuesPerByte = 4;
 
 // ------------------------------------------------------------------------------------------ capabilities
 
-bool cpu_has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-}
+// What a CPU can run, each level including the ones below (LEVELS in __init__.py).
+enum Level : int { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 
 // AMX needs the instructions (CPUID 7.0 EDX bits 24 tile, 25 int8) and the kernel's permission for this
 // process to use the 8 KB tile state (Linux arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
@@ -66,18 +74,22 @@ bool request_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-const bool kHasVnni = cpu_has_vnni();
-const bool kHasAmx = kHasVnni && request_amx();
-bool g_use_amx = kHasAmx;  // bitnet_native_configure() may turn it off
+// __builtin_cpu_supports also checks that the OS saves the wider registers (XGETBV), not only CPUID.
+int cpu_level() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return kNone;
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512vnni"))
+    return kAvx2;
+  return request_amx() ? kAmx : kAvx512Vnni;
+}
 
-}  // namespace
+const int kCpuLevel = cpu_level();
+int g_level = kCpuLevel;  // the kernels in use: bitnet_native_configure() may lower it
 
-// Everything below runs only where bitnet_native_level() > 0 (the loader checks): compiled for AVX-512 VNNI and
-// AMX; the capability checks above are not, so loading the library is safe on any x86-64 CPU.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
-
-namespace {
+// Below this many tokens the VNNI loop (no panel, no blocked copy of x) is faster than AMX tiles; the loader
+// sets it (AMX_MIN_TOKENS in __init__.py, measured with benchmarks/bench_native.py).
+int64_t g_amx_min_tokens = 8;
 
 // --------------------------------------------------------------------------------------------- threading
 
@@ -105,6 +117,601 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
+// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries), at least `bytes` long, 64-byte
+// aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
+// fresh mmap, and its page faults cost more than the product of a small projection.
+int8_t* scratch(int slot, int64_t bytes) {
+  struct Free {
+    void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local std::unique_ptr<int8_t[], Free> buffers[7];
+  thread_local int64_t sizes[7] = {0, 0, 0, 0, 0, 0, 0};
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
+// ------------------------------------------------------------------------------------- one fused call
+
+struct Projection {
+  const uint8_t* packed;  // this layer's [R, K]
+  int64_t R;              // packed rows: 4R outputs
+  float multiplier;
+  float* out;              // [N, 4R]
+  const float* residual;   // [N, 4R] added to the output (the layer's residual stream), or null
+};
+
+struct Activations {  // x quantized once per call
+  const int8_t* q;    // [N, K]
+  const float* inv_scale;  // [N]: 1 / s of each token
+  const int32_t* sum;  // [N]: sum of the token's q (the code offset)
+  int64_t N, K;
+};
+
+// What the engine computes from a layer's tensors before a BitLinear: optionally act(x) * up (the FFN's
+// gated activation, x being the gate), then optionally RMSNorm (x / sqrt(mean(x^2) + eps) * weight). Done
+// here, token by token on its way to the quantizer, it saves XLA's separate passes over [N, K] floats
+// (2B4T, 512 tokens: ~3 ms per layer). Same formulas as engine.rms_norm and modeling._ACTIVATIONS in float32;
+// the mean sums in another order than XLA's, so a normalized value can differ from XLA's by an ulp.
+enum class Activation : int32_t { kNone = 0, kRelu2 = 1, kSilu = 2 };
+
+struct Prologue {
+  const float* up = nullptr;    // [N, K] with act != kNone
+  const float* norm = nullptr;  // [K] RMSNorm weight, or none
+  float eps = 0.0f;
+  Activation act = Activation::kNone;
+  bool none() const { return norm == nullptr && act == Activation::kNone; }
+};
+
+// Decode reads each weight byte once, straight from DRAM: a prefetch kPrefetchRows rows ahead keeps more
+// misses in flight than the hardware prefetcher's one stream (AVX-512, 9 -> 22 GB/s per core, measured).
+constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kRowsPerTask = 8;  // packed rows per task of the row loops (32 outputs): 2B4T q_proj is 80
+
+struct Task {  // a share of one call's products
+  const Projection* p;
+  int64_t first, count;  // row loops: chunk index; AMX: panels [first, first + count)
+};
+
+// --------------------------------------------------------------------------------------- attention shape
+
+// The prefill attention of the engine (apply_rope, then engine._attention without a cache): q [B, T, Hq, D],
+// k and v [B, T, KV, D] -> out [B, T, Hq * D], queries and keys first rotated by position (cos, sin [T, D]),
+// query head h reading kv head h / G (G = Hq / KV), query t attending to keys 0..t: softmax((q . k) * scale)
+// . v, the softmax as jax.nn.softmax computes it (exp(s - max) times 1 / sum). The rotated keys are an output
+// too: the cache keeps them. Keys are first rotated and transposed per kv head (kt [D][Tp]) so scores come
+// from broadcast q times contiguous keys. Then one task is a block of kQueryBlock queries of the G heads that
+// share a kv head: their scores against the keys up to the block's last query, then each row's softmax over
+// its own keys, then P . V.
+struct AttentionShape {
+  int64_t B, T, Hq, KV, D, Tp;  // Tp: the row length of kt, padded_row(T)
+  float scale;
+};
+
+constexpr int64_t kQueryBlock = 16;
+constexpr int64_t kKeyTile = 64;  // keys per score tile: their columns of kt stay in L1 while every row passes
+
+// Row length (floats) of kt and of the score rows for n keys: n rounded up to 16, plus 16. The score loop
+// walks D rows of kt at once; rows 2 KB apart (512 keys) all fall in the same few L1 sets and evict each
+// other, one line more spreads them (10.1 -> 7.7 ms for a 2B4T layer at 512 tokens, measured).
+inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+}  // namespace
+
+// AVX2 + FMA (Intel Haswell on, AMD Zen): every kernel, for CPUs without AVX-512 (and, forced, on any).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace {
+namespace avx2 {
+
+// ------------------------------------------------------------------------------------------ float math
+
+// Lanes [0, n) of 8 (n clipped to 0..8), as VMASKMOVPS takes them: masked-off lanes load 0 and never fault.
+inline __m256i first_lanes(int64_t n) {
+  const int32_t count = int32_t(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load(const float* p, __m256i lanes) { return _mm256_maskload_ps(p, lanes); }
+inline void store(float* p, __m256i lanes, __m256 v) { _mm256_maskstore_ps(p, lanes, v); }
+
+inline float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float reduce_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int32_t reduce_add(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+// 2^e for integer e in [-126, 127]: the float with that exponent field.
+inline __m256 pow2(__m256i e) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+
+// e^x for 8 floats, the polynomial of avx512::exp_ps. There is no VSCALEFPS: 2^n (n in [-150, 128]) is
+// applied as two factors that are each a normal float, so a very negative x still gives 0 (or a subnormal)
+// and a large one inf, as exp does.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));  // beyond: 0 and inf
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(whole, half)));
+}
+
+// ------------------------------------------------------------------------------------- one fused call
+
+// The first n (<= 8) of 8 int32 codes in [-128, 127] as int8 at dst.
+inline void store_codes(int8_t* dst, __m256i codes, int64_t n) {
+  const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+  const __m128i bytes = _mm_packs_epi16(words, words);
+  if (n >= 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
+    return;
+  }
+  alignas(16) int8_t all[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(all), bytes);
+  std::memcpy(dst, all, size_t(n));
+}
+
+// One token, as avx512::quantize_row: the same float32 operations in the same order per value (max|x| is a
+// maximum, exact in any order), so the same codes and scale bit for bit.
+void quantize_row(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < K; i += 8)
+    amax = _mm256_max_ps(amax, _mm256_and_ps(load(row + i, first_lanes(K - i)), magnitude));
+  const float s = 127.0f / std::max(reduce_max(amax), 1e-5f);
+  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i total = _mm256_setzero_si256();
+  for (int64_t i = 0; i < K; i += 8) {  // masked-off lanes load 0: code 0
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(load(row + i, first_lanes(K - i)), sv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    total = _mm256_add_epi32(total, codes);
+    store_codes(q + i, codes, K - i);
+  }
+  *inv_scale = 1.0f / s;
+  *sum = reduce_add(total);
+}
+
+inline __m256 activate(__m256 gate, Activation act) {
+  if (act == Activation::kRelu2) {
+    const __m256 r = _mm256_max_ps(gate, _mm256_setzero_ps());
+    return _mm256_mul_ps(r, r);
+  }  // silu: x * sigmoid(x) = x / (1 + e^-x)
+  return _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+}
+
+// Token t's input to the quantizer in y [K] (see Prologue).
+void prologue_row(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y) {
+  const float* row = x + t * K;
+  const float* up = pr.up ? pr.up + t * K : nullptr;
+  __m256 squares = _mm256_setzero_ps();
+  for (int64_t i = 0; i < K; i += 8) {
+    const __m256i lanes = first_lanes(K - i);
+    __m256 v = load(row + i, lanes);
+    if (pr.act != Activation::kNone) v = _mm256_mul_ps(activate(v, pr.act), load(up + i, lanes));
+    squares = _mm256_fmadd_ps(v, v, squares);
+    store(y + i, lanes, v);
+  }
+  if (pr.norm == nullptr) return;
+  const __m256 rv = _mm256_set1_ps(1.0f / std::sqrt(reduce_add(squares) / float(K) + pr.eps));
+  for (int64_t i = 0; i < K; i += 8) {
+    const __m256i lanes = first_lanes(K - i);
+    store(y + i, lanes, _mm256_mul_ps(_mm256_mul_ps(load(y + i, lanes), rv), load(pr.norm + i, lanes)));
+  }
+}
+
+// ------------------------------------------------------------------------------------------ the product
+
+// 32-byte steps summed in int16 before widening to int32: a VPMADDUBSW lane is c0 x0 + c1 x1 with c in
+// {0, 1, 2} and x in [-128, 127], so in [-512, 508], and 64 of them stay within int16.
+constexpr int64_t kStepsPerBlock = 64;
+constexpr int64_t kBlockColumns = 32 * kStepsPerBlock;
+
+// 32 bytes of which the first n (< 32) come from p, the rest 0 (a row's tail: reads nothing past it).
+inline __m256i load_partial(const void* p, int64_t n) {
+  alignas(32) uint8_t bytes[32] = {};
+  std::memcpy(bytes, p, size_t(n));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
+}
+
+// [sum of v[0], ..., sum of v[3]]
+inline __m128i reduce4(const __m256i v[4]) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// out[token, 4r .. 4r + 4) from the four code sums of packed row r: ((acc - sum x) * (1/s)) * m, then
+// + residual, the float operations of avx512::dequantize one by one.
+inline void store_outputs(const Projection& p, const Activations& a, int64_t token, int64_t r, __m128i sums) {
+  const int64_t at = token * p.R * kValuesPerByte + r * kValuesPerByte;
+  const __m128i acc = _mm_sub_epi32(sums, _mm_set1_epi32(a.sum[token]));
+  __m128 y = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(acc), _mm_set1_ps(a.inv_scale[token])), _mm_set1_ps(p.multiplier));
+  if (p.residual) y = _mm_add_ps(_mm_loadu_ps(p.residual + at), y);
+  _mm_storeu_ps(p.out + at, y);
+}
+
+// out[t, 4r + k] for packed rows [r0, r1) of `p` and token t (a decode step's), straight from the packed
+// bytes: each byte read once, unpacked in registers.
+void token_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1, int64_t t) {
+  const int64_t K = a.K;
+  const int8_t* x = a.q + t * K;
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * K;
+    __m256i wide[kValuesPerByte] = {};  // int32 sums
+    for (int64_t b0 = 0; b0 < K; b0 += kBlockColumns) {
+      const int64_t b1 = std::min(K, b0 + kBlockColumns);
+      __m256i part[kValuesPerByte] = {};  // int16 sums of this block
+      auto step = [&](__m256i bytes, __m256i x) {
+        for (int k = 0; k < kValuesPerByte; ++k) {
+          const __m256i codes = _mm256_and_si256(k ? _mm256_srli_epi16(bytes, 2 * k) : bytes, three);
+          part[k] = _mm256_add_epi16(part[k], _mm256_maddubs_epi16(codes, x));
+        }
+      };
+      int64_t i = b0;
+      for (; i + 32 <= b1; i += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
+        step(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)),
+             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+      }
+      if (i < b1) step(load_partial(row + i, b1 - i), load_partial(x + i, b1 - i));  // zeros: code 0 times 0
+      for (int k = 0; k < kValuesPerByte; ++k) wide[k] = _mm256_add_epi32(wide[k], _mm256_madd_epi16(part[k], ones));
+    }
+    store_outputs(p, a, t, r, reduce4(wide));
+  }
+}
+
+// sums[k][t] += int16 products over columns [0, n) (n a multiple of 32) of one packed row (the next ones
+// `stride` bytes apart, for the prefetch) and two tokens' activations. Eight sums, two rows of x, the bytes,
+// a code and the mask fit 16 registers: written out as variables and kept out of line, as GCC otherwise left
+// sums on the stack.
+__attribute__((noinline)) void pair_sums(const uint8_t* row, int64_t stride, const int8_t* x0, const int8_t* x1,
+                                         int64_t n, __m256i sums[kValuesPerByte][2]) {
+  __m256i s00 = sums[0][0], s01 = sums[0][1], s10 = sums[1][0], s11 = sums[1][1];
+  __m256i s20 = sums[2][0], s21 = sums[2][1], s30 = sums[3][0], s31 = sums[3][1];
+  const __m256i three = _mm256_set1_epi8(3);
+  auto dot = [](__m256i sum, __m256i code, __m256i x) { return _mm256_add_epi16(sum, _mm256_maddubs_epi16(code, x)); };
+  auto load = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (int64_t i = 0; i < n; i += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * stride + i), _MM_HINT_T0);
+    __m256i bytes = load(row + i);
+    const __m256i a = load(x0 + i), b = load(x1 + i);
+    __m256i code = _mm256_and_si256(bytes, three);
+    s00 = dot(s00, code, a), s01 = dot(s01, code, b);
+    bytes = _mm256_srli_epi16(bytes, 2), code = _mm256_and_si256(bytes, three);
+    s10 = dot(s10, code, a), s11 = dot(s11, code, b);
+    bytes = _mm256_srli_epi16(bytes, 2), code = _mm256_and_si256(bytes, three);
+    s20 = dot(s20, code, a), s21 = dot(s21, code, b);
+    bytes = _mm256_srli_epi16(bytes, 2), code = _mm256_and_si256(bytes, three);
+    s30 = dot(s30, code, a), s31 = dot(s31, code, b);
+  }
+  sums[0][0] = s00, sums[0][1] = s01, sums[1][0] = s10, sums[1][1] = s11;
+  sums[2][0] = s20, sums[2][1] = s21, sums[3][0] = s30, sums[3][1] = s31;
+}
+
+// out[t, 4r + k] and out[t + 1, 4r + k] for packed rows [r0, r1): two tokens sharing each load and
+// unpacking of the packed bytes.
+void pair_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1, int64_t t) {
+  const int64_t K = a.K, full = K / 32 * 32;
+  const int8_t* x0 = a.q + t * K;
+  const int8_t* x1 = x0 + K;
+  alignas(32) int8_t tail[3][32] = {};  // the last K % 32 columns of the row and of x, zero padded
+  std::memcpy(tail[1], x0 + full, size_t(K - full));
+  std::memcpy(tail[2], x1 + full, size_t(K - full));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * K;
+    __m256i wide[2][kValuesPerByte] = {};  // int32 sums [token][output]
+    for (int64_t b0 = 0; b0 < K; b0 += kBlockColumns) {
+      const int64_t n = std::min(full, b0 + kBlockColumns) - b0;
+      __m256i part[kValuesPerByte][2] = {};
+      pair_sums(row + b0, K, x0 + b0, x1 + b0, n, part);
+      if (b0 + kBlockColumns >= K && full < K) {  // the last block's tail: code 0 times 0 past K
+        std::memcpy(tail[0], row + full, size_t(K - full));
+        pair_sums(reinterpret_cast<const uint8_t*>(tail[0]), 0, tail[1], tail[2], 32, part);
+      }
+      for (int k = 0; k < kValuesPerByte; ++k)
+        for (int j = 0; j < 2; ++j) wide[j][k] = _mm256_add_epi32(wide[j][k], _mm256_madd_epi16(part[k][j], ones));
+    }
+    store_outputs(p, a, t, r, reduce4(wide[0]));
+    store_outputs(p, a, t + 1, r, reduce4(wide[1]));
+  }
+}
+
+// ----------------------------------------------------------------------- many tokens: unpacked codes
+
+// From this many tokens a task unpacks its rows' codes once and runs every token past them: the unpacking
+// (shifts and masks) is then shared by all tokens rather than by two; below it, writing and rereading the
+// unpacked codes costs more than it saves (benchmarks/bench_native.py).
+constexpr int64_t kPanelMinTokens = 16;
+
+// Codes (uint8 0..2, 0 past K) of packed rows [r0, r1) as panel rows 4 (r - r0) + k, each Kp = K rounded up
+// to 32 bytes long.
+void unpack_panel(const uint8_t* packed, int64_t K, int64_t Kp, int64_t r0, int64_t r1, uint8_t* panel) {
+  const __m256i three = _mm256_set1_epi8(3);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = packed + r * K;
+    uint8_t* dst = panel + (r - r0) * kValuesPerByte * Kp;
+    for (int64_t i = 0; i < Kp; i += 32) {
+      const __m256i bytes = i + 32 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i))
+                                        : load_partial(row + i, K - i);
+      for (int k = 0; k < kValuesPerByte; ++k)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k * Kp + i),
+                           _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), three));
+    }
+  }
+}
+
+// int16 sums over columns [b0, b1) of four panel rows (`codes`, rows Kp apart) times three tokens' activations
+// (x, rows K apart) -> sums[k][t]. Twelve sums, three rows of x and a code fill 16 registers: written out as
+// variables and kept out of line, as GCC otherwise left most of the sums on the stack.
+__attribute__((noinline)) void tile_sums(const uint8_t* codes, int64_t Kp, const int8_t* x0, const int8_t* x1,
+                                         const int8_t* x2, int64_t b0, int64_t b1, __m256i sums[kValuesPerByte][3]) {
+  __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;
+  __m256i s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;
+  auto dot = [](__m256i sum, __m256i code, __m256i x) { return _mm256_add_epi16(sum, _mm256_maddubs_epi16(code, x)); };
+  auto load = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (int64_t i = b0; i < b1; i += 32) {
+    const __m256i a = load(x0 + i), b = load(x1 + i), c = load(x2 + i);
+    __m256i code = load(codes + i);
+    s00 = dot(s00, code, a), s01 = dot(s01, code, b), s02 = dot(s02, code, c);
+    code = load(codes + Kp + i);
+    s10 = dot(s10, code, a), s11 = dot(s11, code, b), s12 = dot(s12, code, c);
+    code = load(codes + 2 * Kp + i);
+    s20 = dot(s20, code, a), s21 = dot(s21, code, b), s22 = dot(s22, code, c);
+    code = load(codes + 3 * Kp + i);
+    s30 = dot(s30, code, a), s31 = dot(s31, code, b), s32 = dot(s32, code, c);
+  }
+  sums[0][0] = s00, sums[0][1] = s01, sums[0][2] = s02, sums[1][0] = s10, sums[1][1] = s11, sums[1][2] = s12;
+  sums[2][0] = s20, sums[2][1] = s21, sums[2][2] = s22, sums[3][0] = s30, sums[3][1] = s31, sums[3][2] = s32;
+}
+
+// out for the four outputs of packed row r (`codes`: their panel rows) and the tokens [t0, t0 + 3) below N
+// (a short group repeats its last token and stores it once). Reads up to 31 bytes past a token's row
+// (Kp > K): the next token's or quantize_tokens' slack, times code 0.
+void panel_row(const Projection& p, const Activations& a, const uint8_t* codes, int64_t Kp, int64_t r, int64_t t0) {
+  const int64_t tokens = std::min<int64_t>(3, a.N - t0);
+  const int8_t* x[3];
+  for (int64_t t = 0; t < 3; ++t) x[t] = a.q + (t0 + std::min(t, tokens - 1)) * a.K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i wide[3][kValuesPerByte] = {};  // int32 sums [token][output]
+  for (int64_t b0 = 0; b0 < Kp; b0 += kBlockColumns) {
+    __m256i part[kValuesPerByte][3];
+    tile_sums(codes, Kp, x[0], x[1], x[2], b0, std::min(Kp, b0 + kBlockColumns), part);
+    for (int k = 0; k < kValuesPerByte; ++k)
+      for (int t = 0; t < 3; ++t) wide[t][k] = _mm256_add_epi32(wide[t][k], _mm256_madd_epi16(part[k][t], ones));
+  }
+  for (int64_t t = 0; t < tokens; ++t) store_outputs(p, a, t0 + t, r, reduce4(wide[t]));
+}
+
+// All tokens through the task's rows, three at a time: the three rows of x stay in L1 while the task's rows
+// pass, the panel (32 code rows) in L2.
+void panel_task(const Projection& p, const Activations& a, int64_t r0, int64_t r1) {
+  const int64_t Kp = (a.K + 31) / 32 * 32;
+  uint8_t* panel = reinterpret_cast<uint8_t*>(scratch(0, kRowsPerTask * kValuesPerByte * Kp));
+  unpack_panel(p.packed, a.K, Kp, r0, r1, panel);
+  for (int64_t t = 0; t < a.N; t += 3)
+    for (int64_t r = r0; r < r1; ++r) panel_row(p, a, panel + (r - r0) * kValuesPerByte * Kp, Kp, r, t);
+}
+
+void product_task(const Projection& p, const Activations& a, int64_t chunk) {
+  const int64_t r0 = chunk * kRowsPerTask, r1 = std::min(p.R, r0 + kRowsPerTask);
+  if (a.N >= kPanelMinTokens) {
+    panel_task(p, a, r0, r1);
+    return;
+  }
+  int64_t t = 0;
+  for (; t + 2 <= a.N; t += 2) pair_rows(p, a, r0, r1, t);
+  if (t < a.N) token_rows(p, a, r0, r1, t);
+}
+
+// --------------------------------------------------------------------------------------- output table
+
+inline __m256 load8(const uint16_t* p) {  // a bf16 is the high half of its float32: exact
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline float widen(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+inline float widen(float value) { return value; }
+
+// dot(h[t], table[v]) for NR consecutive table rows from `rows`, into out[0 .. NR): 16 columns per step in
+// two accumulators per row (the FMA latency), the last H % 8 columns in scalar.
+template <int NR, typename T>
+void dot_rows(const float* ht, const T* rows, int64_t H, bool prefetch, float* out) {
+  __m256 acc[NR][2] = {};
+  int64_t i = 0;
+  for (; i + 16 <= H; i += 16) {
+    if (prefetch)  // the rows of three blocks ahead, as avx512::table_rows does
+      for (int j = 3 * NR; j < 4 * NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(rows + j * H + i), _MM_HINT_T0);
+    const __m256 h0 = _mm256_loadu_ps(ht + i), h1 = _mm256_loadu_ps(ht + i + 8);
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(h0, load8(rows + r * H + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(h1, load8(rows + r * H + i + 8), acc[r][1]);
+    }
+  }
+  for (; i + 8 <= H; i += 8)
+    for (int r = 0; r < NR; ++r)
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(ht + i), load8(rows + r * H + i), acc[r][0]);
+  for (int r = 0; r < NR; ++r) {
+    float tail = 0.0f;
+    for (int64_t j = i; j < H; ++j) tail += ht[j] * widen(rows[r * H + j]);
+    out[r] = reduce_add(_mm256_add_ps(acc[r][0], acc[r][1])) + tail;
+  }
+}
+
+// out[t, v] = dot(h[t], table[v]) for table rows [v0, v1), four rows at a time (each row read once).
+template <typename T>
+void table_rows(const float* h, int64_t N, int64_t H, const T* table, int64_t V, int64_t v0, int64_t v1,
+                float* out) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4)
+    for (int64_t t = 0; t < N; ++t) dot_rows<4>(h + t * H, table + v * H, H, t == 0, out + t * V + v);
+  for (; v < v1; ++v)
+    for (int64_t t = 0; t < N; ++t) dot_rows<1>(h + t * H, table + v * H, H, false, out + t * V + v);
+}
+
+// ---------------------------------------------------------------------------------- causal attention
+
+// y = x * cos + rotate_half(x) * sin for one head row x [D] at one position, as avx512::rope_row.
+void rope_row(const float* x, const float* cos, const float* sin, int64_t D, float* y) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 8) {
+    const __m256i lanes = first_lanes(half - i);
+    const __m256 a = load(x + i, lanes), b = load(x + half + i, lanes);
+    const __m256 lo = _mm256_add_ps(_mm256_mul_ps(a, load(cos + i, lanes)),
+                                    _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), b), load(sin + i, lanes)));
+    const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, load(cos + half + i, lanes)),
+                                    _mm256_mul_ps(a, load(sin + half + i, lanes)));
+    store(y + i, lanes, lo);
+    store(y + half + i, lanes, hi);
+  }
+}
+
+// Keys [j0, j0 + 16) of kv head kv: rotated into k_out [B, T, KV, D], and transposed into kt[b, kv][d][j]
+// (zeros past T). The transpose is T * D stores per kv head, next to the T^2 * D products of the scores.
+void rotate_and_transpose_keys(const float* k, const float* cos, const float* sin, const AttentionShape& s, int64_t b,
+                               int64_t kv, int64_t j0, float* k_out, float* kt) {
+  float* dst = kt + (b * s.KV + kv) * s.D * s.Tp;
+  for (int64_t j = j0; j < j0 + 16; ++j) {
+    const int64_t at = ((b * s.T + j) * s.KV + kv) * s.D;
+    if (j < s.T) rope_row(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
+    for (int64_t d = 0; d < s.D; ++d) dst[d * s.Tp + j] = j < s.T ? k_out[at + d] : 0.0f;
+  }
+}
+
+// scores[r][j0 .. j0 + 16) = (q_r . k_j) * scale for the 4 rows from `rows` (pointers to q rows).
+void score_tile16(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, float scale,
+                  float* const* out) {
+  __m256 acc[4][2] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * Tp + j0), k1 = _mm256_loadu_ps(kt + d * Tp + j0 + 8);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 qd = _mm256_broadcast_ss(rows[i] + d);
+      acc[i][0] = _mm256_fmadd_ps(qd, k0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(qd, k1, acc[i][1]);
+    }
+  }
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out[i] + j0, _mm256_mul_ps(acc[i][0], sv));
+    _mm256_storeu_ps(out[i] + j0 + 8, _mm256_mul_ps(acc[i][1], sv));
+  }
+}
+
+// The same for `keys` (a multiple of 16) keys from j0.
+void score_tile(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, int64_t keys,
+                float scale, float* const* out) {
+  for (int64_t j = j0; j < j0 + keys; j += 16) score_tile16(rows, kt, Tp, D, j, scale, out);
+}
+
+// p[0 .. n) = softmax(scores[0 .. n)) in place.
+void softmax_row(float* p, int64_t n) {
+  const __m256 none = _mm256_set1_ps(-INFINITY);
+  __m256 top = none;
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i lanes = first_lanes(n - j);
+    top = _mm256_max_ps(top, _mm256_blendv_ps(none, load(p + j, lanes), _mm256_castsi256_ps(lanes)));
+  }
+  const __m256 m = _mm256_set1_ps(reduce_max(top));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i lanes = first_lanes(n - j);
+    const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(load(p + j, lanes), m)), _mm256_castsi256_ps(lanes));
+    total = _mm256_add_ps(total, e);
+    store(p + j, lanes, e);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / reduce_add(total));
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i lanes = first_lanes(n - j);
+    store(p + j, lanes, _mm256_mul_ps(load(p + j, lanes), inv));
+  }
+}
+
+// out rows (NR of them, same query position: n keys each) = p . v over dims [c0, c0 + 8 NV), the last vector
+// `tail`-masked; v rows are `stride` floats apart.
+template <int NR, int NV>
+void pv_tile(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t c0, __m256i tail,
+             float* const* out) {
+  __m256 acc[NR][NV] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = v + j * stride + c0;
+    __m256 val[NV];
+    for (int i = 0; i < NV - 1; ++i) val[i] = _mm256_loadu_ps(row + 8 * i);
+    val[NV - 1] = load(row + 8 * (NV - 1), tail);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 pj = _mm256_broadcast_ss(p[r] + j);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(pj, val[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < NV - 1; ++i) _mm256_storeu_ps(out[r] + c0 + 8 * i, acc[r][i]);
+    store(out[r] + c0 + 8 * (NV - 1), tail, acc[r][NV - 1]);
+  }
+}
+
+// 32 dims per tile: NR = 2 rows of 4 accumulators, the values and a broadcast fill 13 of the 16 registers.
+template <int NR>
+void pv_tiles(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
+  for (int64_t c0 = 0; c0 < D; c0 += 32) {
+    const int64_t width = std::min<int64_t>(32, D - c0), nv = (width + 7) / 8;
+    const __m256i tail = first_lanes(width - 8 * (nv - 1));
+    switch (nv) {
+      case 1: pv_tile<NR, 1>(p, v, stride, n, c0, tail, out); break;
+      case 2: pv_tile<NR, 2>(p, v, stride, n, c0, tail, out); break;
+      case 3: pv_tile<NR, 3>(p, v, stride, n, c0, tail, out); break;
+      default: pv_tile<NR, 4>(p, v, stride, n, c0, tail, out); break;
+    }
+  }
+}
+
+void pv_rows(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
+  if (rows == 2) pv_tiles<2>(p, v, stride, n, D, out);
+  else pv_tiles<1>(p, v, stride, n, D, out);
+}
+
+}  // namespace avx2
+}  // namespace
+
+#pragma GCC pop_options
+
+// AVX-512 VNNI, and AMX where the CPU has it: run only where g_level >= kAvx512Vnni.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+
+namespace {
+namespace avx512 {
+
 // ------------------------------------------------------------------------------------------ float math
 
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -129,22 +736,8 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+
 // ------------------------------------------------------------------------------------- one fused call
-
-struct Projection {
-  const uint8_t* packed;  // this layer's [R, K]
-  int64_t R;              // packed rows: 4R outputs
-  float multiplier;
-  float* out;              // [N, 4R]
-  const float* residual;   // [N, 4R] added to the output (the layer's residual stream), or null
-};
-
-struct Activations {  // x quantized once per call
-  const int8_t* q;    // [N, K]
-  const float* inv_scale;  // [N]: 1 / s of each token
-  const int32_t* sum;  // [N]: sum of the token's q (the VNNI code offset)
-  int64_t N, K;
-};
 
 // One token x [K]: s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127), as
 // bitlinear.quantize_activations computes it in float32; returns 1 / s and the sum of q through the pointers.
@@ -169,21 +762,6 @@ void quantize_row(const float* row, int64_t K, int8_t* q, float* inv_scale, int3
   *inv_scale = 1.0f / s;
   *sum = _mm512_reduce_add_epi32(total);
 }
-
-// What the engine computes from a layer's tensors before a BitLinear: optionally act(x) * up (the FFN's
-// gated activation, x being the gate), then optionally RMSNorm (x / sqrt(mean(x^2) + eps) * weight). Done
-// here, token by token on its way to the quantizer, it saves XLA's separate passes over [N, K] floats
-// (2B4T, 512 tokens: ~3 ms per layer). Same formulas as engine.rms_norm and modeling._ACTIVATIONS in float32;
-// the mean sums in another order than XLA's, so a normalized value can differ from XLA's by an ulp.
-enum class Activation : int32_t { kNone = 0, kRelu2 = 1, kSilu = 2 };
-
-struct Prologue {
-  const float* up = nullptr;    // [N, K] with act != kNone
-  const float* norm = nullptr;  // [K] RMSNorm weight, or none
-  float eps = 0.0f;
-  Activation act = Activation::kNone;
-  bool none() const { return norm == nullptr && act == Activation::kNone; }
-};
 
 inline __m512 activate(__m512 gate, Activation act) {
   if (act == Activation::kRelu2) {
@@ -225,8 +803,6 @@ inline __m512 dequantize(__m512i acc, float inv_scale, float multiplier) {
 
 // ---------------------------------------------------------------------------------- VNNI (few tokens)
 
-constexpr int64_t kPrefetchRows = 4;
-
 // out[t, 4r + k] for packed rows [r0, r1) of `p` and the NT tokens from t0.
 template <int NT>
 void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1, int64_t t0) {
@@ -254,8 +830,7 @@ void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1
       }
     };
     for (int64_t i = 0; i < full; i += 64) {
-      // Decode reads each weight byte once, straight from DRAM: a prefetch kPrefetchRows rows ahead keeps more
-      // misses in flight than the hardware prefetcher's one stream (9 -> 22 GB/s per core, measured).
+      // see kPrefetchRows
       _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
       step(_mm512_loadu_si512(row + i), [&](int t) { return _mm512_loadu_si512(x + t * K + i); });
     }
@@ -275,10 +850,8 @@ void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1
   }
 }
 
-constexpr int64_t kVnniRows = 8;  // packed rows per task (32 outputs): q_proj of 2B4T is 80 tasks
-
 void vnni_task(const Projection& p, const Activations& a, int64_t chunk) {
-  const int64_t r0 = chunk * kVnniRows, r1 = std::min(p.R, r0 + kVnniRows);
+  const int64_t r0 = chunk * kRowsPerTask, r1 = std::min(p.R, r0 + kRowsPerTask);
   int64_t t = 0;
   for (; t + 4 <= a.N; t += 4) vnni_rows<4>(p, a, r0, r1, t);
   switch (a.N - t) {
@@ -366,7 +939,7 @@ void unpack_panel(const uint8_t* packed, int64_t R, int64_t K, int64_t Kp, int64
     for (int64_t i = 0; i < Kp; i += kStep) {
       const int64_t n = std::min<int64_t>(kStep, K - i);
       const __mmask64 mask = (r < R && n > 0) ? ((~0ULL) >> (64 - n)) : 0;
-      _mm_prefetch(reinterpret_cast<const char*>(packed + (r + kPrefetchRows) * K + i), _MM_HINT_T0);  // see vnni_rows
+      _mm_prefetch(reinterpret_cast<const char*>(packed + (r + kPrefetchRows) * K + i), _MM_HINT_T0);  // see kPrefetchRows
       const __m512i bytes = _mm512_maskz_loadu_epi8(mask, packed + r * K + i);
       int8_t* block = panel + (i / kStep) * kPanelRows * kStep;
       for (int k = 0; k < kValuesPerByte; ++k) {  // code - 1 where a byte was loaded, 0 in the padding
@@ -426,56 +999,10 @@ void amx_block(const int8_t* panel, const int8_t* tokens, int64_t Kp, const Proj
   store(1, 1, [](int32_t* dst) { _tile_stored(3, dst, 64); });
 }
 
-// This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
-// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries), at least `bytes` long, 64-byte
-// aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
-// fresh mmap, and its page faults cost more than the product of a small projection.
-int8_t* scratch(int slot, int64_t bytes) {
-  struct Free {
-    void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[7];
-  thread_local int64_t sizes[7] = {0, 0, 0, 0, 0, 0, 0};
-  if (sizes[slot] < bytes) {
-    buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
-    sizes[slot] = bytes;
-  }
-  return buffers[slot].get();
-}
-
-// Below this many tokens the VNNI loop (no panel, no blocked copy of x) is faster than AMX tiles; the loader
-// sets it (AMX_MIN_TOKENS in __init__.py, measured with benchmarks/bench_native.py).
-int64_t g_amx_min_tokens = 8;
-
-// All projections of one call: one task list, so small ones (k/v: 20 panels) share the threads with big ones.
-void bitlinear(ffi::ThreadPool& pool, const float* x, const Prologue& prologue, std::vector<Projection>& projections,
-               int64_t N, int64_t K) {
-  int8_t* q = scratch(2, N * K);  // the calling thread's; helpers only read it while this call runs
-  std::vector<float> inv_scale(N);
-  std::vector<int32_t> sum(N);
-  constexpr int64_t kQuantizeTokens = 16;
-  float* scale_ptr = inv_scale.data();
-  int32_t* sum_ptr = sum.data();
-  parallel_for(pool, (N + kQuantizeTokens - 1) / kQuantizeTokens, [=, &prologue](int64_t chunk) {
-    float* y = prologue.none() ? nullptr : reinterpret_cast<float*>(scratch(5, K * int64_t(sizeof(float))));
-    for (int64_t t = chunk * kQuantizeTokens; t < std::min(N, (chunk + 1) * kQuantizeTokens); ++t) {
-      if (y != nullptr) prologue_row(x, prologue, K, t, y);
-      quantize_row(y != nullptr ? y : x + t * K, K, q + t * K, scale_ptr + t, sum_ptr + t);
-    }
-  });
-  const Activations a{q, scale_ptr, sum_ptr, N, K};
-  struct Task {
-    const Projection* p;
-    int64_t first, count;  // VNNI: chunk index; AMX: panels [first, first + count)
-  };
-  std::vector<Task> tasks;
-  if (!(g_use_amx && N >= g_amx_min_tokens)) {
-    for (const Projection& p : projections)
-      for (int64_t c = 0; c < (p.R + kVnniRows - 1) / kVnniRows; ++c) tasks.push_back({&p, c, 1});
-    const Task* list = tasks.data();
-    parallel_for(pool, int64_t(tasks.size()), [=, &a](int64_t i) { vnni_task(*list[i].p, a, list[i].first); });
-    return;
-  }
+// The products of a call with AMX tiles, x already quantized in `a`.
+void amx_products(ffi::ThreadPool& pool, std::vector<Projection>& projections, const Activations& a) {
+  const int64_t N = a.N, K = a.K;
+  const int8_t* q = a.q;
   const int64_t Kp = (K + kStep - 1) / kStep * kStep, Np = (N + kTokenBlock - 1) / kTokenBlock * kTokenBlock;
   int8_t* xb = scratch(1, Np * Kp);
   parallel_for(pool, Np / kTokenBlock, [=](int64_t block) { block_tokens(q, N, K, Kp, block, xb); });
@@ -486,6 +1013,7 @@ void bitlinear(ffi::ThreadPool& pool, const float* x, const Prologue& prologue, 
   for (const Projection& p : projections) panels += (p.R * kValuesPerByte + kPanelRows - 1) / kPanelRows;
   const int64_t largest = std::max<int64_t>(1, std::min(kMaxGroupPanels, kMaxGroupBytes / (kPanelRows * Kp)));
   const int64_t per_group = std::clamp<int64_t>(panels / (2 * (pool.num_threads() + 1)), 1, largest);
+  std::vector<Task> tasks;
   for (const Projection& p : projections) {
     const int64_t own = (p.R * kValuesPerByte + kPanelRows - 1) / kPanelRows;
     for (int64_t first = 0; first < own; first += per_group) tasks.push_back({&p, first, std::min(per_group, own - first)});
@@ -562,37 +1090,7 @@ void table_rows(const float* h, int64_t N, int64_t H, const T* table, int64_t V,
   }
 }
 
-template <typename T>
-void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, const T* table, int64_t V,
-                  float* out) {
-  constexpr int64_t kRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
-  parallel_for(pool, (V + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t chunk) {
-    table_rows<T>(h, N, H, table, V, chunk * kRowsPerChunk, std::min(V, (chunk + 1) * kRowsPerChunk), out);
-  });
-}
-
-
 // ---------------------------------------------------------------------------------- causal attention
-
-// The prefill attention of the engine (apply_rope, then engine._attention without a cache): q [B, T, Hq, D],
-// k and v [B, T, KV, D] -> out [B, T, Hq * D], queries and keys first rotated by position (cos, sin [T, D]),
-// query head h reading kv head h / G (G = Hq / KV), query t attending to keys 0..t: softmax((q . k) * scale)
-// . v, the softmax as jax.nn.softmax computes it (exp(s - max) times 1 / sum). The rotated keys are an output
-// too: the cache keeps them. Keys are first rotated and transposed per kv head (kt [D][Tp]) so scores come
-// from broadcast q times contiguous keys. Then one task is a block of kQueryBlock queries of the G heads that
-// share a kv head: their scores against the keys up to the block's last query, then each row's softmax over
-// its own keys, then P . V.
-struct AttentionShape {
-  int64_t B, T, Hq, KV, D, Tp;  // Tp: the row length of kt, padded_row(T)
-  float scale;
-};
-
-constexpr int64_t kQueryBlock = 16;
-
-// Row length (floats) of kt and of the score rows for n keys: n rounded up to 16, plus 16. The score loop
-// walks D rows of kt at once; rows 2 KB apart (512 keys) all fall in the same few L1 sets and evict each
-// other, one line more spreads them (10.1 -> 7.7 ms for a 2B4T layer at 512 tokens, measured).
-inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // y = x * cos + rotate_half(x) * sin for one head row x [D] at one position (modeling.apply_rope: the NeoX
 // layout, rotate_half(x) = [-x[D/2:], x[:D/2]]), in float32 products and sums as XLA evaluates it.
@@ -632,7 +1130,7 @@ void rotate_and_transpose_keys(const float* k, const float* cos, const float* si
 
 // scores[r][j0 .. j0 + 16 NV) = (q_r . k_j) * scale for the 4 rows from `rows` (pointers to q rows).
 template <int NV>
-void score_tile(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, float scale,
+void score_block(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, float scale,
                 float* const* out) {
   __m512 acc[4][NV];
   for (int i = 0; i < 4; ++i)
@@ -692,7 +1190,7 @@ void pv_tile(const float* const* p, const float* v, int64_t stride, int64_t n, i
 }
 
 template <int NR>
-void pv_rows(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
+void pv_tiles(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
   for (int64_t c0 = 0; c0 < D; c0 += 128) {
     const int64_t width = std::min<int64_t>(128, D - c0), nv = (width + 15) / 16;
     const __mmask16 tail = first_lanes(width - 16 * (nv - 1));
@@ -710,22 +1208,130 @@ void pv_rows(const float* const* p, const float* v, int64_t stride, int64_t n, i
 }
 
 // One task: queries [t0, t1) of batch row b for the G heads of kv head `kv`. Score row g * (t1 - t0) + i
+
+// scores[r][j0 .. j0 + keys) for the 4 rows from `rows`, keys a multiple of 16 up to kKeyTile.
+void score_tile(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, int64_t keys,
+                float scale, float* const* out) {
+  switch (keys / 16) {
+    case 1: score_block<1>(rows, kt, Tp, D, j0, scale, out); break;
+    case 2: score_block<2>(rows, kt, Tp, D, j0, scale, out); break;
+    case 3: score_block<3>(rows, kt, Tp, D, j0, scale, out); break;
+    default: score_block<4>(rows, kt, Tp, D, j0, scale, out); break;
+  }
+}
+
+void pv_rows(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
+  if (rows == 2) pv_tiles<2>(p, v, stride, n, D, out);
+  else pv_tiles<1>(p, v, stride, n, D, out);
+}
+
+}  // namespace avx512
+}  // namespace
+
+#pragma GCC pop_options
+
+namespace {
+
+// -------------------------------------------------------------------------- the kernels of each level
+
+// What the loops below call: one table per instruction set, picked per call from g_level. The loops that
+// hand out work stay plain x86-64 code, whatever runs inside.
+struct Kernels {
+  void (*prologue_row)(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y);
+  void (*quantize_row)(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum);
+  void (*product_task)(const Projection& p, const Activations& a, int64_t chunk);  // rows of kRowsPerTask
+  void (*bf16_table_rows)(const float* h, int64_t N, int64_t H, const uint16_t* table, int64_t V, int64_t v0,
+                          int64_t v1, float* out);
+  void (*f32_table_rows)(const float* h, int64_t N, int64_t H, const float* table, int64_t V, int64_t v0,
+                         int64_t v1, float* out);
+  void (*rope_row)(const float* x, const float* cos, const float* sin, int64_t D, float* y);
+  void (*rotate_and_transpose_keys)(const float* k, const float* cos, const float* sin, const AttentionShape& s,
+                                    int64_t b, int64_t kv, int64_t j0, float* k_out, float* kt);
+  void (*score_tile)(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, int64_t keys,
+                     float scale, float* const* out);
+  void (*softmax_row)(float* p, int64_t n);
+  void (*pv_rows)(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D,
+                  float* const* out);
+};
+
+constexpr Kernels kAvx2Kernels{avx2::prologue_row, avx2::quantize_row, avx2::product_task,
+                               avx2::table_rows<uint16_t>, avx2::table_rows<float>, avx2::rope_row,
+                               avx2::rotate_and_transpose_keys, avx2::score_tile, avx2::softmax_row, avx2::pv_rows};
+constexpr Kernels kAvx512Kernels{avx512::prologue_row, avx512::quantize_row, avx512::vnni_task,
+                                 avx512::table_rows<uint16_t>, avx512::table_rows<float>, avx512::rope_row,
+                                 avx512::rotate_and_transpose_keys, avx512::score_tile, avx512::softmax_row,
+                                 avx512::pv_rows};
+
+const Kernels& kernels(int level) { return level >= kAvx512Vnni ? kAvx512Kernels : kAvx2Kernels; }
+
+// ------------------------------------------------------------------------------------------- BitLinear
+
+// x [N, K] through the prologue into int8 codes in the calling thread's scratch (helpers only read it while
+// this call runs), 1 / s and the code sum of each token into inv_scale, sum [N].
+Activations quantize_tokens(ffi::ThreadPool& pool, const Kernels& k, const float* x, const Prologue& prologue,
+                            int64_t N, int64_t K, float* inv_scale, int32_t* sum) {
+  int8_t* q = scratch(2, N * K + 32);  // 32 bytes of slack: see avx2::panel_row
+  constexpr int64_t kQuantizeTokens = 16;
+  parallel_for(pool, (N + kQuantizeTokens - 1) / kQuantizeTokens, [=, &prologue, &k](int64_t chunk) {
+    float* y = prologue.none() ? nullptr : reinterpret_cast<float*>(scratch(5, K * int64_t(sizeof(float))));
+    for (int64_t t = chunk * kQuantizeTokens; t < std::min(N, (chunk + 1) * kQuantizeTokens); ++t) {
+      if (y != nullptr) k.prologue_row(x, prologue, K, t, y);
+      k.quantize_row(y != nullptr ? y : x + t * K, K, q + t * K, inv_scale + t, sum + t);
+    }
+  });
+  return {q, inv_scale, sum, N, K};
+}
+
+// All projections of one call: one task list, so small ones (k/v) share the threads with big ones.
+void bitlinear(ffi::ThreadPool& pool, int level, const float* x, const Prologue& prologue,
+               std::vector<Projection>& projections, int64_t N, int64_t K) {
+  const Kernels& k = kernels(level);
+  std::vector<float> inv_scale(N);
+  std::vector<int32_t> sum(N);
+  const Activations a = quantize_tokens(pool, k, x, prologue, N, K, inv_scale.data(), sum.data());
+  if (level == kAmx && N >= g_amx_min_tokens) {
+    avx512::amx_products(pool, projections, a);
+    return;
+  }
+  std::vector<Task> tasks;
+  for (const Projection& p : projections)
+    for (int64_t c = 0; c < (p.R + kRowsPerTask - 1) / kRowsPerTask; ++c) tasks.push_back({&p, c, 1});
+  const Task* list = tasks.data();
+  parallel_for(pool, int64_t(tasks.size()), [=, &a, &k](int64_t i) { k.product_task(*list[i].p, a, list[i].first); });
+}
+
+// --------------------------------------------------------------------------------------- output table
+
+template <typename T>
+void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, const T* table, int64_t V,
+                  float* out, void (*table_rows)(const float*, int64_t, int64_t, const T*, int64_t, int64_t,
+                                                 int64_t, float*)) {
+  constexpr int64_t kRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
+  parallel_for(pool, (V + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t chunk) {
+    table_rows(h, N, H, table, V, chunk * kRowsPerChunk, std::min(V, (chunk + 1) * kRowsPerChunk), out);
+  });
+}
+
+// ---------------------------------------------------------------------------------- causal attention
+
+// One task: queries [t0, t1) of batch row b for the G heads of kv head `kv`. Score row g * (t1 - t0) + i
 // belongs to head kv * G + g, query t0 + i.
-void attention_block(const float* q, const float* cos, const float* sin, const float* kt, const float* v,
-                     const AttentionShape& s, int64_t b, int64_t kv, int64_t t0, int64_t t1, float* out) {
+void attention_block(const Kernels& k, const float* q, const float* cos, const float* sin, const float* kt,
+                     const float* v, const AttentionShape& s, int64_t b, int64_t kv, int64_t t0, int64_t t1,
+                     float* out) {
   const int64_t G = s.Hq / s.KV, Tq = t1 - t0, rows = G * Tq, keys = (t1 + 15) / 16 * 16, row = padded_row(t1);
   float* scores = reinterpret_cast<float*>(scratch(3, rows * row * int64_t(sizeof(float))));
   float* rotated = reinterpret_cast<float*>(scratch(6, rows * s.D * int64_t(sizeof(float))));
   const float* kth = kt + (b * s.KV + kv) * s.D * s.Tp;
   for (int64_t r = 0; r < rows; ++r) {  // this block's queries, rotated
     const int64_t t = t0 + r % Tq;
-    rope_row(q + ((b * s.T + t) * s.Hq + kv * G + r / Tq) * s.D, cos + t * s.D, sin + t * s.D, s.D, rotated + r * s.D);
+    k.rope_row(q + ((b * s.T + t) * s.Hq + kv * G + r / Tq) * s.D, cos + t * s.D, sin + t * s.D, s.D,
+               rotated + r * s.D);
   }
   auto q_row = [&](int64_t r) { return rotated + r * s.D; };
   auto score_row = [&](int64_t r) { return scores + r * row; };
-  // Scores, 64 keys at a time (the keys' 64 columns of kt stay in L1 while every row passes).
-  for (int64_t j0 = 0; j0 < keys; j0 += 64) {
-    const int64_t nv = std::min<int64_t>(4, (keys - j0) / 16);
+  for (int64_t j0 = 0; j0 < keys; j0 += kKeyTile) {
+    const int64_t tile = std::min(kKeyTile, keys - j0);
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const float* qr[4];
       float* sr[4];
@@ -735,16 +1341,10 @@ void attention_block(const float* q, const float* cos, const float* sin, const f
       }
       int64_t last = 0;  // the group's latest query: keys after it are masked for every row
       for (int64_t i = 0; i < 4; ++i) last = std::max(last, std::min(r0 + i, rows - 1) % Tq);
-      if (j0 > t0 + last) continue;
-      switch (nv) {
-        case 1: score_tile<1>(qr, kth, s.Tp, s.D, j0, s.scale, sr); break;
-        case 2: score_tile<2>(qr, kth, s.Tp, s.D, j0, s.scale, sr); break;
-        case 3: score_tile<3>(qr, kth, s.Tp, s.D, j0, s.scale, sr); break;
-        default: score_tile<4>(qr, kth, s.Tp, s.D, j0, s.scale, sr); break;
-      }
+      if (j0 <= t0 + last) k.score_tile(qr, kth, s.Tp, s.D, j0, tile, s.scale, sr);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) softmax_row(score_row(r), t0 + r % Tq + 1);
+  for (int64_t r = 0; r < rows; ++r) k.softmax_row(score_row(r), t0 + r % Tq + 1);
   // P . V, two heads of the same query (same number of keys) at a time.
   const float* vh = v + (b * s.T * s.KV + kv) * s.D;
   const int64_t stride = s.KV * s.D;
@@ -755,41 +1355,35 @@ void attention_block(const float* q, const float* cos, const float* sin, const f
     for (; g + 2 <= G; g += 2) {
       const float* p[2] = {score_row(g * Tq + i), score_row((g + 1) * Tq + i)};
       float* o[2] = {out_row(g * Tq + i), out_row((g + 1) * Tq + i)};
-      pv_rows<2>(p, vh, stride, n, s.D, o);
+      k.pv_rows(p, 2, vh, stride, n, s.D, o);
     }
     if (g < G) {
       const float* p[1] = {score_row(g * Tq + i)};
       float* o[1] = {out_row(g * Tq + i)};
-      pv_rows<1>(p, vh, stride, n, s.D, o);
+      k.pv_rows(p, 1, vh, stride, n, s.D, o);
     }
   }
 }
 
-void causal_attention(ffi::ThreadPool& pool, const float* q, const float* k, const float* v, const float* cos,
-                      const float* sin, const AttentionShape& s, float* out, float* k_out) {
+void causal_attention(ffi::ThreadPool& pool, const Kernels& k, const float* q, const float* kin, const float* v,
+                      const float* cos, const float* sin, const AttentionShape& s, float* out, float* k_out) {
   float* kt = reinterpret_cast<float*>(scratch(4, s.B * s.KV * s.D * s.Tp * int64_t(sizeof(float))));
   const int64_t key_blocks = (s.T + 15) / 16;
-  parallel_for(pool, s.B * s.KV * key_blocks, [=, &s](int64_t item) {
-    rotate_and_transpose_keys(k, cos, sin, s, item / (s.KV * key_blocks), item / key_blocks % s.KV,
-                              item % key_blocks * 16, k_out, kt);
+  parallel_for(pool, s.B * s.KV * key_blocks, [=, &s, &k](int64_t item) {
+    k.rotate_and_transpose_keys(kin, cos, sin, s, item / (s.KV * key_blocks), item / key_blocks % s.KV,
+                                item % key_blocks * 16, k_out, kt);
   });
   // Later query blocks read more keys: hand them out first, so the last tasks to finish are the short ones.
   const int64_t blocks = (s.T + kQueryBlock - 1) / kQueryBlock;
-  parallel_for(pool, s.B * s.KV * blocks, [=, &s](int64_t item) {
+  parallel_for(pool, s.B * s.KV * blocks, [=, &s, &k](int64_t item) {
     const int64_t block = blocks - 1 - item / (s.B * s.KV), rest = item % (s.B * s.KV);
     const int64_t t0 = block * kQueryBlock;
-    attention_block(q, cos, sin, kt, v, s, rest / s.KV, rest % s.KV, t0, std::min(s.T, t0 + kQueryBlock), out);
+    attention_block(k, q, cos, sin, kt, v, s, rest / s.KV, rest % s.KV, t0, std::min(s.T, t0 + kQueryBlock), out);
   });
 }
 
 
-}  // namespace
-
-
-#pragma GCC pop_options
-
-// The handlers decode XLA's buffers (compiled for any x86-64) and call the kernels above.
-namespace {
+// The handlers decode XLA's buffers and call the kernels of the level in use.
 
 ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> up,
                      ffi::Buffer<ffi::F32> norm, ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::S32> layer,
@@ -831,7 +1425,7 @@ ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       return ffi::Error::InvalidArgument("bitnet_bitlinear: a residual [N, 4R] goes with one projection");
     projections[0].residual = residual.typed_data();
   }
-  if (N > 0) bitlinear(pool, x.typed_data(), prologue, projections, N, K);
+  if (N > 0) bitlinear(pool, g_level, x.typed_data(), prologue, projections, N, K);
   return ffi::Error::Success();
 }
 
@@ -843,10 +1437,10 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
   const int64_t N = hd[0], H = hd[1], V = td[0];
   if (table.element_type() == ffi::U16)
     table_matmul(pool, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V,
-                 out->typed_data());
+                 out->typed_data(), kernels(g_level).bf16_table_rows);
   else if (table.element_type() == ffi::F32)
     table_matmul(pool, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V,
-                 out->typed_data());
+                 out->typed_data(), kernels(g_level).f32_table_rows);
   else
     return ffi::Error::InvalidArgument("bitnet_table_matmul: table must be uint16 (bf16 bits) or float32");
   return ffi::Error::Success();
@@ -869,7 +1463,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument("bitnet_causal_attention: expects an even D, cos and sin [T, D], k_out like k");
   const AttentionShape s{B, T, Hq, KV, D, padded_row(T), static_cast<float>(1.0 / std::sqrt(double(D)))};
   if (B * T * Hq * D > 0)
-    causal_attention(pool, q.typed_data(), k.typed_data(), v.typed_data(), cos.typed_data(), sin.typed_data(), s,
+    causal_attention(pool, kernels(g_level), q.typed_data(), k.typed_data(), v.typed_data(), cos.typed_data(), sin.typed_data(), s,
                      out->typed_data(), k_out->typed_data());
   return ffi::Error::Success();
 }
@@ -905,11 +1499,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 
-// What this CPU can run: 0 none (the engine keeps XLA's own products), 1 AVX-512 VNNI, 2 VNNI and AMX.
-extern "C" int bitnet_native_level() { return kHasVnni ? (kHasAmx ? 2 : 1) : 0; }
+// What this CPU can run (a Level): 0 none (the engine keeps XLA's own products), 1 AVX2 + FMA, 2 AVX-512
+// VNNI, 3 AVX-512 VNNI and AMX.
+extern "C" int bitnet_native_level() { return kCpuLevel; }
 
-// Tests and benchmarks: force the VNNI loop (use_amx 0) or let AMX take prefill, and move the crossover.
-extern "C" void bitnet_native_configure(int use_amx, long amx_min_tokens) {
-  g_use_amx = use_amx && kHasAmx;
+// The loader, tests and benchmarks: run the kernels of `level` (at most the CPU's; AMX from amx_min_tokens
+// tokens on, where amx_min_tokens > 0). Returns the level now in use.
+extern "C" int bitnet_native_configure(int level, long amx_min_tokens) {
+  g_level = std::clamp(level, int(kNone), kCpuLevel);
   if (amx_min_tokens > 0) g_amx_min_tokens = amx_min_tokens;
+  return g_level;
 }
