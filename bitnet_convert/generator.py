@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bitnet_convert.formats import registry
+from bitnet_convert.formats.tokenizer_files import clear_cache as forget_parsed_tokenizer_files
 from bitnet_core.errors import ConvertError
 
 if TYPE_CHECKING:
@@ -43,18 +44,33 @@ def load_generator(src: str, *, revision: str | None = None):
     from bitnet_model.generation import Generator
 
     ckpt = registry.read_checkpoint(src, revision=revision)
+    forget_parsed_tokenizer_files()  # the checked tokenizer.json, parsed (~100 MB for Llama 3's): not needed now
     source = ckpt.provenance.get("path") or ckpt.provenance.get("source")
     source = source if source and os.path.exists(source) else None  # a hub id: its files are in the cache
 
     def release():
         release_mapped_pages(source)
 
-    tokenizer = load_tokenizer(ckpt.tokenizer_files, src)
+    tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
+        ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
     gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release)
     del ckpt
     release()
     return gen
+
+
+class LazyTokenizer:
+    """The tokenizer, built on first use: Llama 3's takes ~190 MB in the tokenizers library, which a prompt given
+    as ids never needs (the reader has already checked the file)."""
+
+    def __init__(self, data: bytes, where: str):
+        self._data, self._where, self._tokenizer = data, where, None
+
+    def __getattr__(self, name: str):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer({"tokenizer.json": self._data}, self._where)
+        return getattr(self._tokenizer, name)
 
 
 def load_tokenizer(tokenizer_files: dict[str, bytes], where: str = "checkpoint"):

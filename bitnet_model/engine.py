@@ -132,6 +132,7 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generator).
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it).
     """
+    from bitnet_core.aligned import aligned_empty
     from bitnet_core.quantize import packed_projection
     from bitnet_core.validate import check_tensors
 
@@ -149,8 +150,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
         if match and match.group(2) in suffix_of:
             layer, name = int(match.group(1)), suffix_of[match.group(2)]
             rows, multipliers[name][layer] = packed_projection(entry)
-            if name not in host_packed:
-                host_packed[name] = np.empty((L, *rows.shape), np.uint8)
+            if name not in host_packed:  # aligned: the device array adopts it, no second copy
+                host_packed[name] = aligned_empty((L, *rows.shape), np.uint8)
             host_packed[name][layer] = rows
             remaining[name] -= 1
             if remaining[name] == 0:

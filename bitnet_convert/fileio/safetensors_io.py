@@ -28,6 +28,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bitnet_core.aligned import aligned_empty
+
 from bitnet_convert.fileio.prefetch import prefetch
 from bitnet_convert.fileio.sources import HeldFile, SourceWatch, read_json_file
 from bitnet_core.errors import ConvertError
@@ -125,7 +127,7 @@ class StoredTensor:
         Read this way, the bytes go from the page cache into a buffer that is freed with the array; and a copy
         is what a source watch can vouch for (fileio/sources.py): a mapping shows later writes to the file.
         """
-        out = np.empty(self.end - self.start, np.uint8)
+        out = aligned_empty(self.end - self.start, np.uint8)  # adopted as it is by a JAX CPU array
         got = self.file.held.readinto(self.start, memoryview(out))
         if got != out.size:
             raise ConvertError(f"{self.path}: tensor {self.name} is cut short ({got} of {out.size} bytes; truncated?)")

@@ -46,6 +46,7 @@ from bitnet_convert.formats.gguf_types import (
     U32,
 )
 from bitnet_core import validate
+from bitnet_core.aligned import aligned_empty
 from bitnet_core.checkpoint import (
     Checkpoint,
     TensorEntry,
@@ -93,7 +94,7 @@ def raw_bytes(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
 
 def _read_tensor(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
     """A private copy of a tensor's stored bytes, read with pread (what loads use: see SourceWatch)."""
-    out = np.empty(stored_nbytes(t), np.uint8)
+    out = aligned_empty(stored_nbytes(t), np.uint8)  # adopted as it is by a JAX CPU array
     got = reader.held.readinto(t.data_offset, memoryview(out))
     if got != out.size:
         raise ConvertError(f"{reader.path}: tensor {t.name} is cut short ({got} of {out.size} bytes; truncated?)")
