@@ -1,14 +1,22 @@
-"""Generation speed and memory: transformers' BitNetForCausalLM (bf16) against our `generate` path, side by side.
+"""Generation speed and memory: our `generate` path against llama.cpp (llama-cpp-python on our own TQ2_0 file of
+the same checkpoint) and transformers' BitNetForCausalLM (bf16), side by side, in one run.
 
     python benchmarks/bench_generate.py HF_DIR            # a 2B4T-shaped checkpoint (benchmarks/make_2b4t.py)
     python benchmarks/bench_generate.py --synthetic       # ours only, random 2B4T weights made in-process (GPU)
 
-With HF_DIR, each side runs in a fresh child process on the same prompt ids, so each one's peak RSS is its
-own (`ru_maxrss` of the child from os.wait4, load included). Measured per side: prefill of 128 and 512 tokens
-(prompt in, logits of the last token out; best of --repeats after a warm-up run that compiles), and
---decode-tokens single-token steps after the 128-token prompt (median s/token). Prints a table with the
-ratios and exits 1 when a floor of issue #4 is missed: decode >= 3x transformers' tokens/s, prefill >= 2x,
-our peak RSS < 2 GiB.
+With HF_DIR, each side runs in a fresh child process on the same prompt ids, with the same thread count
+(--threads, default: every core), so each one's peak RSS is its own (`ru_maxrss` of the child from os.wait4,
+load included). Measured per side: prefill of 128 and 512 tokens (prompt in, logits of the last token out;
+best of --repeats after a warm-up run that compiles), time to first token after the 128-token prompt (prefill
+plus picking the token), and --decode-tokens single-token steps after it (median s/token). Ratios are the
+peer's time over ours (above 1: we are faster). Decode also prints the fraction of the machine's read
+bandwidth each side's step reaches: the bytes a step must read (ternary weights and the 16-bit head) over its
+time, against a plain two-thread read of a 1 GiB array measured in the same run.
+
+Exits 1 when a floor is missed: against llama.cpp decode >= 1.0x, prefill >= 2x, our peak RSS <= llama.cpp's
+and <= 1.5 GiB (issue 14's floors; its targets are 1.5x and 3x); against transformers decode >= 3x and prefill
+>= 2x (issue 4's). llama.cpp's bitnet graph computes SiLU where 2B4T has relu2: the same work, another
+function, which does not matter for speed.
 
 --synthetic needs no file, no transformers and no torch (the import chain is bitnet_model + jax): it prints
 our decode ms/token and prefill ms at 128 and 512 tokens on whatever backend JAX picks, with the targets for
@@ -31,7 +39,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GIB = 1 << 30
-FLOORS = {"decode": 3.0, "prefill": 2.0, "rss_gib": 2.0}
+# peer -> minimum ratio (peer time / ours) per measure; RSS: ours at most this many GiB
+FLOORS = {"llama.cpp": {"decode": 1.0, "prefill": 2.0}, "transformers": {"decode": 3.0, "prefill": 2.0}}
+RSS_FLOOR_GIB = 1.5
+TQ2_0_BYTES_PER_VALUE = 66 / 256  # llama.cpp's ternary blocks: 64 bytes of 2-bit codes + an f16 scale per 256
 GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 SEED = 1234
 
@@ -70,7 +81,9 @@ def child_ours(path: str, lengths, decode_tokens, repeats) -> dict:
     out["load_s"] = load_s
     import jax
 
-    out["device"] = str(jax.devices()[0].device_kind)
+    from bitnet_model import native
+
+    out["device"] = str(jax.devices()[0].device_kind) + f", kernels {native.level() if native.available() else 'XLA'}"
     return out
 
 
@@ -109,14 +122,104 @@ def child_transformers(path: str, lengths, decode_tokens, repeats) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------- llama.cpp side
+
+
+def child_llama_cpp(path: str, lengths, decode_tokens, repeats, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max(lengths) + decode_tokens + 8, n_batch=max(lengths),
+                          n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+    load_s = time.perf_counter() - start
+    ids = prompt_ids(llm.n_vocab(), max(lengths))
+
+    def last_token() -> int:  # llama-cpp-python keeps no scores without logits_all: read the context's row
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+    def prompt(length: int) -> int:  # the prompt in, the greedy next token out
+        llm.reset()
+        llm.eval(ids[:length])
+        return last_token()
+
+    out = {"prefill_s": {}, "load_s": load_s, "threads": threads}
+    for length in lengths:
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            prompt(length)
+            times.append(time.perf_counter() - t)
+        out["prefill_s"][str(length)] = min(times[1:])
+    out["ttft_s"] = out["prefill_s"][str(min(lengths))]
+    token, first, times = prompt(min(lengths)), [], []
+    for _ in range(decode_tokens):
+        first.append(token)
+        t = time.perf_counter()
+        llm.eval([token])
+        token = last_token()
+        times.append(time.perf_counter() - t)
+    out["decode_s"] = statistics.median(times)
+    out["first_ids"] = first[:8]
+    return out
+
+
+def llama_cpp_file(hf_dir: str) -> str:
+    """Our TQ2_0 file of the checkpoint, written once beside it (llama.cpp's own converter cannot read 2B4T)."""
+    from bitnet_convert import api
+
+    out = Path(hf_dir).with_name(Path(hf_dir).name + "-tq2_0.gguf")
+    if not out.exists():
+        api.convert(hf_dir, out, outtype="tq2_0", quiet=False)
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------------ bandwidth
+
+
+def read_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Bytes/s of a plain read of a `gib` GiB array split over `threads` threads (numpy's reductions release
+    the GIL), best of 5: the rate a memory-bound decode step can at most reach."""
+    import threading
+
+    import numpy as np
+
+    data = np.ones(int(gib * GIB) // 8, np.uint64)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(6):
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(part,)) for part in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t)
+    return data.nbytes / best
+
+
+def step_bytes(config: dict) -> dict[str, float]:
+    """Bytes one decode step reads on each side: every projection once (2 bits per value for us, TQ2_0 blocks for
+    llama.cpp) and the 16-bit head (bf16 for us, llama.cpp's f16 token_embd), on a 2B4T-shaped config."""
+    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    q = config["num_attention_heads"] * head_dim
+    values = layers * (h * q * 2 + 2 * h * kv + 3 * h * f)
+    head = config["vocab_size"] * h * 2
+    return {"ours": values / 4 + head, "llama.cpp": values * TQ2_0_BYTES_PER_VALUE + head, "transformers": None}
+
+
 # --------------------------------------------------------------------------------------------- parent
 
 
-def run_child(side: str, path: str, args) -> dict:
-    """Run one side in a fresh interpreter; returns its JSON result plus its peak RSS in bytes."""
+def run_child(side: str, path: str, args, env: dict | None = None) -> dict:
+    """Run one side in a fresh interpreter (with `env` added to its environment); returns its JSON result plus
+    its peak RSS in bytes."""
     argv = [sys.executable, __file__, "--child", side, path, "--decode-tokens", str(args.decode_tokens),
-            "--repeats", str(args.repeats), "--lengths", ",".join(map(str, args.lengths))]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            "--repeats", str(args.repeats), "--lengths", ",".join(map(str, args.lengths)),
+            "--threads", str(args.threads)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
@@ -127,37 +230,71 @@ def run_child(side: str, path: str, args) -> dict:
     return result
 
 
+def ratio_of(results: dict, peer: str, side: str, *keys: str) -> float:
+    """The peer's time over `side`'s for one measure (above 1: `side` is faster)."""
+    theirs, mine = results[peer], results[side]
+    for key in keys:
+        theirs, mine = theirs[key], mine[key]
+    return theirs / mine
+
+
 def compare(args) -> int:
-    ours = run_child("ours", args.path, args)
-    theirs = None if args.skip_transformers else run_child("transformers", args.path, args)
-    rows, failures = [], []
+    config = json.loads((Path(args.path) / "config.json").read_text())
+    results = {"ours": run_child("ours", args.path, args)}
+    for level in args.native_levels:  # our engine again, its kernels capped at that level (BITNET_NATIVE)
+        results[f"ours {level}"] = run_child("ours", args.path, args, {"BITNET_NATIVE": level})
+    if not args.skip_llama_cpp:
+        results["llama.cpp"] = run_child("llama.cpp", llama_cpp_file(args.path), args)
+    if not args.skip_transformers:
+        results["transformers"] = run_child("transformers", args.path, args)
+    bandwidth = read_bandwidth(args.threads)
+    moved = step_bytes(config)
+    ours = results["ours"]
+    peers = [p for p in results if not p.startswith("ours")]
+    failures = []
 
-    def row(label, ref, mine, floor=None, higher_is_better=False):
-        ratio = (ref / mine if not higher_is_better else mine / ref) if ref and mine else None
-        ok = "" if floor is None or ratio is None else ("ok" if ratio >= floor else f"MISSED (floor {floor}x)")
-        if ok.startswith("MISSED"):
-            failures.append(label)
-        rows.append((label, ref, mine, ratio, ok))
+    def ratio(peer: str, value) -> str:
+        mine = value(ours)
+        theirs = value(results[peer])
+        return "-" if not mine or not theirs else f"{theirs / mine:.2f}x"
 
-    for length in args.lengths:
-        row(f"prefill {length} tokens (s)", theirs and theirs["prefill_s"][str(length)],
-            ours["prefill_s"][str(length)], FLOORS["prefill"])
-    row("decode (s/token)", theirs and theirs["decode_s"], ours["decode_s"], FLOORS["decode"])
-    row("peak RSS (GiB)", theirs and theirs["max_rss"] / GIB, ours["max_rss"] / GIB)
-    row("load (s)", theirs and theirs["load_s"], ours["load_s"])
-    if ours["max_rss"] >= FLOORS["rss_gib"] * GIB:
-        failures.append("peak RSS")
-
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    print(f"{'':28s} {'transformers bf16':>18s} {'bitnet-convert':>15s} {'ratio':>8s}")
-    for label, ref, mine, ratio, ok in rows:
-        print(f"{label:28s} {fmt(ref):>18s} {fmt(mine):>15s} {fmt(ratio):>8s}  {ok}")
-    print(f"our peak RSS {ours['max_rss'] / GIB:.2f} GiB (floor < {FLOORS['rss_gib']} GiB); our device: {ours['device']}"
-          + (f"; torch threads: {theirs['threads']}" if theirs else ""))
-    if theirs:
-        print(f"first greedy ids after the 128-token prompt: ours {ours['first_ids']}, transformers {theirs['first_ids']}")
+    rows = [(f"prefill {n} tokens (s)", lambda r, n=n: r["prefill_s"][str(n)], "prefill") for n in args.lengths]
+    rows += [("time to first token (s)", lambda r: r.get("ttft_s", r["prefill_s"][str(min(args.lengths))]), None),
+             ("decode (ms/token)", lambda r: r["decode_s"] * 1e3, "decode"),
+             ("peak RSS (GiB)", lambda r: r["max_rss"] / GIB, None), ("load (s)", lambda r: r["load_s"], None)]
+    sides = [s for s in results if s.startswith("ours")] + peers
+    print(f"{'':26s}" + "".join(f"{s:>14s}" for s in sides) + "".join(f"{'vs ' + p:>18s}" for p in peers))
+    for label, value, floor_key in rows:
+        cells = "".join(f"{value(results[s]):14.3f}" for s in sides)
+        ratios = ""
+        for peer in peers:
+            text = ratio(peer, value)
+            floor = FLOORS[peer].get(floor_key) if floor_key else None
+            if floor is not None and text != "-" and float(text[:-1]) < floor:
+                failures.append(f"{label} vs {peer} {text} (floor {floor}x)")
+                text += "!"
+            ratios += f"{text:>18s}"
+        print(f"{label:26s}{cells}{ratios}")
+    reads = {side: moved["ours" if side.startswith("ours") else side] for side in sides}
+    fractions = [f"{side} {reads[side] / results[side]['decode_s'] / bandwidth:.0%}" for side in sides if reads[side]]
+    print(f"read bandwidth ({args.threads} threads, 1 GiB): {bandwidth / 1e9:.1f} GB/s; a decode step reads "
+          + ", ".join(f"{side} {moved[side] / 1e9:.2f} GB" for side in moved if moved[side] and side in reads)
+          + "; reached: " + ", ".join(fractions))
+    for side in sides:
+        if side.startswith("ours ") and "llama.cpp" in results:
+            print(f"{side} vs llama.cpp: decode {ratio_of(results, 'llama.cpp', side, 'decode_s'):.2f}x, prefill "
+                  + ", ".join(f"{n} {ratio_of(results, 'llama.cpp', side, 'prefill_s', str(n)):.2f}x"
+                              for n in args.lengths))
+    print(f"our device: {ours['device']}; threads: {args.threads}")
+    for peer in peers:
+        print(f"first greedy ids after the {min(args.lengths)}-token prompt: {peer} {results[peer]['first_ids']}")
+    print(f"first greedy ids, ours: {ours['first_ids']}")
+    if ours["max_rss"] > RSS_FLOOR_GIB * GIB:
+        failures.append(f"our peak RSS {ours['max_rss'] / GIB:.2f} GiB > {RSS_FLOOR_GIB} GiB")
+    if "llama.cpp" in results and ours["max_rss"] > results["llama.cpp"]["max_rss"]:
+        failures.append("our peak RSS is above llama.cpp's")
     if failures:
-        print("floors missed: " + ", ".join(failures))
+        print("floors missed: " + "; ".join(failures))
         return 1
     return 0
 
@@ -198,12 +335,20 @@ def main(argv=None) -> int:
                              "vary by +-25%% on the 2-core VM)")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512],
                         help="prompt lengths, comma separated (decode runs after the shortest)")
-    parser.add_argument("--skip-transformers", action="store_true", help="measure our side only")
-    parser.add_argument("--child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--skip-transformers", action="store_true", help="leave transformers out")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="leave llama.cpp out")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every side")
+    parser.add_argument("--native-levels", type=lambda s: [x for x in s.split(",") if x], default=[],
+                        help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
+    parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run = child_ours if args.child == "ours" else child_transformers
-        print(json.dumps(run(args.path, args.lengths, args.decode_tokens, args.repeats)))
+        if args.child == "llama.cpp":
+            result = child_llama_cpp(args.path, args.lengths, args.decode_tokens, args.repeats, args.threads)
+        else:
+            run = child_ours if args.child == "ours" else child_transformers
+            result = run(args.path, args.lengths, args.decode_tokens, args.repeats)
+        print(json.dumps(result))
         return 0
     if args.synthetic:
         return synthetic(args)
