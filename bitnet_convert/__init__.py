@@ -1,7 +1,7 @@
 """bitnet-convert: move BitNet b1.58 checkpoints between formats and prove nothing was lost.
 
 The Python API (bitnet_convert/api.py) is the CLI's arguments as functions:
-`convert`, `read`, `write`, `verify`, `inspect`, `load_model`, `generate`. They are imported on first use, so
+`convert`, `read`, `write`, `verify`, `inspect`, `load_model`, `generate`, `embed`. They are imported on first use, so
 `import bitnet_convert` stays cheap and pulls in neither JAX nor torch.
 """
 
@@ -11,7 +11,7 @@ import importlib
 
 from bitnet_core import __version__
 
-_API = ("ConvertError", "Generated", "convert", "generate", "inspect", "load_model", "read", "verify", "write")
+_API = ("ConvertError", "Generated", "convert", "embed", "generate", "inspect", "load_model", "read", "verify", "write")
 
 __all__ = ["__version__", *_API]
 

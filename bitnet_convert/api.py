@@ -96,4 +96,24 @@ def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int 
                      result.decode_s_per_token)
 
 
-__all__ = ["ConvertError", "Generated", "convert", "generate", "inspect", "load_model", "read", "verify", "write"]
+def embed(src: PathLike, texts: str | Sequence[str] | None = None, *, token_ids: Sequence[Sequence[int]] | None = None,
+          pooling: str | None = None, batch_size: int = 32, revision: str | None = None):
+    """`bitnet-convert embed`: L2-normalized sentence embeddings of `texts` (or of `token_ids`, used as given)
+    with a BitNet-embedding model in any format -> `Embedded` (.embeddings [N, H] float32, .pooling and
+    .pooling_source: the config's pooling, else the documented default mean, or `pooling`)."""
+    from bitnet_convert.embedder import Embedded, load_embedder
+
+    if (texts is None) == (token_ids is None):
+        raise ConvertError("embed takes texts or token_ids (one of the two)")
+    if batch_size <= 0:
+        raise ConvertError(f"batch size must be positive, not {batch_size}")
+    embedder = load_embedder(src, pooling=pooling, revision=revision)
+    if texts is not None:
+        return embedder.embed_texts([texts] if isinstance(texts, str) else list(texts), batch_size)
+    sequences = [[int(t) for t in ids] for ids in token_ids]
+    return Embedded(embedder.embed_ids(sequences, batch_size), embedder.pooling, embedder.pooling_source,
+                    [len(s) for s in sequences])
+
+
+__all__ = ["ConvertError", "Generated", "convert", "embed", "generate", "inspect", "load_model", "read", "verify",
+           "write"]

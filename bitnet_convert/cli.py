@@ -19,6 +19,7 @@ from bitnet_convert.formats import registry
 from bitnet_convert.verification import DEFAULT_LEVELS, LEVELS, RUNTIMES
 from bitnet_core import __version__
 from bitnet_core.errors import CheckFailed, ConvertError
+from bitnet_core.pooling import POOLINGS
 
 EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
 EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
@@ -274,3 +275,42 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
     run_generate(src, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=greedy,
                  temperature=temperature, top_p=top_p, seed=seed, revision=revision, write=write,
                  stats=(lambda line: click.echo(line, err=True)) if stats else None)
+
+
+@main.command("embed")
+@click.argument("src")
+@click.option("--text", "texts", multiple=True, help="A text to embed (repeat for several).")
+@click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Embed every line of this file ('-': standard input).")
+@click.option("--pooling", type=click.Choice(POOLINGS), default=None,
+              help="Override the model's pooling (default: its 1_Pooling/config.json, else mean).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Texts per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (pooling, embeddings, token counts).")
+@click.option("--revision", default=None, help="Hub revision, when SRC is a hub repo id.")
+def embed_command(src, texts, file, pooling, batch_size, as_json, revision):
+    """L2-normalized sentence embeddings of texts with a BitNet-embedding model (Qwen3 / Gemma3 backbone) in
+    any format: one line of numbers per text, or --json. The pooling used is printed to stderr.
+
+    \b
+    Example:
+      bitnet-convert embed ./bitnet-embedding-0.6b --text "a cat on a mat" --text "a dog on a log"
+      bitnet-convert embed ./bitnet-embedding-270m.gguf --file sentences.txt --json > vectors.json
+    """
+    if bool(texts) == (file is not None):
+        raise ConvertError("give the texts with --text (one or more) or --file, not both")
+    if file is not None:
+        stream = click.open_file(file, encoding="utf-8")
+        try:
+            with stream:
+                texts = [line.rstrip("\n") for line in stream if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise ConvertError(f"{file}: not UTF-8 text ({exc.reason})") from None
+        if not texts:
+            raise ConvertError(f"{file}: has no non-empty lines")
+    result = api.embed(src, list(texts), pooling=pooling, batch_size=batch_size, revision=revision)
+    if as_json:
+        click.echo(jsonout.dumps(result.as_dict()))
+        return
+    click.echo(f"pooling: {result.pooling} ({result.pooling_source})", err=True)
+    for row in result.embeddings:
+        click.echo(" ".join(f"{float(v):.8g}" for v in row))

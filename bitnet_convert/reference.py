@@ -87,3 +87,46 @@ def reference_logits(model, token_ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64)))
     return out.logits.float().numpy()
+
+
+def load_embedding_reference(hf_dir: str | os.PathLike):
+    """transformers' own backbone (`Qwen3Model` / `Gemma3TextModel`) with BitNet linear layers, float32, for a
+    BitNet-embedding folder (docs/formats.md §12).
+
+    transformers computes their BitLinear with `BitNetQuantConfig(use_rms_norm=True)` and online quantization
+    from the bf16 masters, but names the norm `<proj>.rms_norm.weight` where the files say `<proj>.norm.weight`:
+    so the folder is copied with that rename and the quantization_config, and loaded from the copy.
+    """
+    import json
+    import tempfile
+
+    from bitnet_convert.fileio.sources import SourceWatch, read_json_file
+
+    folder = Path(hf_dir)
+    _require_safetensors(folder)
+    torch = require("torch", "the transformers reference")
+    transformers = require("transformers", "the transformers reference")
+    from safetensors.torch import load_file, save_file
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    config = read_json_file(SourceWatch(), folder / "config.json", "config file")
+    config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                     "quantization_mode": "online", "use_rms_norm": True,
+                                     "rms_norm_eps": config.get("rms_norm_eps", 1e-6)}
+    with tempfile.TemporaryDirectory(prefix="bitnet-embedding-reference-") as tmp:
+        tensors = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            for name, value in load_file(str(file)).items():
+                tensors[name.removeprefix("model.").replace("_proj.norm.", "_proj.rms_norm.")] = value
+        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        try:
+            model = transformers.AutoModel.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ConvertError(f"{hf_dir}: transformers cannot load this reference: {str(exc).splitlines()[0]}") from exc
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    model.eval()
+    return model

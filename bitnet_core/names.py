@@ -29,18 +29,27 @@ class LayerRole:
     gguf: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
     kind: str  # TERNARY or DENSE
-    sub_norm_only: bool = False  # only in models with sub-norms (BitNetForCausalLM)
+    # Only in models whose ModelConfig has this boolean field set ("sub_norms": BitNetForCausalLM's sub-norms;
+    # "use_rms_norm", "qk_norm", "sandwich_norms": the BitNet-embedding encoders, docs/formats.md §12); None: all.
+    needs: str | None = None
     shard: str | None = None
+
+    @property
+    def sub_norm_only(self) -> bool:
+        return self.needs == "sub_norms"
+
+    def present(self, cfg: ModelConfig) -> bool:
+        return self.needs is None or bool(getattr(cfg, self.needs))
 
 
 COLUMN, ROW = "column", "row"
 LAYER_ROLES: tuple[LayerRole, ...] = (
     LayerRole("input_layernorm", "input_layernorm", "attn_norm", lambda c: (c.hidden_size,), DENSE),
     LayerRole("attn_sub_norm", "self_attn.attn_sub_norm", "attn_sub_norm", lambda c: (c.hidden_size,), DENSE,
-              sub_norm_only=True),
+              needs="sub_norms"),
     LayerRole("post_attention_layernorm", "post_attention_layernorm", "ffn_norm", lambda c: (c.hidden_size,), DENSE),
     LayerRole("ffn_sub_norm", "mlp.ffn_sub_norm", "ffn_sub_norm", lambda c: (c.intermediate_size,), DENSE,
-              sub_norm_only=True),
+              needs="sub_norms"),
     LayerRole("q_proj", "self_attn.q_proj", "attn_q", lambda c: (c.q_size, c.hidden_size), TERNARY, shard=COLUMN),
     LayerRole("k_proj", "self_attn.k_proj", "attn_k", lambda c: (c.kv_size, c.hidden_size), TERNARY, shard=COLUMN),
     LayerRole("v_proj", "self_attn.v_proj", "attn_v", lambda c: (c.kv_size, c.hidden_size), TERNARY, shard=COLUMN),
@@ -51,16 +60,41 @@ LAYER_ROLES: tuple[LayerRole, ...] = (
               shard=COLUMN),
     LayerRole("down_proj", "mlp.down_proj", "ffn_down", lambda c: (c.hidden_size, c.intermediate_size), TERNARY,
               shard=ROW),
+    # The BitNet-embedding encoders (Qwen3 / Gemma3 backbones): per-head q/k norms, Gemma's sandwich norms, and
+    # the RMSNorm inside every BitLinear (`<proj>.norm`, on the projection's input: shape [in_features]).
+    LayerRole("q_norm", "self_attn.q_norm", "attn_q_norm", lambda c: (c.head_dim,), DENSE, needs="qk_norm"),
+    LayerRole("k_norm", "self_attn.k_norm", "attn_k_norm", lambda c: (c.head_dim,), DENSE, needs="qk_norm"),
+    LayerRole("pre_feedforward_layernorm", "pre_feedforward_layernorm", "ffn_norm", lambda c: (c.hidden_size,),
+              DENSE, needs="sandwich_norms"),
+    LayerRole("post_feedforward_layernorm", "post_feedforward_layernorm", "post_ffw_norm",
+              lambda c: (c.hidden_size,), DENSE, needs="sandwich_norms"),
 )
+# `<proj>.norm` of every projection, named `<gguf>_norm_in` in bitnet.cpp's embedding GGUFs.
+LAYER_ROLES += tuple(
+    LayerRole(f"{r.name}_norm", f"{r.hf}.norm", f"{r.gguf}_norm_in", (lambda c, r=r: (r.shape(c)[1],)), DENSE,
+              needs="use_rms_norm")
+    for r in LAYER_ROLES if r.kind == TERNARY
+)
+# In models with sandwich norms (Gemma3) `post_attention_layernorm` normalizes the attention output and
+# `pre_feedforward_layernorm` is the FFN's input norm; GGUF names them so (llama.cpp's gemma3 names).
+SANDWICH_GGUF = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm"}
 # Views of the table: the ternary projections and the per-layer norms, by HF suffix.
 PROJECTIONS: dict[str, LayerRole] = {r.hf: r for r in LAYER_ROLES if r.kind == TERNARY}
 LAYER_NORMS: dict[str, LayerRole] = {r.hf: r for r in LAYER_ROLES if r.kind == DENSE}
+
+# sentence-transformers' modules list and the pooling config it points to (the first `*Pooling` module's
+# folder, `1_Pooling` in every model we know; docs/formats.md §12).
+POOLING_CONFIG_FILE = "1_Pooling/config.json"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+                               POOLING_CONFIG_FILE)
 
 # The tokenizer files a checkpoint carries between formats (besides *.jinja chat templates): the allow-list of
 # what travels, and of what --force may find in an output folder of ours.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
     "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+    # sentence-transformers' files of the embedding models: they say how the encoder's output is pooled
+    *SENTENCE_TRANSFORMERS_FILES,
 )
 
 # Whole-model tensors: HF name -> GGUF name.
@@ -82,10 +116,10 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
     }
     for layer in range(cfg.num_hidden_layers):
         for role in LAYER_ROLES:
-            if not role.sub_norm_only or cfg.sub_norms:
+            if role.present(cfg):
                 out[layer_name(layer, role.hf)] = (tuple(role.shape(cfg)), role.kind)
     out["model.norm.weight"] = ((cfg.hidden_size,), DENSE)
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and not cfg.encoder:
         out["lm_head.weight"] = ((cfg.vocab_size, cfg.hidden_size), DENSE)
     return out
 
@@ -112,7 +146,8 @@ def hf_to_gguf(hf_name: str) -> str:
 
 
 _BY_HF = {r.hf: r for r in LAYER_ROLES}
-_GGUF_TO_HF_SUFFIX = {r.gguf: r.hf for r in LAYER_ROLES}
+# (GGUF's `ffn_norm` is post_attention_layernorm's except in sandwich models: gguf_embedding.py maps those)
+_GGUF_TO_HF_SUFFIX = {r.gguf: r.hf for r in reversed(LAYER_ROLES)}
 _GGUF_GLOBAL_TO_HF = {g: h for h, g in GLOBAL_TENSORS.items()}
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 

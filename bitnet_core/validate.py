@@ -51,6 +51,11 @@ def model_config(config: dict, where: str) -> ModelConfig:
     for name in _REALS:
         _check_real(name, getattr(cfg, name), where)
     _check_token_ids(cfg, where)
+    for name in ("query_pre_attn_scalar", "rope_local_theta"):
+        if getattr(cfg, name) is not None:
+            _check_real(name, getattr(cfg, name), where)
+    if cfg.sliding_window is not None:
+        _check_size("sliding_window", cfg.sliding_window, where)
     return cfg
 
 

@@ -76,7 +76,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
 
 
-ACTIVATIONS = {"relu2": lambda x: jnp.square(jax.nn.relu(x)), "silu": jax.nn.silu}
+ACTIVATIONS = {
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # Gemma's GELU, tanh form
+}
 
 
 def ternary_matmul(x_q: jax.Array, scale: jax.Array, codes: jax.Array, multiplier: jax.Array) -> jax.Array:
@@ -181,6 +185,8 @@ class BitLinear(nnx.Module):
     `block_bytes` (static): unpacked int8 codes per block of the inference product; by default what suits
     JAX's default backend (packed.default_block_bytes). Sharding sets 0: blocks would cut across the rows
     that a mesh splits over devices (sharding.shard_model).
+    `norm_eps`: with a value, the layer first RMSNorms its input (`norm.weight` [in], plain w, this eps), as
+    the BitNet-embedding models' BitLinear does (transformers' `use_rms_norm`; docs/formats.md §12).
     """
 
     def __init__(
@@ -191,6 +197,7 @@ class BitLinear(nnx.Module):
         mode: str = INFERENCE,
         rngs: nnx.Rngs | None = None,
         block_bytes: int | None = None,
+        norm_eps: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"BitLinear mode must be one of {MODES}, not {mode!r}")
@@ -203,6 +210,7 @@ class BitLinear(nnx.Module):
         self.out_features = out_features
         self.mode = mode
         self.block_bytes = packed_ops.default_block_bytes() if block_bytes is None else block_bytes
+        self.norm = None if norm_eps is None else InputNorm(in_features, norm_eps)
         if mode == INFERENCE:
             # Placeholders (code 1 = value 0 in every field): real codes come from a checkpoint
             # (bitnet_model.params) or `export_inference`.
@@ -215,6 +223,8 @@ class BitLinear(nnx.Module):
             self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> f32 [..., out]
+        if self.norm is not None:
+            x = self.norm(x)
         if _probe.inputs is not None:
             _probe.inputs.append(x)
         if self.mode == TRAINING:
@@ -226,6 +236,18 @@ class BitLinear(nnx.Module):
         return packed_ternary_matmul(
             x_q, scale, self.packed[...], self.multiplier[...], block_bytes=self.block_bytes
         )
+
+
+class InputNorm(nnx.Module):
+    """The RMSNorm inside a BitLinear (`use_rms_norm`): x / sqrt(mean(x^2) + eps) * weight, on the input of
+    the activation quantizer."""
+
+    def __init__(self, size: int, eps: float):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 @dataclasses.dataclass

@@ -42,7 +42,8 @@ from bitnet_model.modeling import PRECISION, rope_tables, rotary_attention
 
 # The engine's names for a layer's tensors -> HF suffix within the layer, from the one role table.
 PROJECTIONS = {role.name: role.hf for role in names.PROJECTIONS.values()}
-LAYER_NORMS = {role.name: role.hf for role in names.LAYER_NORMS.values()}
+# (the causal LMs' norms: the embedding encoders' extra roles are not part of the engine, see `check_generates`)
+LAYER_NORMS = {role.name: role.hf for role in names.LAYER_NORMS.values() if role.needs in (None, "sub_norms")}
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -137,6 +138,7 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     from bitnet_core.validate import check_tensors
 
     cfg = check_tensors(ckpt, str(ckpt.provenance.get("path") or "checkpoint"))
+    check_generates(cfg, str(ckpt.provenance.get("path") or "checkpoint"))
     L = cfg.num_hidden_layers
     host_packed: dict[str, np.ndarray] = {}
     host_norms: dict[str, np.ndarray] = {}
@@ -183,9 +185,19 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
     return weights
 
 
+def check_generates(cfg: ModelConfig, where: str) -> None:
+    """The engine runs the causal LMs; an embedding encoder (docs/formats.md §12) is run by `embed`."""
+    if cfg.encoder:
+        from bitnet_core.errors import ConvertError
+
+        raise ConvertError(f"{where}: {cfg.architecture} is an embedding model, it does not generate text "
+                           "(use `bitnet-convert embed`)")
+
+
 def weights_from_model(model) -> Weights:
     """Weights of a reference `BitNetForCausalLM` (inference mode); the embedding goes back to its stored dtype."""
     cfg = model.config
+    check_generates(cfg, "model")
     layers = model.model.layers
     stored = dict(model.stored_dtypes)
 
@@ -392,7 +404,7 @@ def synthetic_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
         packed[name] = random_packed(k1, shape)
         multipliers[name] = jax.random.uniform(k2, (L,), jnp.float32, 1.3, 1.7)
     sizes = {role.name: role.shape(cfg)[0] for role in names.LAYER_NORMS.values()
-             if cfg.sub_norms or not role.sub_norm_only}
+             if role.name in LAYER_NORMS and role.present(cfg)}
     norms = {}
     for name, size in sizes.items():
         key, sub = jax.random.split(key)

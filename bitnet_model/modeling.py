@@ -3,7 +3,9 @@
 Module paths mirror the Hugging Face names (`model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`), so a
 dense tensor's NNX state path *is* its HF name and a projection `X.weight` becomes `X.packed` (uint8 [out/4, in],
 2-bit codes) + `X.multiplier` (inference) or `X.weight` (training masters). Covers BitNetForCausalLM (sub-norms, relu2) and Llama-family
-BitNets (no sub-norms, SiLU), any GQA ratio, tied or untied embeddings. Everything but the int8 products in
+BitNets (no sub-norms, SiLU), any GQA ratio, tied or untied embeddings, and the BitNet-embedding encoders
+(Qwen3 / Gemma3 backbones: an RMSNorm inside every BitLinear, q/k norms, Gemma's (1 + w) and sandwich norms,
+GELU(tanh), scaled embeddings, sliding-window layers; `embed` pools and L2-normalizes). Everything but the int8 products in
 BitLinear is float32; float products ask for HIGHEST precision so a GPU does not quietly use TF32.
 """
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitnet_core.config import ModelConfig
+from bitnet_core.config import SLIDING_ATTENTION, ModelConfig
 from bitnet_model import native
 from bitnet_model.bitlinear import ACTIVATIONS, INFERENCE, BitLinear, rms_norm
 
@@ -24,14 +26,17 @@ PRECISION = jax.lax.Precision.HIGHEST
 
 
 class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32; Gemma's (`unit_offset`) scales by 1 + weight
+    (its weights are stored around 0)."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, unit_offset: bool = False):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.unit_offset = unit_offset
+        self.weight = nnx.Param(jnp.zeros((size,), jnp.float32) if unit_offset else jnp.ones((size,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight[...], self.eps)
+        weight = self.weight[...].astype(jnp.float32)
+        return rms_norm(x, 1.0 + weight if self.unit_offset else weight, self.eps)
 
 
 class Embedding(nnx.Module):
@@ -74,8 +79,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: int) -> jax.Array:
+def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: int, *, scale: float | None = None,
+              window: int | None = None) -> jax.Array:
     """q [B, T, Hq, D], new k/v [B, T, KV, D], cached k/v [B, S, KV, D] or None -> [B, T, Hq*D].
+
+    Scores are scaled by `scale` (default head_dim^-1/2). With a sliding `window` (the prompt form only), the
+    query at t sees the keys at t - window < s <= t, as transformers' sliding layers.
 
     The new tokens attend causally among themselves and to the cache slots before `start`; that is the
     reference's masked attention over the updated cache, split in two so the cache is only read here.
@@ -86,6 +95,11 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
     G = Hq // KV
     lowest = jnp.finfo(jnp.float32).min
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
+    if window is not None:
+        if cached_k is not None or 0 < query_block < T:
+            raise ValueError("a sliding window is computed by the one-block prompt attention only")
+        causal = causal & (jnp.arange(T)[:, None] - jnp.arange(T)[None, :] < window)
+    scale = head_dim**-0.5 if scale is None else scale
     if cached_k is None and 0 < query_block < T:
         # Prefill: per kv head and block of `query_block` queries, one [G*Tq, D] x [D, Tk] product over the keys
         # up to the block's last query only (causal: keys after it are masked anyway). XLA's CPU backend runs
@@ -97,7 +111,7 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
         for t0 in range(0, T, query_block):
             t1 = min(T, t0 + query_block)
             rows = qg[:, :, :, t0:t1].reshape(B, KV, G * (t1 - t0), D)  # row g*Tq + t: head g, query t0 + t
-            scores = jnp.einsum("bkmd,bksd->bkms", rows, kt[:, :, :t1], precision=PRECISION) * head_dim**-0.5
+            scores = jnp.einsum("bkmd,bksd->bkms", rows, kt[:, :, :t1], precision=PRECISION) * scale
             probs = jax.nn.softmax(jnp.where(jnp.tile(causal[t0:t1, :t1], (G, 1)), scores, lowest), axis=-1)
             out = jnp.einsum("bkms,bksd->bkmd", probs, vt[:, :, :t1], precision=PRECISION)
             blocks.append(out.reshape(B, KV, G, t1 - t0, D))
@@ -105,15 +119,15 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
         return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
     if cached_k is None:  # all queries at once: the masked [T, T] attention of the reference model
         q = q.reshape(B, T, KV, G, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=PRECISION) * head_dim**-0.5
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=PRECISION) * scale
         probs = jax.nn.softmax(jnp.where(causal, scores, lowest), axis=-1)  # [B, KV, G, T, T]
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=PRECISION)
         return out.reshape(B, T, Hq * D)
     q = q.reshape(B, T, KV, G, D)
     S = cached_k.shape[1]
-    new = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=PRECISION) * head_dim**-0.5  # [B, KV, G, T, T]
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=PRECISION) * scale  # [B, KV, G, T, T]
     new = jnp.where(causal, new, lowest)
-    old = jnp.einsum("btkgd,bskd->bkgts", q, cached_k, precision=PRECISION) * head_dim**-0.5  # [B,KV,G,T,S]
+    old = jnp.einsum("btkgd,bskd->bkgts", q, cached_k, precision=PRECISION) * scale  # [B,KV,G,T,S]
     old = jnp.where(jnp.arange(S) < start, old, lowest)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :S], cached_v, precision=PRECISION)
@@ -122,40 +136,50 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
 
 
 def rotary_attention(q, k, v, cos, sin, cached_k=None, cached_v=None, start=None, *, query_block: int = 0,
-                     native_kernel: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     native_kernel: bool = False, scale: float | None = None,
+                     window: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """RoPE on q [B, T, Hq, D] and k [B, T, KV, D], then `attention`: -> (out [B, T, Hq*D], rotated k, v).
 
     k and v come back as the cache holds them (cast to its dtype). With `native_kernel` a prompt (no cache) runs
     in the CPU kernel of bitnet_model.native, which rotates q and k itself (float32, summed in another order).
     """
-    if native_kernel and cached_k is None:
+    if native_kernel and cached_k is None and scale is None and window is None:
         attn, k = native.causal_attention(q, k, v, cos, sin)
         return attn, k, v
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cached_k is not None:
         k, v = k.astype(cached_k.dtype), v.astype(cached_v.dtype)  # attend to what the cache will hold
-    return attention(q, k, v, cached_k, cached_v, start, q.shape[-1], query_block), k, v
+    return attention(q, k, v, cached_k, cached_v, start, q.shape[-1], query_block, scale=scale, window=window), k, v
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query attention; BitNetForCausalLM adds `attn_sub_norm` before `o_proj`."""
+    """Causal grouped-query attention; BitNetForCausalLM adds `attn_sub_norm` before `o_proj`, the embedding
+    encoders per-head `q_norm` / `k_norm` before RoPE (and Gemma3 a sliding window on some layers)."""
 
-    def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs, sliding: bool = False):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = BitLinear(cfg.hidden_size, cfg.q_size, mode=mode, rngs=rngs)
-        self.k_proj = BitLinear(cfg.hidden_size, cfg.kv_size, mode=mode, rngs=rngs)
-        self.v_proj = BitLinear(cfg.hidden_size, cfg.kv_size, mode=mode, rngs=rngs)
-        self.o_proj = BitLinear(cfg.q_size, cfg.hidden_size, mode=mode, rngs=rngs)
+        eps = cfg.rms_norm_eps if cfg.use_rms_norm else None
+        self.q_proj = BitLinear(cfg.hidden_size, cfg.q_size, mode=mode, rngs=rngs, norm_eps=eps)
+        self.k_proj = BitLinear(cfg.hidden_size, cfg.kv_size, mode=mode, rngs=rngs, norm_eps=eps)
+        self.v_proj = BitLinear(cfg.hidden_size, cfg.kv_size, mode=mode, rngs=rngs, norm_eps=eps)
+        self.o_proj = BitLinear(cfg.q_size, cfg.hidden_size, mode=mode, rngs=rngs, norm_eps=eps)
         self.attn_sub_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norms else None
+        qk = (lambda: RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.unit_offset_norms)) if cfg.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = qk(), qk()
+        self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
+        self.window = cfg.sliding_window if sliding else None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        out, _, _ = rotary_attention(q, k, v, cos, sin)  # [B, T, Hq*D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        window = self.window if self.window is not None and self.window < T else None  # else: plain causal
+        out, _, _ = rotary_attention(q, k, v, cos, sin, scale=self.scale, window=window)  # [B, T, Hq*D]
         if self.attn_sub_norm is not None:
             out = self.attn_sub_norm(out)
         return self.o_proj(out)
@@ -166,9 +190,10 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs):
         self.act = cfg.hidden_act
-        self.gate_proj = BitLinear(cfg.hidden_size, cfg.intermediate_size, mode=mode, rngs=rngs)
-        self.up_proj = BitLinear(cfg.hidden_size, cfg.intermediate_size, mode=mode, rngs=rngs)
-        self.down_proj = BitLinear(cfg.intermediate_size, cfg.hidden_size, mode=mode, rngs=rngs)
+        eps = cfg.rms_norm_eps if cfg.use_rms_norm else None
+        self.gate_proj = BitLinear(cfg.hidden_size, cfg.intermediate_size, mode=mode, rngs=rngs, norm_eps=eps)
+        self.up_proj = BitLinear(cfg.hidden_size, cfg.intermediate_size, mode=mode, rngs=rngs, norm_eps=eps)
+        self.down_proj = BitLinear(cfg.intermediate_size, cfg.hidden_size, mode=mode, rngs=rngs, norm_eps=eps)
         self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
@@ -179,15 +204,27 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, mode=mode, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    """Pre-norm residual block. With sandwich norms (Gemma3) `post_attention_layernorm` normalizes the
+    attention output, `pre_feedforward_layernorm` is the FFN's input norm and `post_feedforward_layernorm`
+    normalizes its output; otherwise `post_attention_layernorm` is the FFN's input norm."""
+
+    def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs, layer: int = 0):
+        sliding = bool(cfg.layer_types) and cfg.layer_types[layer] == SLIDING_ATTENTION and cfg.sliding_window is not None
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, cfg.unit_offset_norms)
+        self.sliding = sliding
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, mode=mode, rngs=rngs, sliding=sliding)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if cfg.sandwich_norms else None
         self.mlp = MLP(cfg, mode=mode, rngs=rngs)
 
     def __call__(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.pre_feedforward_layernorm is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class BitNetModel(nnx.Module):
@@ -196,15 +233,21 @@ class BitNetModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, mode: str, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, mode=mode, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nnx.List([DecoderLayer(cfg, mode=mode, rngs=rngs, layer=i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.unit_offset_norms)
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:  # int [B, T] -> f32 [B, T, H]
-        T = token_ids.shape[1]
-        cos, sin = rope_tables(jnp.arange(T, dtype=jnp.int32), self.config.head_dim, self.config.rope_theta)
+        cfg = self.config
+        positions = jnp.arange(token_ids.shape[1], dtype=jnp.int32)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        local = cos, sin  # Gemma3's sliding layers rotate with their own base
+        if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
+            local = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
         x = self.embed_tokens(token_ids)  # [B, T, H]
+        if cfg.scale_embeddings:  # Gemma: sqrt(hidden) in float32, as transformers' float32 model
+            x = x * np.float32(np.sqrt(cfg.hidden_size))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, *(local if layer.sliding else (cos, sin)))
         return self.norm(x)
 
 
@@ -243,3 +286,58 @@ def logits(model: BitNetForCausalLM, token_ids) -> np.ndarray:
     """float32 logits [B, T, V] of int token ids [B, T]: the full causal forward, jitted (no padding, no cache)."""
     graphdef, state = nnx.split(model)
     return np.asarray(_forward(graphdef, state, jnp.asarray(np.asarray(token_ids), jnp.int32)))
+
+
+# ----------------------------------------------------------------------------- embeddings (encoder models)
+# Batches are right-padded: attention is causal, so no real token ever sees a padding token after it, and
+# every other operation (norms, the per-token activation quantizer) is per token: a padded row computes
+# exactly what the unpadded sequence does. Pooling then reads the real tokens only.
+
+from bitnet_core.pooling import POOLINGS  # noqa: E402  (the one list of modes)
+NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
+
+
+def pool(hidden: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
+    """hidden [B, T, H], int lengths [B] (real tokens, from position 0) -> [B, H]: the mean over the real tokens,
+    the last real token, or the first one ("cls")."""
+    if pooling == "mean":
+        mask = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
+        total = jnp.einsum("bth,bt->bh", hidden, mask, precision=PRECISION)
+        return total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    if pooling == "last":
+        return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORMALIZE_EPS)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "normalize"))
+def _embed(graphdef, state, token_ids, lengths, pooling: str, normalize: bool):
+    hidden = nnx.merge(graphdef, state).model(token_ids)
+    pooled = pool(hidden, lengths, pooling)
+    return l2_normalize(pooled) if normalize else pooled
+
+
+def embed(model: BitNetForCausalLM, token_ids, lengths, *, pooling: str, normalize: bool = True) -> np.ndarray:
+    """Sentence embeddings [B, H] float32 of right-padded int token ids [B, T] with `lengths` [B] real tokens:
+    the encoder's last hidden state (after the final norm), pooled, L2-normalized (jitted)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.asarray(token_ids), jnp.int32)
+    return np.asarray(_embed(graphdef, state, ids, jnp.asarray(np.asarray(lengths), jnp.int32), pooling, normalize))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _hidden(graphdef, state, token_ids):
+    return nnx.merge(graphdef, state).model(token_ids)
+
+
+def hidden_states(model: BitNetForCausalLM, token_ids) -> np.ndarray:
+    """The last hidden state [B, T, H] (after the final norm) of int token ids [B, T], jitted."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_hidden(graphdef, state, jnp.asarray(np.asarray(token_ids), jnp.int32)))

@@ -14,6 +14,7 @@ quantizer's int8 activations in both models and asserts:
 
 import numpy as np
 import pytest
+from quantizer_recording import run_recording_codes
 
 from bitnet_convert.formats import hf
 from bitnet_convert.reference import load_reference, reference_logits
@@ -46,18 +47,7 @@ def reference_run(folder, ids):
 
 def our_run(model, ids, monkeypatch):
     """(logits, int8 activations of every quantizer call) of an eager forward, in call order."""
-    codes = []
-    original = bitlinear.quantize_activations
-
-    def record(x):
-        x_q, scale = original(x)
-        codes.append(np.asarray(x_q))
-        return x_q, scale
-
-    monkeypatch.setattr(bitlinear, "quantize_activations", record)
-    logits = np.asarray(model(np.asarray(ids, np.int32)))
-    monkeypatch.undo()
-    return logits, codes
+    return run_recording_codes(model, ids, monkeypatch)
 
 
 def assert_parity(folder, monkeypatch) -> None:

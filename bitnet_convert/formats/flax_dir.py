@@ -86,6 +86,7 @@ from bitnet_core.errors import ConvertError, CorruptData
 from bitnet_core.names import (
     MULTIPLIER,
     PACKED,
+    POOLING_CONFIG_FILE,
     dense_key,
     hf_name_of,
     is_projection,
@@ -194,6 +195,8 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name not in _OWN_FILES and not p.name.startswith(".")
     }
+    if (folder / POOLING_CONFIG_FILE).is_file():  # sentence-transformers' pooling config, in its own folder
+        tokenizer[POOLING_CONFIG_FILE] = watch.read_side_file(folder / POOLING_CONFIG_FILE, "pooling config")
     tokenizer_files.check(tokenizer, lambda name: str(folder / name))
     ckpt = Checkpoint(config, entries, tokenizer_files=tokenizer, provenance=provenance)
     validate.check_tensors(ckpt, where)

@@ -110,6 +110,7 @@ class SideFiles:
     def write(self, folder: Path, record: Mapping) -> None:
         (folder / CONFIG_FILE).write_bytes(self.config)
         for name, data in self.tokenizer_files.items():
+            (folder / name).parent.mkdir(exist_ok=True)  # sentence-transformers' 1_Pooling/config.json
             (folder / name).write_bytes(data)
         (folder / integrity.PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
 

@@ -128,6 +128,9 @@ def write(
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     cfg = validate.check_tensors(ckpt, where)
+    if cfg.encoder:  # its arch, norm names and pooling keys are bitnet.cpp's embedding branch's (formats.md §12)
+        raise ConvertError(f"{where}: GGUF for the {cfg.architecture} embedding model is not supported yet "
+                           "(convert to hf, flax or npz)")
     graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
     if not cfg.tie_word_embeddings and not graph.output_tensor:
         raise ConvertError(f"{where}: untied lm_head; {target}'s {graph.architecture} graph always ties the output "

@@ -6,6 +6,8 @@
 | "bitlinear"     | linear_class bitlinear (the default; Falcon3)     | same, but weight_scale = 1 / w            |
 | "online"        | linear_class autobitlinear, mode online           | bf16 master weights [out, in]             |
 | "latent"        | none: 1bitLLM's BitnetForCausalLM (remote code)   | fp16 latent weights [out, in]             |
+| "embedding"     | none needed: BitNet-embedding (qwen3, gemma3_text)| bf16 masters [out, in], names without     |
+|                 |                                                   | `model.`, `<proj>.norm.weight` per proj.  |
 
 (docs/formats.md §2, §7.) The reader turns packed projections into `Ternary` entries whose multiplier is always w,
 and keeps online and latent masters as DENSE entries: quantizing them is the model's job, and `ternarize_master`
@@ -65,7 +67,7 @@ from bitnet_core.checkpoint import (
     ternary_entry,
 )
 from bitnet_core.codecs import hf2bit
-from bitnet_core.config import LATENT_ARCHITECTURE
+from bitnet_core.config import GEMMA3, LATENT_ARCHITECTURE, QWEN3
 from bitnet_core.errors import ConvertError, CorruptData
 from bitnet_core.names import TOKENIZER_FILES, expected_tensors, is_projection
 from bitnet_core.quantize import projection_bytes
@@ -88,16 +90,22 @@ class Layout:
     packed: bool  # uint8 codes + weight_scale; otherwise float master weights
     inverse_scale: bool  # weight_scale holds 1/w (transformers' BitLinear divides by it)
     renames: tuple[tuple[str, str], ...] = ()  # (name part in the files, our name part)
+    unprefixed: bool = False  # the files name tensors without our "model." prefix (`layers.0....`, `norm.weight`)
 
     def our_name(self, stored: str) -> str:
         for theirs, ours in self.renames:
             stored = stored.replace(theirs, ours)
+        if self.unprefixed and not stored.startswith(MODEL_PREFIX):  # bitnet.cpp's converter accepts both
+            stored = MODEL_PREFIX + stored
         return stored
 
     def stored_name(self, ours: str) -> str:
         for theirs, canonical in self.renames:
             ours = ours.replace(canonical, theirs)
-        return ours
+        return ours.removeprefix(MODEL_PREFIX) if self.unprefixed else ours
+
+
+MODEL_PREFIX = "model."
 
 
 LAYOUTS = {
@@ -123,9 +131,11 @@ LAYOUTS = {
         "latent", None, packed=False, inverse_scale=False,
         renames=((".self_attn.inner_attn_ln.", ".self_attn.attn_sub_norm."), (".mlp.ffn_layernorm.", ".mlp.ffn_sub_norm.")),
     ),
+    "embedding": Layout("embedding", None, packed=False, inverse_scale=False, unprefixed=True),
 }
-# The architecture whose folders carry no quantization_config: its class quantizes at run time.
-LATENT_LAYOUT = {LATENT_ARCHITECTURE: "latent"}
+# The architectures whose folders need no quantization_config: their classes quantize at run time.
+LATENT_LAYOUT = {LATENT_ARCHITECTURE: "latent", QWEN3: "embedding", GEMMA3: "embedding"}
+EMBEDDING_ARCHITECTURES = (QWEN3, GEMMA3)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -143,6 +153,11 @@ def detect(path: Path) -> bool:
 def layout_of(quant: dict | None, where: str | os.PathLike, architecture: str = "BitNetForCausalLM") -> Layout:
     """The layout a config's quantization_config describes, as transformers would build its layers (or the
     latent layout of an architecture that quantizes without one)."""
+    if architecture in EMBEDDING_ARCHITECTURES:
+        # bf16 masters under the backbone's own names, whatever quantization_config (kept as it is) says
+        if quant and (not isinstance(quant, dict) or quant.get("quant_method") != "bitnet"):
+            raise ConvertError(f"{where}: quantization_config is not BitNet's (quant_method 'bitnet')")
+        return LAYOUTS["embedding"]
     if not quant and architecture in LATENT_LAYOUT:
         return LAYOUTS[LATENT_LAYOUT[architecture]]
     if not quant:
@@ -370,11 +385,15 @@ def write(
     target = LAYOUTS[layout]
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     cfg = validate.check_tensors(ckpt, where)
-    if target.quantization_config is None and cfg.architecture not in LATENT_LAYOUT:
-        raise ConvertError(f"{where}: the {layout} layout is {', '.join(LATENT_LAYOUT)}'s; a {cfg.architecture} "
-                           "folder without quantization_config would run as a plain (not BitNet) model")
+    own = LATENT_LAYOUT.get(cfg.architecture)
+    if cfg.architecture in EMBEDDING_ARCHITECTURES and layout != own:
+        raise ConvertError(f"{where}: a {cfg.architecture} embedding model is written in the {own} layout only "
+                           f"(bf16 masters under its own names), not {layout}")
+    if target.quantization_config is None and own != layout:
+        raise ConvertError(f"{where}: the {layout} layout is {', '.join(a for a, l in LATENT_LAYOUT.items() if l == layout)}'s; "
+                           f"a {cfg.architecture} folder without quantization_config would run as a plain (not BitNet) model")
     specs, produce = _plan(ckpt, target, SCALE_DTYPES[scale_dtype], where)
-    config = _config_for(ckpt.config, target)
+    config = _config_for(ckpt.config, target, ckpt.provenance)
 
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
         with hashing_progress(specs, out, quiet) as (hasher, on_written):
@@ -393,12 +412,15 @@ def write(
     return Path(out)
 
 
-def _config_for(config: dict, target: Layout) -> dict:
+def _config_for(config: dict, target: Layout, provenance: dict | None = None) -> dict:
     """config.json for `target`: its quantization_config, and a class that runs that layout. The latent layout
     is 1bitLLM's own class; any other layout of a 1bitLLM model is transformers' BitNetForCausalLM, which
     computes the same function (same quantizers, sub-norms and SiLU) from 2B4T's tensor names."""
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     architecture = (config.get("architectures") or [None])[0]
+    if target.name == "embedding":  # back as it came: its own quantization_config, if it had one
+        quant = (provenance or {}).get("quantization_config")
+        return dict(config, quantization_config=quant) if isinstance(quant, dict) else config
     if target.quantization_config is None:
         return config
     if architecture in LATENT_LAYOUT:
@@ -416,6 +438,9 @@ def default_layout(ckpt: Checkpoint) -> str:
     """The layout the model first came in (provenance) or its family's own, when the checkpoint can still be
     written in it (the online and latent layouts need master weights), else DEFAULT_LAYOUT."""
     layout = ckpt.provenance.get("source_layout")
+    architecture = validate.model_config(ckpt.config, read_from(ckpt)).architecture
+    if architecture in EMBEDDING_ARCHITECTURES:
+        return LATENT_LAYOUT[architecture]
     if layout not in LAYOUTS:
         architecture = (ckpt.config.get("architectures") or [None])[0]
         layout = FAMILY_LAYOUTS.get(architecture, DEFAULT_LAYOUT)

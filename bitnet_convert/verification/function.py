@@ -1,4 +1,4 @@
-"""verify, layer 2: the function, in one engine. The JAX engine runs the same token batches on the candidate and on
+"""verify, layer 2: the function, in one engine (for an embedding model: its encoder's hidden states). The JAX engine runs the same token batches on the candidate and on
 the reference (in the candidate's dtypes, with its declared casts applied: weights.Expected); the logits must be
 identical, bit for bit: the same program on the same values has no rounding of its own to differ by. (The same
 values in another dtype make another program: the engine reads a bf16 table as bits, an f16 one converted.)
@@ -45,6 +45,12 @@ def engine_logits(ckpt: Checkpoint, batches: list[np.ndarray], release=None) -> 
     from bitnet_model import engine
 
     cfg = ModelConfig.from_hf(ckpt.config)
+    if cfg.encoder:  # an embedding model: its last hidden states [B, T, H], the input of every pooling
+        from bitnet_model.modeling import hidden_states
+        from bitnet_model.params import model_from_checkpoint
+
+        model = model_from_checkpoint(ckpt)
+        return [hidden_states(model, np.asarray(ids, np.int32)) for ids in batches]
     weights = engine.weights_from_checkpoint(ckpt, release=release)
     opts = engine.Options.for_backend()
     out = [np.asarray(engine.forward(cfg, opts, weights, np.asarray(ids, np.int32))) for ids in batches]
