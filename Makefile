@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU build that lies on these machines' disk (an unpinned torch pulls CUDA)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
-	# the engine's CPU kernels (AVX-512 VNNI / AMX): built now rather than on first use; never fatal
+	# the engine's CPU kernels (AVX2 / AVX-512 VNNI / AMX): built now rather than on first use; never fatal
 	$(PY) -m bitnet_model.native
 	touch $(STAMP)
 

@@ -10,8 +10,9 @@ train); this file computes the same function for generation, lean and fast:
   * prefill computes logits at the last prompt token only, not [B, P, V], and its attention skips the keys
     after each block of queries (`modeling.attention`);
   * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place;
-  * on a CPU with AVX-512 VNNI (`Options.native`), every BitLinear and the output projection run in the kernels
-    of `native/` (VNNI / AMX straight from the packed bytes: XLA has no such kernel and is 2-10x slower).
+  * on an x86 CPU with AVX2 or better (`Options.native`), every BitLinear and the output projection run in the
+    kernels of `native/` (AVX2, AVX-512 VNNI or AMX straight from the packed bytes: XLA has no such kernel and
+    is 2-10x slower).
 The arithmetic is the reference's, operation for operation (per-token int8 activations, exact int32 products,
 `acc / s * multiplier`, float32 everywhere else, HIGHEST precision float products; the native BitLinear is
 bit for bit the XLA one), so logits agree to float32 rounding of the attention and output sums;
@@ -55,7 +56,7 @@ class Options:
     head_block_bytes: float32 bytes of the output projection converted per block (0: all at once).
     reduce_rows: at most this many token rows use a fused multiply-reduce instead of unpack + int8 dot: it
         reads only the packed bytes, which is what a GPU wants for decode; XLA's CPU reduce is not vectorized.
-    native: a layer runs in the CPU kernels of `native` instead of XLA: the products (AVX-512 VNNI / AMX from
+    native: a layer runs in the CPU kernels of `native` instead of XLA: the products (AVX2 / AVX-512 VNNI / AMX from
         the packed bytes, the 16-bit table read as it is) with the RMSNorm / activation before them and the
         residual add after them, and prefill attention with its RoPE (float32 like XLA's, summed in another
         order); the options above then do not apply.

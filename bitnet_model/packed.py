@@ -13,8 +13,8 @@ it unpacks block by block inside `lax.map`, one int8 dot per block of about BLOC
 as a dot over codes already unpacked, reading 4x fewer bytes, where XLA's fused multiply-reduce is not vectorized
 and a whole-matrix unpack writes and reads back the int8 codes (BENCHMARKS.md, design measurements). Other
 backends (a GPU fuses the unpack into its operand loads) and sharded runs unpack the whole matrix
-(`block_bytes=0`). One row is padded to two: XLA's CPU int8 dot of a single row takes a slow path. On a CPU with
-AVX-512 VNNI the BitLinear product reads the packed bytes in native kernels instead (bitnet_model/native).
+(`block_bytes=0`). One row is padded to two: XLA's CPU int8 dot of a single row takes a slow path. On an x86 CPU with
+AVX2 or better the BitLinear product reads the packed bytes in native kernels instead (bitnet_model/native).
 """
 
 from __future__ import annotations
