@@ -6,7 +6,8 @@ the same checkpoint) and transformers' BitNetForCausalLM (bf16), side by side, i
 
 With HF_DIR, each side runs in a fresh child process on the same prompt ids, with the same thread count
 (--threads, default: every core), so each one's peak RSS is its own (`ru_maxrss` of the child from os.wait4,
-load included). Measured per side: prefill of 128 and 512 tokens (prompt in, logits of the last token out;
+load included); peak RSS while generating comes from one more child per side that reads only the 128-token
+prompt and decodes. Measured per side: prefill of 128 and 512 tokens (prompt in, logits of the last token out;
 best of --repeats after a warm-up run that compiles), time to first token after the 128-token prompt (prefill
 plus picking the token), and --decode-tokens single-token steps after it (median s/token). Ratios are the
 peer's time over ours (above 1: we are faster). Decode also prints the fraction of the machine's read
@@ -247,6 +248,16 @@ def compare(args) -> int:
         results["llama.cpp"] = run_child("llama.cpp", llama_cpp_file(args.path), args)
     if not args.skip_transformers:
         results["transformers"] = run_child("transformers", args.path, args)
+    # Peak RSS while generating as a user does (one prompt of the shortest length, then decode), each side in a
+    # child of its own: the timing children also read a 512-token prompt, whose float32 KV cache and
+    # activations are not what generation after a short prompt holds.
+    short = argparse.Namespace(**{**vars(args), "lengths": [min(args.lengths)], "repeats": 1})
+    for side in list(results):
+        level = side.split(" ", 1)[1] if side.startswith("ours ") else None
+        path = llama_cpp_file(args.path) if side == "llama.cpp" else args.path
+        child = "ours" if side.startswith("ours") else side
+        results[side]["generate_rss"] = run_child(child, path, short, {"BITNET_NATIVE": level} if level else None)[
+            "max_rss"]
     bandwidth = read_bandwidth(args.threads)
     moved = step_bytes(config)
     ours = results["ours"]
@@ -261,7 +272,9 @@ def compare(args) -> int:
     rows = [(f"prefill {n} tokens (s)", lambda r, n=n: r["prefill_s"][str(n)], "prefill") for n in args.lengths]
     rows += [("time to first token (s)", lambda r: r.get("ttft_s", r["prefill_s"][str(min(args.lengths))]), None),
              ("decode (ms/token)", lambda r: r["decode_s"] * 1e3, "decode"),
-             ("peak RSS (GiB)", lambda r: r["max_rss"] / GIB, None), ("load (s)", lambda r: r["load_s"], None)]
+             ("peak RSS generating (GiB)", lambda r: r["generate_rss"] / GIB, None),
+             ("peak RSS, whole run (GiB)", lambda r: r["max_rss"] / GIB, None),
+             ("load (s)", lambda r: r["load_s"], None)]
     sides = [s for s in results if s.startswith("ours")] + peers
     print(f"{'':26s}" + "".join(f"{s:>14s}" for s in sides) + "".join(f"{'vs ' + p:>18s}" for p in peers))
     for label, value, floor_key in rows:
@@ -289,10 +302,10 @@ def compare(args) -> int:
     for peer in peers:
         print(f"first greedy ids after the {min(args.lengths)}-token prompt: {peer} {results[peer]['first_ids']}")
     print(f"first greedy ids, ours: {ours['first_ids']}")
-    if ours["max_rss"] > RSS_FLOOR_GIB * GIB:
-        failures.append(f"our peak RSS {ours['max_rss'] / GIB:.2f} GiB > {RSS_FLOOR_GIB} GiB")
-    if "llama.cpp" in results and ours["max_rss"] > results["llama.cpp"]["max_rss"]:
-        failures.append("our peak RSS is above llama.cpp's")
+    if ours["generate_rss"] > RSS_FLOOR_GIB * GIB:
+        failures.append(f"our peak RSS generating {ours['generate_rss'] / GIB:.2f} GiB > {RSS_FLOOR_GIB} GiB")
+    if "llama.cpp" in results and ours["generate_rss"] > results["llama.cpp"]["generate_rss"]:
+        failures.append("our peak RSS generating is above llama.cpp's")
     if failures:
         print("floors missed: " + "; ".join(failures))
         return 1
