@@ -15,12 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bitnet_core.config import QWEN3
 from bitnet_core.errors import ConvertError
-from bitnet_core.pooling import POOLINGS, pooling_of
+from bitnet_core.pooling import POOLINGS, end_token, pooling_of
 
 PAD_TO = 16
-QWEN3_EOS = "<|endoftext|>"
 
 
 @dataclasses.dataclass
@@ -61,14 +59,7 @@ class Embedder:
         """The id appended to every text, or None (see the module docstring)."""
         if self.tokenizer is None:
             return None
-        if cfg.architecture == QWEN3 and self.tokenizer.token_to_id(QWEN3_EOS) is not None:
-            return self.tokenizer.token_to_id(QWEN3_EOS)
-        if self.pooling != "last":
-            return None
-        eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) and cfg.eos_token_id else cfg.eos_token_id
-        if eos is None:
-            raise ConvertError(f"{self.where}: last-token pooling needs an end token, and the config names none")
-        return int(eos)
+        return end_token(cfg.architecture, self.pooling, self.tokenizer.token_to_id, cfg.eos_token_id, self.where)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

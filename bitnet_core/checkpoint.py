@@ -78,6 +78,9 @@ class PackedLoader:
 
 TERNARY = "ternary"  # TensorEntry.kind of a projection held as codes + multiplier
 DENSE = "dense"  # TensorEntry.kind of any plain array (norms, embeddings, float master weights)
+# A Gemma norm w stored as f32(1 + w) (what a runtime's plain RMSNorm needs) and read back as f32(stored - 1):
+# exact unless |w| < 2^-16 (formats/gguf_embedding.py). A TensorEntry.encoding.
+UNIT_OFFSET = "unit_offset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,8 @@ class TensorEntry:
     kind: str  # TERNARY or DENSE
     dtype: np.dtype | None  # stored dtype of a DENSE tensor (bf16 is ml_dtypes.bfloat16); None for TERNARY
     load: Callable[[], Ternary | np.ndarray] = dataclasses.field(repr=False, compare=False)
-    # A lossy block encoding the stored values went through (GGUF "q8_0"): `load` gives them decoded, in `dtype`.
+    # A lossy encoding the stored values went through (GGUF "q8_0"; UNIT_OFFSET): `load` gives them decoded, in
+    # `dtype`.
     encoding: str | None = None
 
     @property

@@ -9,12 +9,14 @@ Microsoft ships carry MEAN, which is reported to be the only mode that reproduce
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from bitnet_core.config import QWEN3
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import POOLING_CONFIG_FILE
 
 POOLINGS = ("mean", "last", "cls")
+QWEN3_EOS = "<|endoftext|>"  # what Qwen3 texts end on (bitnet.cpp's embedding GGUF: its eos, add_eos_token)
 DEFAULT_POOLING = "mean"
 # sentence-transformers' Pooling config keys -> our modes, in bitnet.cpp's precedence
 _MODES = (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last"))
@@ -50,6 +52,21 @@ def pooling_of(files: Mapping[str, bytes], where: str) -> tuple[str, str]:
         raise ConvertError(f"{where}: {POOLING_CONFIG_FILE} asks for {odd}, which is not supported "
                            f"(mean, cls or last token)")
     return DEFAULT_POOLING, f"default ({POOLING_CONFIG_FILE} sets no pooling mode)"
+
+
+def end_token(architecture: str, pooling: str, token_id: Callable[[str], int | None], eos_token_id,
+              where: str) -> int | None:
+    """The id appended to every text before encoding, or None: Qwen3's `<|endoftext|>` always (bitnet.cpp's
+    embedding converter makes it the GGUF's EOS with add_eos_token), else the config's EOS when pooling by last
+    token. `token_id(text)`: the tokenizer's id of a token, None if it has none."""
+    if architecture == QWEN3 and token_id(QWEN3_EOS) is not None:
+        return token_id(QWEN3_EOS)
+    if pooling != "last":
+        return None
+    eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+    if eos is None:
+        raise ConvertError(f"{where}: last-token pooling needs an end token, and the config names none")
+    return int(eos)
 
 
 def _json(data: bytes, label: str):

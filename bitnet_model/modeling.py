@@ -237,18 +237,25 @@ class BitNetModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.unit_offset_norms)
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:  # int [B, T] -> f32 [B, T, H]
+        x = self.embed(token_ids)
+        for layer, (cos, sin) in zip(self.layers, self.rope(token_ids.shape[1]), strict=True):
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:  # int [B, T] -> f32 [B, T, H]: the first layer's input
+        x = self.embed_tokens(token_ids)
+        if self.config.scale_embeddings:  # Gemma: sqrt(hidden) in float32, as transformers' float32 model
+            x = x * np.float32(np.sqrt(self.config.hidden_size))
+        return x
+
+    def rope(self, length: int) -> list[tuple[jax.Array, jax.Array]]:
+        """(cos, sin) for positions 0..length-1, per layer: Gemma3's sliding layers rotate with their own base."""
         cfg = self.config
-        positions = jnp.arange(token_ids.shape[1], dtype=jnp.int32)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        local = cos, sin  # Gemma3's sliding layers rotate with their own base
+        positions = jnp.arange(length, dtype=jnp.int32)
+        full = local = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
             local = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
-        x = self.embed_tokens(token_ids)  # [B, T, H]
-        if cfg.scale_embeddings:  # Gemma: sqrt(hidden) in float32, as transformers' float32 model
-            x = x * np.float32(np.sqrt(cfg.hidden_size))
-        for layer in self.layers:
-            x = layer(x, *(local if layer.sliding else (cos, sin)))
-        return self.norm(x)
+        return [local if layer.sliding else full for layer in self.layers]
 
 
 class BitNetForCausalLM(nnx.Module):

@@ -26,6 +26,9 @@ SIZES = {
                       num_key_value_heads=2, head_dim=32, vocab_size=96),
         "medium": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=3,
                        num_key_value_heads=1, head_dim=64, vocab_size=128),
+        # rows of 128-value multiples (I2_S blocks), a vocabulary a byte-level BPE fits in
+        "i2s": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=64, vocab_size=320),
     },
     "gemma3": {
         "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
@@ -34,6 +37,9 @@ SIZES = {
         "medium": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=32, vocab_size=128, sliding_window=12,
                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+        "i2s": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=128, vocab_size=400, sliding_window=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
     },
 }
 EOS = {"qwen3": "<|endoftext|>", "gemma3": "<eos>"}
@@ -106,17 +112,34 @@ def write_tokenizer(path: Path, backbone: str, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS[backbone], "pad_token": "<pad>"}))
 
 
+def write_gguf_tokenizer(path: Path, backbone: str, vocab_size: int) -> None:
+    """The kind of tokenizer the real model has, which GGUF carries: Qwen3's byte-level BPE (tokenizer.json), a
+    SentencePiece tokenizer.model for Gemma (GGUF tokenizer model `llama`)."""
+    from tokenizer_fixtures import qwen3_style_files, save, sentencepiece_files
+
+    if backbone == "qwen3":
+        save(qwen3_style_files(vocab_size), path)
+        return
+    # Gemma's special ids (pad 0, eos 1, bos 2, unk 3: config_for's) and no dummy prefix
+    save(sentencepiece_files(vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+                             eos_piece="<eos>", bos_piece="<bos>", add_dummy_prefix=False), path)
+
+
 def write_embedding_checkpoint(path, backbone: str = "qwen3", size: str = "small", seed: int = 0, *,
-                               pooling: str | None = None, tokenizer: bool = True, prefixed: bool = False) -> Path:
+                               pooling: str | None = None, tokenizer: bool | str = True,
+                               prefixed: bool = False) -> Path:
     """Write the tiny model to folder `path`; `pooling` ("mean", "lasttoken", "cls") adds sentence-transformers'
-    modules.json + 1_Pooling/config.json; `prefixed` names tensors `model.*` (bitnet.cpp accepts both)."""
+    modules.json + 1_Pooling/config.json; `prefixed` names tensors `model.*` (bitnet.cpp accepts both);
+    `tokenizer="gguf"` writes the real kind of tokenizer (write_gguf_tokenizer) instead of the word-level one."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = config_for(backbone, size)
     tensors = {("model." if prefixed else "") + k: _torch(v) for k, v in tensors_for(backbone, size, seed).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer:
+    if tokenizer == "gguf":
+        write_gguf_tokenizer(path, backbone, cfg["vocab_size"])
+    elif tokenizer:
         write_tokenizer(path, backbone, cfg["vocab_size"])
     if pooling is not None:
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -56,7 +56,6 @@ def test_verify_fails_a_damaged_projection_norm(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["convert", "{src}", "{tmp}/x.gguf", "--quiet"], "GGUF for the Qwen3Model embedding model is not supported yet"),
     (["generate", "{src}", "--prompt-ids", "1 2"], "Qwen3Model is an embedding model, it does not generate text"),
 ])
 def test_what_is_not_supported_says_so_in_one_line(tmp_path, args, message):

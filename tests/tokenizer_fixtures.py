@@ -86,6 +86,30 @@ def falcon3_style_files(vocab_size: int = 500) -> dict[str, bytes]:
     return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
 
 
+def qwen3_style_files(vocab_size: int) -> dict[str, bytes]:
+    """A byte-level BPE laid out like Qwen3's: its split regex (GGUF pre-tokenizer `qwen2`), merges applied to
+    whole words too, `<|endoftext|>` / `<|im_start|>` / `<|im_end|>` after the trained tokens, no BOS, and
+    `<|im_end|>` as tokenizer_config's EOS (bitnet.cpp's converter overrides it with `<|endoftext|>`)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from bitnet_convert.formats.gguf_tokenizer import QWEN2_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "bos_token": None, "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
 def real_llama3_files() -> dict[str, bytes]:
     if not (REAL_LLAMA3 / "tokenizer.json").is_file():
         pytest.skip(f"the real-size Llama-3 tokenizer is not beside the checkout ({REAL_LLAMA3})")

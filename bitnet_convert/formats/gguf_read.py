@@ -158,8 +158,13 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     reader = open_gguf(path, watch)
     field = field_reader(reader)
     arch = typed_value(reader, "general.architecture", frozenset((STRING,)), "a string")
+    from bitnet_convert.formats import gguf_embedding  # imports this module
+
+    if arch in gguf_embedding.READ_AS:  # bitnet.cpp's embedding branch (docs/formats.md §12)
+        return gguf_embedding.read(path, reader, watch, arch)
     if arch not in ARCHITECTURES:
-        raise ConvertError(f"{path}: architecture {arch!r} is not BitNet (expected one of {', '.join(ARCHITECTURES)})")
+        raise ConvertError(f"{path}: architecture {arch!r} is not BitNet (expected one of "
+                           f"{', '.join([*ARCHITECTURES, *gguf_embedding.READ_AS])})")
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise ConvertError(f"{path}: no token_embd.weight tensor")

@@ -32,6 +32,11 @@ LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
+# Qwen2's and Qwen3's (tokenizer.json): Llama 3's with single digits, `\p{N}` for `\p{N}{1,3}`
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,9 @@ class PreTokenizer:
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "llama-bpe": PreTokenizer(LLAMA3_REGEX, ignore_merges=True),
     "gpt-2": PreTokenizer(GPT2_REGEX, ignore_merges=False),
+    # llama.cpp's QWEN2 runs this regex (rewritten without `(?i:`), merges never skipped; bitnet.cpp's embedding
+    # converter names BitNet-embedding-0.6B's tokenizer so
+    "qwen2": PreTokenizer(QWEN2_REGEX, ignore_merges=False),
 }
 # Other names runtimes give the same pre-tokenizer, accepted when reading foreign files. Falcon3 and Falcon-E
 # split text with Llama 3's regex, and every runtime maps their names to its LLAMA3 pre-tokenizer where it knows

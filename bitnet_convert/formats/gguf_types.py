@@ -129,7 +129,8 @@ def graph_for(target: str, sub_norms: bool, hidden_act: str) -> Graph:
 
 
 WRITER_OPTIONS = {
-    "target": WriterOption(tuple(TARGETS), DEFAULT_TARGET, "runtime the file is for"),
+    "target": WriterOption(tuple(TARGETS), None, f"runtime the file is for (default: {DEFAULT_TARGET}; "
+                           "bitnet.cpp for the embedding models)"),
     "outtype": WriterOption(tuple(OUTTYPES), None, "projection type (default: " + ", ".join(
         f"{t.default_outtype} for {name}" for name, t in TARGETS.items()) + ")"),
     "embed_type": WriterOption(tuple(EMBED_TYPES), None, "token embedding type (default: " + ", ".join(

@@ -105,7 +105,7 @@ def write(
     *,
     force: bool = False,
     quiet: bool = True,
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
     outtype: str | None = None,
     embed_type: str | None = None,
 ) -> Path:
@@ -114,6 +114,14 @@ def write(
     outtype: projections as tq1_0 | tq2_0 (llama.cpp) | i2_s (bitnet.cpp) | f16 | bf16 | f32; default tq2_0 for
         llama.cpp, i2_s for bitnet.cpp. embed_type: token embeddings as f16 | bf16 | f32 | q8_0.
     """
+    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
+    cfg = validate.check_tensors(ckpt, where)
+    if cfg.encoder:  # bitnet.cpp's embedding branch: its arch, norm names and pooling keys (formats.md §12)
+        from bitnet_convert.formats import gguf_embedding
+
+        return gguf_embedding.write(ckpt, out, cfg, where, force=force, quiet=quiet, target=target,
+                                    outtype=outtype, embed_type=embed_type)
+    target = target or DEFAULT_TARGET
     if target not in TARGETS:
         raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
     tgt = TARGETS[target]
@@ -126,11 +134,6 @@ def write(
         raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
     if embed_type not in EMBED_TYPES:
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
-    where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
-    cfg = validate.check_tensors(ckpt, where)
-    if cfg.encoder:  # its arch, norm names and pooling keys are bitnet.cpp's embedding branch's (formats.md §12)
-        raise ConvertError(f"{where}: GGUF for the {cfg.architecture} embedding model is not supported yet "
-                           "(convert to hf, flax or npz)")
     graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
     if not cfg.tie_word_embeddings and not graph.output_tensor:
         raise ConvertError(f"{where}: untied lm_head; {target}'s {graph.architecture} graph always ties the output "
@@ -142,20 +145,27 @@ def write(
         )
     vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
     plan = _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
+    return write_plan(ckpt, out, plan, graph, kind, cfg, vocab, force=force, quiet=quiet,
+                      record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
+                      casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
 
-    casts = {**(ckpt.provenance.get("tensor_casts") or {}),
-             **{name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors}}
+
+def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Graph, kind: OutType, cfg, vocab,
+               extra_keys: Callable | None = None, *, force: bool, quiet: bool, record: dict,
+               casts: dict[str, str]) -> Path:
+    """Write the planned tensors with the model keys (then `extra_keys(writer)`), the tokenizer and the
+    provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to)."""
+    casts = {**(ckpt.provenance.get("tensor_casts") or {}), **casts}
     roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
     if _multiplier_source(kind, graph) == "in_values" and kind.ggml_type in FLOAT_ROUNDING:
         roundings.append(FLOAT_ROUNDING[kind.ggml_type])
     record = integrity.provenance_record(
-        dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings), HASH_PLACEHOLDER, NAME,
-        target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act,
+        dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings), HASH_PLACEHOLDER, NAME, **record,
     )
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
         writer = BulkGGUFWriter(tmp, graph.architecture)
         try:
-            _add_model_keys(writer, graph, kind, cfg, ckpt, vocab)
+            _add_model_keys(writer, graph, kind, cfg, ckpt, vocab, extra_keys)
             writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
             key_values, hasher = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
         finally:
@@ -223,7 +233,8 @@ def _multiplier_source(kind: OutType, graph: Graph) -> str:
     return "scale_tensor" if graph.scale_tensors else "in_values"
 
 
-def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ckpt: Checkpoint, vocab) -> None:
+def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ckpt: Checkpoint, vocab,
+                    extra_keys: Callable | None = None) -> None:
     arch = graph.architecture
     writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
     writer.add_file_type(int(kind.file_type))
@@ -245,6 +256,8 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ck
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
     writer.add_string(KEY_MULTIPLIER_SOURCE, _multiplier_source(kind, graph))
+    if extra_keys is not None:
+        extra_keys(writer)
     if vocab is not None:
         vocab.add_to(writer)
 

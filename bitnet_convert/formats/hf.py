@@ -472,6 +472,12 @@ def _plan(ckpt: Checkpoint, target: Layout, scale_dtype: np.dtype, where: str) -
             specs.append(TensorSpec(target.stored_name(entry.name), entry.dtype, entry.shape))
             producers[specs[-1].name] = dense_producer(entry, where)
         elif not target.packed:
+            if entry.kind == TERNARY and target.name == "embedding":
+                raise ConvertError(
+                    f"{where}: cannot write the embedding layout from ternary weights ({entry.name}): it stores bf16 "
+                    "master weights, which a file holding codes and one multiplier (GGUF, npz, Flax) no longer "
+                    "has; convert from the Hugging Face folder, or keep flax, npz or gguf"
+                )
             if entry.kind == TERNARY:
                 raise ConvertError(
                     f"{where}: cannot write the {target.name} layout from ternary weights ({entry.name}): the model "

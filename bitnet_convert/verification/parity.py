@@ -46,17 +46,21 @@ RTOL_FLOOR = 2.0**-14
 ULPS = 32
 PARITY_BATCHES = ((2, 72), (1, 17))  # > 64 tokens: RoPE far from position 0
 _PROJECTION_ORDER = [role.name for role in PROJECTIONS.values()]  # the order a layer calls its BitLinears in
-_LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
+# a causal LM's decoder is `model.`; the encoders' backbone (Qwen3Model, Gemma3TextModel) is the model itself
+_LAYER_MODULE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 
 
 def check_parity(reference: Checkpoint, folder) -> LayerReport:
-    """Parity of the JAX model of `reference` (an HF checkpoint read from `folder`) with transformers'."""
-    from bitnet_convert.reference import load_reference
+    """Parity of the JAX model of `reference` (an HF checkpoint read from `folder`) with transformers'. For an
+    embedding model the "logits" are the encoder's last hidden state (after the final norm), against
+    transformers' backbone (reference.load_embedding_reference)."""
+    from bitnet_convert.reference import load_embedding_reference, load_reference
     from bitnet_model.params import model_from_checkpoint
 
-    hf_model = load_reference(folder)
     model = model_from_checkpoint(reference)
     cfg = model.config
+    hf_model = (load_embedding_reference if cfg.encoder else load_reference)(folder)
+    outputs = "hidden states" if cfg.encoder else "logits"
     report = LayerReport("parity", True)
     layer_worst = np.zeros(cfg.num_hidden_layers)
     input_worst = np.zeros(cfg.num_hidden_layers)  # quantizer inputs, per layer
@@ -86,10 +90,11 @@ def check_parity(reference: Checkpoint, folder) -> LayerReport:
             report.failures.append(f"decoder layer {index}: outputs differ by {worst:.3g} of their largest value "
                                    f"(float rounding stays below {layer_rtol[index]:.3g})")
     if not logits_worst <= layer_rtol[-1]:
-        report.failures.append(f"final norm and head: logits differ by {logits_worst:.3g} of the largest logit")
+        report.failures.append(f"final norm and head: {outputs} differ by {logits_worst:.3g} of the largest value")
     if not e2e_worst <= e2e_rtol:
-        report.failures.append(f"without activation quantization, logits differ by {e2e_worst:.3g} of the largest "
-                               f"logit (float rounding, as this model amplifies it, stays below {e2e_rtol:.3g})")
+        report.failures.append(f"without activation quantization, {outputs} differ by {e2e_worst:.3g} of the "
+                               f"largest value (float rounding, as this model amplifies it, stays below "
+                               f"{e2e_rtol:.3g})")
     report.figures = {"max_layer_rel_diff": float(layer_worst.max()), "layer_rtol": float(layer_rtol.max()),
                       "max_quantizer_input_rel_diff": float(input_worst.max()),
                       "quantizer_input_rtol": float(input_rtol.max()),
@@ -123,14 +128,11 @@ def _our_layers(model, ids) -> _Run:
     import jax.numpy as jnp
 
     from bitnet_model.bitlinear import probe
-    from bitnet_model.modeling import rope_tables
 
-    cfg = model.config
     ids = jnp.asarray(np.asarray(ids, np.int32))
-    cos, sin = rope_tables(jnp.arange(ids.shape[1], dtype=jnp.int32), cfg.head_dim, cfg.rope_theta)
-    run, x = _Run(), model.model.embed_tokens(ids)
+    run, x = _Run(), model.model.embed(ids)
     noise = np.random.default_rng(7)
-    for layer in model.model.layers:
+    for layer, (cos, sin) in zip(model.model.layers, model.model.rope(ids.shape[1]), strict=True):
         with probe(record=True) as inputs:
             y = layer(x, cos, sin)
         run.layers.append((np.asarray(x), np.asarray(y), [np.asarray(i, np.float32) for i in inputs]))
@@ -143,7 +145,8 @@ def _our_layers(model, ids) -> _Run:
         run.sensitivity.append((_relative(noisy, clean), max(
             _relative(a, b) for a, b in zip(noisy_inputs, clean_inputs))))
         x = y
-    run.logits = np.asarray(model.head(model.model.norm(x)))
+    final = model.model.norm(x)
+    run.logits = np.asarray(final if model.config.encoder else model.head(final))
     return run
 
 
@@ -151,7 +154,7 @@ def _our_continuous(model, ids) -> np.ndarray:
     from bitnet_model.bitlinear import probe
 
     with probe(quantize=False):
-        return np.asarray(model(np.asarray(ids, np.int32)))
+        return np.asarray((model.model if model.config.encoder else model)(np.asarray(ids, np.int32)))
 
 
 def _one_ulp_response(model, ids, continuous: np.ndarray) -> float:
@@ -185,7 +188,7 @@ def _their_layers(hf_model, ids, ours: _Run, input_worst: np.ndarray) -> tuple[_
     run, ties = _Run(), [0]
     current: dict = {}
     hooks = []
-    for index, layer in enumerate(hf_model.model.layers):
+    for index, layer in enumerate(_backbone(hf_model).layers):
         hooks.append(layer.register_forward_pre_hook(_teacher(torch, ours.layers[index][0]), with_kwargs=True))
         hooks.append(layer.register_forward_hook(lambda _m, _a, out: run.layers.append(_first(out).detach().numpy())))
     for name, module in hf_model.named_modules():
@@ -209,7 +212,7 @@ def _their_layers(hf_model, ids, ours: _Run, input_worst: np.ndarray) -> tuple[_
         out = hf_model(input_ids=torch.from_numpy(np.asarray(ids, np.int64)))
     for hook in hooks:
         hook.remove()
-    run.logits = out.logits.float().numpy()
+    run.logits = _outputs(out)
     return run, ties[0]
 
 
@@ -221,7 +224,18 @@ def _their_continuous(hf_model, ids) -> np.ndarray:
 
     with _quantizers(hf_model, identity), torch.no_grad():
         out = hf_model(input_ids=torch.from_numpy(np.asarray(ids, np.int64)))
-    return out.logits.float().numpy()
+    return _outputs(out)
+
+
+def _backbone(hf_model):
+    """The module holding the decoder layers: a causal LM's `.model`, an encoder backbone itself."""
+    return hf_model if hasattr(hf_model, "layers") else hf_model.model
+
+
+def _outputs(out) -> np.ndarray:
+    """A causal LM's logits, an encoder's last hidden state."""
+    value = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return value.float().numpy()
 
 
 def _first(out):

@@ -21,6 +21,7 @@ from bitnet_convert.verification.report import LayerReport
 from bitnet_core.checkpoint import (
     DENSE,
     TERNARY,
+    UNIT_OFFSET,
     Checkpoint,
     PackedLoader,
     TensorEntry,
@@ -37,8 +38,9 @@ from bitnet_core.quantize import as_ternary
 # transformers' BitNetForCausalLM, the same function).
 FUNCTION_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings",
-                   "sub_norms")
-FLOAT32_FIELDS = ("rms_norm_eps", "rope_theta")
+                   "sub_norms", "encoder", "use_rms_norm", "qk_norm", "unit_offset_norms", "sandwich_norms",
+                   "scale_embeddings", "layer_types", "sliding_window")
+FLOAT32_FIELDS = ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar", "rope_local_theta")
 BLOCK_VALUES = 1 << 22  # values compared at a time: a few MB of each side, whatever the tensor's size
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -146,8 +148,8 @@ def _compare_configs(candidate: Checkpoint, reference: Checkpoint, report: Layer
             report.failures.append(f"config {field}: candidate {getattr(cand, field)!r}, "
                                    f"reference {getattr(ref, field)!r}")
     for field in FLOAT32_FIELDS:
-        a, b = np.float32(getattr(cand, field)), np.float32(getattr(ref, field))
-        if a != b:
+        a, b = (np.float32(np.nan if v is None else v) for v in (getattr(cand, field), getattr(ref, field)))
+        if a != b and not (np.isnan(a) and np.isnan(b)):
             report.failures.append(f"config {field}: candidate {float(a)!r}, reference {float(b)!r} (as float32)")
 
 
@@ -249,6 +251,8 @@ def _compare_dense(name: str, cand: TensorEntry, ref: TensorEntry, casting: bool
 
 def _cast_to(dtype: np.dtype, encoding: str | None) -> Callable[[np.ndarray], np.ndarray]:
     """reference values -> the values a candidate stored as `dtype` (after `encoding`, e.g. GGUF q8_0) holds."""
+    if encoding == UNIT_OFFSET:  # a Gemma norm stored as f32(1 + w) and read back as f32(stored - 1)
+        return lambda block: ((np.asarray(block, np.float32) + np.float32(1)) - np.float32(1)).astype(dtype)
     if encoding is not None:
         from gguf import GGMLQuantizationType, quants
 
