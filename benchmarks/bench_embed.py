@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import harness  # noqa: E402
+
 
 def texts_for(n: int, words: int, seed: int = 0) -> list[str]:
     from make_embedding import WORDS
@@ -66,16 +68,6 @@ def theirs(model_dir: Path, embedder, texts: list[str], batch: int):
     return run
 
 
-def best_time(fn, repeats: int) -> tuple[float, np.ndarray]:
-    result = fn()  # untimed: compilation, first touch of the weights
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a BitNet-embedding HF folder (default: a random 0.6B-shaped one)")
@@ -94,8 +86,8 @@ def main(argv=None) -> int:
             model_dir = make_checkpoint(Path(tmp) / "model", layers=args.layers)
         texts = texts_for(args.sentences, args.tokens)
         run_ours, embedder = ours(model_dir, texts, args.batch)
-        ours_s, ours_e = best_time(run_ours, args.repeats)
-        theirs_s, theirs_e = best_time(theirs(model_dir, embedder, texts, args.batch), args.repeats)
+        ours_s, ours_e = harness.best_time(run_ours, args.repeats)
+        theirs_s, theirs_e = harness.best_time(theirs(model_dir, embedder, texts, args.batch), args.repeats)
     cfg = embedder.model.config
     cosine = float(np.min(np.sum(ours_e * theirs_e, axis=1)))
     print(f"model: Qwen3 {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; {args.sentences} sentences of "

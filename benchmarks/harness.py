@@ -88,6 +88,46 @@ class _Poller(threading.Thread):
         self.join()
 
 
+def best_time(fn, repeats: int, warm_up: bool = True) -> tuple[float, object]:
+    """(the shortest of `repeats` timed calls of fn(), the last result), after one untimed call with
+    `warm_up` (compilation, first touch)."""
+    result = fn() if warm_up else None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_extensions() -> str:
+    """What the kernels can use on this CPU, from /proc/cpuinfo: "AVX2, AVX-512 VNNI, no AMX" and the like
+    (every table records it: the same code runs 2-10x apart with and without these)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "unknown"
+    names = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"))
+             if flag in flags]
+    names.append("AMX" if {"amx_tile", "amx_int8"} <= flags else "no AMX")
+    return ", ".join(names)
+
+
 def measure(label: str, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
             timeout: float | None = None) -> Measurement:
     """Run `argv` to completion; stdout is discarded, the end of stderr is kept for error reports."""

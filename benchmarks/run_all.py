@@ -1,4 +1,4 @@
-"""`make bench`: time every conversion of a 2B4T-shaped checkpoint against `cp`, and check the floors of issue #4.
+"""`make bench`: time every conversion of a 2B4T-shaped checkpoint against `cp`, and check the floors of issue #14.
 
     python benchmarks/run_all.py [--out-dir bench-out] [--repeat N] [--only LABEL ...] [--update BENCHMARKS.md]
 
@@ -35,17 +35,20 @@ import harness  # noqa: E402
 import make_2b4t  # noqa: E402
 
 GIB = harness.GIB
-RSS_FLOOR = int(1.5 * GIB)
+RSS_FLOOR = int(1.0 * GIB)
 
 # label -> (bitnet-convert arguments after SRC OUT, output name, most time as a multiple of the baseline,
-#           most peak RSS). Issue #4: I2_S within 4x cp, TQ2_0 within 8x, both under 1.5 GiB; "the same for
-# hf-to-flax and hf-to-npz", read here as the stricter 4x.
+#           most peak RSS). Issue #14: every hf-to-* within 3x cp + fsync (the floor; its target is 2.5x, shown
+# as TARGET_X), peak RSS at most 1.0 GiB, with the real-size tokenizer in the checkpoint.
+TIME_FLOOR_X = 3.0
+TARGET_X = 2.5
 CONVERSIONS: dict[str, tuple[list[str], str, float, int]] = {
-    "hf-to-gguf --target bitnet.cpp": (["hf-to-gguf", "--target", "bitnet.cpp"], "2b4t-i2_s.gguf", 4.0, RSS_FLOOR),
+    "hf-to-gguf --target bitnet.cpp": (["hf-to-gguf", "--target", "bitnet.cpp"], "2b4t-i2_s.gguf", TIME_FLOOR_X,
+                                       RSS_FLOOR),
     "hf-to-gguf --outtype tq2_0": (["hf-to-gguf", "--target", "llama.cpp", "--outtype", "tq2_0"],
-                                   "2b4t-tq2_0.gguf", 8.0, RSS_FLOOR),
-    "hf-to-flax": (["hf-to-flax"], "2b4t-flax", 4.0, RSS_FLOOR),
-    "hf-to-npz": (["hf-to-npz"], "2b4t.npz", 4.0, RSS_FLOOR),
+                                   "2b4t-tq2_0.gguf", TIME_FLOOR_X, RSS_FLOOR),
+    "hf-to-flax": (["hf-to-flax"], "2b4t-flax", TIME_FLOOR_X, RSS_FLOOR),
+    "hf-to-npz": (["hf-to-npz"], "2b4t.npz", TIME_FLOOR_X, RSS_FLOOR),
 }
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -78,14 +81,6 @@ def _version(package: str) -> str:
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = "unknown"
     try:
         match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
@@ -98,7 +93,8 @@ def machine() -> dict[str, str]:
     except OSError:
         load = "unknown"
     return {
-        "CPU": cpu,
+        "CPU": harness.cpu_model(),
+        "vector extensions": harness.cpu_extensions(),
         "cores (nproc)": str(os.cpu_count()),
         "RAM": mem,
         "OS": f"{platform.system()} {platform.release()}",
@@ -179,6 +175,11 @@ def main(argv=None) -> int:
     print(md)
     if args.update:
         update_file(Path(args.update), md)
+    for case in conversions:  # the issue's target, beyond its floor: reported, not failed
+        if case.ok and "[" not in case.label:
+            ratio = case.wall_s / baseline.wall_s
+            log(f"target {TARGET_X:g}x {baseline.label}: {case.label} {ratio:.2f}x, "
+                f"{'met' if ratio <= TARGET_X else 'missed'}")
     failed = harness.failures(cases, baseline) + different
     for line in failed:
         log(f"FLOOR MISSED: {line}")

@@ -76,6 +76,43 @@ class PackedLoader:
         return self._load()
 
 
+class RowsLoader:
+    """A DENSE entry's `load` that can also read rows [start, stop) of the tensor alone (`rows(start, stop)`, a
+    fresh array): a streaming writer then converts a 0.66 GB embedding a block of rows at a time instead of
+    holding a copy of it whole. It lives on `load` for the reason PackedLoader does (see TensorEntry)."""
+
+    def __init__(self, load: Callable[[], np.ndarray], rows: Callable[[int, int], np.ndarray]):
+        self._load = load
+        self.rows = rows
+
+    def __call__(self) -> np.ndarray:
+        return self._load()
+
+
+ROW_BLOCK_BYTES = 16 << 20  # a block of rows read at a time: 40 blocks of a 2B4T embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """A dense tensor handed to a writer as consecutive blocks of whole rows, in order (`row_blocks`)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Iterator[np.ndarray]
+
+
+def row_blocks(entry: TensorEntry, block_bytes: int | None = None) -> RowBlocks | None:
+    """A DENSE entry of two or more dimensions read a block of rows at a time (of about `block_bytes`, default
+    ROW_BLOCK_BYTES), where its loader offers rows (else None: load it whole)."""
+    rows = entry.load_rows
+    if rows is None or len(entry.shape) < 2:
+        return None
+    row_bytes = np.dtype(entry.dtype).itemsize * int(np.prod(entry.shape[1:]))
+    step = max(1, (block_bytes or ROW_BLOCK_BYTES) // max(1, row_bytes))
+    blocks = (rows(start, min(entry.shape[0], start + step)) for start in range(0, entry.shape[0], step))
+    return RowBlocks(np.dtype(entry.dtype), tuple(entry.shape), blocks)
+
+
 TERNARY = "ternary"  # TensorEntry.kind of a projection held as codes + multiplier
 DENSE = "dense"  # TensorEntry.kind of any plain array (norms, embeddings, float master weights)
 # A Gemma norm w stored as f32(1 + w) (what a runtime's plain RMSNorm needs) and read back as f32(stored - 1):
@@ -104,6 +141,11 @@ class TensorEntry:
         loses it: a writer can never go around such a wrapper. Wrappers that mean to keep it wrap both.
         """
         return self.load.packed if isinstance(self.load, PackedLoader) else None
+
+    @property
+    def load_rows(self) -> Callable[[int, int], np.ndarray] | None:
+        """rows(start, stop) of a DENSE entry whose `load` is a RowsLoader, else None (see load_packed)."""
+        return self.load.rows if isinstance(self.load, RowsLoader) else None
 
     @property
     def nbytes_hint(self) -> int:

@@ -13,6 +13,7 @@ from bitnet_core.checkpoint import (
     Checkpoint,
     PackedLoader,
     PackedTernary,
+    RowsLoader,
     TensorEntry,
     Ternary,
 )
@@ -132,6 +133,15 @@ def check_loaded(entry: TensorEntry, value, where: str) -> None:
         raise CorruptData(f"{where}: tensor {entry.name} loaded with shape {list(shape)}, expected {list(entry.shape)}")
 
 
+def check_rows(entry: TensorEntry, value: np.ndarray, start: int, stop: int, where: str) -> None:
+    """`check_loaded` for rows [start, stop) of a DENSE entry."""
+    shape = tuple(np.shape(value))
+    expected = (stop - start, *entry.shape[1:])
+    if not 0 <= start <= stop <= (entry.shape[0] if entry.shape else 0) or shape != expected:
+        raise CorruptData(f"{where}: tensor {entry.name} rows {start}:{stop} loaded with shape {list(shape)}, "
+                          f"expected {list(expected)}")
+
+
 def check_packed(entry: TensorEntry, value: PackedTernary, where: str) -> None:
     """`check_loaded` for a weight handed out as stored: the multiplier, and the packed shape of its layout
     (its codes are checked by the codec that reads them)."""
@@ -149,21 +159,32 @@ def checked(ckpt: Checkpoint, where: str) -> Checkpoint:
 
     def guard(entry: TensorEntry) -> TensorEntry:
         return after_each_load(entry, lambda value: check_loaded(entry, value, where),
-                               lambda value: check_packed(entry, value, where))
+                               lambda value: check_packed(entry, value, where),
+                               lambda value, start, stop: check_rows(entry, value, start, stop, where))
 
     return dataclasses.replace(ckpt, tensors={name: guard(e) for name, e in ckpt.tensors.items()})
 
 
 def after_each_load(entry: TensorEntry, after_load: Callable[[Any], None],
-                    after_packed: Callable[[PackedTernary], None]) -> TensorEntry:
-    """The same entry, whose `load` runs `after_load(value)` before returning, and whose packed form (if it
-    offers one) runs `after_packed(value)`: the one way to wrap loads without losing `load_packed`."""
+                    after_packed: Callable[[PackedTernary], None],
+                    after_rows: Callable[[np.ndarray, int, int], None] | None = None) -> TensorEntry:
+    """The same entry, whose `load` runs `after_load(value)` before returning, whose packed form (if it offers
+    one) runs `after_packed(value)` and whose rows (if it offers them) `after_rows(value, start, stop)`: the one
+    way to wrap loads without losing `load_packed` / `load_rows` (without `after_rows` the rows are dropped)."""
 
     def load():
         value = entry.load()
         after_load(value)
         return value
 
+    rows = entry.load_rows
+    if rows is not None and after_rows is not None:
+        def load_rows(start: int, stop: int) -> np.ndarray:
+            value = rows(start, stop)
+            after_rows(value, start, stop)
+            return value
+
+        return dataclasses.replace(entry, load=RowsLoader(load, load_rows))
     packed = entry.load_packed
     if packed is None:
         return dataclasses.replace(entry, load=load)

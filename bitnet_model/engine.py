@@ -58,8 +58,8 @@ class Options:
         reads only the packed bytes, which is what a GPU wants for decode; XLA's CPU reduce is not vectorized.
     native: a layer runs in the CPU kernels of `native` instead of XLA: the products (AVX2 / AVX-512 VNNI / AMX from
         the packed bytes, the 16-bit table read as it is) with the RMSNorm / activation before them and the
-        residual add after them, and prefill attention with its RoPE (float32 like XLA's, summed in another
-        order); the options above then do not apply.
+        residual add after them, and attention with its RoPE, the prompt's and the decode steps' over a float32
+        cache (float32 like XLA's, summed in another order); the options above then do not apply.
     query_block: queries per block of XLA's prefill attention (modeling.attention; 0: one block): 128 measured
         fastest on the CPU (BENCHMARKS.md, design measurements); a GPU takes one block, fewer larger products.
     """
@@ -269,8 +269,11 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        attn, k, v = rotary_attention(q, k, v, cos, sin, cached_k, cached_v, start, query_block=opts.query_block,
-                                      native_kernel=opts.native)  # k, v: rotated, as the cache holds them
+        if native_cache:  # reads this layer of the whole stacked cache in place: no slice copied per layer
+            attn, k = native.cached_attention(q, k, v, cos, sin, cache.keys, cache.values, index, start)
+        else:
+            attn, k, v = rotary_attention(q, k, v, cos, sin, cached_k, cached_v, start, query_block=opts.query_block,
+                                          native_kernel=opts.native)  # k, v: rotated, as the cache holds them
         x = bitlinear(attn, "o_proj", norm="attn_sub_norm", residual=x)[0]  # Llama-family: no sub-norms
         gate, up = bitlinear(x, "gate_proj", "up_proj", norm="post_attention_layernorm")
         x = bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up, residual=x)[0]  # act(gate) * up: [B, T, F]
@@ -278,17 +281,19 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
 
     L = cfg.num_hidden_layers
     none = jnp.zeros((L, 0))  # scan needs an array where a layer has no cache
-    # Native products read their layer out of the whole stacks (closed over, indexed by the scan's layer
-    # number); XLA's products take the scan's slices.
+    # Native products and the native cached attention read their layer out of the whole stacks (closed over,
+    # indexed by the scan's layer number); XLA's take the scan's slices.
+    native_cache = opts.native and cache is not None and cache.keys.dtype == jnp.float32
+    sliced_cache = cache is not None and not native_cache
     packed, multipliers = ({}, {}) if opts.native else (w.packed, w.multipliers)
-    xs = (packed, multipliers, w.norms, none if cache is None else cache.keys,
-          none if cache is None else cache.values, jnp.arange(L, dtype=jnp.int32))
+    xs = (packed, multipliers, w.norms, cache.keys if sliced_cache else none,
+          cache.values if sliced_cache else none, jnp.arange(L, dtype=jnp.int32))
 
     def body(x, xs):
         p, m, n, ck, cv, index = xs
         if opts.native:
             p, m = w.packed, w.multipliers
-        return layer(x, (p, m, n, None if cache is None else ck, None if cache is None else cv, index))
+        return layer(x, (p, m, n, ck if sliced_cache else None, cv if sliced_cache else None, index))
 
     x, (keys, values) = jax.lax.scan(body, x, xs)
     return x, keys, values

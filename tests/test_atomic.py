@@ -60,7 +60,10 @@ SLOW_CONVERT = textwrap.dedent(
     """
     import dataclasses, sys, time
     from bitnet_convert import cli
+    from bitnet_convert.fileio import direct
     from bitnet_convert.formats import registry
+
+    direct.BUFFER_BYTES = direct.BLOCK  # a small output reaches the disk as it is written, as a large one does
 
     read = registry.read_checkpoint
 

@@ -227,9 +227,9 @@ def test_written_model_is_streamed_tensor_by_tensor(hf_checkpoint, tmp_path, mon
 
     wrapped = Checkpoint(ckpt.config, {n: logged(e) for n, e in ckpt.tensors.items()}, ckpt.tokenizer_files,
                          ckpt.provenance)
-    real_add = integrity.TensorHasher.add
-    monkeypatch.setattr(integrity.TensorHasher, "add",
-                        lambda self, name, raw: record(("written", name)) or real_add(self, name, raw))
+    real_begin = integrity.TensorHasher.begin  # each tensor's bytes are hashed as they are written
+    monkeypatch.setattr(integrity.TensorHasher, "begin",
+                        lambda self, name, nbytes: record(("written", name)) or real_begin(self, name, nbytes))
     hf.write(wrapped, str(tmp_path / "out"))
     loads = [name for event, name in log if event == "load"]
     writes = [name for event, name in log if event == "written" and not name.endswith("_scale")]

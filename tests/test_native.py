@@ -354,6 +354,68 @@ def test_causal_attention_never_reads_later_keys(vector_path):
     assert not np.allclose(first[:, -1], second[:, -1])
 
 
+CACHED_SHAPES = [  # batch, new tokens, cached positions, cache slots, query heads, kv heads, head size, layers
+    (1, 1, 0, 4, 1, 1, 2, 1), (1, 1, 7, 16, 4, 2, 16, 2), (2, 3, 33, 40, 6, 2, 20, 3), (1, 1, 127, 130, 20, 5, 128, 2),
+    (2, 2, 5, 9, 3, 3, 130, 1), (1, 4, 60, 64, 5, 1, 8, 2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,tokens,start,slots,heads,kv_heads,size,layers", CACHED_SHAPES)
+def test_cached_attention_matches_float64_and_xla(vector_path, batch, tokens, start, slots, heads, kv_heads, size,
+                                                  layers):
+    """Decode attention over one layer of stacked caches: the new tokens attend to the `start` cached slots and
+    causally among themselves; slots from `start` on hold garbage that must not count. An empty cache, odd
+    heads per kv head (a pair and a single), head sizes off the 8-float vector; equal to float64 within float32
+    rounding, as XLA's cached attention is; the new keys come back rotated."""
+    from bitnet_model.modeling import apply_rope, attention, rope_tables
+
+    rng = np.random.default_rng(start * 10 + size)
+    q = (rng.standard_normal((batch, tokens, heads, size)) * 2).astype(np.float32)
+    k = (rng.standard_normal((batch, tokens, kv_heads, size)) * 2).astype(np.float32)
+    v = rng.standard_normal((batch, tokens, kv_heads, size)).astype(np.float32)
+    cache_k = (rng.standard_normal((layers, batch, slots, kv_heads, size)) * 2).astype(np.float32)
+    cache_v = rng.standard_normal((layers, batch, slots, kv_heads, size)).astype(np.float32)
+    cache_k[:, :, start:], cache_v[:, :, start:] = 1e4, -1e4  # unfilled slots: never attended
+    cos, sin = (np.asarray(t) for t in rope_tables(jnp.arange(start, start + tokens), size, 10000.0))
+    layer = layers - 1
+    out, rotated = (np.asarray(a) for a in jax.jit(native.cached_attention)(q, k, v, cos, sin, cache_k, cache_v,
+                                                                               layer, start))
+    assert out.shape == (batch, tokens, heads * size) and out.dtype == np.float32
+    want_k = rope_float64(k, cos, sin)
+    np.testing.assert_allclose(rotated, want_k, rtol=1e-6, atol=1e-6)
+
+    G = heads // kv_heads
+    qr = rope_float64(q, cos, sin)
+    keys = np.concatenate([cache_k[layer, :, :start], want_k], axis=1)  # [B, start + T, KV, D]
+    values = np.concatenate([cache_v[layer, :, :start], v], axis=1).astype(np.float64)
+    exact = np.zeros((batch, tokens, heads, size))
+    visible = np.arange(start + tokens)[None, :] <= start + np.arange(tokens)[:, None]  # [T, start + T]
+    for h in range(heads):
+        scores = np.einsum("btd,bsd->bts", qr[:, :, h], keys[:, :, h // G]) / np.sqrt(size)
+        scores = np.where(visible, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        exact[:, :, h] = (probs / probs.sum(-1, keepdims=True)) @ values[:, :, h // G]
+    np.testing.assert_allclose(out, exact.reshape(out.shape), rtol=1e-5, atol=2e-5)
+
+    def xla(q, k, v):
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return attention(q, k, v, cache_k[layer], cache_v[layer], start, size, 0)
+
+    np.testing.assert_allclose(out, np.asarray(jax.jit(xla)(q, k, v)), rtol=1e-5, atol=2e-5)
+
+
+@needs_kernels
+def test_cached_attention_refuses_a_layer_or_start_out_of_range():
+    q = np.zeros((1, 1, 2, 4), np.float32)
+    k = v = np.zeros((1, 1, 1, 4), np.float32)
+    cos, sin = np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)
+    cache = np.zeros((2, 1, 8, 1, 4), np.float32)
+    for layer, start in [(2, 0), (-1, 0), (0, 9)]:
+        with pytest.raises(Exception, match="layer or start out of range"):
+            np.asarray(native.cached_attention(q, k, v, cos, sin, cache, cache, layer, start)[0])
+
+
 def test_cache_folder_and_library_key(tmp_path, monkeypatch):
     """The library is keyed by source, jaxlib and flags, and lives in the cache folder the user chose."""
     monkeypatch.setenv("BITNET_CONVERT_CACHE", str(tmp_path))

@@ -29,7 +29,9 @@ import ml_dtypes
 import numpy as np
 
 from bitnet_core.aligned import aligned_empty
+from bitnet_core.checkpoint import RowBlocks
 
+from bitnet_convert.fileio.direct import DirectFile
 from bitnet_convert.fileio.prefetch import prefetch
 from bitnet_convert.fileio.sources import HeldFile, SourceWatch, read_json_file
 from bitnet_core.errors import ConvertError
@@ -128,10 +130,22 @@ class StoredTensor:
         is what a source watch can vouch for (fileio/sources.py): a mapping shows later writes to the file.
         """
         out = aligned_empty(self.end - self.start, np.uint8)  # adopted as it is by a JAX CPU array
-        got = self.file.held.readinto(self.start, memoryview(out))
+        self._read_into(self.start, out)
+        return out.view(self.dtype).reshape(self.shape)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor, read as `read` reads it whole (a private copy, through pread)."""
+        row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} of a tensor of {self.shape[0]}")
+        out = np.empty((stop - start) * row_bytes, np.uint8)
+        self._read_into(self.start + start * row_bytes, out)
+        return out.view(self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def _read_into(self, offset: int, out: np.ndarray) -> None:
+        got = self.file.held.readinto(offset, memoryview(out))
         if got != out.size:
             raise ConvertError(f"{self.path}: tensor {self.name} is cut short ({got} of {out.size} bytes; truncated?)")
-        return out.view(self.dtype).reshape(self.shape)
 
 
 class SafetensorsFile:
@@ -373,22 +387,43 @@ def write_safetensors(
 ) -> int:
     """Write one safetensors file, streaming: `produce(spec)` is called once per spec, in order.
 
-    `produce` returns an array of exactly `spec.dtype` and `spec.shape` (or the raw bytes); the bytes are
-    written at once and dropped, so peak memory is one tensor. Tensors are stored in the order of `specs`
+    `produce` returns an array of exactly `spec.dtype` and `spec.shape` (or the raw bytes, or a RowBlocks of
+    them); the bytes are written at once and dropped, so peak memory is one tensor (one block of rows). Tensors are stored in the order of `specs`
     (put wider dtypes first if readers should get aligned views). `on_written(spec, raw)` sees each tensor's
-    stored bytes, for hashing and progress. Returns the file size. Write into a temporary path
+    stored bytes in order, for hashing and progress: in one piece, or one per block of a RowBlocks. Returns the file size. Write into a temporary path
     (`atomic.atomic_path`): an exception leaves a partial file.
     """
     specs = list(specs)
     head = header_bytes(specs, metadata)
-    with open(path, "wb") as fh:
+    with DirectFile(path) as fh:
         fh.write(head)
         # The next tensor is produced on a second core while this one is written and hashed (prefetch.py).
-        for spec, raw in prefetch((spec, _as_bytes(spec, produce(spec))) for spec in specs):
+        for spec, raw in prefetch(piece for spec in specs for piece in _pieces(spec, produce(spec))):
             fh.write(raw)
             if on_written is not None:
                 on_written(spec, raw)
         return fh.tell()
+
+
+def _pieces(spec: TensorSpec, value) -> Iterator[tuple[TensorSpec, memoryview]]:
+    """(spec, bytes) of one produced tensor: one piece, or one per block of a RowBlocks (at least one)."""
+    if not isinstance(value, RowBlocks):
+        yield spec, _as_bytes(spec, value)
+        return
+    if value.dtype != spec.dtype or value.shape != spec.shape:
+        raise ConvertError(f"tensor {spec.name}: produced {value.dtype}{list(value.shape)}, header promised "
+                           f"{spec.dtype}{list(spec.shape)}")
+    rows = 0
+    for block in value.blocks:
+        block_spec = dataclasses.replace(spec, shape=(len(block), *spec.shape[1:]))
+        rows += len(block)
+        if rows > spec.shape[0]:
+            break
+        yield spec, _as_bytes(block_spec, block)
+    if rows != spec.shape[0]:
+        raise ConvertError(f"tensor {spec.name}: produced {rows} rows, header promised {spec.shape[0]}")
+    if rows == 0:
+        yield spec, memoryview(b"")
 
 
 def shard_name(index: int, count: int, prefix: str = "model") -> str:

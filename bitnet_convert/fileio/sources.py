@@ -28,6 +28,7 @@ import numpy as np
 
 from bitnet_core import validate
 from bitnet_core.checkpoint import TensorEntry
+from bitnet_core import gcpause
 from bitnet_core.errors import ConvertError
 
 # Bounds for what is read whole: 2B4T's largest side file (tokenizer.json) is 9 MB, the largest real ones ~35 MB.
@@ -215,11 +216,12 @@ class SourceWatch:
                 raise _changed(path, change)
 
     def guard(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
-        """The same entries, each load followed by `check` (the packed form too)."""
+        """The same entries, each load followed by `check` (the packed form and row ranges too)."""
         def after(value) -> None:
             self.check()
 
-        return {name: validate.after_each_load(entry, after, after) for name, entry in entries.items()}
+        return {name: validate.after_each_load(entry, after, after, lambda value, start, stop: self.check())
+                for name, entry in entries.items()}
 
 
 def _changed(path: Path, change: str) -> ConvertError:
@@ -257,7 +259,8 @@ def parse_json(data: bytes, where: str, subject: str = ""):
     except UnicodeDecodeError as exc:
         raise ConvertError(f"{said} not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        with gcpause.paused():  # a tokenizer.json is ~1M containers
+            return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ConvertError(f"{said} not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:

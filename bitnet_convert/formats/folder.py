@@ -20,7 +20,7 @@ import numpy as np
 from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.progress import progress_bar
 from bitnet_convert.fileio.safetensors_io import SafetensorsFile, TensorSpec, dtype_code
-from bitnet_core.checkpoint import Checkpoint, TensorEntry, Ternary
+from bitnet_core.checkpoint import Checkpoint, RowBlocks, TensorEntry, Ternary, row_blocks
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import TOKENIZER_FILES
 
@@ -68,8 +68,13 @@ def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) 
     with contextlib.closing(integrity.ModelHasher(background=True)) as hasher, \
             progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
 
+        current: list[TensorSpec | None] = [None]  # the tensor whose pieces are coming
+
         def on_written(spec: TensorSpec, raw: memoryview) -> None:
-            hasher.add(spec.name, dtype_code(spec.dtype), spec.shape, raw)
+            if spec is not current[0]:
+                hasher.begin(spec.name, dtype_code(spec.dtype), spec.shape, spec.nbytes)
+                current[0] = spec
+            hasher.update(raw)
             bar.update(raw.nbytes)
 
         yield hasher, on_written
@@ -140,7 +145,10 @@ def stored_folder_model(folder: Path, tensor_files: Sequence[SafetensorsFile]) -
 def dense_producer(entry: TensorEntry, where: str) -> Callable[[], np.ndarray]:
     """A safetensors_io producer for a plain tensor (norm, embedding, master weight), as stored."""
 
-    def produce() -> np.ndarray:
+    def produce() -> np.ndarray | RowBlocks:
+        blocks = row_blocks(entry)  # an embedding a block of rows at a time, where the source offers it
+        if blocks is not None:
+            return blocks
         value = entry.load()
         if isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name}: expected a plain array, loaded ternary codes")

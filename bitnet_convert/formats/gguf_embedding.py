@@ -132,11 +132,12 @@ def write(ckpt: Checkpoint, out: str, cfg: ModelConfig, where: str, *, force: bo
     if embed_type not in EMBED_TYPES:
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     pooling, _ = pooling_of(ckpt.tokenizer_files, where)
-    vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    if vocab is not None:
-        vocab = _with_end_token(vocab, cfg, pooling, where)
     g, kind = graph(cfg), OUTTYPES[OUTTYPE]
     plan = _plan(ckpt, cfg, kind, g, EMBED_TYPES[embed_type], where)
+
+    def vocab():  # built by the writer while the first tensors are made
+        found = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
+        return found if found is None else _with_end_token(found, cfg, pooling, where)
 
     def extra_keys(writer) -> None:
         _add_encoder_keys(writer, g.architecture, cfg, pooling)

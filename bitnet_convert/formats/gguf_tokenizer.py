@@ -25,6 +25,7 @@ from gguf import GGUFWriter, Keys, TokenType
 
 from bitnet_convert.formats import sentencepiece_model as spm
 from bitnet_convert.formats import tokenizer_files as tf
+from bitnet_core import gcpause
 from bitnet_core.errors import ConvertError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -227,13 +228,15 @@ def vocab_from_files(files: Mapping[str, bytes], config: Mapping, n_vocab: int, 
     """GGUF tokenizer metadata from a checkpoint's tokenizer files; None when it has neither tokenizer.json
     nor tokenizer.model. A byte-level BPE tokenizer.json wins; else tokenizer.model; else tokenizer.json's model
     is refused with its reason."""
-    tok = _parsed(files, "tokenizer.json", where) if "tokenizer.json" in files else None
-    tok_config = _parsed(files, "tokenizer_config.json", where) if "tokenizer_config.json" in files else {}
-    if tok is not None and (_is_byte_level_bpe(tok) or tf.SENTENCEPIECE_FILE not in files):
-        return _bpe_vocab(tok, tok_config, files, config, n_vocab, where)
-    if tf.SENTENCEPIECE_FILE in files:
-        return _spm_vocab(_parsed(files, tf.SENTENCEPIECE_FILE, where), tok_config, files, config, n_vocab, where)
-    return None
+    with gcpause.paused():  # ~1M strings and lists for a Llama-3 tokenizer, no cycles among them
+        tok = _parsed(files, "tokenizer.json", where) if "tokenizer.json" in files else None
+        tok_config = _parsed(files, "tokenizer_config.json", where) if "tokenizer_config.json" in files else {}
+        if tok is not None and (_is_byte_level_bpe(tok) or tf.SENTENCEPIECE_FILE not in files):
+            return _bpe_vocab(tok, tok_config, files, config, n_vocab, where)
+        if tf.SENTENCEPIECE_FILE in files:
+            return _spm_vocab(_parsed(files, tf.SENTENCEPIECE_FILE, where), tok_config, files, config, n_vocab,
+                              where)
+        return None
 
 
 def _parsed(files: Mapping[str, bytes], name: str, where: str):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import struct
@@ -68,6 +69,7 @@ from bitnet_convert.formats.gguf_types import (
 )
 from bitnet_core import validate
 from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary
+from bitnet_core import parallel
 from bitnet_core.codecs import hf2bit, i2s
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import hf_to_gguf, is_projection
@@ -80,6 +82,10 @@ NAME = "gguf"
 HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
 F16_MAX = float(np.finfo(np.float16).max)
+# Tensors made ahead of the writer while it builds the header: bounded in bytes (the 2B4T embedding comes
+# first, 40 pieces of 16 MB), so peak memory stays ~0.5 GiB.
+LOOKAHEAD_BYTES = 256 << 20
+LOOKAHEAD_PIECES = 64
 CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # bf16 bit patterns (sign cleared) below this are finite and at most 65280 in magnitude; the next bf16 value,
@@ -143,18 +149,18 @@ def write(
             "%s: this model uses %s but %s's %s graph computes %s in the FFN: its outputs will be wrong",
             where, cfg.hidden_act, target, graph.architecture, graph.activation,
         )
-    vocab = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
     plan = _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
+    vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
     return write_plan(ckpt, out, plan, graph, kind, cfg, vocab, force=force, quiet=quiet,
                       record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
                       casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
 
 
-def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Graph, kind: OutType, cfg, vocab,
-               extra_keys: Callable | None = None, *, force: bool, quiet: bool, record: dict,
-               casts: dict[str, str]) -> Path:
-    """Write the planned tensors with the model keys (then `extra_keys(writer)`), the tokenizer and the
-    provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to)."""
+def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Graph, kind: OutType, cfg,
+               vocab: Callable[[], gguf_tokenizer.GGUFVocab | None], extra_keys: Callable | None = None, *, force: bool, quiet: bool,
+               record: dict, casts: dict[str, str]) -> Path:
+    """Write the planned tensors with the model keys (then `extra_keys(writer)`), the tokenizer (`vocab()`)
+    and the provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to)."""
     casts = {**(ckpt.provenance.get("tensor_casts") or {}), **casts}
     roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
     if _multiplier_source(kind, graph) == "in_values" and kind.ggml_type in FLOAT_ROUNDING:
@@ -162,25 +168,42 @@ def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Grap
     record = integrity.provenance_record(
         dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings), HASH_PLACEHOLDER, NAME, **record,
     )
-    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
+    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp, \
+            contextlib.closing(integrity.ModelHasher(background=True)) as hasher:
         writer = BulkGGUFWriter(tmp, graph.architecture)
         try:
-            _add_model_keys(writer, graph, kind, cfg, ckpt, vocab, extra_keys)
-            writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
-            key_values, hasher = _write_tensors(writer, plan, f"writing {Path(out).name}", quiet)
+            for t in plan:
+                writer.add_tensor_info(t.name, t.array_shape, t.array_dtype, t.nbytes, raw_dtype=t.ggml_type)
+            # The tensors are made and hashed from here on, while this thread builds the tokenizer's keys
+            # (pure Python, ~1 s of a 2B4T conversion's ~3 on the 2-core EPYC of BENCHMARKS.md).
+            pieces = prefetch(_hashed_pieces(plan, _stored_dims(writer), hasher), depth=LOOKAHEAD_PIECES,
+                              max_bytes=LOOKAHEAD_BYTES, weigh=lambda item: 0 if item[1] is None else item[1].nbytes)
+            try:
+                _add_model_keys(writer, graph, kind, cfg, ckpt, vocab(), extra_keys)
+                writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
+                key_values = _write_tensors(writer, plan, pieces, f"writing {Path(out).name}", quiet)
+            finally:
+                pieces.close()  # a failure above: the worker stops producing
         finally:
             writer.close()
         _patch_hash(tmp, key_values, hasher)
     return Path(out)
 
 
-def _write_tensors(writer: BulkGGUFWriter, plan: list[StoredTensor], desc: str,
-                   quiet: bool) -> tuple[range, integrity.ModelHasher]:
-    """Header, key/values, tensor infos, then the data one tensor at a time. Returns where the key/values lie
-    in the file and the content hash fed with every tensor (the key/values complete it: _patch_hash)."""
+def _hashed_pieces(plan: list[StoredTensor], dims: dict, hasher: integrity.ModelHasher):
+    """(tensor, None) opens a tensor, (tensor, piece) carries its data, each piece hashed as it is made."""
     for t in plan:
-        writer.add_tensor_info(t.name, t.array_shape, t.array_dtype, t.nbytes, raw_dtype=t.ggml_type)
-    dims = _stored_dims(writer)
+        hasher.begin(t.name, t.ggml_type.name, dims[t.name], t.nbytes)
+        yield t, None
+        for piece in t.produce():
+            raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+            hasher.update(raw)
+            yield t, raw
+
+
+def _write_tensors(writer: BulkGGUFWriter, plan: list[StoredTensor], pieces, desc: str, quiet: bool) -> range:
+    """Header, key/values, tensor infos, then the data one tensor at a time from `pieces` (_hashed_pieces).
+    Returns where the key/values lie in the file (they complete the content hash: _patch_hash)."""
     writer.write_header_to_file()
     kv_start = writer.fout[0].tell()
     writer.write_kv_data_to_file()
@@ -195,30 +218,20 @@ def _write_tensors(writer: BulkGGUFWriter, plan: list[StoredTensor], desc: str,
             raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
         writer.write_padding(fout, t.nbytes)
 
-    def pieces():  # (tensor, None) opens a tensor, (tensor, piece) carries its data
-        for t in plan:
-            yield t, None
-            for piece in t.produce():
-                yield t, piece
-
-    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar, \
-            contextlib.closing(integrity.ModelHasher(background=True)) as hasher:
+    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
         current, written = None, 0
-        for t, piece in prefetch(pieces()):
-            if piece is None:
+        for t, raw in pieces:
+            if raw is None:
                 # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
                 finish(current, written)
                 writer.write_padding(fout, fout.tell())
-                hasher.begin(t.name, t.ggml_type.name, dims[t.name], t.nbytes)
                 current, written = t, 0
                 continue
-            raw = memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-            hasher.update(raw)
-            fout.write(raw)
+            fout.write(memoryview(raw))
             written += raw.nbytes
             bar.update(raw.nbytes)
         finish(current, written)
-    return range(kv_start, kv_end), hasher
+    return range(kv_start, kv_end)
 
 
 def _stored_dims(writer: BulkGGUFWriter) -> dict[str, tuple[int, ...]]:
@@ -301,6 +314,13 @@ def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Store
         nbytes = int(np.prod(array_shape))
 
     def produce() -> Iterable[np.ndarray]:
+        # Whole rows at a time (block types quantize each row on its own), about CHUNK_VALUES values; read a
+        # block at a time too where the source offers it (a whole copy of a 2B4T embedding is 0.66 GB more).
+        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(shape[1:]))))
+        if entry.load_rows is not None:
+            for start in range(0, shape[0], rows):
+                yield _encode_float(entry.load_rows(start, min(shape[0], start + rows)), ggml_type, name, where)
+            return
         value = entry.load()
         if isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name} should be a plain array, found ternary")
@@ -308,8 +328,6 @@ def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Store
         if value.ndim < 2:
             yield _encode_float(value, ggml_type, name, where)
             return
-        # Whole rows at a time (block types quantize each row on its own), about CHUNK_VALUES values.
-        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(value.shape[1:]))))
         for start in range(0, value.shape[0], rows):
             yield _encode_float(value[start : start + rows], ggml_type, name, where)
 
@@ -322,7 +340,10 @@ def _encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.nd
         # for every value whose magnitude bits are under _BF16_F16_SAFE; the rest (too large, inf, NaN) take
         # the checked float32 way below.
         if values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _BF16_F16_SAFE:
-            return values.astype(np.float16)
+            out = np.empty(values.shape, np.float16)
+            parallel.for_row_ranges(len(values), out.nbytes, lambda a, b: np.copyto(out[a:b], values[a:b],
+                                                                                   casting="unsafe"))
+            return out
     values = np.asarray(values, np.float32)
     if ggml_type == T.F16 and np.abs(values).max(initial=0) > F16_MAX:
         raise ConvertError(f"{where}: {name} has values beyond the float16 range; use an embedding type of bf16 or f32")

@@ -61,6 +61,7 @@ from bitnet_core.checkpoint import (
     Checkpoint,
     PackedLoader,
     PackedTernary,
+    RowsLoader,
     TensorEntry,
     Ternary,
     dense_entry,
@@ -296,7 +297,10 @@ def _entries(files: TensorFiles, layout: Layout, expected: dict) -> dict[str, Te
 def _dense_entry(tensor: StoredTensor, name: str) -> TensorEntry:
     if tensor.dtype.kind != "f" and tensor.dtype != BF16:
         raise ConvertError(f"{tensor.path}: tensor {tensor.name} is {tensor.dtype}, expected floating point")
-    return dense_entry(name, tensor.shape, tensor.dtype, tensor.read)  # a copy: see SourceWatch
+    load = tensor.read  # a copy: see SourceWatch
+    if len(tensor.shape) >= 2:  # a table: streaming writers may read it a block of rows at a time
+        load = RowsLoader(tensor.read, tensor.read_rows)
+    return dense_entry(name, tensor.shape, tensor.dtype, load)
 
 
 def _master_entry(tensor: StoredTensor, name: str) -> TensorEntry:

@@ -65,6 +65,7 @@ from bitnet_convert.fileio.integrity import (
     provenance_record,
     reader_provenance,
 )
+from bitnet_convert.fileio.direct import DirectFile
 from bitnet_convert.fileio.prefetch import prefetch
 from bitnet_convert.fileio.progress import progress_bar
 from bitnet_convert.fileio.sources import SourceWatch, parse_json
@@ -74,9 +75,11 @@ from bitnet_core.checkpoint import (
     DENSE,
     TERNARY,
     Checkpoint,
+    RowBlocks,
     TensorEntry,
     Ternary,
     dense_entry,
+    row_blocks,
     ternary_entry,
 )
 from bitnet_core.codecs import trits
@@ -139,7 +142,7 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
     total = sum(entry.nbytes_hint for entry in ckpt)
     with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
         # The content hash covers every member but the provenance record (stored_tensor_bytes).
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, progress_bar(
+        with DirectFile(tmp) as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, progress_bar(
             total, f"npz {Path(out).name}", quiet
         ) as bar, contextlib.closing(ModelHasher(background=True)) as hasher:
             format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
@@ -150,14 +153,26 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
                 hasher.add_tokenizer_file(fname, data)
 
             # Each tensor's arrays are made on a second core while the previous ones are written (prefetch.py).
-            stored_arrays = ((entry, key, stored) for entry in ckpt for key, stored in _stored_arrays(entry, out, index))
-            previous = None
-            for entry, key, stored in prefetch(stored_arrays):
-                if previous is not None and entry is not previous:
-                    bar.update(previous.nbytes_hint)
-                previous = entry
-                _write_array(zf, key, stored)
-                hasher.add(key, _npy_descr(stored.dtype), stored.shape, stored)
+            # A RowBlocks (an embedding) comes as its member's header, then its blocks: (key, dtype, shape, None),
+            # then (key, None, None, block)s.
+            pieces = ((entry, *piece) for entry in ckpt for piece in _member_pieces(_stored_arrays(entry, out, index)))
+            previous, member = None, None
+            try:
+                for entry, key, dtype, shape, data in prefetch(pieces):
+                    if previous is not None and entry is not previous:
+                        bar.update(previous.nbytes_hint)
+                    previous = entry
+                    if dtype is not None:  # a member starts
+                        if member is not None:
+                            member.close()
+                        member = _open_member(zf, key, dtype, shape)
+                        hasher.begin(key, _npy_descr(dtype), shape, int(np.prod(shape)) * dtype.itemsize)
+                    if data is not None:
+                        member.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+                        hasher.update(data)
+            finally:  # zipfile refuses to close the archive while a member is open (a failure above)
+                if member is not None:
+                    member.close()
             if previous is not None:
                 bar.update(previous.nbytes_hint)
             hasher.add_config(INDEX_KEY, _write_json(zf, INDEX_KEY, index))
@@ -179,30 +194,64 @@ def _stored_arrays(entry: TensorEntry, out, index: list) -> Iterator[tuple[str, 
         yield codes_key(entry.name), packed
         yield multiplier_key(entry.name), np.array([multiplier], _MULTIPLIER_DTYPE)
         return
+    blocks = row_blocks(entry)  # an embedding a block of rows at a time, where the source offers it
+    if blocks is not None:
+        dtype_name = _dtype_name(blocks.dtype, where)
+        index.append({"name": entry.name, "kind": DENSE, "shape": list(entry.shape), "dtype": dtype_name})
+        yield data_key(entry.name), RowBlocks(np.dtype(DENSE_DTYPES[dtype_name][1]), blocks.shape, blocks.blocks)
+        return
     value = entry.load()
     if isinstance(value, Ternary):
         raise ConvertError(f"{where}: expected a plain array, got ternary codes")
     array = np.asarray(value)
     if array.shape != entry.shape:
         raise ConvertError(f"{where}: has shape {list(array.shape)}, expected {list(entry.shape)}")
-    dtype_name = next((n for n, (mem, _) in DENSE_DTYPES.items() if array.dtype == mem), None)
-    if dtype_name is None:
-        raise ConvertError(f"{where}: dtype {array.dtype} cannot be stored (npz keeps {', '.join(DENSE_DTYPES)})")
+    dtype_name = _dtype_name(array.dtype, where)
     index.append({"name": entry.name, "kind": DENSE, "shape": list(entry.shape), "dtype": dtype_name})
     yield data_key(entry.name), np.ascontiguousarray(array).view(DENSE_DTYPES[dtype_name][1])
 
 
+def _dtype_name(dtype: np.dtype, where: str) -> str:
+    """The npz index's name of a dense dtype (DENSE_DTYPES), or ConvertError."""
+    name = next((n for n, (mem, _) in DENSE_DTYPES.items() if dtype == mem), None)
+    if name is None:
+        raise ConvertError(f"{where}: dtype {dtype} cannot be stored (npz keeps {', '.join(DENSE_DTYPES)})")
+    return name
+
+
+def _member_pieces(arrays) -> Iterator[tuple]:
+    """(key, dtype, shape, data) for each stored array: a whole array opens its member and carries its data; a
+    RowBlocks opens it, then each block follows as (key, None, None, block)."""
+    for key, stored in arrays:
+        if not isinstance(stored, RowBlocks):
+            yield key, stored.dtype, stored.shape, stored
+            continue
+        yield key, stored.dtype, stored.shape, None
+        rows = 0
+        for block in stored.blocks:
+            rows += len(block)
+            yield key, None, None, np.ascontiguousarray(block).view(stored.dtype)
+        if rows != stored.shape[0]:
+            raise ConvertError(f"{key}: produced {rows} rows of {stored.shape[0]}")
+
+
 def _write_array(zf: zipfile.ZipFile, key: str, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    with _open_member(zf, key, array.dtype, array.shape) as fh:
+        fh.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+
+def _open_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tuple):
+    """A member `key` open for its array's bytes, the .npy header np.save writes already in it. The data then
+    goes in as it comes (write_array would copy it through 16 MiB tobytes() chunks first, an extra pass)."""
     info = zipfile.ZipInfo(_member(key), date_time=_ZIP_EPOCH)
     info.compress_type = zipfile.ZIP_STORED
     info.external_attr = 0o644 << 16  # rw-r--r-- when someone unzips it
     # The member's size is unknown until written: zip64 headers up front keep members > 2 GiB legal.
-    array = np.ascontiguousarray(array)
-    with zf.open(info, "w", force_zip64=True) as fh:
-        # The header np.save writes, then the data in one piece: write_array would copy a zip member's data
-        # through 16 MiB tobytes() chunks first (an extra pass over the whole model).
-        np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(array))
-        fh.write(memoryview(array).cast("B"))
+    fh = zf.open(info, "w", force_zip64=True)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(fh, header)
+    return fh
 
 
 def _write_json(zf: zipfile.ZipFile, key: str, value) -> bytes:

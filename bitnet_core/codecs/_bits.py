@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bitnet_core import parallel
+
 _FIELD_LOW_BITS = np.uint64(0x5555555555555555)
 
 
@@ -17,7 +19,14 @@ def has_code3(packed: np.ndarray) -> bool:
     """Any 2-bit field of these bytes equal to 3 (the invalid code of the HF, I2_S and TQ2_0 layouts)."""
     flat = np.ascontiguousarray(packed).reshape(-1)
     head = flat[: flat.size - flat.size % 8].view(np.uint64)  # 8 bytes per operation where the length allows
-    if head.size and (head & (head >> np.uint64(1)) & _FIELD_LOW_BITS).any():
+    found = []
+
+    def part(start: int, stop: int) -> None:
+        words = head[start:stop]
+        found.append(bool((words & (words >> np.uint64(1)) & _FIELD_LOW_BITS).any()))
+
+    parallel.for_row_ranges(head.size, head.nbytes, part)
+    if any(found):
         return True
     tail = flat[head.size * 8 :]
     return bool(tail.size and (tail & (tail >> 1) & 0x55).any())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bitnet_core import parallel
+
 from bitnet_core.codecs._bits import field, has_code3, transpose_fields
 from bitnet_core.errors import CorruptData
 
@@ -83,8 +85,14 @@ def to_rows(packed: np.ndarray, reverse_groups: bool, out: np.ndarray | None = N
     """
     rows, n_in = packed.shape
     groups = packed.reshape(rows, n_in // 128, 4, 32).transpose(2, 0, 1, 3)  # [g, R, J, 32], a strided view
+    if reverse_groups:
+        groups = groups[::-1]
     shape = (4, rows, n_in // 128, 32)
     planes = np.empty(shape, np.uint8) if out is None else out.reshape(shape)
-    np.copyto(planes, groups[::-1] if reverse_groups else groups)
-    transpose_fields(planes)
+
+    def part(start: int, stop: int) -> None:  # HF rows [start, stop) become output rows k*R + start.. for each k
+        np.copyto(planes[:, start:stop], groups[:, start:stop])
+        transpose_fields(planes[:, start:stop])
+
+    parallel.for_row_ranges(rows, packed.nbytes, part)
     return planes

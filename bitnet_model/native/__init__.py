@@ -39,6 +39,7 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
 ATTENTION_TARGET = "bitnet_causal_attention"
+CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
 # -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
 # sums do; with FMA in the target, GCC may otherwise fuse a product and a sum into one rounding.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
@@ -124,7 +125,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.bitnet_native_configure.restype = ctypes.c_int
-        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET,
+                                                             CACHED_ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -238,4 +240,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, s
     call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32),
                                                jax.ShapeDtypeStruct(k.shape, jnp.float32)))
     out, rotated = call(*(a.astype(jnp.float32) for a in (q, k, v, cos, sin)))
+    return out, rotated
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array,
+                     cache_v: jax.Array, layer: jax.Array | int, start: jax.Array | int):
+    """Decode attention: float32 q [B, T, Hq, D], new k and v [B, T, KV, D] at positions start.. (cos, sin
+    [T, D]), the stacked float32 caches [L, B, S, KV, D] of which layer `layer` holds `start` positions ->
+    (out [B, T, Hq * D], rotated k [B, T, KV, D]). As modeling.attention with a cache: query t attends to the
+    cached slots before `start` and to the new keys 0..t; the cache is read in place (summed in another order
+    than XLA's: equal to float rounding)."""
+    _require()
+    B, T, Hq, D = q.shape
+    call = jax.ffi.ffi_call(CACHED_ATTENTION_TARGET, (jax.ShapeDtypeStruct((B, T, Hq * D), jnp.float32),
+                                                      jax.ShapeDtypeStruct(k.shape, jnp.float32)))
+    out, rotated = call(*(a.astype(jnp.float32) for a in (q, k, v, cos, sin)), cache_k, cache_v,
+                        jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32))
     return out, rotated

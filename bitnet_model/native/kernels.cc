@@ -1,5 +1,5 @@
 // CPU kernels of the generation engine, called from JAX through XLA's FFI (bitnet_model/native/__init__.py
-// builds this file on first use and registers the three handlers below).
+// builds this file on first use and registers the four handlers below).
 //
 // bitnet_bitlinear: BitLinear (bitnet_model/bitlinear.py) of one input through one or more projections of a
 //   layer, bit for bit what XLA computes for the engine's reference path:
@@ -27,6 +27,8 @@
 //   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
+// bitnet_cached_attention: the same for new tokens after `start` cached positions, reading one layer of the
+//   stacked caches [L, B, S, KV, D] in place (see cached_attention()).
 //
 // One library holds every instruction set: the kernels of each live in their own namespace (avx2, avx512)
 // compiled under `#pragma GCC target`, everything else (capability checks, static initializers, threading,
@@ -700,6 +702,23 @@ void pv_rows(const float* const* p, int rows, const float* v, int64_t stride, in
   else pv_tiles<1>(p, v, stride, n, D, out);
 }
 
+// out[r][j] = (q_r . key_j) * scale for the `rows` (<= 2) query rows and n keys `stride` floats apart (the
+// cache's [S, KV, D] rows of one kv head): each key is loaded once for both rows. Decode reads few keys per
+// query (the cache of one layer), so AVX2 is fast enough on every level; AVX-512 machines run it too.
+void key_scores(const float* const* q, int rows, const float* keys, int64_t stride, int64_t n, int64_t D,
+                float scale, float* const* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = keys + j * stride;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256i lanes = first_lanes(D - d);
+      const __m256 kd = load(key + d, lanes);
+      for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(load(q[r] + d, lanes), kd, acc[r]);
+    }
+    for (int r = 0; r < rows; ++r) out[r][j] = reduce_add(acc[r]) * scale;
+  }
+}
+
 }  // namespace avx2
 }  // namespace
 
@@ -1252,15 +1271,18 @@ struct Kernels {
   void (*softmax_row)(float* p, int64_t n);
   void (*pv_rows)(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D,
                   float* const* out);
+  void (*key_scores)(const float* const* q, int rows, const float* keys, int64_t stride, int64_t n, int64_t D,
+                     float scale, float* const* out);
 };
 
 constexpr Kernels kAvx2Kernels{avx2::prologue_row, avx2::quantize_row, avx2::product_task,
                                avx2::table_rows<uint16_t>, avx2::table_rows<float>, avx2::rope_row,
-                               avx2::rotate_and_transpose_keys, avx2::score_tile, avx2::softmax_row, avx2::pv_rows};
+                               avx2::rotate_and_transpose_keys, avx2::score_tile, avx2::softmax_row, avx2::pv_rows,
+                               avx2::key_scores};
 constexpr Kernels kAvx512Kernels{avx512::prologue_row, avx512::quantize_row, avx512::vnni_task,
                                  avx512::table_rows<uint16_t>, avx512::table_rows<float>, avx512::rope_row,
                                  avx512::rotate_and_transpose_keys, avx512::score_tile, avx512::softmax_row,
-                                 avx512::pv_rows};
+                                 avx512::pv_rows, avx2::key_scores};
 
 const Kernels& kernels(int level) { return level >= kAvx512Vnni ? kAvx512Kernels : kAvx2Kernels; }
 
@@ -1382,6 +1404,61 @@ void causal_attention(ffi::ThreadPool& pool, const Kernels& k, const float* q, c
   });
 }
 
+// ---------------------------------------------------------------------------------- cached attention
+
+// Decode: T new tokens at positions start.. of batch rows that hold `start` earlier positions in the cache.
+// q [B, T, Hq, D], new k and v [B, T, KV, D], cos and sin [T, D]; the cache keys and values of all layers
+// [L, B, S, KV, D] are read in place at layer `layer` (no copy of a slice). Query t of head h attends to the
+// cache slots [0, start) of kv head h / G and to the new keys 0..t: softmax over both, then P . V as the cache
+// part plus the new part (engine.attention's two sums). The new keys come back rotated, for the cache.
+struct CachedShape {
+  int64_t B, T, Hq, KV, D, S, layer, start;
+  float scale;
+};
+
+void cached_attention(ffi::ThreadPool& pool, const Kernels& k, const float* q, const float* kin, const float* v,
+                      const float* cos, const float* sin, const float* cache_k, const float* cache_v,
+                      const CachedShape& s, float* out, float* k_out) {
+  for (int64_t row = 0; row < s.B * s.T * s.KV; ++row) {  // [b, t, kv]: T * KV rows of D, next to nothing
+    const int64_t t = row / s.KV % s.T;
+    k.rope_row(kin + row * s.D, cos + t * s.D, sin + t * s.D, s.D, k_out + row * s.D);
+  }
+  const int64_t G = s.Hq / s.KV, pairs = (G + 1) / 2, stride = s.KV * s.D;
+  // One task: two heads of one kv head at one query (they share every key and value load).
+  parallel_for(pool, s.B * s.T * s.KV * pairs, [=, &s, &k](int64_t item) {
+    const int64_t pair = item % pairs, kv = item / pairs % s.KV, t = item / (pairs * s.KV) % s.T;
+    const int64_t b = item / (pairs * s.KV * s.T);
+    const int rows = int(std::min<int64_t>(2, G - 2 * pair));
+    const int64_t n = s.start + t + 1, row = padded_row(n);
+    float* scores = reinterpret_cast<float*>(scratch(3, 2 * row * int64_t(sizeof(float))));
+    float* rotated = reinterpret_cast<float*>(scratch(6, 3 * s.D * int64_t(sizeof(float))));
+    float* fresh = rotated + 2 * s.D;  // P . V of the new tokens, one head at a time
+    const float* qr[2];
+    float* sr[2];
+    float* sr_new[2];
+    float* o[2];
+    for (int r = 0; r < rows; ++r) {
+      const int64_t h = kv * G + 2 * pair + r;
+      k.rope_row(q + ((b * s.T + t) * s.Hq + h) * s.D, cos + t * s.D, sin + t * s.D, s.D, rotated + r * s.D);
+      qr[r] = rotated + r * s.D, sr[r] = scores + r * row, sr_new[r] = sr[r] + s.start;
+      o[r] = out + ((b * s.T + t) * s.Hq + h) * s.D;
+    }
+    const int64_t cached = ((s.layer * s.B + b) * s.S) * stride + kv * s.D;  // slot 0 of this kv head
+    const float* new_k = k_out + b * s.T * stride + kv * s.D;
+    const float* new_v = v + b * s.T * stride + kv * s.D;
+    k.key_scores(qr, rows, cache_k + cached, stride, s.start, s.D, s.scale, sr);
+    k.key_scores(qr, rows, new_k, stride, t + 1, s.D, s.scale, sr_new);
+    for (int r = 0; r < rows; ++r) k.softmax_row(sr[r], n);
+    k.pv_rows(sr, rows, cache_v + cached, stride, s.start, s.D, o);
+    for (int r = 0; r < rows; ++r) {
+      const float* p[1] = {sr_new[r]};
+      float* f[1] = {fresh};
+      k.pv_rows(p, 1, new_v, stride, t + 1, s.D, f);
+      for (int64_t d = 0; d < s.D; ++d) o[r][d] += fresh[d];
+    }
+  });
+}
+
 
 // The handlers decode XLA's buffers and call the kernels of the level in use.
 
@@ -1468,6 +1545,37 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                           ffi::Buffer<ffi::F32> cache_k, ffi::Buffer<ffi::F32> cache_v, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> start, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> k_out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), cd = cache_k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || cd.size() != 5)
+    return ffi::Error::InvalidArgument("bitnet_cached_attention: expects q [B, T, Hq, D], k, v [B, T, KV, D], "
+                                       "caches [L, B, S, KV, D]");
+  const int64_t B = qd[0], T = qd[1], Hq = qd[2], D = qd[3], KV = kd[2], L = cd[0], S = cd[2];
+  for (int i : {0, 1, 3})
+    if (kd[i] != qd[i] || vd[i] != qd[i])
+      return ffi::Error::InvalidArgument("bitnet_cached_attention: q, k and v differ in batch, length or head size");
+  const auto vcd = cache_v.dimensions();
+  if (vd[2] != KV || KV == 0 || Hq % KV != 0 || cd[1] != B || cd[3] != KV || cd[4] != D || vcd.size() != 5 ||
+      !std::equal(vcd.begin(), vcd.end(), cd.begin()) || out->element_count() != B * T * Hq * D ||
+      k_out->element_count() != k.element_count())
+    return ffi::Error::InvalidArgument("bitnet_cached_attention: heads, caches or outputs do not match q, k, v");
+  if (D % 2 != 0 || cos.element_count() != T * D || sin.element_count() != T * D)
+    return ffi::Error::InvalidArgument("bitnet_cached_attention: expects an even D and cos, sin [T, D]");
+  const int64_t l = layer.typed_data()[0], at = start.typed_data()[0];
+  if (l < 0 || l >= L || at < 0 || at > S)
+    return ffi::Error::InvalidArgument("bitnet_cached_attention: layer or start out of range");
+  const CachedShape s{B, T, Hq, KV, D, S, l, at, static_cast<float>(1.0 / std::sqrt(double(D)))};
+  if (B * T * Hq * D > 0)
+    cached_attention(pool, kernels(g_level), q.typed_data(), k.typed_data(), v.typed_data(), cos.typed_data(),
+                     sin.typed_data(), cache_k.typed_data(), cache_v.typed_data(), s, out->typed_data(),
+                     k_out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_bitlinear, Bitlinear, ffi::Ffi::Bind()
@@ -1498,6 +1606,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_cached_attention, CachedAttention, ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // What this CPU can run (a Level): 0 none (the engine keeps XLA's own products), 1 AVX2 + FMA, 2 AVX-512
 // VNNI, 3 AVX-512 VNNI and AMX.
