@@ -36,7 +36,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --repeat 5
 	$(PY) benchmarks/bench_tokenizer.py
-	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2
+	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2 --int8-head
 	$(PY) benchmarks/bench_native.py
 
 clean:

@@ -14,6 +14,9 @@ peer's time over ours (above 1: we are faster). Decode also prints the fraction 
 bandwidth each side's step reaches: the bytes a step must read (ternary weights and the 16-bit head) over its
 time, against a plain two-thread read of a 1 GiB array measured in the same run.
 
+`--int8-head` adds our engine with the opt-in int8 head (`generate --head int8`: the 16-bit head as int8
+rows with a scale each, half the head's bytes per step; lossy, so it is a side of its own and no floor's).
+
 Exits 1 when a floor is missed: against llama.cpp decode >= 1.0x, prefill >= 2x, our peak RSS generating
 <= 1.5 GiB (issue 14's floors); against transformers decode >= 3x and prefill >= 2x (issue 4's). Issue 14's
 targets (decode 1.5x, prefill 3x, peak RSS generating <= llama.cpp's) are reported as met or missed. llama.cpp's bitnet graph computes SiLU where 2B4T has relu2: the same work, another
@@ -50,6 +53,8 @@ TARGETS = {"llama.cpp": {"decode": 1.5, "prefill": 3.0}}  # issue 14's, beyond i
 TQ2_0_BYTES_PER_VALUE = 66 / 256  # llama.cpp's ternary blocks: 64 bytes of 2-bit codes + an f16 scale per 256
 GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 SEED = 1234
+HEAD_ENV = "BENCH_GENERATE_HEAD"  # our child's `head` (load_generator): the --int8-head side sets it
+INT8_SIDE = "ours int8 head"
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -80,7 +85,7 @@ def child_ours(path: str, lengths, decode_tokens, repeats) -> dict:
     from bitnet_convert.generator import load_generator
 
     start = time.perf_counter()
-    gen = load_generator(path)
+    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"))
     load_s = time.perf_counter() - start
     out = measure_ours(gen, lengths, decode_tokens, repeats)
     out["load_s"] = load_s
@@ -212,7 +217,8 @@ def step_bytes(config: dict) -> dict[str, float]:
     q = config["num_attention_heads"] * head_dim
     values = layers * (h * q * 2 + 2 * h * kv + 3 * h * f)
     head = config["vocab_size"] * h * 2
-    return {"ours": values / 4 + head, "llama.cpp": values * TQ2_0_BYTES_PER_VALUE + head, "transformers": None}
+    return {"ours": values / 4 + head, INT8_SIDE: values / 4 + head / 2 + 4 * config["vocab_size"],
+            "llama.cpp": values * TQ2_0_BYTES_PER_VALUE + head, "transformers": None}
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -245,9 +251,12 @@ def ratio_of(results: dict, peer: str, side: str, *keys: str) -> float:
 
 def compare(args) -> int:
     config = json.loads((Path(args.path) / "config.json").read_text())
-    results = {"ours": run_child("ours", args.path, args)}
+    env_of = {"ours": None}
     for level in args.native_levels:  # our engine again, its kernels capped at that level (BITNET_NATIVE)
-        results[f"ours {level}"] = run_child("ours", args.path, args, {"BITNET_NATIVE": level})
+        env_of[f"ours {level}"] = {"BITNET_NATIVE": level}
+    if args.int8_head:  # and with the opt-in int8 head (lossy: a side of its own, never the floors')
+        env_of[INT8_SIDE] = {HEAD_ENV: "int8"}
+    results = {side: run_child("ours", args.path, args, env) for side, env in env_of.items()}
     if not args.skip_llama_cpp:
         results["llama.cpp"] = run_child("llama.cpp", llama_cpp_file(args.path), args)
     if not args.skip_transformers:
@@ -257,11 +266,9 @@ def compare(args) -> int:
     # activations are not what generation after a short prompt holds.
     short = argparse.Namespace(**{**vars(args), "lengths": [min(args.lengths)], "repeats": 1})
     for side in list(results):
-        level = side.split(" ", 1)[1] if side.startswith("ours ") else None
         path = llama_cpp_file(args.path) if side == "llama.cpp" else args.path
         child = "ours" if side.startswith("ours") else side
-        results[side]["generate_rss"] = run_child(child, path, short, {"BITNET_NATIVE": level} if level else None)[
-            "max_rss"]
+        results[side]["generate_rss"] = run_child(child, path, short, env_of.get(side))["max_rss"]
     bandwidth = read_bandwidth(args.threads)
     moved = step_bytes(config)
     ours = results["ours"]
@@ -280,9 +287,10 @@ def compare(args) -> int:
              ("peak RSS, whole run (GiB)", lambda r: r["max_rss"] / GIB, None),
              ("load (s)", lambda r: r["load_s"], None)]
     sides = [s for s in results if s.startswith("ours")] + peers
-    print(f"{'':26s}" + "".join(f"{s:>14s}" for s in sides) + "".join(f"{'vs ' + p:>18s}" for p in peers))
+    width = max(14, *(len(s) + 2 for s in sides))
+    print(f"{'':26s}" + "".join(f"{s:>{width}s}" for s in sides) + "".join(f"{'vs ' + p:>18s}" for p in peers))
     for label, value, floor_key in rows:
-        cells = "".join(f"{value(results[s]):14.3f}" for s in sides)
+        cells = "".join(f"{value(results[s]):{width}.3f}" for s in sides)
         ratios = ""
         for peer in peers:
             text = ratio(peer, value)
@@ -292,7 +300,7 @@ def compare(args) -> int:
                 text += "!"
             ratios += f"{text:>18s}"
         print(f"{label:26s}{cells}{ratios}")
-    reads = {side: moved["ours" if side.startswith("ours") else side] for side in sides}
+    reads = {side: moved.get(side, moved["ours"] if side.startswith("ours") else None) for side in sides}
     fractions = [f"{side} {reads[side] / results[side]['decode_s'] / bandwidth:.0%}" for side in sides if reads[side]]
     print(f"read bandwidth ({args.threads} threads, 1 GiB): {bandwidth / 1e9:.1f} GB/s; a decode step reads "
           + ", ".join(f"{side} {moved[side] / 1e9:.2f} GB" for side in moved if moved[side] and side in reads)
@@ -362,6 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every side")
     parser.add_argument("--native-levels", type=lambda s: [x for x in s.split(",") if x], default=[],
                         help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
+    parser.add_argument("--int8-head", action="store_true",
+                        help="also run our engine with the opt-in int8 head (generate --head int8; lossy)")
     parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -44,13 +44,14 @@ def convert(src: PathLike, dst: PathLike, *, src_format: str | None = None, dst_
 
 
 def verify(candidate: PathLike, reference: PathLike, *, revision: str | None = None, levels=None,
-           runtime: str | None = None):
+           runtime: str | None = None, head: str = "stored"):
     """`bitnet-convert verify`: the VerifyReport (`.passed`, `.layers`, `.as_dict()`) of CANDIDATE against
-    REFERENCE; `levels` as the CLI's --level ("weights,function" by default, "all"), `runtime` its --runtime."""
+    REFERENCE; `levels` as the CLI's --level ("weights,function" by default, "all"), `runtime` its --runtime,
+    `head` its --head."""
     from bitnet_convert.verification import run_verify
 
     return run_verify(os.fspath(candidate), os.fspath(reference), revision=revision, levels=levels,
-                      runtime=runtime)
+                      runtime=runtime, head=head)
 
 
 def inspect(path: PathLike, *, check: bool = False, revision: str | None = None):
@@ -81,14 +82,14 @@ class Generated:
 
 def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int = 32, greedy: bool | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-             revision: str | None = None) -> Generated:
+             revision: str | None = None, head: str = "stored") -> Generated:
     """`bitnet-convert generate`: continue PROMPT (text, or token ids) with the packed engine.
 
-    Greedy unless `temperature` or `top_p` is given (as the CLI)."""
+    Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`."""
     from bitnet_convert.generator import load_generator, sampling_request
 
     sampling = sampling_request(greedy, temperature, top_p)
-    gen = load_generator(os.fspath(src), revision=revision)
+    gen = load_generator(os.fspath(src), revision=revision, head=head)
     ids = gen.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     result = gen.generate(ids, max_new_tokens, **sampling, seed=seed)
     text = None if gen.tokenizer is None else gen.tokenizer.decode(result.new_ids, skip_special_tokens=True)

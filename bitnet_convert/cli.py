@@ -182,8 +182,11 @@ main.command("convert")(_apply(
               help=f"Layers to run, comma separated: {', '.join(LEVELS)}, or all.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="Also load CANDIDATE (a GGUF) in this runtime and compare its logits with the JAX model's.")
+@click.option("--head", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
+              help="The function layer's engine head: int8 runs both sides as `generate --head int8` does and "
+                   "reports what that declared cast changes against the stored head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def verify_command(candidate, reference, revision, levels, runtime, as_json):
+def verify_command(candidate, reference, revision, levels, runtime, head, as_json):
     """Prove that CANDIDATE holds the model REFERENCE holds: layer by layer, each reported.
 
     \b
@@ -203,7 +206,7 @@ def verify_command(candidate, reference, revision, levels, runtime, as_json):
       bitnet-convert verify ./model-hf --reference ./model-hf --level all --json
       bitnet-convert verify ./model-tq2_0.gguf --reference ./model-hf --runtime llama.cpp
     """
-    result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime)
+    result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime, head=head)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
@@ -255,7 +258,11 @@ def inspect_command(path, as_json, check, revision):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (same seed, same text).")
 @click.option("--revision", default=None, help="Hub revision, when SRC is a hub repo id.")
 @click.option("--stats", is_flag=True, help="Print prefill time and decode speed to stderr.")
-def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats):
+@click.option("--head", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
+              help="int8: hold the embedding / output table as int8 rows with a scale each (half the bytes a "
+                   "decode step reads for 2B4T's bf16 head; lossy, so logits differ from the stored model's).")
+def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats,
+                     head):
     """Generate text from SRC (any format) with the JAX model, streaming it to stdout as it is produced.
 
     Projections stay 2-bit packed in memory and compute exact W1.58A8 arithmetic. Stops at an end-of-sequence
@@ -274,7 +281,7 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
 
     run_generate(src, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=greedy,
                  temperature=temperature, top_p=top_p, seed=seed, revision=revision, write=write,
-                 stats=(lambda line: click.echo(line, err=True)) if stats else None)
+                 stats=(lambda line: click.echo(line, err=True)) if stats else None, head=head)
 
 
 @main.command("embed")

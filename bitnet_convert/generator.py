@@ -39,8 +39,9 @@ def eos_token_ids(config: dict, tokenizer_files: dict[str, bytes]) -> set[int]:
     return ids
 
 
-def load_generator(src: str, *, revision: str | None = None):
-    """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids."""
+def load_generator(src: str, *, revision: str | None = None, head: str = "stored"):
+    """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids; `head`
+    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy)."""
     from bitnet_model.generation import Generator
 
     ckpt = registry.read_checkpoint(src, revision=revision)
@@ -54,7 +55,7 @@ def load_generator(src: str, *, revision: str | None = None):
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
-    gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release)
+    gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release, head=head)
     del ckpt
     release()
     return gen
@@ -145,12 +146,13 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
 
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
-                 write: Callable[[str], None], stats: Callable[[str], None] | None = None) -> GenerationResult:
+                 write: Callable[[str], None], stats: Callable[[str], None] | None = None,
+                 head: str = "stored") -> GenerationResult:
     """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer)."""
     if (prompt is None) == (prompt_ids is None):
         raise ConvertError("give exactly one of --prompt and --prompt-ids")
     sampling = sampling_request(greedy, temperature, top_p)
-    gen = load_generator(src, revision=revision)
+    gen = load_generator(src, revision=revision, head=head)
     ids = gen.encode(prompt) if prompt is not None else parse_prompt_ids(prompt_ids)
     if gen.tokenizer is not None:
         callbacks = {"on_text": write}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ PROJECTIONS = {role.name: role.hf for role in names.PROJECTIONS.values()}
 # (the causal LMs' norms: the embedding encoders' extra roles are not part of the engine, see `check_generates`)
 LAYER_NORMS = {role.name: role.hf for role in names.LAYER_NORMS.values() if role.needs in (None, "sub_norms")}
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # the embedding and the untied output projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +98,71 @@ class Weights:
     packed: dict[str, jax.Array]  # projection -> uint8 [L, out/4, in]
     multipliers: dict[str, jax.Array]  # projection -> f32 [L]
     norms: dict[str, jax.Array]  # layer norm -> f32 [L, size] (sub-norms only in models that have them)
+    # The opt-in int8 head (HEAD_INT8): `embed` / `lm_head` then hold int8 codes and these their f32 row scales
+    embed_scale: jax.Array | None = None  # [V]
+    lm_head_scale: jax.Array | None = None  # [V]
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
 jax.tree_util.register_dataclass(
-    Weights, data_fields=["embed", "lm_head", "norm", "packed", "multipliers", "norms"], meta_fields=[]
+    Weights, data_fields=["embed", "lm_head", "norm", "packed", "multipliers", "norms", "embed_scale", "lm_head_scale"],
+    meta_fields=[],
 )
+
+# ----------------------------------------------------------------------------------- the opt-in int8 head
+
+HEAD_INT8 = "int8"  # engine tables as int8 rows with a float32 scale each (lossy: see quantize_rows)
+HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint / quantize_head; "stored": as it is
+_HEAD_BLOCK_BYTES = 16 << 20  # float32 rows quantized at a time while loading
+
+
+def quantize_rows(values) -> tuple[np.ndarray, np.ndarray]:
+    """float rows [r, H] -> (int8 codes [r, H], float32 scales [r]) with scale = max|row| / 127 and code =
+    round-half-even(value / scale), in float32: each value moves by at most scale / 2 (bitnet.cpp's embedding
+    quantization is absmax rows too). The one rounding the int8 head adds; the embedding lookup and the output
+    projection both read these rows, so the head is still held once."""
+    x = np.asarray(values, np.float32)
+    scale = (np.abs(x).max(axis=1, initial=0.0) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    codes = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def _int8_table(rows_of: Callable[[int, int], np.ndarray], shape) -> tuple[jax.Array, jax.Array]:
+    """The int8 head from a table read a block of rows at a time (never the float table whole)."""
+    from bitnet_core.aligned import aligned_empty
+
+    V, H = shape
+    codes, scales = aligned_empty((V, H), np.int8), np.empty(V, np.float32)
+    step = max(1, _HEAD_BLOCK_BYTES // (4 * H))
+    for start in range(0, V, step):
+        stop = min(V, start + step)
+        codes[start:stop], scales[start:stop] = quantize_rows(_as_float32(rows_of(start, stop)))
+    return jax.device_put(codes), jax.device_put(scales)
+
+
+def _as_float32(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.dtype == np.uint16:  # bf16 bits (the engine's own tables)
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32)
+
+
+def quantize_head(weights: Weights) -> Weights:
+    """`weights` with the int8 head (as weights_from_checkpoint(head="int8") loads it)."""
+    if weights.embed_scale is not None:
+        return weights
+    embed = np.asarray(weights.embed)
+    embed_codes, embed_scale = _int8_table(lambda a, b: embed[a:b], embed.shape)
+    head, head_scale = None, None
+    if weights.lm_head is not None:
+        table = np.asarray(weights.lm_head)
+        head, head_scale = _int8_table(lambda a, b: table[a:b], table.shape)
+    return dataclasses.replace(weights, embed=embed_codes, embed_scale=embed_scale, lm_head=head,
+                               lm_head_scale=head_scale)
+
 
 
 @dataclasses.dataclass
@@ -125,15 +184,19 @@ jax.tree_util.register_dataclass(Cache, data_fields=["keys", "values", "length"]
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
+def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str = "stored") -> Weights:
     """Weights from a bitnet_convert Checkpoint, one tensor at a time.
 
     Each projection is packed (`quantize.packed_projection`: HF and Flax bytes are regrouped without making int8
     codes) and copied into its stacked host array; each stacked array goes to the device as soon as its last
     layer is in. `release()` (optional) is called after every tensor,
     so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generator).
-    `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it).
+    `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it); `head="int8"` holds
+    them as int8 rows with a scale each instead (HEAD_INT8, quantize_rows: lossy, opt-in), converted a block of
+    rows at a time.
     """
+    if head not in HEAD_TYPES:
+        raise ValueError(f"head must be one of {HEAD_TYPES}, not {head!r}")
     from bitnet_core.aligned import aligned_empty
     from bitnet_core.quantize import packed_projection
     from bitnet_core.validate import check_tensors
@@ -166,6 +229,12 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
             remaining[name] -= 1
             if remaining[name] == 0:
                 norms[name] = jax.device_put(host_norms.pop(name))
+        elif head == HEAD_INT8 and entry.name in TABLES:
+            rows_of = entry.load_rows
+            if rows_of is None:
+                whole = np.asarray(entry.load())
+                rows_of = lambda a, b, whole=whole: whole[a:b]  # noqa: E731
+            dense[entry.name], dense[entry.name + ".scale"] = _int8_table(rows_of, entry.shape)
         else:
             array = np.asarray(entry.load())
             if entry.name == "model.norm.weight":
@@ -181,6 +250,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None) -> Weights:
         packed=packed,
         multipliers={name: jnp.asarray(m) for name, m in multipliers.items()},
         norms=norms,
+        embed_scale=dense.get("model.embed_tokens.weight.scale"),
+        lm_head_scale=dense.get("lm_head.weight.scale"),
     )
     _check_complete(weights, cfg)
     return weights
@@ -302,6 +373,13 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
 def _logits(opts: Options, w: Weights, h: jax.Array) -> jax.Array:
     """f32 h [N, H] -> f32 logits [N, V] against the (stored-dtype) output table, converted block by block."""
     table = w.embed if w.lm_head is None else w.lm_head  # [V, H]
+    scale = w.embed_scale if w.lm_head is None else w.lm_head_scale  # int8 head: [V], else None
+    if scale is not None:  # dot with the int8 codes, then times each row's scale
+        return _unscaled_logits(opts, table, h) * scale[None, :]
+    return _unscaled_logits(opts, table, h)
+
+
+def _unscaled_logits(opts: Options, table: jax.Array, h: jax.Array) -> jax.Array:
     V, H = table.shape
     if opts.native:
         return native.table_matmul(h, table)
@@ -312,7 +390,7 @@ def _logits(opts: Options, w: Weights, h: jax.Array) -> jax.Array:
     if opts.reduce_rows and h.shape[0] <= opts.reduce_rows:  # GPU decode: one fused pass over the 16-bit table
         if table.dtype == jnp.uint16:
             table = jax.lax.bitcast_convert_type(table.astype(jnp.uint32) << 16, jnp.float32)
-        return jnp.sum(h[:, None, :] * table[None].astype(jnp.float32), axis=-1)
+        return jnp.sum(h[:, None, :] * table[None].astype(jnp.float32), axis=-1)  # int8 codes: exact
     per_block = packed_ops.block_rows(V, 4 * H, opts.head_block_bytes)  # float32 bytes per row
     if per_block == V:
         return block(table)
@@ -335,6 +413,8 @@ def _to_float32(table: jax.Array) -> jax.Array:
 
 def _embed(w: Weights, token_ids: jax.Array) -> jax.Array:
     rows = jnp.take(w.embed, token_ids, axis=0)  # [B, T, H]
+    if w.embed_scale is not None:  # the int8 head's rows: codes times their row's scale
+        return rows.astype(jnp.float32) * jnp.take(w.embed_scale, token_ids, axis=0)[..., None]
     if rows.dtype == jnp.uint16:  # bf16 bits, see _to_float32
         return jax.lax.bitcast_convert_type(rows.astype(jnp.uint32) << 16, jnp.float32)
     return rows.astype(jnp.float32)

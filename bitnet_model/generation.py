@@ -106,15 +106,18 @@ class Generator:
 
     def products(self) -> str:
         """Which kernels run the products: "native <level>" (bitnet_model/native) or "XLA (<why not native>)"."""
+        head = "; int8 head (lossy)" if self.weights.embed_scale is not None else ""
         if self.opts.native:
-            return f"native {native.level()}"
+            return f"native {native.level()}{head}"
         why = native.reason() if jax.default_backend() == "cpu" else jax.default_backend()
-        return f"XLA ({why})" if why else "XLA"
+        return (f"XLA ({why})" if why else "XLA") + head
 
     @classmethod
-    def from_checkpoint(cls, ckpt, *, tokenizer=None, eos_ids: set[int] | None = None, release=None) -> Generator:
-        """Engine weights read from a Checkpoint tensor by tensor (`release` as in engine.weights_from_checkpoint)."""
-        weights = engine.weights_from_checkpoint(ckpt, release=release)
+    def from_checkpoint(cls, ckpt, *, tokenizer=None, eos_ids: set[int] | None = None, release=None,
+                        head: str = "stored") -> Generator:
+        """Engine weights read from a Checkpoint tensor by tensor (`release` and `head` as in
+        engine.weights_from_checkpoint)."""
+        weights = engine.weights_from_checkpoint(ckpt, release=release, head=head)
         return cls(ModelConfig.from_hf(ckpt.config), weights, tokenizer=tokenizer, eos_ids=eos_ids)
 
     def encode(self, text: str) -> list[int]:

@@ -6,6 +6,7 @@ apart and moves that row's later logits by up to ~1% of max|logit|. So: most pos
 max|logit|, all within 2e-2, every argmax equal.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from bitnet_convert.tiny import tiny_checkpoint
+from bitnet_core.config import ModelConfig
 from bitnet_model import engine, native, packed, params
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128}
@@ -124,3 +126,57 @@ def test_without_native_kernels_the_cpu_options_are_xlas_own():
     env = {**os.environ, "BITNET_NATIVE": "0", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_quantize_rows_is_absmax_round_half_even():
+    """scale = max|row| / 127, code = round-half-even(value / scale): the largest value maps to +-127, every
+    value moves by at most scale / 2, halves go to the even code, a zero row stays zero."""
+    rows = np.array([[0.0, 1.0, -2.0, 127.0 * 0.5 / 127],
+                     [0.0, 0.0, 0.0, 0.0],
+                     [2.5, -2.5, 1.5, 127.0]], np.float32)
+    codes, scale = engine.quantize_rows(rows)
+    assert codes.dtype == np.int8 and scale.dtype == np.float32
+    np.testing.assert_array_equal(scale, np.float32([2.0 / 127, 0.0, 1.0]))
+    np.testing.assert_array_equal(codes[1], 0)
+    np.testing.assert_array_equal(codes[2], [2, -2, 2, 127])  # 2.5 -> 2, -2.5 -> -2, 1.5 -> 2: ties to even
+    assert codes[0, 2] == -127
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 300)) * rng.uniform(0.001, 10, (64, 1))).astype(np.float32)
+    codes, scale = engine.quantize_rows(x)
+    assert np.abs(codes).max(axis=1).tolist() == [127] * 64
+    assert np.all(np.abs(codes * scale[:, None] - x) <= scale[:, None] / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("option", ["native", "xla"])
+def test_the_int8_head_is_the_model_with_its_table_rounded_once(ckpt, option):
+    """weights_from_checkpoint(head="int8") = the engine on the model whose embedding (tied head) is the
+    dequantized int8 rows: logits equal to float32 rounding of the output sums (the same function), and the
+    int8 table is all the engine holds of it (no second copy)."""
+    from bitnet_model.native import available
+
+    if option == "native" and not available():
+        pytest.skip("native kernels unavailable")
+    cfg = ModelConfig.from_hf(ckpt.config)
+    opts = engine.Options(native=True) if option == "native" else engine.Options.xla_cpu()
+    exact = engine.weights_from_checkpoint(ckpt)
+    int8 = engine.weights_from_checkpoint(ckpt, head="int8")
+    assert int8.embed.dtype == jnp.int8 and int8.embed_scale.shape == (cfg.vocab_size,)
+    # tied: the same int8 rows serve the lookup and the output projection; untied: both tables are int8
+    assert (int8.lm_head is None) == cfg.tie_word_embeddings
+    assert int8.nbytes() < exact.nbytes()
+
+    def dequantized(table, int8_table, int8_scale):
+        codes, scale = engine.quantize_rows(engine._as_float32(np.asarray(table)))
+        np.testing.assert_array_equal(np.asarray(int8_table), codes)
+        np.testing.assert_array_equal(np.asarray(int8_scale), scale)
+        return jnp.asarray(codes.astype(np.float32) * scale[:, None])
+
+    rounded = dataclasses.replace(
+        exact, embed=dequantized(exact.embed, int8.embed, int8.embed_scale),
+        lm_head=None if exact.lm_head is None else dequantized(exact.lm_head, int8.lm_head, int8.lm_head_scale))
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    got = np.asarray(engine.forward(cfg, opts, int8, ids))
+    want = np.asarray(engine.forward(cfg, opts, rounded, ids))
+    # the same values either way; the sums of h . row run as (h . codes) * scale against h . (codes * scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert not np.array_equal(got, np.asarray(engine.forward(cfg, opts, exact, ids)))  # it is lossy

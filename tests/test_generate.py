@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bitnet_convert import api
+
 from bitnet_convert import generator as generate
 from bitnet_convert.cli import main
 from bitnet_convert.formats import flax_dir
@@ -128,3 +130,13 @@ def test_stats_name_the_kernels_that_ran(folder):
     assert result.exit_code == 0, result.output
     want = f"products: native {native.level()}" if native.available() else f"products: XLA ({native.reason()})"
     assert "ms to the first new token" in result.stderr and want in result.stderr
+
+
+def test_the_int8_head_generates_and_says_so(folder):
+    """generate --head int8: the opt-in lossy head runs end to end and --stats names it."""
+    result = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "4",
+                                       "--head", "int8", "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "int8 head (lossy)" in result.stderr
+    generated = api.generate(folder, [1, 2, 3], max_new_tokens=4, head="int8")
+    assert 1 <= len(generated.ids) <= 4 and all(0 <= t < 384 for t in generated.ids)

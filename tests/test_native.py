@@ -268,7 +268,7 @@ def test_bitlinear_refuses_act_without_up():
 
 @needs_kernels
 @pytest.mark.parametrize("tokens,rows,width", [(1, 7, 16), (2, 9, 37), (3, 5, 45), (5, 130, 64), (1, 1003, 2560)])
-@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32", "int8"])
 def test_table_matmul_matches_float64(vector_path, tokens, rows, width, dtype):
     rng = np.random.default_rng(rows)
     h = rng.standard_normal((tokens, width)).astype(np.float32)
@@ -276,12 +276,18 @@ def test_table_matmul_matches_float64(vector_path, tokens, rows, width, dtype):
     if dtype == "bf16":  # the engine holds a bf16 table as its bits; the product reads them exactly
         values = values.astype(jnp.bfloat16).astype(np.float32)
         table = values.astype(jnp.bfloat16).view(np.uint16)
+    elif dtype == "int8":  # the int8 head's codes (their scales multiply the result outside the kernel)
+        table = rng.integers(-127, 128, (rows, width)).astype(np.int8)
+        values = table.astype(np.float32)
     else:
         table = values
     want = h.astype(np.float64) @ values.astype(np.float64).T
     got = np.asarray(jax.jit(native.table_matmul)(h, table))
     assert got.shape == (tokens, rows) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(width))
+    # float32 sums of `width` products in another order: ~sqrt(width) roundings of the terms' size (|h| ~ 1,
+    # table values of rms ~1, or ~73 for the int8 codes)
+    rms = float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(width) * rms)
 
 
 

@@ -210,6 +210,22 @@ def test_a_declared_cast_passes_with_its_loss_reported(hf_checkpoint, tmp_path):
     assert report["layers"]["function"]["max_abs_diff"] == 0.0
 
 
+def test_the_int8_head_runs_on_both_sides_and_its_cast_is_reported(hf_checkpoint, tmp_path):
+    """verify --head int8: candidate and reference both run the engine's int8 head (generate --head int8), so
+    their logits are still identical; what the cast changes against the stored head is reported, not failed."""
+    source = hf_checkpoint("autobitlinear", seed=5, **SIZES["small"])
+    out = api.convert(source, tmp_path / "m.gguf", outtype="tq2_0")
+    code, report = verify_json(out, source, "--head", "int8")
+    assert code == 0, report
+    function = report["layers"]["function"]
+    assert function["max_abs_diff"] == 0.0 and function["logits_differing"] == 0
+    assert function["head_cast"] == "int8" and function["head_cast_max_abs_diff"] > 0
+    assert 0.5 < function["head_cast_top1_agreement"] <= 1.0
+    assert any(n.startswith("declared cast: int8 head") for n in function["notes"])
+    code, plain = verify_json(out, source)
+    assert code == 0 and "head_cast" not in plain["layers"]["function"]
+
+
 def test_a_bf16_weight_scale_rounding_is_the_only_multiplier_change_allowed(hf_checkpoint, tmp_path):
     """Float32 multipliers (Flax) through an HF folder with bf16 weight_scale: each multiplier may differ from
     the source by exactly that rounding (recorded in provenance), and by nothing else."""

@@ -44,7 +44,7 @@ class TensorHasher:
     (hf-to-npz 2.72 -> 2.44 s median). The pieces must then stay unchanged until `hexdigest` or `close`
     (writers hand over fresh arrays or views of their open input); at most QUEUED wait at a time."""
 
-    QUEUED = 4
+    QUEUED = 16  # pieces (<= 16 MB each) waiting: the producer runs ahead of a hash thread the others preempt
 
     def __init__(self, background: bool = False) -> None:
         self._sha = hashlib.sha256()

@@ -21,7 +21,7 @@ RUNTIMES = ("llama.cpp", "ik_llama.cpp")
 
 
 def run_verify(candidate: str, reference: str, *, revision: str | None = None, levels=None,
-               runtime: str | None = None) -> VerifyReport:
+               runtime: str | None = None, head: str = "stored") -> VerifyReport:
     from bitnet_convert.formats import registry
     from bitnet_convert.generator import release_mapped_pages
     from bitnet_convert.verification.function import compare_function
@@ -44,7 +44,7 @@ def run_verify(candidate: str, reference: str, *, revision: str | None = None, l
             report.layers.append(LayerReport("function", False, failures=[
                 "not run: the candidate's config or tensor set differs from the reference's (see weights)"]))
         else:
-            report.layers.append(compare_function(cand, ref, expected, release=release_mapped_pages))
+            report.layers.append(compare_function(cand, ref, expected, release=release_mapped_pages, head=head))
     if "parity" in levels:
         report.layers.append(_parity(ref, reference, revision))
     if "runtime" in levels:

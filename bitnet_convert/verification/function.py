@@ -39,9 +39,9 @@ def token_batches(vocab_size: int, bos_token_id, shapes=TOKEN_BATCHES, seed: int
     return batches
 
 
-def engine_logits(ckpt: Checkpoint, batches: list[np.ndarray], release=None) -> list[np.ndarray]:
-    """The engine's float32 logits [B, T, V] for each batch; the weights are read tensor by tensor and dropped
-    after (one side's weights in memory at a time)."""
+def engine_logits(ckpt: Checkpoint, batches: list[np.ndarray], release=None, head: str = "stored") -> list[np.ndarray]:
+    """The engine's float32 logits [B, T, V] for each batch (`head` as engine.weights_from_checkpoint's); the
+    weights are read tensor by tensor and dropped after (one side's weights in memory at a time)."""
     from bitnet_model import engine
 
     cfg = ModelConfig.from_hf(ckpt.config)
@@ -51,7 +51,7 @@ def engine_logits(ckpt: Checkpoint, batches: list[np.ndarray], release=None) -> 
 
         model = model_from_checkpoint(ckpt)
         return [hidden_states(model, np.asarray(ids, np.int32)) for ids in batches]
-    weights = engine.weights_from_checkpoint(ckpt, release=release)
+    weights = engine.weights_from_checkpoint(ckpt, release=release, head=head)
     opts = engine.Options.for_backend()
     out = [np.asarray(engine.forward(cfg, opts, weights, np.asarray(ids, np.int32))) for ids in batches]
     del weights
@@ -59,12 +59,17 @@ def engine_logits(ckpt: Checkpoint, batches: list[np.ndarray], release=None) -> 
 
 
 def compare_function(candidate: Checkpoint, reference: Checkpoint, expected: Expected, *, release=None,
-                     shapes=TOKEN_BATCHES) -> LayerReport:
+                     shapes=TOKEN_BATCHES, head: str = "stored") -> LayerReport:
+    """With head="int8" both sides run the opt-in int8 head (generate --head int8), which must again agree bit
+    for bit; what that declared cast changes is then reported against the reference's stored head."""
     cfg = ModelConfig.from_hf(reference.config)
     batches = token_batches(cfg.vocab_size, cfg.bos_token_id, shapes)
-    ref = engine_logits(with_expected(reference, expected), batches, release)
-    cand = engine_logits(candidate, batches, release)
+    reference = with_expected(reference, expected)
+    ref = engine_logits(reference, batches, release, head)
+    cand = engine_logits(candidate, batches, release, head)
     report = LayerReport("function", True)
+    if head != "stored" and not cfg.encoder:
+        _report_head_cast(report, head, ref, engine_logits(reference, batches, release))
     worst, matches, positions, differing = 0.0, 0, 0, 0
     for ids, a, b in zip(batches, cand, ref):
         for name, logits in (("candidate", a), ("reference", b)):
@@ -78,7 +83,7 @@ def compare_function(candidate: Checkpoint, reference: Checkpoint, expected: Exp
         positions += ids.size
     report.figures = {"max_abs_diff": worst if not report.failures else float("nan"),
                       "top1_agreement": matches / positions, "tokens_compared": positions,
-                      "logits_differing": differing}
+                      "logits_differing": differing, **report.figures}
     if differing and not report.failures:
         report.failures.append(f"{differing} logits differ (largest |difference| {worst:.3g}): the same engine "
                                "computes another function on the candidate")
@@ -121,3 +126,17 @@ def _remultiplied(entry: TensorEntry, multiplier: np.float32) -> TensorEntry:
 
         return dataclasses.replace(entry, load=PackedLoader(load, packed))
     return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load)
+
+
+def _report_head_cast(report: LayerReport, head: str, cast: list[np.ndarray], stored: list[np.ndarray]) -> None:
+    """The declared cast of the engine's head (engine.quantize_rows: absmax int8 rows, round-half-even), against
+    the same reference with its head as stored: not a failure, its size reported."""
+    worst = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(cast, stored))
+    scale = max(float(np.max(np.abs(b))) for b in stored)
+    agree = sum(int(np.sum(a.argmax(-1) == b.argmax(-1))) for a, b in zip(cast, stored))
+    positions = sum(int(np.prod(b.shape[:-1])) for b in stored)
+    report.figures.update({"head_cast": head, "head_cast_max_abs_diff": worst,
+                           "head_cast_top1_agreement": agree / positions})
+    report.notes.append(f"declared cast: {head} head (rows of the output table rounded to int8 with a scale each); "
+                        f"against the stored head, largest |logit difference| {worst:.3g} ({worst / scale:.2%} of the "
+                        f"largest logit), top-1 agreement {agree / positions:.2%}")

@@ -23,8 +23,9 @@
 //       0.52 GB of weights per 2B4T token.
 //     * AMX (many tokens): a panel of 32 output rows is unpacked once to signed int8 codes and multiplied
 //       by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
-// bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, or float32) -> f32 [N, V]: the
-//   tied output projection, reading the 16-bit table once per call instead of widening it to a float32 copy.
+// bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, float32, or int8 codes of the
+//   opt-in int8 head) -> f32 [N, V]: the tied output projection, reading the table once per call instead of
+//   widening it to a float32 copy.
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
 // bitnet_cached_attention: the same for new tokens after `start` cached positions, reading one layer of the
@@ -539,6 +540,10 @@ inline __m256 load8(const uint16_t* p) {  // a bf16 is the high half of its floa
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {  // an int8 head row (engine.quantize_table): exact in float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float widen(int8_t value) { return float(value); }
 inline float widen(uint16_t bits) {
   const uint32_t wide = uint32_t(bits) << 16;
   float value;
@@ -1064,6 +1069,12 @@ inline __m512 load_row_tail(const uint16_t* p, __mmask16 m) {
 }
 inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_row_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_row(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load_row_tail(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
 
 // out[t, v] = dot(h[t], table[v]) for table rows [v0, v1), four rows at a time (each row read once).
 template <typename T>
@@ -1263,6 +1274,8 @@ struct Kernels {
                           int64_t v1, float* out);
   void (*f32_table_rows)(const float* h, int64_t N, int64_t H, const float* table, int64_t V, int64_t v0,
                          int64_t v1, float* out);
+  void (*i8_table_rows)(const float* h, int64_t N, int64_t H, const int8_t* table, int64_t V, int64_t v0,
+                        int64_t v1, float* out);
   void (*rope_row)(const float* x, const float* cos, const float* sin, int64_t D, float* y);
   void (*rotate_and_transpose_keys)(const float* k, const float* cos, const float* sin, const AttentionShape& s,
                                     int64_t b, int64_t kv, int64_t j0, float* k_out, float* kt);
@@ -1276,11 +1289,13 @@ struct Kernels {
 };
 
 constexpr Kernels kAvx2Kernels{avx2::prologue_row, avx2::quantize_row, avx2::product_task,
-                               avx2::table_rows<uint16_t>, avx2::table_rows<float>, avx2::rope_row,
+                               avx2::table_rows<uint16_t>, avx2::table_rows<float>, avx2::table_rows<int8_t>,
+                               avx2::rope_row,
                                avx2::rotate_and_transpose_keys, avx2::score_tile, avx2::softmax_row, avx2::pv_rows,
                                avx2::key_scores};
 constexpr Kernels kAvx512Kernels{avx512::prologue_row, avx512::quantize_row, avx512::vnni_task,
-                                 avx512::table_rows<uint16_t>, avx512::table_rows<float>, avx512::rope_row,
+                                 avx512::table_rows<uint16_t>, avx512::table_rows<float>,
+                                 avx512::table_rows<int8_t>, avx512::rope_row,
                                  avx512::rotate_and_transpose_keys, avx512::score_tile, avx512::softmax_row,
                                  avx512::pv_rows, avx2::key_scores};
 
@@ -1518,8 +1533,11 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
   else if (table.element_type() == ffi::F32)
     table_matmul(pool, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V,
                  out->typed_data(), kernels(g_level).f32_table_rows);
+  else if (table.element_type() == ffi::S8)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const int8_t*>(table.untyped_data()), V,
+                 out->typed_data(), kernels(g_level).i8_table_rows);
   else
-    return ffi::Error::InvalidArgument("bitnet_table_matmul: table must be uint16 (bf16 bits) or float32");
+    return ffi::Error::InvalidArgument("bitnet_table_matmul: table must be uint16 (bf16 bits), float32 or int8");
   return ffi::Error::Success();
 }
 
