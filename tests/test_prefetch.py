@@ -51,3 +51,38 @@ def test_a_consumer_that_stops_early_stops_the_worker():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before
+
+
+def test_a_byte_bound_keeps_the_lookahead_small():
+    """max_bytes: the worker waits while what it made and the consumer has not taken weighs more than the
+    bound (one item over at most), however deep the count allows."""
+    made, taken = [], []
+    lock = threading.Lock()
+
+    def items():
+        for i in range(40):
+            with lock:
+                made.append(i)
+            yield bytes(10)
+
+    for item in prefetch(items(), depth=1000, max_bytes=35, weigh=len):
+        time.sleep(0.002)
+        with lock:
+            ahead = len(made) - len(taken)
+        assert ahead <= 5  # 35 bytes: 3 held + 1 over the bound + 1 being made
+        taken.append(item)
+    assert len(taken) == 40
+
+
+def test_close_stops_a_worker_that_was_never_iterated():
+    def items():
+        while True:
+            yield 1
+
+    before = threading.active_count()
+    pending = prefetch(items(), depth=2)
+    pending.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
