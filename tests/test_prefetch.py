@@ -8,6 +8,13 @@ import pytest
 from bitnet_convert.fileio.prefetch import prefetch
 
 
+def assert_new_threads_end(before: set) -> None:
+    deadline = time.monotonic() + 5
+    while (new := [t for t in threading.enumerate() if t not in before]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert new == []
+
+
 def test_items_arrive_in_order_and_production_stays_a_few_ahead():
     produced, consumed = [], []
 
@@ -42,15 +49,12 @@ def test_a_consumer_that_stops_early_stops_the_worker():
             i += 1
             yield i
 
-    before = threading.active_count()
+    before = set(threading.enumerate())  # threads of earlier tests may end meanwhile: watch only new ones
     with pytest.raises(RuntimeError):
         for item in prefetch(items()):
             if item == 3:
                 raise RuntimeError("disk full")
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    assert_new_threads_end(before)
 
 
 def test_a_byte_bound_keeps_the_lookahead_small():
@@ -79,10 +83,7 @@ def test_close_stops_a_worker_that_was_never_iterated():
         while True:
             yield 1
 
-    before = threading.active_count()
+    before = set(threading.enumerate())
     pending = prefetch(items(), depth=2)
     pending.close()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    assert_new_threads_end(before)
