@@ -23,6 +23,8 @@ from bitnet_core.pooling import POOLINGS
 
 EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
 EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
+# generate / verify --head: bitnet_model.engine.HEAD_TYPES, spelled here so that --help does not import JAX
+HEADS = ("stored", "int8")
 
 
 class _Cli(click.Group):
@@ -182,7 +184,7 @@ main.command("convert")(_apply(
               help=f"Layers to run, comma separated: {', '.join(LEVELS)}, or all.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="Also load CANDIDATE (a GGUF) in this runtime and compare its logits with the JAX model's.")
-@click.option("--head", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
+@click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="The function layer's engine head: int8 runs both sides as `generate --head int8` does and "
                    "reports what that declared cast changes against the stored head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -258,7 +260,7 @@ def inspect_command(path, as_json, check, revision):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (same seed, same text).")
 @click.option("--revision", default=None, help="Hub revision, when SRC is a hub repo id.")
 @click.option("--stats", is_flag=True, help="Print prefill time and decode speed to stderr.")
-@click.option("--head", type=click.Choice(["stored", "int8"]), default="stored", show_default=True,
+@click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="int8: hold the embedding / output table as int8 rows with a scale each (half the bytes a "
                    "decode step reads for 2B4T's bf16 head; lossy, so logits differ from the stored model's).")
 def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats,

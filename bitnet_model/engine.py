@@ -114,7 +114,7 @@ jax.tree_util.register_dataclass(
 # ----------------------------------------------------------------------------------- the opt-in int8 head
 
 HEAD_INT8 = "int8"  # engine tables as int8 rows with a float32 scale each (lossy: see quantize_rows)
-HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint / quantize_head; "stored": as it is
+HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint; "stored": as the checkpoint stores it
 _HEAD_BLOCK_BYTES = 16 << 20  # float32 rows quantized at a time while loading
 
 
@@ -148,21 +148,6 @@ def _as_float32(rows: np.ndarray) -> np.ndarray:
     if rows.dtype == np.uint16:  # bf16 bits (the engine's own tables)
         return (rows.astype(np.uint32) << 16).view(np.float32)
     return rows.astype(np.float32)
-
-
-def quantize_head(weights: Weights) -> Weights:
-    """`weights` with the int8 head (as weights_from_checkpoint(head="int8") loads it)."""
-    if weights.embed_scale is not None:
-        return weights
-    embed = np.asarray(weights.embed)
-    embed_codes, embed_scale = _int8_table(lambda a, b: embed[a:b], embed.shape)
-    head, head_scale = None, None
-    if weights.lm_head is not None:
-        table = np.asarray(weights.lm_head)
-        head, head_scale = _int8_table(lambda a, b: table[a:b], table.shape)
-    return dataclasses.replace(weights, embed=embed_codes, embed_scale=embed_scale, lm_head=head,
-                               lm_head_scale=head_scale)
-
 
 
 @dataclasses.dataclass

@@ -140,3 +140,10 @@ def test_the_int8_head_generates_and_says_so(folder):
     assert "int8 head (lossy)" in result.stderr
     generated = api.generate(folder, [1, 2, 3], max_new_tokens=4, head="int8")
     assert 1 <= len(generated.ids) <= 4 and all(0 <= t < 384 for t in generated.ids)
+
+
+def test_the_cli_offers_the_engines_heads():
+    from bitnet_convert import cli
+    from bitnet_model import engine
+
+    assert cli.HEADS == engine.HEAD_TYPES

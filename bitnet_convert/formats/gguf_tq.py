@@ -81,7 +81,13 @@ def tq2_0_from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
 
     def part(start: int, stop: int) -> None:
         out[start:stop, :_QS_BYTES] = qs[start:stop]
-        zero = np.bitwise_or.reduce(qs[start:stop].view(np.uint64) ^ _ZERO_CODES_WORD, axis=1) == 0
+        # A block holds only zero codes when each of its 8 words is _ZERO_CODES_WORD. One pass per word column:
+        # numpy's reduce along rows of 8 took 1.01 ms for a 2B4T up_proj, this 0.54.
+        words = qs[start:stop].view(np.uint64)  # [blocks, 8]
+        differ = words[:, 0] ^ _ZERO_CODES_WORD
+        for k in range(1, words.shape[1]):
+            differ |= words[:, k] ^ _ZERO_CODES_WORD
+        zero = differ == 0
         _write_d(out[start:stop], zero)
 
     parallel.for_row_ranges(qs.shape[0], out.nbytes, part)
