@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bitnet_core import names
+from bitnet_core.checkpoint import row_blocks
 from bitnet_core.config import ModelConfig
 from bitnet_model import native
 from bitnet_model import packed as packed_ops
@@ -115,7 +116,7 @@ jax.tree_util.register_dataclass(
 
 HEAD_INT8 = "int8"  # engine tables as int8 rows with a float32 scale each (lossy: see quantize_rows)
 HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint; "stored": as the checkpoint stores it
-_HEAD_BLOCK_BYTES = 16 << 20  # float32 rows quantized at a time while loading
+_HEAD_BLOCK_BYTES = 16 << 20  # stored bytes of the rows quantized at a time while loading
 
 
 def quantize_rows(values) -> tuple[np.ndarray, np.ndarray]:
@@ -130,16 +131,19 @@ def quantize_rows(values) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
-def _int8_table(rows_of: Callable[[int, int], np.ndarray], shape) -> tuple[jax.Array, jax.Array]:
-    """The int8 head from a table read a block of rows at a time (never the float table whole)."""
+def _int8_table(blocks: Iterable[np.ndarray], shape) -> tuple[jax.Array, jax.Array]:
+    """The int8 head from a table's consecutive blocks of rows (never the float table whole)."""
     from bitnet_core.aligned import aligned_empty
 
     V, H = shape
     codes, scales = aligned_empty((V, H), np.int8), np.empty(V, np.float32)
-    step = max(1, _HEAD_BLOCK_BYTES // (4 * H))
-    for start in range(0, V, step):
-        stop = min(V, start + step)
-        codes[start:stop], scales[start:stop] = quantize_rows(_as_float32(rows_of(start, stop)))
+    start = 0
+    for block in blocks:
+        stop = start + len(block)
+        codes[start:stop], scales[start:stop] = quantize_rows(_as_float32(block))
+        start = stop
+    if start != V:
+        raise ValueError(f"table of {V} rows came as {start}")
     return jax.device_put(codes), jax.device_put(scales)
 
 
@@ -215,11 +219,14 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
             if remaining[name] == 0:
                 norms[name] = jax.device_put(host_norms.pop(name))
         elif head == HEAD_INT8 and entry.name in TABLES:
-            rows_of = entry.load_rows
-            if rows_of is None:
+            found = row_blocks(entry, _HEAD_BLOCK_BYTES)
+            if found is not None:
+                blocks = found.blocks
+            else:  # a source without row reads: slices of it whole, each converted to float32 on its own
                 whole = np.asarray(entry.load())
-                rows_of = lambda a, b, whole=whole: whole[a:b]  # noqa: E731
-            dense[entry.name], dense[entry.name + ".scale"] = _int8_table(rows_of, entry.shape)
+                step = max(1, _HEAD_BLOCK_BYTES // whole.itemsize // whole.shape[1])
+                blocks = (whole[a:a + step] for a in range(0, whole.shape[0], step))
+            dense[entry.name], dense[entry.name + ".scale"] = _int8_table(blocks, entry.shape)
         else:
             array = np.asarray(entry.load())
             if entry.name == "model.norm.weight":

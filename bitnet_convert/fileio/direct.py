@@ -39,11 +39,13 @@ class DirectFile(io.RawIOBase):
 
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__()
+        self._fd = -1  # until opened: a failed open leaves nothing for __del__ to close
         self._path = os.fspath(path)
         self._fd = _open(self._path)
+        self._capacity = BUFFER_BYTES  # of each buffer, fixed for this file
         self._free: queue.Queue = queue.Queue()
         for _ in range(BUFFERS):
-            self._free.put(mmap.mmap(-1, BUFFER_BYTES))  # anonymous maps are page-aligned
+            self._free.put(mmap.mmap(-1, self._capacity))  # anonymous maps are page-aligned
         self._pending: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._raised = False
@@ -122,7 +124,7 @@ class DirectFile(io.RawIOBase):
             super().close()
 
     def __del__(self) -> None:  # io.IOBase would call close(), which writes; an unclosed file is abandoned
-        if not self.closed and self._fd >= 0:
+        if self._fd >= 0 and not self.closed:
             if self._writer.is_alive():
                 self._pending.put(None)
             os.close(self._fd)
@@ -138,12 +140,12 @@ class DirectFile(io.RawIOBase):
         data = np.frombuffer(view, np.uint8)  # numpy copies without the GIL
         done = 0
         while done < data.size:
-            take = min(data.size - done, BUFFER_BYTES - self._filled)
+            take = min(data.size - done, self._capacity - self._filled)
             self._view[self._filled:self._filled + take] = data[done:done + take]
             self._filled += take
             done += take
-            if self._filled == BUFFER_BYTES:
-                self._hand_out(BUFFER_BYTES)
+            if self._filled == self._capacity:
+                self._hand_out(self._capacity)
                 self._buffer = self._free.get()
                 self._view = np.frombuffer(self._buffer, np.uint8)
                 self._raise_failed()

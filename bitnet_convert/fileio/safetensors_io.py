@@ -398,10 +398,11 @@ def write_safetensors(
     with DirectFile(path) as fh:
         fh.write(head)
         # The next tensor is produced on a second core while this one is written and hashed (prefetch.py).
-        for spec, raw in prefetch(piece for spec in specs for piece in _pieces(spec, produce(spec))):
-            fh.write(raw)
-            if on_written is not None:
-                on_written(spec, raw)
+        with prefetch(piece for spec in specs for piece in _pieces(spec, produce(spec))) as pieces:
+            for spec, raw in pieces:
+                fh.write(raw)
+                if on_written is not None:
+                    on_written(spec, raw)
         return fh.tell()
 
 

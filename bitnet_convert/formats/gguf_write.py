@@ -68,7 +68,7 @@ from bitnet_convert.formats.gguf_types import (
     graph_for,
 )
 from bitnet_core import validate
-from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary
+from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary, row_blocks
 from bitnet_core import parallel
 from bitnet_core.codecs import hf2bit, i2s
 from bitnet_core.errors import ConvertError
@@ -316,11 +316,12 @@ def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Store
     def produce() -> Iterable[np.ndarray]:
         # Whole rows at a time (block types quantize each row on its own), about CHUNK_VALUES values; read a
         # block at a time too where the source offers it (a whole copy of a 2B4T embedding is 0.66 GB more).
-        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(shape[1:]))))
-        if entry.load_rows is not None:
-            for start in range(0, shape[0], rows):
-                yield _encode_float(entry.load_rows(start, min(shape[0], start + rows)), ggml_type, name, where)
+        blocks = row_blocks(entry, CHUNK_VALUES * np.dtype(entry.dtype or np.float32).itemsize)
+        if blocks is not None:
+            for block in blocks.blocks:
+                yield _encode_float(block, ggml_type, name, where)
             return
+        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(shape[1:]))))
         value = entry.load()
         if isinstance(value, Ternary):
             raise ConvertError(f"{where}: tensor {entry.name} should be a plain array, found ternary")

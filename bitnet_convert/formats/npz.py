@@ -158,18 +158,19 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
             pieces = ((entry, *piece) for entry in ckpt for piece in _member_pieces(_stored_arrays(entry, out, index)))
             previous, member = None, None
             try:
-                for entry, key, dtype, shape, data in prefetch(pieces):
-                    if previous is not None and entry is not previous:
-                        bar.update(previous.nbytes_hint)
-                    previous = entry
-                    if dtype is not None:  # a member starts
-                        if member is not None:
-                            member.close()
-                        member = _open_member(zf, key, dtype, shape)
-                        hasher.begin(key, _npy_descr(dtype), shape, int(np.prod(shape)) * dtype.itemsize)
-                    if data is not None:
-                        member.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-                        hasher.update(data)
+                with prefetch(pieces) as made:
+                    for entry, key, dtype, shape, data in made:
+                        if previous is not None and entry is not previous:
+                            bar.update(previous.nbytes_hint)
+                        previous = entry
+                        if dtype is not None:  # a member starts
+                            if member is not None:
+                                member.close()
+                            member = _open_member(zf, key, dtype, shape)
+                            hasher.begin(key, _npy_descr(dtype), shape, int(np.prod(shape)) * dtype.itemsize)
+                        if data is not None:
+                            member.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+                            hasher.update(data)
             finally:  # zipfile refuses to close the archive while a member is open (a failure above)
                 if member is not None:
                     member.close()
