@@ -35,7 +35,7 @@ def texts_for(n: int, words: int, seed: int = 0) -> list[str]:
 
 
 def ours(model_dir: Path, texts: list[str], batch: int):
-    from bitnet_convert.embedder import load_embedder
+    from bitnet_convert.embed_command import load_embedder
 
     embedder = load_embedder(model_dir, pooling="mean")
     return lambda: embedder.embed_texts(texts, batch_size=batch).embeddings, embedder

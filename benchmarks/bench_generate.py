@@ -93,7 +93,7 @@ def measure_ours(gen, lengths: list[int], decode_tokens: int, repeats: int) -> d
 
 
 def child_ours(path: str, lengths, decode_tokens, repeats) -> dict:
-    from bitnet_convert.generator import load_generator
+    from bitnet_convert.generate_command import load_generator
 
     start = time.perf_counter()
     gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"))

@@ -4,7 +4,7 @@
     bitnet_convert.convert("microsoft/bitnet-b1.58-2B-4T", "2b4t.gguf", target="bitnet.cpp")
     report = bitnet_convert.verify("2b4t.gguf", reference="microsoft/bitnet-b1.58-2B-4T")
     model = bitnet_convert.load_model("2b4t.gguf")
-    text = bitnet_convert.generator("2b4t.gguf", "User: Hi<|eot_id|>Assistant: ", max_new_tokens=16).text
+    text = bitnet_convert.generate("2b4t.gguf", "User: Hi<|eot_id|>Assistant: ", max_new_tokens=16).text
 
 Errors are `bitnet_core.errors.ConvertError` (bad input, one line naming the file); the CLI prints them and exits 2.
 """
@@ -86,7 +86,7 @@ def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int 
     """`bitnet-convert generate`: continue PROMPT (text, or token ids) with the packed engine.
 
     Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`."""
-    from bitnet_convert.generator import load_generator, sampling_request
+    from bitnet_convert.generate_command import load_generator, sampling_request
 
     sampling = sampling_request(greedy, temperature, top_p)
     gen = load_generator(os.fspath(src), revision=revision, head=head)
@@ -102,7 +102,7 @@ def embed(src: PathLike, texts: str | Sequence[str] | None = None, *, token_ids:
     """`bitnet-convert embed`: L2-normalized sentence embeddings of `texts` (or of `token_ids`, used as given)
     with a BitNet-embedding model in any format -> `Embedded` (.embeddings [N, H] float32, .pooling and
     .pooling_source: the config's pooling, else the documented default mean, or `pooling`)."""
-    from bitnet_convert.embedder import Embedded, load_embedder
+    from bitnet_convert.embed_command import Embedded, load_embedder
 
     if (texts is None) == (token_ids is None):
         raise ConvertError("embed takes texts or token_ids (one of the two)")

@@ -275,7 +275,7 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
       bitnet-convert generate ./2b4t-flax --prompt "User: How are you?<|eot_id|>Assistant: " --max-new-tokens 64
       bitnet-convert generate ./model.gguf --prompt-ids "128000 1502 25" --temperature 0.7 --top-p 0.9 --seed 1
     """
-    from bitnet_convert.generator import run_generate
+    from bitnet_convert.generate_command import run_generate
 
     def write(text):
         click.echo(text, nl=False)

@@ -178,8 +178,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
 
     Each projection is packed (`quantize.packed_projection`: HF and Flax bytes are regrouped without making int8
     codes) and copied into its stacked host array; each stacked array goes to the device as soon as its last
-    layer is in. `release()` (optional) is called after every tensor,
-    so a caller can drop the pages of a memory-mapped source it no longer needs (see bitnet_convert.generator).
+    layer is in. `release()` (optional) is called after every tensor, so a caller can drop the pages of a
+    memory-mapped source it no longer needs (see bitnet_convert.generate_command).
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it); `head="int8"` holds
     them as int8 rows with a scale each instead (HEAD_INT8, quantize_rows: lossy, opt-in), converted a block of
     rows at a time.
@@ -320,13 +320,13 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
     eps = cfg.rms_norm_eps
 
     def layer(x, xs):
-        p, m, n, cached_k, cached_v, index = xs  # this layer's weights (see below), norms, cache slices
+        packed, multipliers, norms, cached_k, cached_v, index = xs  # this layer's weights (see below), cache slices
 
         def bitlinear(h, *names, norm, up=None, residual=None):  # norm: the name of the norm before it
             act = None if up is None else cfg.hidden_act
-            return fused_bitlinear(h, names, p, m, native_kernel=opts.native, layer=index, norm=n.get(norm),
-                                   eps=eps, act=act, up=up, residual=residual, block_bytes=opts.block_bytes,
-                                   reduce_rows=opts.reduce_rows)
+            return fused_bitlinear(h, names, packed, multipliers, native_kernel=opts.native, layer=index,
+                                   norm=norms.get(norm), eps=eps, act=act, up=up, residual=residual,
+                                   block_bytes=opts.block_bytes, reduce_rows=opts.reduce_rows)
 
         q, k, v = bitlinear(x, "q_proj", "k_proj", "v_proj", norm="input_layernorm")
         q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
@@ -353,10 +353,11 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
           cache.values if sliced_cache else none, jnp.arange(L, dtype=jnp.int32))
 
     def body(x, xs):
-        p, m, n, ck, cv, index = xs
+        packed, multipliers, norms, cached_k, cached_v, index = xs
         if opts.native:
-            p, m = w.packed, w.multipliers
-        return layer(x, (p, m, n, ck if sliced_cache else None, cv if sliced_cache else None, index))
+            packed, multipliers = w.packed, w.multipliers
+        return layer(x, (packed, multipliers, norms, cached_k if sliced_cache else None,
+                         cached_v if sliced_cache else None, index))
 
     x, (keys, values) = jax.lax.scan(body, x, xs)
     return x, keys, values

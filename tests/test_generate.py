@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from bitnet_convert import api
 
-from bitnet_convert import generator as generate
+from bitnet_convert import generate_command as generate
 from bitnet_convert.cli import main
 from bitnet_convert.formats import flax_dir
 from bitnet_convert.tiny import tiny_checkpoint

@@ -23,7 +23,7 @@ RUNTIMES = ("llama.cpp", "ik_llama.cpp")
 def run_verify(candidate: str, reference: str, *, revision: str | None = None, levels=None,
                runtime: str | None = None, head: str = "stored") -> VerifyReport:
     from bitnet_convert.formats import registry
-    from bitnet_convert.generator import release_mapped_pages
+    from bitnet_convert.generate_command import release_mapped_pages
     from bitnet_convert.verification.function import compare_function
     from bitnet_convert.verification.weights import compare_weights
     from bitnet_core.errors import ConvertError

@@ -1,4 +1,6 @@
-"""`bitnet-convert embed`: sentence embeddings of texts with a BitNet-embedding model (docs/formats.md §12).
+"""The application's `bitnet-convert embed` command: sentence embeddings of texts with a BitNet-embedding model
+(docs/formats.md §12): tokenization and batching around `bitnet_model.modeling.embed` (the pooled, L2-normalized
+sentence vector; not the token-embedding table `Embedding` of the same module).
 
 Texts are tokenized with the checkpoint's tokenizer.json (its own post-processor adds what it adds), then an end
 token is appended where the model needs one: always for Qwen3 (bitnet.cpp's embedding GGUF sets
@@ -40,7 +42,7 @@ class Embedder:
     """A loaded embedding model with its tokenizer and pooling."""
 
     def __init__(self, ckpt, *, pooling: str | None = None, where: str = "checkpoint"):
-        from bitnet_convert.generator import load_tokenizer
+        from bitnet_convert.generate_command import load_tokenizer
         from bitnet_model.params import model_from_checkpoint
 
         self.where = where

@@ -1,5 +1,5 @@
-"""`bitnet-convert generate`: text from any checkpoint this tool reads, with the model's generator
-(bitnet_model/generation.py): the source read tensor by tensor, its tokenizer and end-of-sequence ids, and the
+"""The application's `bitnet-convert generate` command over the engine: text from any checkpoint this tool reads,
+with the model's Generator (bitnet_model/generation.py holds sampling and the decode loop): the source read tensor by tensor, its tokenizer and end-of-sequence ids, and the
 pages of the memory-mapped source released as the weights are packed.
 
     gen = load_generator("./model-hf")
