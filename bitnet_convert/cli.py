@@ -1,7 +1,8 @@
 """The `bitnet-convert` command line: a thin shell over registry, verify and inspect.
 
 Every X-to-Y command is generated from registry.FORMATS and each format's WRITER_OPTIONS; each command calls
-the function of the same name in bitnet_convert.api.
+the function of the same name in bitnet_convert.api, except `generate`: it streams the text as it is produced
+(generate_command.run_generate), where api.generate returns the whole continuation.
 """
 
 from __future__ import annotations
