@@ -1,9 +1,9 @@
 """Pause Python's cyclic garbage collector while a burst of objects is made.
 
 Parsing a real tokenizer.json (128k tokens, 280k merges: ~1M lists and dicts) and building GGUF's vocabulary
-from it set off collection after collection, each walking every tracked object so far: 5-6% of a 2B4T
-conversion's CPU, all of it on the critical path (perf record of `hf-to-gguf` on the 2-core EPYC of
-BENCHMARKS.md). What they make holds no reference cycles, so nothing is left for the collector afterwards.
+from it set off collection after collection, each walking every tracked object so far, all of it on the
+conversion's critical path (BENCHMARKS.md, design measurements). What they make holds no reference cycles, so
+nothing is left for the collector afterwards.
 """
 
 from __future__ import annotations

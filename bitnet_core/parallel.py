@@ -1,10 +1,10 @@
 """Row-local array work split over the CPU's cores.
 
 A conversion's transcoding is a few whole-array numpy operations per tensor (bit shuffles, a dtype cast), and
-numpy releases the GIL inside them, so the halves of a matrix transcode at once on two threads. On the 2-core
-EPYC of BENCHMARKS.md the producer of a 2B4T conversion (1.2 GB out) was the long pole: 1.2-1.4 s on one
-thread beside 0.7 s of hashing on another. Work below MIN_BYTES runs on the calling thread alone: handing a
-part to the pool costs tens of microseconds.
+numpy releases the GIL inside them, so the halves of a matrix transcode at once on two threads. On one thread
+the producer of a 2B4T conversion was the long pole, longer than the hashing beside it (BENCHMARKS.md, design
+measurements). Work below MIN_BYTES runs on the calling thread alone: handing a part to the pool costs more
+than such small work.
 """
 
 from __future__ import annotations

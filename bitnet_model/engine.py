@@ -12,7 +12,7 @@ train); this file computes the same function for generation, lean and fast:
   * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place;
   * on an x86 CPU with AVX2 or better (`Options.native`), every BitLinear and the output projection run in the
     kernels of `native/` (AVX2, AVX-512 VNNI or AMX straight from the packed bytes: XLA has no such kernel and
-    is 2-10x slower).
+    is several times slower; BENCHMARKS.md, design measurements).
 The arithmetic is the reference's, operation for operation (per-token int8 activations, exact int32 products,
 `acc / s * multiplier`, float32 everywhere else, HIGHEST precision float products; the native BitLinear is
 bit for bit the XLA one), so logits agree to float32 rounding of the attention and output sums;

@@ -104,7 +104,7 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
         # Prefill: per kv head and block of `query_block` queries, one [G*Tq, D] x [D, Tk] product over the keys
         # up to the block's last query only (causal: keys after it are masked anyway). XLA's CPU backend runs
         # these plain batched products far faster than 5-d einsums that need transposed operands, and skipping
-        # the masked keys saves ~40% at 512 tokens (BENCHMARKS.md, design measurements).
+        # the masked keys saves much of a long prompt's attention (BENCHMARKS.md, design measurements).
         qg = q.reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
         blocks = []

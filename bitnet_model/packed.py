@@ -51,9 +51,9 @@ def block_rows(rows: int, row_bytes: int, block_bytes: int) -> int:
 
 
 def int8_dot(x_q: jax.Array, codes: jax.Array) -> jax.Array:  # int8 [N, in] x int8 [M, in] -> int32 [N, M]
-    # Weights as the left operand: XLA's CPU int8 kernel runs codes @ x.T 1.6x faster than x @ codes.T for
-    # decode's two rows (6912 x 2560: 0.59 vs 1.00 ms) and ~1.2x for 512 rows; the transpose of the small
-    # [M, N] result fuses into what follows.
+    # Weights as the left operand: XLA's CPU int8 kernel runs codes @ x.T faster than x @ codes.T, most of all
+    # for decode's two rows (BENCHMARKS.md, design measurements); the transpose of the small [M, N] result
+    # fuses into what follows.
     return jax.lax.dot_general(codes, x_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32).T
 
 
@@ -62,7 +62,7 @@ def packed_matmul(x_q: jax.Array, packed: jax.Array, *, block_bytes: int = 0) ->
     lead, inp = x_q.shape[:-1], x_q.shape[-1]
     rows = x_q.reshape(-1, inp)  # [N, in]
     n = rows.shape[0]
-    if n == 1:  # see module docstring: the one-row int8 dot is ~30x slower than two rows
+    if n == 1:  # XLA CPU's one-row int8 dot takes a slow path; two rows do not (design measurements)
         rows = jnp.concatenate([rows, rows])
     packed_rows = packed.shape[0]
     out = packed_rows * VALUES_PER_BYTE

@@ -1,10 +1,10 @@
 """An output file written to the disk straight from a few reused buffers, on a thread of its own.
 
-A buffered write() of a fresh 1.2 GB output spends its time getting page-cache pages, not copying: on the
-2-core EPYC VM of BENCHMARKS.md the same 1.2 GB took 0.25 s when the kernel had just freed pages to reuse and
-3-4 s when it had not (each new page is a fault in the hypervisor too), and the conversion's main thread sat
-in write() for ~1.9 s of 3.4. With O_DIRECT the data goes from the buffer to the device: 0.6 s for 1.2 GB
-in every run, 0.1 s of it CPU, and no page cache to fill or to flush at the fsync.
+A buffered write() of a fresh 1.2 GB output spends its time getting page-cache pages, not copying, and how
+long that takes depends on whether the kernel has just freed pages to reuse (on a VM each new page is a fault
+in the hypervisor too): the conversion's main thread sat in write() for most of a conversion. With O_DIRECT the
+data goes from the buffer to the device at the same speed in every run, with little CPU and no page cache to
+fill or to flush at the fsync (BENCHMARKS.md, design measurements).
 
 `DirectFile` is a small file object (write, tell, seek, flush, close) for the writers' own loops, gguf-py's
 and zipfile's: writes are copied into one of `BUFFERS` page-aligned buffers of `BUFFER_BYTES`, and a full
@@ -27,7 +27,7 @@ import threading
 
 import numpy as np
 
-BUFFER_BYTES = 8 << 20  # per pwrite: 8 and 2 MiB wrote 1.2 GB in the same 0.6 s; fewer, larger calls
+BUFFER_BYTES = 8 << 20  # per pwrite: 2 MiB was as fast (design measurements); fewer, larger calls
 BUFFERS = 3  # one being filled, up to two being written
 BLOCK = 4096  # O_DIRECT alignment of offsets and lengths (the logical block size or a multiple of it)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)

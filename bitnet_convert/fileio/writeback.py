@@ -1,8 +1,8 @@
 """Start writing an output's pages to disk while the conversion is still producing it.
 
 Every output is fsync'ed before it is renamed into place (atomic.py). Left to the end, that fsync writes the
-whole file at once while the CPUs sit idle: ~0.45 s for a 1.2 GB 2B4T output on the development machine,
-15-20% of a conversion. A thread that asks the kernel every few tenths of a second to start writeback of
+whole file at once while the CPUs sit idle, a sizeable part of a conversion (BENCHMARKS.md, design
+measurements). A thread that asks the kernel every few tenths of a second to start writeback of
 what is dirty so far (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, it does not wait for
 the disk) overlaps that I/O with the work, and the final fsync only waits for the tail. It works from the
 path alone (any descriptor of a file reaches its pages), so writers need not know about it. Where the call is
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
-INTERVAL_S = 0.2  # ~100-300 MB of output between calls on the development machine
+INTERVAL_S = 0.2  # a few hundred MB of output between calls at a conversion's speed
 
 
 def _sync_file_range():

@@ -1,7 +1,7 @@
 """GGUF metadata arrays packed in bulk: the same bytes gguf-py writes, without one struct call per element.
 
-gguf-py's GGUFWriter packs an array value element by element through Python; a Llama-3 tokenizer's 128,256 tokens,
-token types and 280,147 merges then take seconds to serialize. `BulkGGUFWriter` packs string arrays (u64 length +
+gguf-py's GGUFWriter packs an array value element by element through Python, so a Llama-3 tokenizer's 128,256
+tokens, token types and 280,147 merges cost a Python call each. `BulkGGUFWriter` packs string arrays (u64 length +
 UTF-8 bytes per item) and numeric arrays (one numpy `tobytes`) at once and hands everything else to gguf-py,
 so the file is byte for byte what gguf-py would write (tests/test_gguf_bulk.py holds them together).
 """
@@ -31,8 +31,8 @@ def string_array_body(items: Sequence[str]) -> bytes:
     Built by numpy in whole-array steps (no Python work per item beyond measuring it): a mask of the output
     marks each item's 8 length bytes (False) and its text (True), made by one np.repeat of the pattern over
     the run lengths; the concatenated UTF-8 and the lengths' bytes then go in by two masked assignments. A
-    scatter through an int64 index of every byte (what this did before) needs 8 bytes of fresh memory per
-    output byte, and on first touch that cost more than the work (280k merges: 140 of ~400 ms)."""
+    scatter through an int64 index of every byte needs 8 bytes of fresh memory per output byte, and touching
+    that memory the first time costs more than the work (BENCHMARKS.md, design measurements)."""
     if all(map(str.__instancecheck__, items)):
         # UTF-8 of the concatenation is the concatenation of the UTF-8s: one encode instead of a join of many
         lengths = np.fromiter(map(len, map(str.encode, items)), dtype=np.int64, count=len(items))

@@ -6,8 +6,9 @@
     tensor infos: name (string), n_dims u32, dims u64 x n_dims (ne0 first), GGML type u32, offset u64,
     padding to `general.alignment` (default 32), then the tensor data.
 
-Why not gguf-py's GGUFReader: it makes numpy views per array element while it opens a file (a 2.4 MB file
-with one u8 array of 2.4 M items took 1.4 GB and 25 s; 100 k strings take 5 s), and it trusts every count.
+Why not gguf-py's GGUFReader: it makes numpy views per array element while it opens a file, so a small file
+with one long array costs memory and time out of all proportion (BENCHMARKS.md, design measurements), and it
+trusts every count.
 Here each count is checked against the bytes left before anything is walked, arrays of numbers are one
 slice, strings are decoded only when a key is asked for, nested arrays are refused (as llama.cpp's gguf.cpp
 does), and string arrays hold at most MAX_STRINGS items in all (a real tokenizer: ~0.4 M tokens and merges).

@@ -1,9 +1,9 @@
 """Whole-array bit tricks the 2-bit codecs share (hf2bit, i2s, tq); numpy only, no per-value Python.
 
-Why they are written this way (numpy 2.4, one core of a Xeon with AVX-512; `benchmarks/bench_codecs.py`):
-byte-wise shifts, masks and adds on uint8/int8 arrays written into preallocated outputs (`out=`) vectorize;
-int16 detours, `np.stack`/`np.concatenate` copies, boolean temporaries of the full size and 256-entry look-up
-tables (`np.take`, ~10x slower than a shift-and-mask here) do not.
+Why they are written this way (`benchmarks/bench_codecs.py`; BENCHMARKS.md, design measurements): byte-wise
+shifts, masks and adds on uint8/int8 arrays written into preallocated outputs (`out=`) vectorize; int16
+detours, `np.stack`/`np.concatenate` copies, boolean temporaries of the full size and 256-entry look-up tables
+(`np.take`, far slower than a shift-and-mask here) do not.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def _fast(rows: int, n_in: int) -> bool:
 def from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
     """= pack(hf2bit.unpack(packed, out_features)) without making int8 codes; CorruptData on code 3.
 
-    About 2-3x faster than hf2bit.unpack + pack (BENCHMARKS.md, design measurements).
+    Faster than hf2bit.unpack + pack: no int8 codes made and read back (BENCHMARKS.md, design measurements).
     """
     if not packable(out_features):
         raise ValueError(f"cannot pack {out_features} output rows: not a positive multiple of {VALUES_PER_BYTE}")

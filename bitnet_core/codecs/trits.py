@@ -10,9 +10,10 @@ Bytes 243..255 are invalid. 3^5 = 243 <= 256 is why five trits fit in a byte; lo
 floor, so this wastes under 1%. Decoding in plain numpy: ``(byte[:, None] // 3 ** np.arange(5)) % 3 - 1``.
 
 Packing reads five digit bytes as one unaligned little-endian uint64 (a stride-5 view) and multiplies it by a
-constant that sums the digits with their place values into one byte of the product, instead of Horner's rule
-on five stride-5 columns (3x faster). `from_hf2bit` takes the digits straight from HF packed bytes' 2-bit
-fields: the HF planes k = 0..3 are the row blocks of the flattened matrix, in order.
+constant that sums the digits with their place values into one byte of the product: one multiply per byte
+instead of Horner's rule over five stride-5 columns (BENCHMARKS.md, design measurements). `from_hf2bit` takes
+the digits straight from HF packed bytes' 2-bit fields: the HF planes k = 0..3 are the row blocks of the
+flattened matrix, in order.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _base3_bytes(digits: np.ndarray, count: int) -> np.ndarray:
     words = np.ndarray((size,), np.dtype("<u8"), buffer=digits, offset=0, strides=(TRITS_PER_BYTE,))  # word i: digit 5i..
     out = np.empty(size, np.uint8)
     # In cache-sized pieces: the uint64 products of a whole matrix (8 bytes per output byte) would go through
-    # memory three times (multiply, shift, narrow); 64 Ki words at a time stay in L2 (measured 2x faster).
+    # memory three times (multiply, shift, narrow); 64 Ki words at a time stay in L2 (design measurements).
     product = np.empty(min(size, _CHUNK_WORDS), np.uint64)
     for start in range(0, size, _CHUNK_WORDS):
         stop = min(size, start + _CHUNK_WORDS)
@@ -109,5 +110,5 @@ def unpack(packed: np.ndarray, shape) -> np.ndarray:
         )
     if packed.size and packed.max() > MAX_BYTE:
         raise CorruptData(f"base-3 packed weight holds the invalid byte {int(packed.max())} (largest valid: 242)")
-    # np.take on a small table is ~3x faster than fancy indexing `_DECODE[packed]` (numpy 2.4).
+    # np.take on a small table, not fancy indexing `_DECODE[packed]`: the faster of the two (design measurements).
     return np.take(_DECODE, packed, axis=0).reshape(-1)[:count].reshape(shape)

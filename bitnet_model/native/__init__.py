@@ -43,8 +43,8 @@ CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
 # -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
 # sums do; with FMA in the target, GCC may otherwise fuse a product and a sum into one rounding.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
-# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes: even at 8,
-# 1.6-2.4x faster at 16-32); set in the library when it loads.
+# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes; BENCHMARKS.md,
+# design measurements); set in the library when it loads.
 AMX_MIN_TOKENS = 8
 LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
 BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
