@@ -81,8 +81,8 @@ def tq2_0_from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
 
     def part(start: int, stop: int) -> None:
         out[start:stop, :_QS_BYTES] = qs[start:stop]
-        # A block holds only zero codes when each of its 8 words is _ZERO_CODES_WORD. One pass per word column:
-        # numpy's reduce along rows of 8 took 1.01 ms for a 2B4T up_proj, this 0.54.
+        # A block holds only zero codes when each of its 8 words is _ZERO_CODES_WORD. One pass per word column,
+        # faster than numpy's reduce along rows of 8 (BENCHMARKS.md, design measurements).
         words = qs[start:stop].view(np.uint64)  # [blocks, 8]
         differ = words[:, 0] ^ _ZERO_CODES_WORD
         for k in range(1, words.shape[1]):
