@@ -5,6 +5,10 @@ The reference side is computed here from the same token ids: transformers' last 
 sentence-transformers pools (mean over real tokens / last token / first token), L2-normalized.
 """
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import json
 
 import numpy as np

@@ -1,6 +1,10 @@
 """The BitNet-embedding models through Flax, npz and back to their own HF layout, exactly; verify passes the
 conversions and fails a damaged copy (docs/formats.md §12)."""
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import json
 
 import pytest

@@ -2,6 +2,10 @@
 tensor name its converter writes (read back with gguf-py, independently of our reader), I2_S projections, F32
 norms with Gemma's stored as 1 + w, read back exactly into every format, verified, damage found."""
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import logging
 
 import numpy as np

@@ -7,6 +7,10 @@ must sit on a rounding tie of the reference; positions before a row's first tie 
 pooled embeddings of rows without a tie too. Sequences are 40 tokens, longer than every sliding window.
 """
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import numpy as np
 import pytest
 import torch

@@ -2,6 +2,10 @@
 Qwen3Model / Gemma3TextModel with BitNet layers (reference.load_embedding_reference), tie-robust as for the
 causal LMs (verification/parity.py); sequences of 72 tokens, past every sliding window of the fixtures."""
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import pytest
 import torch
 from embedding_fixtures import SIZES, write_embedding_checkpoint

@@ -3,6 +3,10 @@ Face layout, to every format and back, proven by verify; each GGUF under the arc
 family as; the families transformers has a class for, in parity with it; and the runtimes we can run, running
 our files (docs/formats.md §6-§7; the README's family table cites these tests)."""
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import json
 import logging
 

@@ -1,5 +1,9 @@
 """The Hugging Face reader and writer against independently written fixtures (tests/fixtures.py) and transformers."""
 
+import reference_extra
+
+reference_extra.require()  # the fixtures are written with torch and transformers
+
 import dataclasses
 import json
 import shutil

@@ -6,10 +6,9 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+import reference_extra
 import safetensors
 import safetensors.numpy
-import safetensors.torch
-import torch
 
 from bitnet_convert.fileio import prefetch
 from bitnet_convert.fileio.safetensors_io import (
@@ -53,6 +52,10 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def test_written_file_reads_back_identically_in_safetensors_numpy_and_torch(tmp_path):
+    reference_extra.require()
+    import safetensors.torch
+    import torch
+
     arrays = sample_arrays()
     path = tmp_path / "x.safetensors"
     size = write_arrays(path, arrays, {"format": "pt"})
@@ -100,6 +103,10 @@ def test_header_layout_follows_the_spec(tmp_path):
 
 
 def test_reader_reads_files_written_by_safetensors_itself(tmp_path):
+    reference_extra.require()
+    import safetensors.torch
+    import torch
+
     tensors = {"w": torch.randn(6, 5).bfloat16(), "p": torch.arange(12, dtype=torch.uint8).reshape(3, 4)}
     path = tmp_path / "t.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
