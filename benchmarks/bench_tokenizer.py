@@ -1,9 +1,10 @@
-"""The GGUF tokenizer metadata of the real-size Llama-3 tokenizer (128,256 tokens, 280,147 merges), step by step.
+"""The GGUF tokenizer metadata of a tokenizer of Llama 3's size (128,256 tokens, 280,147 merges), step by step.
 
     python benchmarks/bench_tokenizer.py [TOKENIZER_FOLDER] [--repeat N]
 
-TOKENIZER_FOLDER defaults to the Llama-3 tokenizer that 2B4T ships (`../shared/data/llama3-tokenizer/`, or the
-copy `make_2b4t.py` puts into bench-out/2b4t-hf). Times, best of --repeat in this process: checking and parsing
+TOKENIZER_FOLDER defaults to $BITNET_TOKENIZER_DIR (a real tokenizer, e.g. the Llama-3 one 2B4T ships), else the
+one make_2b4t.py put into bench-out/2b4t-hf, else one make_tokenizer.py makes into bench-out/llama3-sized-tokenizer
+(the same size and layout as Llama 3's, random token strings). Times, best of --repeat in this process: checking and parsing
 the files as a reader does (`tokenizer_files.check`), building GGUF's vocabulary from them
 (`gguf_tokenizer.vocab_from_files`), and serializing its key/values (what `hf-to-gguf` writes into the header).
 Exits 1 when serializing takes more than issue 14's 0.3 s ("GGUF tokenizer metadata written in <= 0.3 s");
@@ -14,6 +15,7 @@ work the writer overlaps with making the first tensors, gguf_write.write_plan).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +26,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import harness  # noqa: E402
 
 FLOOR_S = 0.3
-CANDIDATES = [REPO.parent / "shared" / "data" / "llama3-tokenizer", REPO / "bench-out" / "2b4t-hf"]
+MADE = REPO / "bench-out" / "llama3-sized-tokenizer"
+
+
+def default_folder() -> Path:
+    import make_tokenizer
+
+    real = os.environ.get("BITNET_TOKENIZER_DIR")
+    if real:
+        return Path(real)
+    for folder in (REPO / "bench-out" / "2b4t-hf", MADE):
+        if (folder / "tokenizer.json").is_file():
+            return folder
+    return make_tokenizer.write(MADE)
 
 
 def main(argv=None) -> int:
@@ -36,10 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("folder", nargs="?", default=None)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    folder = Path(args.folder) if args.folder else next((c for c in CANDIDATES if (c / "tokenizer.json").is_file()), None)
-    if folder is None:
-        print("no tokenizer folder found (give one)", file=sys.stderr)
-        return 2
+    folder = Path(args.folder) if args.folder else default_folder()
     files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
     config = {"vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128001}
 

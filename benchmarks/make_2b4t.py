@@ -3,9 +3,10 @@
     python benchmarks/make_2b4t.py OUT_DIR [--seed N] [--force]
 
 Writes OUT_DIR/config.json (the real 2B4T config, packed autobitlinear layout), OUT_DIR/generation_config.json
-and OUT_DIR/model.safetensors, which is 1,178,623,988 bytes like the real file, and the real-size Llama-3
-tokenizer 2B4T ships (tokenizer.json: 128,256 tokens, 280,147 merges; from ../shared/data/llama3-tokenizer beside
-the checkout, or $BITNET_TOKENIZER_DIR): its GGUF metadata is a real part of a conversion's cost.
+and OUT_DIR/model.safetensors, which is 1,178,623,988 bytes like the real file, and a tokenizer of the size of
+the Llama-3 tokenizer 2B4T ships (128,256 tokens, 280,147 merges; made by make_tokenizer.py from its seed, or
+copied from $BITNET_TOKENIZER_DIR when that names a real one): its GGUF metadata is a real part of a
+conversion's cost.
 
 Why the size matches: the real file was written by the safetensors library, which stores tensors ordered by
 dtype (BF16 before U8) and then by name, describes them in that order in a compact JSON header with
@@ -37,8 +38,9 @@ import ml_dtypes
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from bitnet_core.config import ModelConfig  # noqa: E402
 from bitnet_core.names import expected_tensors  # noqa: E402
@@ -171,17 +173,23 @@ def make_checkpoint(out_dir: str | os.PathLike, config: dict = CONFIG_2B4T, seed
     return target
 
 
-TOKENIZER_DIR = Path(os.environ.get("BITNET_TOKENIZER_DIR", REPO.parent / "shared" / "data" / "llama3-tokenizer"))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_ENV = "BITNET_TOKENIZER_DIR"  # a real tokenizer folder to use instead of make_tokenizer.py's
 
 
-def add_tokenizer(out_dir: str | os.PathLike) -> bool:
-    """Copy the real-size tokenizer into `out_dir` (when it is there to copy); True if the folder has it."""
+def add_tokenizer(out_dir: str | os.PathLike) -> str:
+    """Put a Llama-3-sized tokenizer into `out_dir` unless it has one; returns where the folder's came from."""
+    import make_tokenizer
+
     out = Path(out_dir)
-    for name in TOKENIZER_FILES:
-        if not (out / name).is_file() and (TOKENIZER_DIR / name).is_file():
-            (out / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
-    return all((out / name).is_file() for name in TOKENIZER_FILES)
+    if all((out / name).is_file() for name in make_tokenizer.FILES):
+        return "already there"
+    real = os.environ.get(TOKENIZER_ENV)
+    if real:
+        for name in make_tokenizer.FILES:
+            (out / name).write_bytes((Path(real) / name).read_bytes())
+        return f"copied from ${TOKENIZER_ENV} ({real})"
+    make_tokenizer.write(out)
+    return "made by benchmarks/make_tokenizer.py (seed 0)"
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
@@ -204,8 +212,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         path = make_checkpoint(args.out_dir, CONFIG_2B4T, args.seed, expected_bytes=REAL_2B4T_BYTES)
         print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if not add_tokenizer(args.out_dir):
-        print(f"warning: no real-size tokenizer in {TOKENIZER_DIR}: the checkpoint has none", file=sys.stderr)
+    print(f"tokenizer: {add_tokenizer(args.out_dir)}", file=sys.stderr)
     return 0
 
 

@@ -39,7 +39,7 @@ RSS_FLOOR = int(1.0 * GIB)
 
 # label -> (bitnet-convert arguments after SRC OUT, output name, most time as a multiple of the baseline,
 #           most peak RSS). Issue #14: every hf-to-* within 3x cp + fsync (the floor; its target is 2.5x, shown
-# as TARGET_X), peak RSS at most 1.0 GiB, with the real-size tokenizer in the checkpoint.
+# as TARGET_X), peak RSS at most 1.0 GiB, with a tokenizer of the real size in the checkpoint (make_2b4t.add_tokenizer).
 TIME_FLOOR_X = 3.0
 TARGET_X = 2.5
 CONVERSIONS: dict[str, tuple[list[str], str, float, int]] = {
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         make_2b4t.make_checkpoint(ckpt, make_2b4t.CONFIG_2B4T, seed=0, expected_bytes=make_2b4t.REAL_2B4T_BYTES)
         log(f"  done in {time.perf_counter() - start:.1f} s")
+    log(f"tokenizer of {ckpt}: {make_2b4t.add_tokenizer(ckpt)}")
     src = ckpt / "model.safetensors"
 
     cp_out = str(out / "cp-copy.safetensors")

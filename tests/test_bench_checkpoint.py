@@ -1,4 +1,5 @@
-"""benchmarks/make_2b4t.py writes what the safetensors library would, and the 2B4T header has the real size."""
+"""benchmarks/make_2b4t.py writes what the safetensors library would, and the 2B4T header has the real size;
+benchmarks/make_tokenizer.py makes a tokenizer of the real Llama-3 one's size that our reader and GGUF writer take."""
 
 import importlib.util
 import json
@@ -14,6 +15,9 @@ _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "make_2b4t.py"
 _spec = importlib.util.spec_from_file_location("make_2b4t", _PATH)
 make_2b4t = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_2b4t)
+_spec = importlib.util.spec_from_file_location("make_tokenizer", _PATH.with_name("make_tokenizer.py"))
+make_tokenizer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_tokenizer)
 
 
 def test_2b4t_file_size_matches_the_real_checkpoint():
@@ -53,3 +57,22 @@ def test_valid_bytes_only(bad):
     table = make_2b4t._VALID_PACKED
     assert len(set(table.tolist())) == 81
     assert all(((int(b) >> s) & 3) != bad for b in table for s in (0, 2, 4, 6))
+
+
+@pytest.mark.slow
+def test_tokenizer_has_llama3_sizes_and_reads_as_gguf_vocab():
+    from tokenizers import Tokenizer
+
+    from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
+
+    files = make_tokenizer.tokenizer_files(seed=0)
+    assert files == make_tokenizer.tokenizer_files(seed=0)  # same seed, same bytes
+    document = json.loads(files["tokenizer.json"])
+    assert len(document["model"]["vocab"]) == 128_000 and len(document["model"]["merges"]) == 280_147
+    assert [t["id"] for t in document["added_tokens"]] == list(range(128_000, 128_256))
+    ids = Tokenizer.from_str(files["tokenizer.json"].decode()).encode("User: hi<|eot_id|>Assistant: ").ids
+    assert ids[0] == 128_000 and 128_009 in ids  # BOS added, <|eot_id|> one special token
+    tokenizer_files.check(files, lambda name: name)
+    config = {"vocab_size": 128_256, "bos_token_id": 128_000, "eos_token_id": 128_009}
+    vocab = gguf_tokenizer.vocab_from_files(files, config, 128_256, "made")
+    assert len(vocab.tokens) == 128_256 and len(vocab.merges) == 280_147
