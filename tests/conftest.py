@@ -15,7 +15,7 @@ class _ReferenceExtraHidden:
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers", "accelerate"):
-            raise ImportError(f"{name}: hidden by BITNET_TESTS_WITHOUT_REFERENCE (not in the base install)")
+            raise ModuleNotFoundError(f"{name}: hidden by BITNET_TESTS_WITHOUT_REFERENCE (not in the base install)")
 
 
 if os.environ.get("BITNET_TESTS_WITHOUT_REFERENCE"):
