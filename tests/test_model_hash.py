@@ -1,7 +1,7 @@
-"""`inspect --check` covers everything a runtime reads, and outputs carry only known tokenizer files (issue 15, part 2).
+"""The model hash (sha256-model-v2) covers everything a runtime reads, and outputs carry only known tokenizer files.
 
 - sha256-model-v2: each edit below passes sha256-tensors-v1 (same tensor names and bytes: asserted) yet makes
-  another model, and now fails the check with exit 1: a tensor's dtype in a safetensors header (hf, flax) or in
+  another model, and fails the check with exit 1: a tensor's dtype in a safetensors header (hf, flax) or in
   an npy header (npz, with its index), a GGUF tensor type, config.json's `linear_class`, a config value (flax,
   npz), the GGUF rope base, a swapped tokenizer (every format), an allow-listed tokenizer file added.
 - Fresh outputs pass; files recording sha256-tensors-v1 still check (exit 0, 1 after a tensor byte changes) with a
