@@ -255,9 +255,10 @@ def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu
     reader = GGUFReader(out)
     assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
     assert len(reader.get_field("tokenizer.ggml.scores").contents()) == api.read(src).config["vocab_size"]
-    from bitnet_convert.formats import gguf_read
+    from bitnet_convert.formats import gguf_causal_lm, gguf_read
 
-    assert gguf_read._default_activation(gguf_read.open_gguf(out), gguf_read.ARCHITECTURES["bitnet"]) == "silu"
+    default = gguf_causal_lm.default_activation(gguf_read.open_gguf(out), gguf_causal_lm.ARCHITECTURES["bitnet"])
+    assert default == "silu"
     back = api.convert(out, tmp_path / "back")
     assert (back / "tokenizer.model").is_file()
 

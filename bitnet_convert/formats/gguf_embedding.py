@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType, Keys, PoolingType
 
-from bitnet_convert.formats import gguf_read, gguf_tokenizer
+from bitnet_convert.formats import gguf_entries as entries
+from bitnet_convert.formats import gguf_tokenizer
+from bitnet_convert.formats.gguf_entries import model_key
 from bitnet_convert.formats.gguf_header import INTEGER_TYPES, STRING, typed_value
 from bitnet_convert.formats.gguf_types import (
     EMBED_TYPES,
@@ -72,6 +74,7 @@ TARGET = "bitnet.cpp"  # the one runtime with a graph for these models (an RMSNo
 OUTTYPE = "i2_s"
 ARCHITECTURES = {QWEN3: "qwen3", GEMMA3: "gemma3"}  # our class -> general.architecture (bitnet.cpp's names)
 READ_AS = {arch: cls for cls, arch in ARCHITECTURES.items()}
+NAMES = tuple(READ_AS)  # the general.architecture values this plug-in reads
 POOLING_TYPES = {"mean": PoolingType.MEAN, "cls": PoolingType.CLS, "last": PoolingType.LAST}
 POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
 KEY_QUERY_SCALAR = "bitnet_convert.query_pre_attn_scalar"
@@ -205,41 +208,34 @@ def _plus_one(entry: TensorEntry, where: str):
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def read(path: Path, reader, watch, arch: str) -> Checkpoint:
-    """gguf_read.read for `qwen3` / `gemma3` files (ours and bitnet.cpp's)."""
-    from bitnet_convert.fileio import integrity
+def config(reader, arch: str, by_name) -> dict:
+    """config.json from the keys (validated at once: the tensors' names follow from it)."""
+    found = _config(reader, arch, by_name)
+    validate.model_config(found, str(reader.path))
+    return found
 
-    field = gguf_read.field_reader(reader)
-    by_name = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in by_name:
-        raise ConvertError(f"{path}: no token_embd.weight tensor")
-    config = _config(reader, arch, by_name)
+
+def tensors(reader, arch: str, config: dict, by_name, path: Path) -> dict[str, TensorEntry]:
+    """The checkpoint's tensors in model order; Gemma's model norms come back as w from the stored 1 + w."""
     cfg = validate.model_config(config, str(path))
     names = hf_names(cfg)
-    vocab = gguf_tokenizer.vocab_from_fields(field, str(path), n_vocab=config["vocab_size"])
-
-    entries: dict[str, TensorEntry] = {}
+    found: dict[str, TensorEntry] = {}
     for t in reader.tensors:
         if t.name not in names:
             raise ConvertError(f"{path}: unexpected tensor {t.name}")
         hf_name = names[t.name]
         if is_projection(hf_name):
-            entries[hf_name] = gguf_read._ternary_entry(reader, t, None, hf_name, path)
+            found[hf_name] = entries.projection(reader, t, None, hf_name, path)
         else:
-            entry = gguf_read._dense_entry(reader, t, hf_name, path)
+            entry = entries.dense(reader, t, hf_name, path)
             if is_unit_offset(hf_name, cfg):
                 entry = _minus_one(entry)
-            entries[hf_name] = entry
-    entries = watch.guard({n: entries[n] for n in names.values() if n in entries})
-    files = {}
-    if vocab is not None:
-        files = gguf_tokenizer.tokenizer_files(vocab, config["max_position_embeddings"], str(path))
-    files.update(_pooling_files(reader, arch, config["hidden_size"]))
-    provenance = integrity.reader_provenance(gguf_read.NAME, path, gguf_read._recorded(field, path),
-                                             source=str(path.resolve()), architecture=arch)
-    ckpt = Checkpoint(config, entries, files, provenance)
-    validate.check_tensors(ckpt, str(path))
-    return ckpt
+            found[hf_name] = entry
+    return {n: found[n] for n in names.values() if n in found}
+
+
+def side_files(reader, arch: str, config: dict) -> dict[str, bytes]:
+    return _pooling_files(reader, arch, config["hidden_size"])
 
 
 def _minus_one(entry: TensorEntry) -> TensorEntry:
@@ -254,14 +250,14 @@ def _config(reader, arch: str, by_name) -> dict:
     cls = READ_AS[arch]
     config: dict = {"architectures": [cls], "model_type": MODEL_TYPES[cls]}
     for hf_key, (template, vtype) in MODEL_KEYS.items():
-        value = gguf_read._model_key(reader, template.format(arch=arch), vtype)
+        value = model_key(reader, template.format(arch=arch), vtype)
         if value is None:
             if hf_key == "num_key_value_heads":
                 continue
             raise ConvertError(f"{reader.path}: missing key {template.format(arch=arch)}")
         config[hf_key] = value
-    head_dim = gguf_read._model_key(reader, KEY_LENGTH.format(arch=arch), U32) or \
-        gguf_read._model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
+    head_dim = model_key(reader, KEY_LENGTH.format(arch=arch), U32) or \
+        model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
     if head_dim:
         config["head_dim"] = head_dim
     config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
@@ -269,14 +265,14 @@ def _config(reader, arch: str, by_name) -> dict:
     config["hidden_activation" if cls == GEMMA3 else "hidden_act"] = act
     config["tie_word_embeddings"] = True
     for hf_key, key in (("bos_token_id", Keys.Tokenizer.BOS_ID), ("eos_token_id", Keys.Tokenizer.EOS_ID)):
-        value = gguf_read._model_key(reader, key, U32)
+        value = model_key(reader, key, U32)
         if value is not None:
             config[hf_key] = value
-    window = gguf_read._model_key(reader, SLIDING_WINDOW.format(arch=arch), U32)
+    window = model_key(reader, SLIDING_WINDOW.format(arch=arch), U32)
     pattern = _bools(reader, SLIDING_PATTERN.format(arch=arch))
     if cls == GEMMA3:
-        local = gguf_read._model_key(reader, LOCAL_FREQ_BASE.format(arch=arch), F32)
-        scalar = gguf_read._model_key(reader, KEY_QUERY_SCALAR, F32)
+        local = model_key(reader, LOCAL_FREQ_BASE.format(arch=arch), F32)
+        scalar = model_key(reader, KEY_QUERY_SCALAR, F32)
         config.update(rope_local_base_freq=LLAMA_CPP_LOCAL_BASE if local is None else local,
                       query_pre_attn_scalar=config.get("head_dim", 256) if scalar is None else scalar)
     elif window is not None:

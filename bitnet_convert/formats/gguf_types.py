@@ -138,27 +138,6 @@ WRITER_OPTIONS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ReadArchitecture:
-    """A general.architecture we read: the model it holds when our own keys are absent."""
-
-    sub_norms: bool
-    hidden_act: str
-    hf_architecture: str  # config.json's class: one transformers runs (BitNet for sub-norm models)
-    interleaved_rope: bool = False  # q/k rows stored in llama.cpp's interleaved order (gguf_rope.py)
-
-
-# "bitnet" is llama.cpp's name (2B4T converted by its converter, relu2 although its graph computes SiLU) and
-# bitnet.cpp's for the 1bitLLM models (SiLU); the tokenizer tells them apart (SENTENCEPIECE_ACT). "bitnet-25" is
-# bitnet.cpp's name for 2B4T before 2025-04-22.
-ARCHITECTURES: dict[str, ReadArchitecture] = {
-    "bitnet": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
-    "bitnet-b1.58": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
-    "bitnet-25": ReadArchitecture(True, "relu2", "BitNetForCausalLM"),
-    "llama": ReadArchitecture(False, "silu", "LlamaForCausalLM", interleaved_rope=True),
-}
-SENTENCEPIECE_ACT = "silu"  # a `bitnet` file with a SentencePiece tokenizer (tokenizer.ggml.model "llama"): 1bitLLM
-
 # Model hyper-parameters: config.json field <- gguf-py's key template ("{arch}.context_length") and GGUF value
 # type: u32 counts, f32 reals.
 U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
