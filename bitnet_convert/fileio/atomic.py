@@ -242,35 +242,63 @@ def _same_entry(a: Path, b: Path) -> bool:
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, force: bool = False, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path (a file, or a fresh folder if `directory`) that becomes `target` on success."""
-    target = Path(target)
+    with atomic_paths([target], force=force, directory=directory) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: list[str | os.PathLike], *, force: bool = False,
+                 directory: bool = False) -> Iterator[list[Path]]:
+    """`atomic_path` for a set of outputs published together (a split GGUF): one temporary path per target;
+    on success each becomes its target, the first last (the file a runtime opens); a failure on the way
+    removes those already published that were new, so the set appears whole or not at all."""
+    targets = [Path(target) for target in targets]
     writing = _WRITING.get() or _Writing()
-    _refuse_early(target, force, directory, writing)
+    for target in targets:
+        _refuse_early(target, force, directory, writing)
     with _signals_unwind() as signals:
-        tmp: Path | None = None
+        tmps: list[Path] = []
+        published: list[Path] = []
         try:
             with signals.held():
-                tmp = _new_partial(target, directory)
-            with early_writeback(tmp):
-                yield tmp
-            _fsync(tmp)
-            _publish_mode(tmp)
+                tmps += [_new_partial(target, directory) for target in targets]
+            with contextlib.ExitStack() as writeback:
+                for tmp in tmps:
+                    writeback.enter_context(early_writeback(tmp))
+                yield tmps
+            for tmp in tmps:
+                _fsync(tmp)
+                _publish_mode(tmp)
             with signals.held():
-                _publish(tmp, target, force=force, directory=directory,
-                         writing=_with_format_of(writing, tmp, directory))
+                for tmp, target in reversed(list(zip(tmps, targets))):
+                    existed = os.path.lexists(target)
+                    _publish(tmp, target, force=force, directory=directory,
+                             writing=_with_format_of(writing, tmp, directory))
+                    if not existed:
+                        published.append(target)
         except BaseException as exc:
             with signals.held():
-                if tmp is not None:
+                for tmp in tmps:
                     _remove(tmp)
+                if len(published) < len(targets):
+                    for target in published:
+                        _remove(target)
             if isinstance(exc, OSError):
-                raise ConvertError(f"{target}: could not write: {exc.strerror or exc}") from exc
+                raise ConvertError(f"{targets[0]}: could not write: {exc.strerror or exc}") from exc
             raise
 
 
-def _refuse_early(target: Path, force: bool, directory: bool, writing: _Writing) -> None:
+def check_target(target: str | os.PathLike, *, force: bool = False, directory: bool = False) -> None:
+    """What `atomic_path` checks before any work, alone (a dry run): ConvertError where it would refuse."""
+    _refuse_early(Path(target), force, directory, _WRITING.get() or _Writing(), recover=False)
+
+
+def _refuse_early(target: Path, force: bool, directory: bool, writing: _Writing, recover: bool = True) -> None:
     """Before any work: a missing parent, an existing target without --force, one --force may not replace."""
     if not target.parent.is_dir():
         raise ConvertError(f"{target}: parent folder {target.parent} does not exist")
-    _recover_stranded(target)
+    if recover:
+        _recover_stranded(target)
     if not force and os.path.lexists(target):
         raise ConvertError(f"{target}: already exists (use --force to overwrite)")
     if force:

@@ -406,6 +406,11 @@ def write_safetensors(
         return fh.tell()
 
 
+def stored_pieces(spec: TensorSpec, value) -> Iterator[memoryview]:
+    """The stored bytes of one produced tensor (an array, bytes, or a RowBlocks), checked against its spec."""
+    return (raw for _, raw in _pieces(spec, value))
+
+
 def _pieces(spec: TensorSpec, value) -> Iterator[tuple[TensorSpec, memoryview]]:
     """(spec, bytes) of one produced tensor: one piece, or one per block of a RowBlocks (at least one)."""
     if not isinstance(value, RowBlocks):
@@ -444,6 +449,24 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
+def shard_files(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+    """(file name, its specs) of each file: `model.safetensors`, or the Hugging Face shards."""
+    shards = plan_shards(list(specs), max_shard_bytes)
+    if len(shards) == 1:
+        return [(SINGLE_FILE, shards[0])]
+    return [(shard_name(i, len(shards)), shard) for i, shard in enumerate(shards, start=1)]
+
+
+def shard_index(files: Sequence[tuple[str, Sequence[TensorSpec]]]) -> bytes | None:
+    """The bytes of `model.safetensors.index.json` for sharded `files` (None for one file)."""
+    if len(files) == 1:
+        return None
+    weight_map = {spec.name: name for name, shard in files for spec in shard}
+    total = sum(spec.nbytes for _, shard in files for spec in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
 def write_sharded_safetensors(
     folder: str | os.PathLike,
     specs: Sequence[TensorSpec],
@@ -456,17 +479,10 @@ def write_sharded_safetensors(
     """Write `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`
     when the data exceeds `max_shard_bytes` (the Hugging Face convention). Returns the files written."""
     folder = Path(folder)
-    shards = plan_shards(list(specs), max_shard_bytes)
-    if len(shards) == 1:
-        write_safetensors(folder / SINGLE_FILE, shards[0], produce, metadata, on_written=on_written)
-        return [folder / SINGLE_FILE]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        path = folder / shard_name(i, len(shards))
-        write_safetensors(path, shard, produce, metadata, on_written=on_written)
-        paths.append(path)
-        weight_map.update({spec.name: path.name for spec in shard})
-    total = sum(spec.nbytes for spec in specs)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return paths
+    files = shard_files(specs, max_shard_bytes)
+    for name, shard in files:
+        write_safetensors(folder / name, shard, produce, metadata, on_written=on_written)
+    index = shard_index(files)
+    if index is not None:
+        (folder / INDEX_FILE).write_bytes(index)
+    return [folder / name for name, _ in files]

@@ -52,21 +52,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio import integrity, output
+from bitnet_convert.fileio.output import Plan
 from bitnet_convert.fileio.safetensors_io import (
     StoredTensor,
     TensorSpec,
     open_safetensors,
-    write_safetensors,
 )
 from bitnet_convert.fileio.sources import SourceWatch, read_json_file
 from bitnet_convert.formats import tokenizer_files
 from bitnet_convert.formats.folder import (
     dense_producer,
-    hashing_progress,
     read_from,
     recorded_provenance,
+    safetensors_folder,
     side_files,
     stored_folder_model,
 )
@@ -117,26 +116,21 @@ WRITER_OPTIONS = {}  # nothing to choose: one layout
 
 
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True) -> Path:
-    """Stream `ckpt` into a Flax folder at `out`: one tensor in memory at a time, all or nothing."""
+    """`plan` written to `out` by the output pipeline (fileio/output.py)."""
+    return output.write(plan(ckpt), out, force=force, quiet=quiet)
+
+
+def plan(ckpt: Checkpoint) -> Plan:
+    """A Flax folder: one params.safetensors, streamed one tensor at a time."""
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     validate.check_tensors(ckpt, where)
     specs, produce = _plan(ckpt, where)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     kinds = {entry.kind for entry in ckpt if is_projection(entry.name)}
-    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
-        with hashing_progress(specs, out, quiet) as (hasher, on_written):
-            write_safetensors(tmp / PARAMS_FILE, specs, produce, _METADATA, on_written=on_written)
-        side = side_files(config, ckpt.tokenizer_files, reserved=_OWN_FILES, where=read_from(ckpt))
-        side.hash_into(hasher)
-        record = integrity.provenance_record(
-            ckpt.provenance,
-            hasher.hexdigest(),
-            NAME,
-            format_version=FORMAT_VERSION,
-            projections="ternary" if kinds == {TERNARY} else "master weights" if TERNARY not in kinds else "mixed",
-        )
-        side.write(tmp, record)
-    return Path(out)
+    side = side_files(config, ckpt.tokenizer_files, reserved=_OWN_FILES, where=where)
+    record = dict(format_version=FORMAT_VERSION,
+                  projections="ternary" if kinds == {TERNARY} else "master weights" if TERNARY not in kinds else "mixed")
+    return safetensors_folder(NAME, [(PARAMS_FILE, specs)], produce, _METADATA, side, ckpt.provenance, record)
 
 
 def _plan(ckpt: Checkpoint, where: str):

@@ -7,8 +7,8 @@ else a source holds is carried into an output, so a stray file, or one named lik
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -18,8 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.progress import progress_bar
-from bitnet_convert.fileio.safetensors_io import SafetensorsFile, TensorSpec, dtype_code
+from bitnet_convert.fileio.output import Output, Plan, PlannedTensor
+from bitnet_convert.fileio.safetensors_io import (
+    INDEX_FILE,
+    SafetensorsFile,
+    TensorSpec,
+    dtype_code,
+    header_bytes,
+    shard_index,
+    stored_pieces,
+)
 from bitnet_core.checkpoint import Checkpoint, RowBlocks, TensorEntry, Ternary, row_blocks
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import TOKENIZER_FILES
@@ -61,23 +69,31 @@ def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in names}
 
 
-@contextlib.contextmanager
-def hashing_progress(specs: Sequence[TensorSpec], out: str | Path, quiet: bool) -> Iterator[tuple]:
-    """(hasher, on_written) for safetensors_io's writers: hash each tensor as stored (name, dtype code, shape,
-    bytes) into a ModelHasher, advance the bar. The side files complete the hash (SideFiles.hash_into)."""
-    with contextlib.closing(integrity.ModelHasher(background=True)) as hasher, \
-            progress_bar(sum(s.nbytes for s in specs), f"writing {Path(out).name}", quiet) as bar:
+def safetensors_folder(fmt: str, files: Sequence[tuple[str, Sequence[TensorSpec]]], produce: Callable,
+                       metadata: Mapping[str, str], side: SideFiles, provenance: Mapping, record: dict) -> Plan:
+    """The plan of a folder of safetensors `files` ((name, specs) each; `produce(spec)` makes a tensor's data)
+    and the side files: headers and tensors file by file, the shard index, then config, tokenizer files and
+    the provenance record."""
+    planned = {spec.name: PlannedTensor(spec.name, dtype_code(spec.dtype), spec.shape, spec.nbytes,
+                                        functools.partial(_stored, spec, produce))
+               for _, specs in files for spec in specs}
+    index = shard_index(files)
 
-        current: list[TensorSpec | None] = [None]  # the tensor whose pieces are coming
+    def layout(output: Output) -> None:
+        for name, specs in files:
+            with output.open(name) as fh:
+                fh.write(header_bytes(specs, metadata))
+                output.write_tensors(fh, [planned[spec.name] for spec in specs])
+        if index is not None:
+            (output.folder / INDEX_FILE).write_bytes(index)
+        side.write(output.folder, output.record())
 
-        def on_written(spec: TensorSpec, raw: memoryview) -> None:
-            if spec is not current[0]:
-                hasher.begin(spec.name, dtype_code(spec.dtype), spec.shape, spec.nbytes)
-                current[0] = spec
-            hasher.update(raw)
-            bar.update(raw.nbytes)
+    return Plan(fmt, list(planned.values()), layout, provenance, record, recorded_provenance,
+                documents={CONFIG_FILE: side.config}, tokenizer_files=side.tokenizer_files, directory=True)
 
-        yield hasher, on_written
+
+def _stored(spec: TensorSpec, produce: Callable):
+    return stored_pieces(spec, produce(spec))
 
 
 def read_json_object(path: Path) -> dict:

@@ -18,9 +18,9 @@ from bitnet_convert.formats.gguf_types import (
     TARGETS,
     WRITER_OPTIONS,
 )
-from bitnet_convert.formats.gguf_write import NAME, write
+from bitnet_convert.formats.gguf_write import NAME, plan, write
 
 __all__ = [
-    "NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
+    "NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
     "EMBED_TYPES", "WRITER_OPTIONS",
 ]

@@ -64,6 +64,11 @@ class BulkGGUFWriter(GGUFWriter):
             fout.close()
         self.fout = [DirectFile(name) for name in names]
 
+    def use_file(self, fh) -> None:
+        """Write to the open file object `fh` (the output pipeline's) instead of opening a path."""
+        self.fout = [fh]
+        self.state = WriterState.EMPTY
+
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
         if vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE or not val or isinstance(val, bytes):
             return super()._pack_val(val, vtype, add_vtype, sub_type)

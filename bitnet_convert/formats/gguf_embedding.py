@@ -120,9 +120,9 @@ def is_unit_offset(hf_name: str, cfg: ModelConfig) -> bool:
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def write(ckpt: Checkpoint, out: str, cfg: ModelConfig, where: str, *, force: bool, quiet: bool,
-          target: str | None, outtype: str | None, embed_type: str | None) -> Path:
-    """gguf_write.write for an encoder: bitnet.cpp's embedding branch, I2_S projections."""
+def plan(ckpt: Checkpoint, cfg: ModelConfig, where: str, files, *, target: str | None, outtype: str | None,
+         embed_type: str | None):
+    """gguf_write.plan for an encoder: bitnet.cpp's embedding branch, I2_S projections."""
     from bitnet_convert.formats import gguf_write as gw
 
     if target not in (None, TARGET):
@@ -136,7 +136,7 @@ def write(ckpt: Checkpoint, out: str, cfg: ModelConfig, where: str, *, force: bo
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     pooling, _ = pooling_of(ckpt.tokenizer_files, where)
     g, kind = graph(cfg), OUTTYPES[OUTTYPE]
-    plan = _plan(ckpt, cfg, kind, g, EMBED_TYPES[embed_type], where)
+    stored = [] if files.vocab_only else _plan(ckpt, cfg, kind, g, EMBED_TYPES[embed_type], where)
 
     def vocab():  # built by the writer while the first tensors are made
         found = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
@@ -145,9 +145,9 @@ def write(ckpt: Checkpoint, out: str, cfg: ModelConfig, where: str, *, force: bo
     def extra_keys(writer) -> None:
         _add_encoder_keys(writer, g.architecture, cfg, pooling)
 
-    return gw.write_plan(ckpt, out, plan, g, kind, cfg, vocab, extra_keys, force=force, quiet=quiet,
-                         record=dict(target=TARGET, outtype=OUTTYPE, embed_type=embed_type, pooling=pooling),
-                         casts={"model.embed_tokens.weight": embed_type})
+    return gw.gguf_plan(ckpt, stored, gw.GGUFModel(g, kind, cfg, vocab, extra_keys),
+                        record=dict(target=TARGET, outtype=OUTTYPE, embed_type=embed_type, pooling=pooling),
+                        casts={"model.embed_tokens.weight": embed_type}, files=files)
 
 
 def _with_end_token(vocab, cfg: ModelConfig, pooling: str, where: str):

@@ -16,36 +16,35 @@ float32), written with our own loop in place of gguf-py's `write_tensor_data` (s
 hashed piece by piece. HF packed projections are transcoded straight into I2_S / TQ2_0 bytes
 (`PackedTernary`), never unpacked into int8 codes.
 
-gguf-py writes the header, the key/values and every tensor's info before any data, so the content hash
-(integrity.ModelHasher over the tensors as stored, in file order, and the key/values as stored) is not known
-when the provenance key is written. The key holds a fixed-width placeholder that is overwritten in the
-temporary file once the data is out, before atomic_path renames it into place.
+This module says what a GGUF stores (`plan`: the tensors, their producers, the model keys) and how (the
+layout: gguf-py's header, key/values and tensor infos, then the data with its alignment padding); the output
+pipeline (fileio/output.py) publishes, hashes and reads ahead. The header comes before any data, so the
+provenance key, stored last among the key/values, holds a placeholder the pipeline overwrites with the
+content hash once the data is out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from gguf import GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, GGUFValueType, quants
+from gguf.gguf_writer import GGUFValue
 
-from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
-from bitnet_convert.fileio.prefetch import prefetch
-from bitnet_convert.fileio.progress import progress_bar
+from bitnet_convert.fileio import output
+from bitnet_convert.fileio.output import HASH_PLACEHOLDER, Output, Plan, PlannedTensor
 from bitnet_convert.formats import gguf_rope, gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.folder import read_from
 from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
 from bitnet_convert.formats.gguf_read import KEY_VALUES_DOCUMENT, recorded_provenance
+from bitnet_convert.formats.options import count_value, size_value
 from bitnet_convert.formats.gguf_types import (
     DEFAULT_TARGET,
     EMBED_TYPES,
@@ -56,10 +55,14 @@ from bitnet_convert.formats.gguf_types import (
     KEY_LENGTH,
     KEY_MULTIPLIER_SOURCE,
     KEY_PROVENANCE,
+    KEY_SPLIT_COUNT,
+    KEY_SPLIT_NO,
+    KEY_SPLIT_TENSORS,
     MODEL_KEYS,
     OUTTYPES,
     ROPE_DIMENSIONS,
     SCALE_SUFFIX,
+    SPLIT_NAME,
     TARGETS,
     VALUE_LENGTH,
     VOCAB_SIZE,
@@ -79,7 +82,6 @@ log = logging.getLogger("bitnet_convert")
 EMBEDDING_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # stored as --embed-type
 T = GGMLQuantizationType
 NAME = "gguf"
-HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
 F16_MAX = float(np.finfo(np.float16).max)
 # Tensors made ahead of the writer while it builds the header: bounded in bytes (the 2B4T embedding comes
@@ -105,28 +107,37 @@ class StoredTensor:
     produce: Callable[[], Iterable[np.ndarray]] = dataclasses.field(repr=False, compare=False)  # the bytes, in pieces
 
 
-def write(
+def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
+    """`plan` written to `out` by the output pipeline (fileio/output.py)."""
+    return output.write(plan(ckpt, **options), out, force=force, quiet=quiet)
+
+
+def plan(
     ckpt: Checkpoint,
-    out: str,
     *,
-    force: bool = False,
-    quiet: bool = True,
     target: str | None = None,
     outtype: str | None = None,
     embed_type: str | None = None,
-) -> Path:
-    """Write `ckpt` as one GGUF file for `target` ("llama.cpp" or "bitnet.cpp").
+    vocab_only: bool | None = None,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | str | None = None,
+    metadata: dict | None = None,
+) -> Plan:
+    """`ckpt` as one GGUF file for `target` ("llama.cpp" or "bitnet.cpp").
 
     outtype: projections as tq1_0 | tq2_0 (llama.cpp) | i2_s (bitnet.cpp) | f16 | bf16 | f32; default tq2_0 for
         llama.cpp, i2_s for bitnet.cpp. embed_type: token embeddings as f16 | bf16 | f32 | q8_0.
+    vocab_only: the keys alone (no tensors). split_max_size / split_max_tensors: llama.cpp's split layout.
+    metadata: general.* keys a user sets ({"general.author": "..."}), stored and recorded in the provenance.
     """
+    files = GGUFFiles.of(vocab_only, split_max_size, split_max_tensors, metadata)
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
-    cfg = validate.check_tensors(ckpt, where)
+    # a vocabulary needs the hyperparameters only; a model all of its tensors, checked
+    cfg = validate.model_config(ckpt.config, where) if files.vocab_only else validate.check_tensors(ckpt, where)
     if cfg.encoder:  # bitnet.cpp's embedding branch: its arch, norm names and pooling keys (formats.md §12)
         from bitnet_convert.formats import gguf_embedding
 
-        return gguf_embedding.write(ckpt, out, cfg, where, force=force, quiet=quiet, target=target,
-                                    outtype=outtype, embed_type=embed_type)
+        return gguf_embedding.plan(ckpt, cfg, where, files, target=target, outtype=outtype, embed_type=embed_type)
     target = target or DEFAULT_TARGET
     if target not in TARGETS:
         raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
@@ -149,94 +160,164 @@ def write(
             "%s: this model uses %s but %s's %s graph computes %s in the FFN: its outputs will be wrong",
             where, cfg.hidden_act, target, graph.architecture, graph.activation,
         )
-    plan = _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
+    stored = [] if files.vocab_only else _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
     vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    return write_plan(ckpt, out, plan, graph, kind, cfg, vocab, force=force, quiet=quiet,
-                      record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
-                      casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
+    return gguf_plan(ckpt, stored, GGUFModel(graph, kind, cfg, vocab),
+                     record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
+                     casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors}, files=files)
 
 
-def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Graph, kind: OutType, cfg,
-               vocab: Callable[[], gguf_tokenizer.GGUFVocab | None], extra_keys: Callable | None = None, *, force: bool, quiet: bool,
-               record: dict, casts: dict[str, str]) -> Path:
-    """Write the planned tensors with the model keys (then `extra_keys(writer)`), the tokenizer (`vocab()`)
-    and the provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to)."""
+@dataclasses.dataclass(frozen=True)
+class GGUFModel:
+    """What a GGUF's keys say about the model: the runtime's graph, the outtype, the config, the tokenizer (built
+    while the first tensors are made) and any keys of the architecture beyond the common ones."""
+
+    graph: Graph
+    kind: OutType
+    cfg: object
+    vocab: Callable[[], gguf_tokenizer.GGUFVocab | None]
+    extra_keys: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFiles:
+    """How the GGUF is laid out in files, and the keys a user sets (the output options of every architecture)."""
+
+    vocab_only: bool = False  # the keys alone: tokenizer and hyperparameters, no tensors
+    split_max_size: int = 0  # llama.cpp's split layout: tensor data per file (0: no bound)
+    split_max_tensors: int = 0  # ... tensors per file (0: no bound)
+    metadata: dict = dataclasses.field(default_factory=dict)  # general.* keys (options.metadata_values)
+
+    @classmethod
+    def of(cls, vocab_only=None, split_max_size=None, split_max_tensors=None, metadata=None) -> GGUFFiles:
+        """From the writer options as given (CLI strings or API values), each checked."""
+        if vocab_only and (split_max_size or split_max_tensors):
+            raise ConvertError("--vocab-only writes no tensors: there is nothing to split")
+        return cls(bool(vocab_only),
+                   size_value(split_max_size, "--split-max-size") if split_max_size is not None else 0,
+                   count_value(split_max_tensors, "--split-max-tensors") if split_max_tensors is not None else 0,
+                   dict(metadata or {}))
+
+    def shards(self, tensors: list[PlannedTensor]) -> list[list[PlannedTensor]]:
+        """The tensors file by file: a new file when the next tensor would pass a bound (a file holds at least one
+        tensor), as gguf-py's writer splits."""
+        shards: list[list[PlannedTensor]] = [[]]
+        for t in tensors:
+            current = shards[-1]
+            if current and ((self.split_max_tensors and len(current) >= self.split_max_tensors) or (
+                    self.split_max_size and sum(c.nbytes for c in current) + t.nbytes > self.split_max_size)):
+                shards.append([])
+            shards[-1].append(t)
+        return shards
+
+
+def split_paths(out: Path, count: int) -> list[Path]:
+    """The files of a split GGUF written to `out` (NAME.gguf -> NAME-00001-of-0000N.gguf, ...)."""
+    prefix = out.name[: -len(".gguf")] if out.name.lower().endswith(".gguf") else out.name
+    return [out.with_name(SPLIT_NAME.format(prefix=prefix, number=i, count=count)) for i in range(1, count + 1)]
+
+
+def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel, *, record: dict,
+              casts: dict[str, str], files: GGUFFiles = GGUFFiles()) -> Plan:
+    """The planned tensors under the model keys (then `model.extra_keys(writer)`), the tokenizer and the
+    provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to), in one
+    file or in llama.cpp's split layout (`files`)."""
     casts = {**(ckpt.provenance.get("tensor_casts") or {}), **casts}
     roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
-    if _multiplier_source(kind, graph) == "in_values" and kind.ggml_type in FLOAT_ROUNDING:
-        roundings.append(FLOAT_ROUNDING[kind.ggml_type])
-    record = integrity.provenance_record(
-        dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings), HASH_PLACEHOLDER, NAME, **record,
-    )
-    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp, \
-            contextlib.closing(integrity.ModelHasher(background=True)) as hasher:
-        writer = BulkGGUFWriter(tmp, graph.architecture)
-        try:
-            for t in plan:
-                writer.add_tensor_info(t.name, t.array_shape, t.array_dtype, t.nbytes, raw_dtype=t.ggml_type)
-            # The tensors are made and hashed from here on, while this thread builds the tokenizer's keys
-            # (pure Python, ~1 s of a 2B4T conversion's ~3 on the 2-core EPYC of BENCHMARKS.md).
-            pieces = prefetch(_hashed_pieces(plan, _stored_dims(writer), hasher), depth=LOOKAHEAD_PIECES,
-                              max_bytes=LOOKAHEAD_BYTES, weigh=lambda item: 0 if item[1] is None else item[1].nbytes)
-            try:
-                _add_model_keys(writer, graph, kind, cfg, ckpt, vocab(), extra_keys)
-                writer.add_string(KEY_PROVENANCE, json.dumps(record, sort_keys=True))  # last key: see _patch_hash
-                key_values = _write_tensors(writer, plan, pieces, f"writing {Path(out).name}", quiet)
-            finally:
-                pieces.close()  # a failure above: the worker stops producing
-        finally:
-            writer.close()
-        _patch_hash(tmp, key_values, hasher)
-    return Path(out)
+    if _multiplier_source(model.kind, model.graph) == "in_values" and model.kind.ggml_type in FLOAT_ROUNDING:
+        roundings.append(FLOAT_ROUNDING[model.kind.ggml_type])
+    provenance = dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings)
+    if files.vocab_only:
+        stored, record = [], dict(record, vocab_only=True)
+    tensors = [_planned(t) for t in stored]
+    shards = files.shards(tensors)
+    arch = model.graph.architecture
+
+    def keys(writer: BulkGGUFWriter) -> None:
+        _add_model_keys(writer, model.graph, model.kind, model.cfg, ckpt, model.vocab(), model.extra_keys)
+        for key, value in files.metadata.items():  # in place of ours (general.name), else after them
+            writer.kv_data[0][key] = GGUFValue(value, GGUFValueType.STRING)
+        if len(shards) > 1:
+            _add_split_keys(writer, 0, len(shards), len(tensors))
+
+    def layout(out: Output) -> None:
+        first = _declared(BulkGGUFWriter(None, arch), shards[0])
+        # The tensors are made and hashed from here on, while this thread builds the tokenizer's keys
+        # (pure Python: a third of a 2B4T conversion, BENCHMARKS.md).
+        out.start()
+        keys(first)
+        record_value = json.dumps(out.provisional_record(), sort_keys=True)
+        first.add_string(KEY_PROVENANCE, record_value)  # the last key: the hash patched into it covers the rest
+        kv_start, kv_end = _write_file(out, 0, first, shards[0])
+        for number, shard in enumerate(shards[1:], start=1):
+            writer = _declared(BulkGGUFWriter(None, arch), shard)
+            writer.kv_data = [{}]  # the first file holds the model's keys, the others only their place in the set
+            _add_split_keys(writer, number, len(shards), len(tensors))
+            _write_file(out, number, writer, shard)
+        value = record_value.encode()
+        key_at = kv_end - len(value) - _string_entry_head(KEY_PROVENANCE)
+        placeholder_at = kv_end - len(value) + value.rindex(HASH_PLACEHOLDER.encode())
+        out.patch_hash_at(0, placeholder_at, covers=(KEY_VALUES_DOCUMENT, kv_start, key_at))
+
+    def description() -> dict:
+        writer = BulkGGUFWriter(None, arch)
+        keys(writer)
+        return {"architecture": arch, "keys": {key: _shown_value(v.value) for key, v in writer.kv_data[0].items()}}
+
+    return Plan(NAME, tensors, layout, provenance, record, recorded_provenance, metadata=files.metadata,
+                parts=(lambda out: split_paths(out, len(shards))) if len(shards) > 1 else None,
+                lookahead=LOOKAHEAD_PIECES, lookahead_bytes=LOOKAHEAD_BYTES, description=description)
 
 
-def _hashed_pieces(plan: list[StoredTensor], dims: dict, hasher: integrity.ModelHasher):
-    """(tensor, None) opens a tensor, (tensor, piece) carries its data, each piece hashed as it is made."""
-    for t in plan:
-        hasher.begin(t.name, t.ggml_type.name, dims[t.name], t.nbytes)
-        yield t, None
-        for piece in t.produce():
-            raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-            hasher.update(raw)
-            yield t, raw
+def _declared(writer: BulkGGUFWriter, tensors: list[PlannedTensor]) -> BulkGGUFWriter:
+    for t in tensors:
+        s = t.info
+        writer.add_tensor_info(s.name, s.array_shape, s.array_dtype, s.nbytes, raw_dtype=s.ggml_type)
+    return writer
 
 
-def _write_tensors(writer: BulkGGUFWriter, plan: list[StoredTensor], pieces, desc: str, quiet: bool) -> range:
-    """Header, key/values, tensor infos, then the data one tensor at a time from `pieces` (_hashed_pieces).
-    Returns where the key/values lie in the file (they complete the content hash: _patch_hash)."""
+def _add_split_keys(writer: BulkGGUFWriter, number: int, count: int, tensors: int) -> None:
+    """The file's place in a split set, typed as llama.cpp's loader reads them (u16, u16, i32)."""
+    writer.add_uint16(KEY_SPLIT_NO, number)
+    writer.add_uint16(KEY_SPLIT_COUNT, count)
+    writer.add_int32(KEY_SPLIT_TENSORS, tensors)
+
+
+def _write_file(out: Output, number: int, writer: BulkGGUFWriter, tensors: list[PlannedTensor]) -> tuple[int, int]:
+    """Header, key/values, tensor infos, then each tensor's data as gguf-py's write_tensor_data pads it (to the
+    alignment before, and after); returns where the key/values lie."""
+    fh = out.open(number)
+    writer.use_file(fh)
     writer.write_header_to_file()
-    kv_start = writer.fout[0].tell()
+    kv_start = fh.tell()
     writer.write_kv_data_to_file()
-    kv_end = writer.fout[0].tell()
+    kv_end = fh.tell()
     writer.write_ti_data_to_file()
-    fout = writer.fout[0]
-
-    def finish(t: StoredTensor | None, written: int) -> None:
-        if t is None:
-            return
-        if written != t.nbytes:  # a bug here would shift every later tensor's offset
-            raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
-        writer.write_padding(fout, t.nbytes)
-
-    with progress_bar(sum(t.nbytes for t in plan), desc, quiet) as bar:
-        current, written = None, 0
-        for t, raw in pieces:
-            if raw is None:
-                # What gguf-py's write_tensor_data does, a piece at a time: pad to the alignment, data, pad.
-                finish(current, written)
-                writer.write_padding(fout, fout.tell())
-                current, written = t, 0
-                continue
-            fout.write(memoryview(raw))
-            written += raw.nbytes
-            bar.update(raw.nbytes)
-        finish(current, written)
-    return range(kv_start, kv_end)
+    for t in tensors:
+        writer.write_padding(fh, fh.tell())
+        out.write_tensor(fh, t)
+        writer.write_padding(fh, t.nbytes)
+    return kv_start, kv_end
 
 
-def _stored_dims(writer: BulkGGUFWriter) -> dict[str, tuple[int, ...]]:
-    """Each tensor's dims as its tensor info stores them, ne0 first (gguf-py keeps them in numpy order)."""
-    return {name: tuple(int(d) for d in reversed(info.shape)) for part in writer.tensors for name, info in part.items()}
+def _shown_value(value):
+    """A key's value as a dry run shows it: arrays by their length (a tokenizer's are 100k items long)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return f"[{len(value)} items]"
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _string_entry_head(key: str) -> int:
+    """Bytes of a string key/value entry before its value's text: key length, key, value type, value length."""
+    return 8 + len(key.encode()) + 4 + 8
+
+
+def _planned(t: StoredTensor) -> PlannedTensor:
+    """The tensor as the pipeline hashes it: GGML type name, dims ne0 first (as its tensor info stores them)."""
+    shape = t.array_shape
+    if t.array_dtype == np.uint8:  # gguf-py takes the bytes' shape of a block type
+        shape = quants.quant_shape_from_byte_shape(shape, t.ggml_type)
+    return PlannedTensor(t.name, t.ggml_type.name, tuple(int(d) for d in reversed(shape)), t.nbytes, t.produce, t)
 
 
 def _multiplier_source(kind: OutType, graph: Graph) -> str:
@@ -422,18 +503,3 @@ def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:
         raise ConvertError(f"{where}: tensor {entry.name} has multiplier {multiplier!r}, which {ggml_type.name} "
                            "cannot hold; choose outtype f32")
     return value.codes.astype(stored) * np.asarray(rounded).astype(stored)
-
-
-def _patch_hash(path: Path, key_values: range, hasher: integrity.ModelHasher) -> None:
-    """Complete the content hash with the key/values as stored before the provenance key (the last one; the
-    same bytes gguf_read.stored_key_values finds), then overwrite the placeholder in that key with it."""
-    key = KEY_PROVENANCE.encode()
-    with open(path, "r+b") as fh:
-        header = fh.read(key_values.stop)
-        provenance_at = header.rfind(struct.pack("<Q", len(key)) + key, key_values.start)
-        placeholder_at = header.rfind(HASH_PLACEHOLDER.encode())
-        if not key_values.start <= provenance_at < placeholder_at:
-            raise AssertionError("provenance key or its placeholder not found in the GGUF header")
-        hasher.add_config(KEY_VALUES_DOCUMENT, header[key_values.start : provenance_at])
-        fh.seek(placeholder_at)
-        fh.write(hasher.hexdigest().encode())

@@ -28,8 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio import integrity, output
+from bitnet_convert.fileio.output import Plan
 from bitnet_convert.fileio.hub import (
     looks_like_repo_id,
     resolve_source,
@@ -42,15 +42,15 @@ from bitnet_convert.fileio.safetensors_io import (
     TensorFiles,
     TensorSpec,
     open_model_files,
-    write_sharded_safetensors,
+    shard_files,
 )
 from bitnet_convert.fileio.sources import SourceWatch, read_json_file
 from bitnet_convert.formats import tokenizer_files
 from bitnet_convert.formats.folder import (
     dense_producer,
-    hashing_progress,
     read_from,
     recorded_provenance,
+    safetensors_folder,
     side_files,
     stored_folder_model,
 )
@@ -362,17 +362,14 @@ WRITER_OPTIONS = {
 }
 
 
-def write(
-    ckpt: Checkpoint,
-    out: str,
-    *,
-    force: bool = False,
-    quiet: bool = True,
-    layout: str | None = None,
-    scale_dtype: str = "bf16",
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Write a folder transformers loads with `AutoModelForCausalLM.from_pretrained`.
+def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
+    """`plan` written to `out` by the output pipeline (fileio/output.py)."""
+    return output.write(plan(ckpt, **options), out, force=force, quiet=quiet)
+
+
+def plan(ckpt: Checkpoint, *, layout: str | None = None, scale_dtype: str = "bf16",
+         max_shard_bytes: int | None = None) -> Plan:
+    """A folder transformers loads with `AutoModelForCausalLM.from_pretrained`.
 
     layout: "autobitlinear" (2B4T's), "bitlinear" or "online" (bf16 masters; needs master weights); by
         default the layout the model first came in (its provenance), so a round trip keeps it, else autobitlinear.
@@ -397,23 +394,12 @@ def write(
         raise ConvertError(f"{where}: the {layout} layout is {', '.join(a for a, l in LATENT_LAYOUT.items() if l == layout)}'s; "
                            f"a {cfg.architecture} folder without quantization_config would run as a plain (not BitNet) model")
     specs, produce = _plan(ckpt, target, SCALE_DTYPES[scale_dtype], where)
+    files = shard_files(specs, max_shard_bytes or 2**63)
     config = _config_for(ckpt.config, target, ckpt.provenance)
-
-    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force, directory=True) as tmp:
-        with hashing_progress(specs, out, quiet) as (hasher, on_written):
-            files = write_sharded_safetensors(
-                tmp, specs, produce, {"format": "pt"},
-                max_shard_bytes=max_shard_bytes or 2**63, on_written=on_written,
-            )
-        side = side_files(config, ckpt.tokenizer_files, reserved=[f.name for f in files], where=read_from(ckpt))
-        side.hash_into(hasher)
-        provenance = dict(ckpt.provenance, multiplier_roundings=_roundings_after(ckpt.provenance, target, scale_dtype))
-        record = integrity.provenance_record(
-            provenance, hasher.hexdigest(), NAME, layout=layout, scale_dtype=scale_dtype,
-            files=[f.name for f in files],
-        )
-        side.write(tmp, record)
-    return Path(out)
+    side = side_files(config, ckpt.tokenizer_files, reserved=[name for name, _ in files], where=where)
+    provenance = dict(ckpt.provenance, multiplier_roundings=_roundings_after(ckpt.provenance, target, scale_dtype))
+    record = dict(layout=layout, scale_dtype=scale_dtype, files=[name for name, _ in files])
+    return safetensors_folder(NAME, files, produce, {"format": "pt"}, side, provenance, record)
 
 
 def _config_for(config: dict, target: Layout, provenance: dict | None = None) -> dict:

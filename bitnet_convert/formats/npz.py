@@ -46,7 +46,6 @@ safetensors, and the embedding is the largest thing ever in memory while reading
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -57,17 +56,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
+from bitnet_convert.fileio import output
 from bitnet_convert.fileio.integrity import (
-    ModelHasher,
     StoredModel,
     TensorBytes,
-    provenance_record,
     reader_provenance,
 )
-from bitnet_convert.fileio.direct import DirectFile
-from bitnet_convert.fileio.prefetch import prefetch
-from bitnet_convert.fileio.progress import progress_bar
+from bitnet_convert.fileio.output import Output, Plan, PlannedTensor
 from bitnet_convert.fileio.sources import SourceWatch, parse_json
 from bitnet_convert.formats import tokenizer_files
 from bitnet_convert.formats.folder import carried_tokenizer_files, read_from
@@ -75,7 +70,6 @@ from bitnet_core.checkpoint import (
     DENSE,
     TERNARY,
     Checkpoint,
-    RowBlocks,
     TensorEntry,
     Ternary,
     dense_entry,
@@ -135,81 +129,91 @@ WRITER_OPTIONS = {}  # nothing to choose: one layout
 
 
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True) -> Path:
-    """Write `ckpt` to the single file `out`, one tensor in memory at a time; returns the path."""
+    """`plan` written to `out` by the output pipeline (fileio/output.py)."""
+    return output.write(plan(ckpt), out, force=force, quiet=quiet)
+
+
+def plan(ckpt: Checkpoint) -> Plan:
+    """The .npz of `ckpt`: its side members, one member per stored array (one tensor in memory at a time), the
+    index, and the provenance record. The content hash covers every member but the record (stored_tensor_bytes)."""
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     check_tensors(ckpt, where)
-    index = []
-    total = sum(entry.nbytes_hint for entry in ckpt)
-    with replacing_outputs_of(NAME, recorded_provenance), atomic_path(out, force=force) as tmp:
-        # The content hash covers every member but the provenance record (stored_tensor_bytes).
-        with DirectFile(tmp) as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, progress_bar(
-            total, f"npz {Path(out).name}", quiet
-        ) as bar, contextlib.closing(ModelHasher(background=True)) as hasher:
-            format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
-            hasher.add_config(FORMAT_KEY, _write_json(zf, FORMAT_KEY, format_record))
-            hasher.add_config(CONFIG_KEY, _write_json(zf, CONFIG_KEY, ckpt.config))
-            for fname, data in carried_tokenizer_files(ckpt.tokenizer_files, read_from(ckpt)).items():
-                _write_array(zf, TOKENIZER_PREFIX + fname, np.frombuffer(bytes(data), np.uint8))
-                hasher.add_tokenizer_file(fname, data)
+    # A tensor's errors name the file being written (set by the layout; a dry run names the source).
+    naming = {"where": where}
+    index, tensors = [], []
+    for entry in ckpt:
+        record, arrays = _stored_arrays(entry, naming)
+        index.append(record)
+        tensors += arrays
+    format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
+    documents = {FORMAT_KEY: _json(format_record), CONFIG_KEY: _json(ckpt.config), INDEX_KEY: _json(index)}
+    tokenizer = {name: bytes(data) for name, data in carried_tokenizer_files(ckpt.tokenizer_files, where).items()}
 
-            # Each tensor's arrays are made on a second core while the previous ones are written (prefetch.py).
-            # A RowBlocks (an embedding) comes as its member's header, then its blocks: (key, dtype, shape, None),
-            # then (key, None, None, block)s.
-            pieces = ((entry, *piece) for entry in ckpt for piece in _member_pieces(_stored_arrays(entry, out, index)))
-            previous, member = None, None
-            try:
-                with prefetch(pieces) as made:
-                    for entry, key, dtype, shape, data in made:
-                        if previous is not None and entry is not previous:
-                            bar.update(previous.nbytes_hint)
-                        previous = entry
-                        if dtype is not None:  # a member starts
-                            if member is not None:
-                                member.close()
-                            member = _open_member(zf, key, dtype, shape)
-                            hasher.begin(key, _npy_descr(dtype), shape, int(np.prod(shape)) * dtype.itemsize)
-                        if data is not None:
-                            member.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-                            hasher.update(data)
-            finally:  # zipfile refuses to close the archive while a member is open (a failure above)
-                if member is not None:
-                    member.close()
-            if previous is not None:
-                bar.update(previous.nbytes_hint)
-            hasher.add_config(INDEX_KEY, _write_json(zf, INDEX_KEY, index))
-            record = provenance_record(
-                ckpt.provenance, hasher.hexdigest(), NAME, format_version=FORMAT_VERSION, ternary_packing=TERNARY_PACKING
-            )
-            _write_json(zf, PROVENANCE_KEY, record)
-    return Path(out)
+    def layout(out: Output) -> None:
+        naming["where"] = str(out.target)
+        with out.open() as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_bytes(zf, FORMAT_KEY, documents[FORMAT_KEY])
+            _write_bytes(zf, CONFIG_KEY, documents[CONFIG_KEY])
+            for name, data in tokenizer.items():
+                _write_bytes(zf, TOKENIZER_PREFIX + name, data)
+            for tensor in tensors:
+                dtype, shape = tensor.info
+                with _open_member(zf, tensor.name, dtype, shape) as member:
+                    out.write_tensor(member, tensor)
+            _write_bytes(zf, INDEX_KEY, documents[INDEX_KEY])
+            _write_bytes(zf, PROVENANCE_KEY, _json(out.record()))
+
+    record = dict(format_version=FORMAT_VERSION, ternary_packing=TERNARY_PACKING)
+    return Plan(NAME, tensors, layout, ckpt.provenance, record, recorded_provenance, documents=documents,
+                tokenizer_files=tokenizer)
 
 
-def _stored_arrays(entry: TensorEntry, out, index: list) -> Iterator[tuple[str, np.ndarray]]:
-    """Load one tensor and yield the arrays that store it; appends its index record."""
-    where = f"{out}: tensor {entry.name}"
+def _stored_arrays(entry: TensorEntry, naming: dict) -> tuple[dict, list[PlannedTensor]]:
+    """One tensor's index record and the members that store it (a projection's two share one load)."""
     if entry.kind == TERNARY:  # HF packed bytes go straight to base-3: no int8 codes (4x the packed size)
-        packed, multiplier = projection_bytes(entry, trits.from_hf2bit, trits.pack, str(out))
-        if packed.size != trits.packed_size(math.prod(entry.shape)):
-            raise ConvertError(f"{where}: packed codes do not hold shape {list(entry.shape)}")
-        index.append({"name": entry.name, "kind": TERNARY, "shape": list(entry.shape), "dtype": None})
-        yield codes_key(entry.name), packed
-        yield multiplier_key(entry.name), np.array([multiplier], _MULTIPLIER_DTYPE)
-        return
+        count = trits.packed_size(math.prod(entry.shape))
+        pending: dict[str, np.float32] = {}
+
+        def codes() -> list[np.ndarray]:
+            where = naming["where"]
+            packed, pending["multiplier"] = projection_bytes(entry, trits.from_hf2bit, trits.pack, where)
+            if packed.size != count:
+                raise ConvertError(f"{where}: tensor {entry.name}: packed codes do not hold shape {list(entry.shape)}")
+            return [packed]
+
+        record = {"name": entry.name, "kind": TERNARY, "shape": list(entry.shape), "dtype": None}
+        return record, [_member_tensor(codes_key(entry.name), np.dtype(np.uint8), (count,), codes),
+                        _member_tensor(multiplier_key(entry.name), _MULTIPLIER_DTYPE, (1,),
+                                       lambda: [np.array([pending.pop("multiplier")], _MULTIPLIER_DTYPE)])]
+    dtype_name = _dtype_name(np.dtype(entry.dtype), f"{naming['where']}: tensor {entry.name}")
+    memory, stored = DENSE_DTYPES[dtype_name]
+    record = {"name": entry.name, "kind": DENSE, "shape": list(entry.shape), "dtype": dtype_name}
+    return record, [_member_tensor(data_key(entry.name), stored, tuple(entry.shape),
+                                   lambda: _dense_pieces(entry, memory, stored, f"{naming['where']}: tensor {entry.name}"))]
+
+
+def _member_tensor(key: str, dtype: np.dtype, shape: tuple, produce) -> PlannedTensor:
+    dtype = np.dtype(dtype)
+    return PlannedTensor(key, _npy_descr(dtype), shape, math.prod(shape) * dtype.itemsize, produce, (dtype, shape))
+
+
+def _dense_pieces(entry: TensorEntry, memory: np.dtype, stored: np.dtype, label: str) -> Iterator[np.ndarray]:
     blocks = row_blocks(entry)  # an embedding a block of rows at a time, where the source offers it
     if blocks is not None:
-        dtype_name = _dtype_name(blocks.dtype, where)
-        index.append({"name": entry.name, "kind": DENSE, "shape": list(entry.shape), "dtype": dtype_name})
-        yield data_key(entry.name), RowBlocks(np.dtype(DENSE_DTYPES[dtype_name][1]), blocks.shape, blocks.blocks)
+        rows = 0
+        for block in blocks.blocks:
+            rows += len(block)
+            yield np.ascontiguousarray(block).view(stored)
+        if rows != entry.shape[0]:
+            raise ConvertError(f"{label}: produced {rows} rows of {entry.shape[0]}")
         return
     value = entry.load()
     if isinstance(value, Ternary):
-        raise ConvertError(f"{where}: expected a plain array, got ternary codes")
+        raise ConvertError(f"{label}: expected a plain array, got ternary codes")
     array = np.asarray(value)
-    if array.shape != entry.shape:
-        raise ConvertError(f"{where}: has shape {list(array.shape)}, expected {list(entry.shape)}")
-    dtype_name = _dtype_name(array.dtype, where)
-    index.append({"name": entry.name, "kind": DENSE, "shape": list(entry.shape), "dtype": dtype_name})
-    yield data_key(entry.name), np.ascontiguousarray(array).view(DENSE_DTYPES[dtype_name][1])
+    if array.shape != entry.shape or array.dtype != memory:
+        raise ConvertError(f"{label}: is {array.dtype} {list(array.shape)}, expected {memory} {list(entry.shape)}")
+    yield np.ascontiguousarray(array).view(stored)
 
 
 def _dtype_name(dtype: np.dtype, where: str) -> str:
@@ -218,28 +222,6 @@ def _dtype_name(dtype: np.dtype, where: str) -> str:
     if name is None:
         raise ConvertError(f"{where}: dtype {dtype} cannot be stored (npz keeps {', '.join(DENSE_DTYPES)})")
     return name
-
-
-def _member_pieces(arrays) -> Iterator[tuple]:
-    """(key, dtype, shape, data) for each stored array: a whole array opens its member and carries its data; a
-    RowBlocks opens it, then each block follows as (key, None, None, block)."""
-    for key, stored in arrays:
-        if not isinstance(stored, RowBlocks):
-            yield key, stored.dtype, stored.shape, stored
-            continue
-        yield key, stored.dtype, stored.shape, None
-        rows = 0
-        for block in stored.blocks:
-            rows += len(block)
-            yield key, None, None, np.ascontiguousarray(block).view(stored.dtype)
-        if rows != stored.shape[0]:
-            raise ConvertError(f"{key}: produced {rows} rows of {stored.shape[0]}")
-
-
-def _write_array(zf: zipfile.ZipFile, key: str, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array)
-    with _open_member(zf, key, array.dtype, array.shape) as fh:
-        fh.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
 def _open_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tuple):
@@ -255,11 +237,15 @@ def _open_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tuple):
     return fh
 
 
-def _write_json(zf: zipfile.ZipFile, key: str, value) -> bytes:
-    """Store `value` as a JSON member; returns the bytes stored (what the content hash covers)."""
-    encoded = json.dumps(value, indent=1).encode()
-    _write_array(zf, key, np.frombuffer(encoded, np.uint8))
-    return encoded
+def _json(value) -> bytes:
+    """A JSON member's bytes as stored (what the content hash covers)."""
+    return json.dumps(value, indent=1).encode()
+
+
+def _write_bytes(zf: zipfile.ZipFile, key: str, data: bytes) -> None:
+    """A byte member (JSON, a tokenizer file): a uint8 array of `data`."""
+    with _open_member(zf, key, np.dtype(np.uint8), (len(data),)) as fh:
+        fh.write(data)
 
 
 def _npy_descr(dtype: np.dtype) -> str:
@@ -538,4 +524,4 @@ def _read_json(path: Path, zf: zipfile.ZipFile, headers: dict, key: str, watch: 
     return parse_json(bytes(_read_bytes(path, zf, headers, key, watch)), str(path), f"member {key}")
 
 
-__all__ = ["NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance"]
+__all__ = ["NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance"]

@@ -12,7 +12,8 @@ import stat
 from pathlib import Path
 from types import ModuleType
 
-from bitnet_convert.fileio import atomic
+from bitnet_convert.fileio import atomic, output
+from bitnet_convert.fileio.output import Plan
 from bitnet_convert.fileio.safetensors_io import (
     has_safetensors_weights,
     no_weights,
@@ -101,16 +102,18 @@ def writer_options(fmt: str) -> dict:
     return format_module(fmt).WRITER_OPTIONS
 
 
-def write_checkpoint(ckpt: Checkpoint, out: str, fmt: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
+def plan_output(ckpt: Checkpoint, fmt: str, **options) -> Plan:
+    """What writing `ckpt` as `fmt` with these writer options would store (the output pipeline's plan)."""
     allowed = writer_options(fmt)
     unknown = [k for k, v in options.items() if v is not None and k not in allowed]
     if unknown:
         raise ConvertError(f"option --{unknown[0].replace('_', '-')} does not apply to {fmt} outputs")
     options = {k: v for k, v in options.items() if k in allowed and v is not None}
-    atomic.refuse_output_over_input(ckpt.provenance.get("path"), out)  # the file or folder the reader read
-    module = format_module(fmt)
-    with atomic.replacing_outputs_of(fmt, module.recorded_provenance):  # what --force may replace at `out`
-        return module.write(ckpt, os.fspath(out), force=force, quiet=quiet, **options)
+    return format_module(fmt).plan(ckpt, **options)
+
+
+def write_checkpoint(ckpt: Checkpoint, out: str, fmt: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
+    return output.write(plan_output(ckpt, fmt, **options), os.fspath(out), force=force, quiet=quiet)
 
 
 def convert(src: str, out: str, src_format: str | None = None, dst_format: str | None = None, *,
