@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitnet_convert.formats import gguf_tq as tq  # noqa: E402
+from bitnet_convert.formats.gguf import tq as tq  # noqa: E402
 from bitnet_core.codecs import hf2bit, i2s, trits
 
 # (out, in) -> projections of that shape per layer in 2B4T

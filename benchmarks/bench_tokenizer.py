@@ -42,8 +42,9 @@ def default_folder() -> Path:
 
 
 def main(argv=None) -> int:
-    from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
-    from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
+    from bitnet_convert.formats import tokenizer_files
+    from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
+    from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
     from bitnet_core.names import TOKENIZER_FILES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

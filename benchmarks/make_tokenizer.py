@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bitnet_convert.formats.gguf_tokenizer import LLAMA3_REGEX  # noqa: E402
+from bitnet_convert.formats.gguf.tokenizer import LLAMA3_REGEX  # noqa: E402
 
 TOKENS = 128_000  # byte-level BPE tokens (ids 0 .. 127,999)
 MERGES = 280_147

@@ -116,7 +116,7 @@ def row_blocks(entry: TensorEntry, block_bytes: int | None = None) -> RowBlocks 
 TERNARY = "ternary"  # TensorEntry.kind of a projection held as codes + multiplier
 DENSE = "dense"  # TensorEntry.kind of any plain array (norms, embeddings, float master weights)
 # A Gemma norm w stored as f32(1 + w) (what a runtime's plain RMSNorm needs) and read back as f32(stored - 1):
-# exact unless |w| < 2^-16 (formats/gguf_embedding.py). A TensorEntry.encoding.
+# exact unless |w| < 2^-16 (formats/gguf/embedding.py). A TensorEntry.encoding.
 UNIT_OFFSET = "unit_offset"
 
 

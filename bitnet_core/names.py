@@ -146,7 +146,7 @@ def hf_to_gguf(hf_name: str) -> str:
 
 
 _BY_HF = {r.hf: r for r in LAYER_ROLES}
-# (GGUF's `ffn_norm` is post_attention_layernorm's except in sandwich models: gguf_embedding.py maps those)
+# (GGUF's `ffn_norm` is post_attention_layernorm's except in sandwich models: formats/gguf/embedding.py maps those)
 _GGUF_TO_HF_SUFFIX = {r.gguf: r.hf for r in reversed(LAYER_ROLES)}
 _GGUF_GLOBAL_TO_HF = {g: h for h, g in GLOBAL_TENSORS.items()}
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")

@@ -214,7 +214,7 @@ def gguf_tensor_offsets(path: Path) -> dict[str, int]:
     """GGUF tensor name -> absolute offset of its data (read with gguf-py from the valid file)."""
     from gguf import GGUFReader
 
-    import bitnet_convert.formats.gguf_types  # noqa: F401  (registers I2_S with gguf-py)
+    import bitnet_convert.formats.gguf.types  # noqa: F401  (registers I2_S with gguf-py)
 
     return {t.name: int(t.data_offset) for t in GGUFReader(path).tensors}
 

@@ -470,7 +470,7 @@ def gguf_alignment_zero(good, tmp):
     """general.alignment = 0 (a u32 key gguf-py divides by)."""
     from gguf import GGUFReader, GGUFWriter
 
-    import bitnet_convert.formats.gguf_types  # noqa: F401
+    import bitnet_convert.formats.gguf.types  # noqa: F401
 
     src = GGUFReader(good["tq2_0"])
     path = tmp / "align0.gguf"
@@ -793,7 +793,7 @@ def gguf_rebuilt(src: Path, dst: Path, *, changes: dict[str, bytes | None] | Non
     (their offsets are relative to it)."""
     from gguf import GGUFReader
 
-    import bitnet_convert.formats.gguf_types  # noqa: F401  (registers I2_S)
+    import bitnet_convert.formats.gguf.types  # noqa: F401  (registers I2_S)
 
     changes = changes or {}
     raw = src.read_bytes()
@@ -865,7 +865,7 @@ def gguf_fifo(good, tmp):
     return path
 
 
-_GGUF_OWNER = "formats/gguf_read.py (owner still editing)"
+_GGUF_OWNER = "formats/gguf/read.py (owner still editing)"
 
 CASES = [
     # not a checkpoint at all

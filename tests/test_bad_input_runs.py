@@ -280,7 +280,7 @@ def test_a_huge_metadata_array_is_skipped_not_parsed(models, tmp_path):
 
 def test_metadata_strings_are_walked_fast():
     """400 k strings (a real tokenizer's tokens and merges): gguf-py took ~20 s; this parser well under one."""
-    from bitnet_convert.formats.gguf_header import GGUFHeader
+    from bitnet_convert.formats.gguf.header import GGUFHeader
 
     count = 400_000
     strings = b"".join(struct.pack("<Q", 3) + b"abc" for _ in range(count))

@@ -63,7 +63,8 @@ def test_valid_bytes_only(bad):
 def test_tokenizer_has_llama3_sizes_and_reads_as_gguf_vocab():
     from tokenizers import Tokenizer
 
-    from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
+    from bitnet_convert.formats import tokenizer_files
+    from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 
     files = make_tokenizer.tokenizer_files(seed=0)
     assert files == make_tokenizer.tokenizer_files(seed=0)  # same seed, same bytes

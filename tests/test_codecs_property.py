@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reference_extra import transformers_pack_weights
 
-from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.gguf import tq as tq
 from bitnet_core.codecs import hf2bit, i2s, trits
 from bitnet_core.errors import CorruptData
 

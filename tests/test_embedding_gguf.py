@@ -17,7 +17,7 @@ from gguf import GGUFReader
 
 from bitnet_convert import api
 from bitnet_convert.cli import main
-from bitnet_convert.formats.gguf_types import I2_S
+from bitnet_convert.formats.gguf.types import I2_S
 from bitnet_core.codecs import i2s
 from bitnet_core.quantize import ternarize_master
 

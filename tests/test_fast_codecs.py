@@ -13,7 +13,7 @@ import pytest
 from reference_extra import transformers_pack_weights
 from gguf import quants
 
-from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.gguf import tq as tq
 from bitnet_core.codecs import _bits, hf2bit, i2s, trits
 from bitnet_core.errors import CorruptData
 

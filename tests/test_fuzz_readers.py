@@ -242,7 +242,7 @@ def gguf_length_fields(path: Path) -> list[tuple[str, int, str]]:
     """(description, offset, struct format) of every length or count field of a valid GGUF header."""
     from gguf import GGUFReader, GGUFValueType
 
-    import bitnet_convert.formats.gguf_types  # noqa: F401  (registers I2_S)
+    import bitnet_convert.formats.gguf.types  # noqa: F401  (registers I2_S)
 
     reader = GGUFReader(path)
     base = reader.data.ctypes.data
@@ -409,7 +409,8 @@ def test_any_json_value_in_a_tokenizer_field_is_refused_cleanly_or_carried(name,
     with anything but a ConvertError."""
     import json
 
-    from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
+    from bitnet_convert.formats import tokenizer_files
+    from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
     from bitnet_convert.tiny import tiny_config
 
     files = dict(_tiny_tokenizer_files())

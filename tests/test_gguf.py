@@ -11,7 +11,7 @@ from gguf import GGUFReader, GGUFWriter, quants
 
 from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import gguf
-from bitnet_convert.formats.gguf_types import I2_S
+from bitnet_convert.formats.gguf.types import I2_S
 from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_core.checkpoint import Checkpoint, Ternary
 from bitnet_core.codecs import i2s
@@ -372,7 +372,7 @@ def test_failure_mid_write_leaves_nothing(ckpt, tmp_path):
 def test_bf16_to_f16_shortcut_rounds_as_the_float32_path():
     """Every bf16 bit pattern: the direct bf16 -> f16 cast is taken only where it equals bf16 -> f32 -> f16;
     out-of-range values, infinities and NaNs still go the float32 way (and its range check)."""
-    from bitnet_convert.formats import gguf_write
+    from bitnet_convert.formats.gguf import write as gguf_write
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     safe = bits[(bits & 0x7FFF) < gguf_write._BF16_F16_SAFE]
@@ -386,7 +386,7 @@ def test_bf16_to_f16_shortcut_rounds_as_the_float32_path():
 
 @pytest.mark.parametrize("embed_type", ["f16", "bf16", "f32", "q8_0"])
 def test_float_tensors_written_in_pieces_are_the_same_bytes(ckpt, tmp_path, monkeypatch, embed_type):
-    from bitnet_convert.formats import gguf_write
+    from bitnet_convert.formats.gguf import write as gguf_write
 
     whole = gguf.write(ckpt, tmp_path / "whole.gguf", embed_type=embed_type).read_bytes()
     monkeypatch.setattr(gguf_write, "CHUNK_VALUES", 1000)  # several rows per piece, a short last piece

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
 
-from bitnet_convert.formats import gguf_tokenizer
-from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter, string_array_body
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter, string_array_body
 from bitnet_convert.tiny import tiny_tokenizer_files
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama3-tokenizer"

@@ -15,7 +15,8 @@ from tokenizers import (
     trainers,
 )
 
-from bitnet_convert.formats import gguf, gguf_tokenizer
+from bitnet_convert.formats import gguf
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.tiny import SPECIAL_TOKENS, tiny_checkpoint
 from bitnet_core.checkpoint import Checkpoint
 from bitnet_core.errors import ConvertError

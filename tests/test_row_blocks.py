@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bitnet_convert.fileio import safetensors_io
-from bitnet_convert.formats import gguf_write, registry
+from bitnet_convert.formats import registry
+from bitnet_convert.formats.gguf import write as gguf_write
 from bitnet_core import checkpoint
 from bitnet_core.errors import CorruptData
 

@@ -7,8 +7,9 @@ import json
 import pytest
 from gguf import GGUFReader, TokenType
 
-from bitnet_convert.formats import gguf_tokenizer, sentencepiece_model, tokenizer_files
-from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
+from bitnet_convert.formats import sentencepiece_model, tokenizer_files
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
 from bitnet_core.errors import ConvertError
 from tokenizer_fixtures import HARD_TEXTS, save, sentencepiece_files, sentencepiece_model_bytes
 

@@ -16,8 +16,9 @@ import re
 
 import pytest
 
-from bitnet_convert.formats import gguf_tokenizer, tokenizer_files
-from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
+from bitnet_convert.formats import tokenizer_files
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
 from tokenizer_fixtures import HARD_TEXTS, falcon3_style_files, real_llama3_files, save, sentencepiece_files
 
 llama_cpp = pytest.importorskip("llama_cpp")

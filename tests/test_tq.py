@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.gguf import tq as tq
 from bitnet_core.errors import CorruptData
 
 TYPES = [GGMLQuantizationType.TQ1_0, GGMLQuantizationType.TQ2_0]

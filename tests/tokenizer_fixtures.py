@@ -69,7 +69,7 @@ def falcon3_style_files(vocab_size: int = 500) -> dict[str, bytes]:
     (>>TITLE<< ...), ids of the end-of-text token as EOS, and no BOS added by the post-processor."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from bitnet_convert.formats.gguf_tokenizer import LLAMA3_REGEX
+    from bitnet_convert.formats.gguf.tokenizer import LLAMA3_REGEX
 
     specials = [">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", "<|pad|>", "<|endoftext|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(ignore_merges=True))
@@ -92,7 +92,7 @@ def qwen3_style_files(vocab_size: int) -> dict[str, bytes]:
     `<|im_end|>` as tokenizer_config's EOS (bitnet.cpp's converter overrides it with `<|endoftext|>`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from bitnet_convert.formats.gguf_tokenizer import QWEN2_REGEX
+    from bitnet_convert.formats.gguf.tokenizer import QWEN2_REGEX
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())

@@ -88,7 +88,7 @@ class Graph:
     scale_tensors: bool  # applies blk.N.<proj>.scale; else the loader refuses them
     output_tensor: bool  # loads output.weight (an untied head); else the head is token_embd
     vocab_and_rope_dims: bool  # writes `{arch}.vocab_size` and `{arch}.rope.dimension_count`
-    interleaved_rope: bool = False  # rotates adjacent pairs: q/k rows reordered (gguf_rope.py)
+    interleaved_rope: bool = False  # rotates adjacent pairs: q/k rows reordered (rope.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,19 +6,19 @@ gguf_read and gguf_tokenizer (tokenizer.json <-> tokenizer.ggml.* keys).
 
 from __future__ import annotations
 
-from bitnet_convert.formats.gguf_read import (
+from bitnet_convert.formats.gguf.read import (
     detect,
     read,
     recorded_provenance,
     stored_tensor_bytes,
 )
-from bitnet_convert.formats.gguf_types import (
+from bitnet_convert.formats.gguf.types import (
     EMBED_TYPES,
     OUTTYPES,
     TARGETS,
     WRITER_OPTIONS,
 )
-from bitnet_convert.formats.gguf_write import NAME, plan, write
+from bitnet_convert.formats.gguf.write import NAME, plan, write
 
 __all__ = [
     "NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",

@@ -15,9 +15,9 @@ import numpy as np
 
 from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.sources import SourceWatch
-from bitnet_convert.formats import gguf_architectures, gguf_tokenizer
-from bitnet_convert.formats.gguf_header import MAGIC, STRING, GGUFHeader, TensorInfo, typed_value
-from bitnet_convert.formats.gguf_types import KEY_PROVENANCE
+from bitnet_convert.formats.gguf import architectures as gguf_architectures, tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf.header import MAGIC, STRING, GGUFHeader, TensorInfo, typed_value
+from bitnet_convert.formats.gguf.types import KEY_PROVENANCE
 from bitnet_core import validate
 from bitnet_core.checkpoint import Checkpoint
 from bitnet_core.errors import ConvertError
@@ -36,7 +36,7 @@ NAME = "gguf"
 
 
 def open_gguf(path, watch: SourceWatch | None = None) -> GGUFHeader:
-    """The parsed header (gguf_header.py: bounded, lazy), through a descriptor held by `watch` (or its own)."""
+    """The parsed header (header.py: bounded, lazy), through a descriptor held by `watch` (or its own)."""
     path = Path(path)
     return GGUFHeader((watch or SourceWatch()).hold(path), path)
 

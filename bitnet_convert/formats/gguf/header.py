@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from bitnet_convert.fileio.sources import HeldFile
-from bitnet_convert.formats.gguf_types import I2_S
+from bitnet_convert.formats.gguf.types import I2_S
 from bitnet_core.codecs import i2s
 from bitnet_core.errors import ConvertError
 

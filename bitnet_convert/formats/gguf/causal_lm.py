@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bitnet_convert.formats import gguf_entries as entries
-from bitnet_convert.formats import gguf_rope
-from bitnet_convert.formats.gguf_entries import model_key
-from bitnet_convert.formats.gguf_header import STRING, GGUFHeader, TensorInfo, typed_value
-from bitnet_convert.formats.gguf_types import (
+from bitnet_convert.formats.gguf import entries as entries
+from bitnet_convert.formats.gguf import rope as gguf_rope
+from bitnet_convert.formats.gguf.entries import model_key
+from bitnet_convert.formats.gguf.header import STRING, GGUFHeader, TensorInfo, typed_value
+from bitnet_convert.formats.gguf.types import (
     KEY_HIDDEN_ACT,
     KEY_LENGTH,
     MODEL_KEYS,
@@ -36,7 +36,7 @@ class ReadArchitecture:
     sub_norms: bool
     hidden_act: str
     hf_architecture: str  # config.json's class: one transformers runs (BitNet for sub-norm models)
-    interleaved_rope: bool = False  # q/k rows stored in llama.cpp's interleaved order (gguf_rope.py)
+    interleaved_rope: bool = False  # q/k rows stored in llama.cpp's interleaved order (rope.py)
 
 
 # "bitnet" is llama.cpp's name (2B4T converted by its converter, relu2 although its graph computes SiLU) and

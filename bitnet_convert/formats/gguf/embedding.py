@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType, Keys, PoolingType
 
-from bitnet_convert.formats import gguf_entries as entries
-from bitnet_convert.formats import gguf_tokenizer
-from bitnet_convert.formats.gguf_entries import model_key
-from bitnet_convert.formats.gguf_header import INTEGER_TYPES, STRING, typed_value
-from bitnet_convert.formats.gguf_types import (
+from bitnet_convert.formats.gguf import entries as entries
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf.entries import model_key
+from bitnet_convert.formats.gguf.header import INTEGER_TYPES, STRING, typed_value
+from bitnet_convert.formats.gguf.types import (
     EMBED_TYPES,
     KEY_HIDDEN_ACT,
     KEY_LENGTH,
@@ -123,7 +123,7 @@ def is_unit_offset(hf_name: str, cfg: ModelConfig) -> bool:
 def plan(ckpt: Checkpoint, cfg: ModelConfig, where: str, files, *, target: str | None, outtype: str | None,
          embed_type: str | None):
     """gguf_write.plan for an encoder: bitnet.cpp's embedding branch, I2_S projections."""
-    from bitnet_convert.formats import gguf_write as gw
+    from bitnet_convert.formats.gguf import write as gw
 
     if target not in (None, TARGET):
         raise ConvertError(f"{where}: the {cfg.architecture} embedding model runs in {TARGET}'s embedding branch "
@@ -175,7 +175,7 @@ def _add_encoder_keys(writer, arch: str, cfg: ModelConfig, pooling: str) -> None
 
 
 def _plan(ckpt: Checkpoint, cfg: ModelConfig, kind, g: Graph, embed_type, where: str) -> list:
-    from bitnet_convert.formats import gguf_write as gw
+    from bitnet_convert.formats.gguf import write as gw
 
     plan = []
     for entry in ckpt:

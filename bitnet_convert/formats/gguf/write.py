@@ -39,13 +39,13 @@ from gguf.gguf_writer import GGUFValue
 
 from bitnet_convert.fileio import output
 from bitnet_convert.fileio.output import HASH_PLACEHOLDER, Output, Plan, PlannedTensor
-from bitnet_convert.formats import gguf_rope, gguf_tokenizer
-from bitnet_convert.formats import gguf_tq as tq
+from bitnet_convert.formats.gguf import rope as gguf_rope, tokenizer as gguf_tokenizer
+from bitnet_convert.formats.gguf import tq as tq
 from bitnet_convert.formats.folder import read_from
-from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
-from bitnet_convert.formats.gguf_read import KEY_VALUES_DOCUMENT, recorded_provenance
+from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
+from bitnet_convert.formats.gguf.read import KEY_VALUES_DOCUMENT, recorded_provenance
 from bitnet_convert.formats.options import count_value, size_value
-from bitnet_convert.formats.gguf_types import (
+from bitnet_convert.formats.gguf.types import (
     DEFAULT_TARGET,
     EMBED_TYPES,
     FALLBACK_FLOAT,
@@ -135,7 +135,7 @@ def plan(
     # a vocabulary needs the hyperparameters only; a model all of its tensors, checked
     cfg = validate.model_config(ckpt.config, where) if files.vocab_only else validate.check_tensors(ckpt, where)
     if cfg.encoder:  # bitnet.cpp's embedding branch: its arch, norm names and pooling keys (formats.md §12)
-        from bitnet_convert.formats import gguf_embedding
+        from bitnet_convert.formats.gguf import embedding as gguf_embedding
 
         return gguf_embedding.plan(ckpt, cfg, where, files, target=target, outtype=outtype, embed_type=embed_type)
     target = target or DEFAULT_TARGET

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bitnet_convert.formats import gguf_causal_lm, gguf_embedding
+from bitnet_convert.formats.gguf import causal_lm as gguf_causal_lm, embedding as gguf_embedding
 
 PLUGINS: tuple[ModuleType, ...] = (gguf_causal_lm, gguf_embedding)
 BY_NAME: dict[str, ModuleType] = {name: plugin for plugin in PLUGINS for name in plugin.NAMES}

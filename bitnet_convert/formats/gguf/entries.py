@@ -21,10 +21,10 @@ import numpy as np
 from gguf import GGUFValueType, quants
 from gguf import GGMLQuantizationType as GGMLType
 
-from bitnet_convert.formats import gguf_rope
-from bitnet_convert.formats import gguf_tq as tq
-from bitnet_convert.formats.gguf_header import FLOAT_TYPES, INTEGER_TYPES, GGUFHeader, TensorInfo, typed_value
-from bitnet_convert.formats.gguf_types import I2_S, U32
+from bitnet_convert.formats.gguf import rope as gguf_rope
+from bitnet_convert.formats.gguf import tq as tq
+from bitnet_convert.formats.gguf.header import FLOAT_TYPES, INTEGER_TYPES, GGUFHeader, TensorInfo, typed_value
+from bitnet_convert.formats.gguf.types import I2_S, U32
 from bitnet_core.aligned import aligned_empty
 from bitnet_core.checkpoint import TensorEntry, Ternary, dense_entry, ternary_entry
 from bitnet_core.codecs import i2s
