@@ -372,23 +372,23 @@ def test_failure_mid_write_leaves_nothing(ckpt, tmp_path):
 def test_bf16_to_f16_shortcut_rounds_as_the_float32_path():
     """Every bf16 bit pattern: the direct bf16 -> f16 cast is taken only where it equals bf16 -> f32 -> f16;
     out-of-range values, infinities and NaNs still go the float32 way (and its range check)."""
-    from bitnet_convert.formats.gguf import write as gguf_write
+    from bitnet_convert.formats.gguf import stored
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    safe = bits[(bits & 0x7FFF) < gguf_write._BF16_F16_SAFE]
-    values = safe.view(gguf_write.BF16)
-    got = gguf_write._encode_float(values, T.F16, "t", "here")
+    safe = bits[(bits & 0x7FFF) < stored._BF16_F16_SAFE]
+    values = safe.view(stored.BF16)
+    got = stored.encode_float(values, T.F16, "t", "here")
     assert got.tobytes() == values.astype(np.float32).astype(np.float16).tobytes()
     for bad in (0x4780, 0x7F80, 0xFF80, 0xC780):  # 65536, inf, -inf, -65536
         with pytest.raises(ConvertError, match="beyond the float16 range"):
-            gguf_write._encode_float(np.array([1, bad], np.uint16).view(gguf_write.BF16), T.F16, "t", "here")
+            stored.encode_float(np.array([1, bad], np.uint16).view(stored.BF16), T.F16, "t", "here")
 
 
 @pytest.mark.parametrize("embed_type", ["f16", "bf16", "f32", "q8_0"])
 def test_float_tensors_written_in_pieces_are_the_same_bytes(ckpt, tmp_path, monkeypatch, embed_type):
-    from bitnet_convert.formats.gguf import write as gguf_write
+    from bitnet_convert.formats.gguf import stored
 
     whole = gguf.write(ckpt, tmp_path / "whole.gguf", embed_type=embed_type).read_bytes()
-    monkeypatch.setattr(gguf_write, "CHUNK_VALUES", 1000)  # several rows per piece, a short last piece
+    monkeypatch.setattr(stored, "CHUNK_VALUES", 1000)  # several rows per piece, a short last piece
     pieces = gguf.write(ckpt, tmp_path / "pieces.gguf", embed_type=embed_type).read_bytes()
     assert pieces == whole

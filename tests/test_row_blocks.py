@@ -11,7 +11,7 @@ import pytest
 
 from bitnet_convert.fileio import safetensors_io
 from bitnet_convert.formats import registry
-from bitnet_convert.formats.gguf import write as gguf_write
+from bitnet_convert.formats.gguf import stored as gguf_stored
 from bitnet_core import checkpoint
 from bitnet_core.errors import CorruptData
 
@@ -45,7 +45,7 @@ def test_blocks_of_rows_write_the_same_bytes(hf_checkpoint, tmp_path, monkeypatc
     rows = registry.read_checkpoint(src).tensors["model.embed_tokens.weight"].shape[0]
     assert rows % 7  # the last block is a short one
     monkeypatch.setattr(checkpoint, "ROW_BLOCK_BYTES", 7 * 256 * 2)  # 7 rows of the 256-wide bf16 table a block
-    monkeypatch.setattr(gguf_write, "CHUNK_VALUES", 7 * 256 + 10)
+    monkeypatch.setattr(gguf_stored, "CHUNK_VALUES", 7 * 256 + 10)
     blocks = registry.convert(src, str(tmp_path / "blocks" / name), **options)
     assert files(blocks).keys() == files(whole).keys()
     for key, data in files(whole).items():

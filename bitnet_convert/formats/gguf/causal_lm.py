@@ -1,32 +1,48 @@
 """The causal language models as GGUF architectures: 2B4T (`bitnet-b1.58`, bitnet.cpp's earlier `bitnet-25`,
 llama.cpp's `bitnet`), the 1bitLLM models (bitnet.cpp's `bitnet`) and the Llama-family BitNets (`llama`: Falcon3,
-Falcon-E, Llama3-8B-1.58), in the graphs llama.cpp and bitnet.cpp run them with (gguf_types.TARGETS).
+Falcon-E, Llama3-8B-1.58), in the graphs llama.cpp and bitnet.cpp run them with (types.TARGETS).
 
-One plug-in of gguf_architectures: its hooks write a model under the graph its target runs it as, and read the
+One plug-in of architectures.py: its hooks write a model under the graph its target runs it as, and read the
 files of these architectures, ours and the runtimes' converters', back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from pathlib import Path
 
-from bitnet_convert.formats.gguf import entries as entries
+from bitnet_convert.formats.gguf import entries
 from bitnet_convert.formats.gguf import rope as gguf_rope
+from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf.entries import model_key
 from bitnet_convert.formats.gguf.header import STRING, GGUFHeader, TensorInfo, typed_value
+from bitnet_convert.formats.gguf.stored import T, GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
+    DEFAULT_TARGET,
+    EMBED_TYPES,
     KEY_HIDDEN_ACT,
     KEY_LENGTH,
     MODEL_KEYS,
+    OUTTYPES,
     ROPE_DIMENSIONS,
     SCALE_SUFFIX,
+    TARGETS,
     U32,
+    Graph,
+    OutType,
+    graph_for,
 )
 from bitnet_core import validate
-from bitnet_core.checkpoint import TensorEntry
+from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary
+from bitnet_core.config import ModelConfig
 from bitnet_core.errors import ConvertError
-from bitnet_core.names import expected_tensors, gguf_to_hf, is_projection
+from bitnet_core.names import expected_tensors, gguf_to_hf, hf_to_gguf, is_projection
+from bitnet_core.quantize import as_ternary
+
+log = logging.getLogger("bitnet_convert")
+EMBEDDING_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # stored as --embed-type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +66,81 @@ ARCHITECTURES: dict[str, ReadArchitecture] = {
 }
 SENTENCEPIECE_ACT = "silu"  # a `bitnet` file with a SentencePiece tokenizer (tokenizer.ggml.model "llama"): 1bitLLM
 NAMES = tuple(ARCHITECTURES)  # the general.architecture values this plug-in reads
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def writes(cfg: ModelConfig) -> bool:
+    return not cfg.encoder
+
+
+def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None, outtype: str | None,
+          embed_type: str | None) -> GGUFModel:
+    """The graph `target` runs the model's family as (gguf.types.TARGETS) and the stored types, from the writer
+    options; refused where the target has no such graph or type, warned where its graph computes another
+    activation."""
+    target = target or DEFAULT_TARGET
+    if target not in TARGETS:
+        raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
+    tgt = TARGETS[target]
+    outtype = outtype or tgt.default_outtype
+    embed_type = embed_type or tgt.default_embed_type
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    kind = OUTTYPES[outtype]
+    if target not in kind.targets:
+        raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
+    if embed_type not in EMBED_TYPES:
+        raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
+    graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
+    if not cfg.tie_word_embeddings and not graph.output_tensor:
+        raise ConvertError(f"{where}: untied lm_head; {target}'s {graph.architecture} graph always ties the output "
+                           "to token_embd")
+    if cfg.hidden_act != graph.activation:
+        log.warning(
+            "%s: this model uses %s but %s's %s graph computes %s in the FFN: its outputs will be wrong",
+            where, cfg.hidden_act, target, graph.architecture, graph.activation,
+        )
+    vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
+    return GGUFModel(graph, kind, EMBED_TYPES[embed_type], cfg, vocab,
+                     record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
+                     casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
+
+
+def plan(ckpt: Checkpoint, model: GGUFModel, where: str) -> list[StoredTensor]:
+    return _plan(ckpt, model.kind, model.graph, model.embed_type, where)
+
+
+def model_keys(writer, model: GGUFModel) -> None:
+    """None of its own: the model keys every architecture has say all these graphs read."""
+
+
+def _plan(ckpt: Checkpoint, kind: OutType, graph: Graph, embed_type, where: str) -> list[StoredTensor]:
+    """Every stored tensor in file order; each checkpoint entry is loaded once, when its first tensor is due."""
+    plan: list[StoredTensor] = []
+    for entry in ckpt:
+        name = hf_to_gguf(entry.name)
+        heads = gguf_rope.heads_of(entry.name, ckpt.config) if graph.interleaved_rope else None
+        if heads is not None:
+            entry = _rows_interleaved(entry, heads)
+        if is_projection(entry.name):
+            plan += projection(entry, name, kind, graph, where)
+        elif len(entry.shape) == 1:
+            plan.append(float_tensor(entry, name, T.F32, where))
+        else:
+            plan.append(float_tensor(entry, name, embed_type, where))
+    return plan
+
+
+def _rows_interleaved(entry: TensorEntry, heads: int) -> TensorEntry:
+    """The projection with its rows in the interleaved-RoPE order (its codes moved, none changed; the stored HF
+    bytes are not transcoded directly then)."""
+    def load() -> Ternary:
+        value = as_ternary(entry.load())
+        return Ternary(gguf_rope.to_interleaved(value.codes, heads), value.multiplier)
+
+    return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load)
 
 
 # ------------------------------------------------------------------------------------------------- reading

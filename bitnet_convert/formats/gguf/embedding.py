@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType, Keys, PoolingType
 
-from bitnet_convert.formats.gguf import entries as entries
+from bitnet_convert.formats.gguf import entries
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf.entries import model_key
 from bitnet_convert.formats.gguf.header import INTEGER_TYPES, STRING, typed_value
+from bitnet_convert.formats.gguf.stored import T, GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
     EMBED_TYPES,
     KEY_HIDDEN_ACT,
@@ -120,11 +121,13 @@ def is_unit_offset(hf_name: str, cfg: ModelConfig) -> bool:
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def plan(ckpt: Checkpoint, cfg: ModelConfig, where: str, files, *, target: str | None, outtype: str | None,
-         embed_type: str | None):
-    """gguf_write.plan for an encoder: bitnet.cpp's embedding branch, I2_S projections."""
-    from bitnet_convert.formats.gguf import write as gw
+def writes(cfg: ModelConfig) -> bool:
+    return cfg.encoder
 
+
+def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None, outtype: str | None,
+          embed_type: str | None) -> GGUFModel:
+    """bitnet.cpp's embedding branch, I2_S projections: the only target and outtype these models have."""
     if target not in (None, TARGET):
         raise ConvertError(f"{where}: the {cfg.architecture} embedding model runs in {TARGET}'s embedding branch "
                            f"only ({target} has no graph with an RMSNorm inside every projection); use --target {TARGET}")
@@ -136,18 +139,23 @@ def plan(ckpt: Checkpoint, cfg: ModelConfig, where: str, files, *, target: str |
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     pooling, _ = pooling_of(ckpt.tokenizer_files, where)
     g, kind = graph(cfg), OUTTYPES[OUTTYPE]
-    stored = [] if files.vocab_only else _plan(ckpt, cfg, kind, g, EMBED_TYPES[embed_type], where)
 
     def vocab():  # built by the writer while the first tensors are made
         found = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
         return found if found is None else _with_end_token(found, cfg, pooling, where)
 
-    def extra_keys(writer) -> None:
-        _add_encoder_keys(writer, g.architecture, cfg, pooling)
+    return GGUFModel(g, kind, EMBED_TYPES[embed_type], cfg, vocab,
+                     record=dict(target=TARGET, outtype=OUTTYPE, embed_type=embed_type, pooling=pooling),
+                     casts={"model.embed_tokens.weight": embed_type})
 
-    return gw.gguf_plan(ckpt, stored, gw.GGUFModel(g, kind, cfg, vocab, extra_keys),
-                        record=dict(target=TARGET, outtype=OUTTYPE, embed_type=embed_type, pooling=pooling),
-                        casts={"model.embed_tokens.weight": embed_type}, files=files)
+
+def plan(ckpt: Checkpoint, model: GGUFModel, where: str) -> list[StoredTensor]:
+    return _plan(ckpt, model.cfg, model.kind, model.graph, model.embed_type, where)
+
+
+def model_keys(writer, model: GGUFModel) -> None:
+    """The pooling and attention keys the shared model keys lack for these models."""
+    _add_encoder_keys(writer, model.graph.architecture, model.cfg, model.record["pooling"])
 
 
 def _with_end_token(vocab, cfg: ModelConfig, pooling: str, where: str):
@@ -160,8 +168,8 @@ def _with_end_token(vocab, cfg: ModelConfig, pooling: str, where: str):
 
 
 def _add_encoder_keys(writer, arch: str, cfg: ModelConfig, pooling: str) -> None:
-    """The keys gguf_write's model keys lack for these models (those are written first)."""
-    if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:  # else gguf_write wrote them
+    """The keys write.py's model keys lack for these models (those are written first)."""
+    if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:  # else write.py wrote them
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_uint32(POOLING_TYPE.format(arch=arch), int(POOLING_TYPES[pooling]))
@@ -175,19 +183,17 @@ def _add_encoder_keys(writer, arch: str, cfg: ModelConfig, pooling: str) -> None
 
 
 def _plan(ckpt: Checkpoint, cfg: ModelConfig, kind, g: Graph, embed_type, where: str) -> list:
-    from bitnet_convert.formats.gguf import write as gw
-
     plan = []
     for entry in ckpt:
         name = gguf_name(entry.name, cfg)
         if is_projection(entry.name):
-            plan += gw._projection(entry, name, kind, g, where)
+            plan += projection(entry, name, kind, g, where)
         elif len(entry.shape) == 1:
             if is_unit_offset(entry.name, cfg):
                 entry = dataclasses.replace(entry, load=_plus_one(entry, where))
-            plan.append(gw._float_tensor(entry, name, gw.T.F32, where))
+            plan.append(float_tensor(entry, name, T.F32, where))
         else:
-            plan.append(gw._float_tensor(entry, name, embed_type, where))
+            plan.append(float_tensor(entry, name, embed_type, where))
     return plan
 
 

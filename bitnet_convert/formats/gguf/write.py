@@ -1,54 +1,36 @@
 """Checkpoint -> GGUF for llama.cpp or bitnet.cpp, under the architecture that runtime runs the model's family as
-(gguf_types.TARGETS: `bitnet` / `llama` for llama.cpp; `bitnet-b1.58`, `bitnet`, `llama` for bitnet.cpp),
-streamed tensor by tensor.
+(types.TARGETS: `bitnet` / `llama` for llama.cpp; `bitnet-b1.58`, `bitnet`, `llama` for bitnet.cpp; the
+embedding models' `qwen3` / `gemma3` for bitnet.cpp), streamed tensor by tensor.
 
-Multipliers travel exactly where the file can hold them: for TQ1_0/TQ2_0, and for float outtypes under a graph
-that applies `.scale` tensors (llama.cpp's), the codes are stored with unit scale (TQ blocks get d = 1.0, floats
-hold -1/0/+1) and the float32 multiplier goes into `blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp
-multiplies into the projection's output. Folding it into the TQ blocks' f16 `d` instead would round it to 11
-bits. I2_S keeps the float32 multiplier in its own tail, as bitnet.cpp reads it. bitnet.cpp's graphs know no
-`.scale` tensors, so there a float projection holds codes x multiplier: exact in F32, rounded once in F16/BF16
-(declared in the provenance's `multiplier_roundings`). A projection whose rows do not fit the outtype's blocks
-is written in an exact float type instead, with a warning naming it.
-
-Tensors are produced in pieces (a 2B4T embedding is 328 M values: converted 8 M at a time, it never exists in
-float32), written with our own loop in place of gguf-py's `write_tensor_data` (same alignment padding), and
-hashed piece by piece. HF packed projections are transcoded straight into I2_S / TQ2_0 bytes
-(`PackedTernary`), never unpacked into int8 codes.
-
-This module says what a GGUF stores (`plan`: the tensors, their producers, the model keys) and how (the
-layout: gguf-py's header, key/values and tensor infos, then the data with its alignment padding); the output
-pipeline (fileio/output.py) publishes, hashes and reads ahead. The header comes before any data, so the
-provenance key, stored last among the key/values, holds a placeholder the pipeline overwrites with the
-content hash once the data is out.
+The model's architecture plug-in (architectures.py) decides the graph, the stored tensors and its own keys
+(stored.py says how tensors are stored and produced); this module lays them out: gguf-py's header, key/values
+(the model keys every architecture shares, then the plug-in's, then the tokenizer's) and tensor infos, then the
+data with its alignment padding, in one file or llama.cpp's split layout. The output pipeline
+(fileio/output.py) publishes, hashes and reads ahead. The header comes before any data, so the provenance key,
+stored last among the key/values, holds a placeholder the pipeline overwrites with the content hash once the
+data is out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, quants
 from gguf.gguf_writer import GGUFValue
 
 from bitnet_convert.fileio import output
 from bitnet_convert.fileio.output import HASH_PLACEHOLDER, Output, Plan, PlannedTensor
-from bitnet_convert.formats.gguf import rope as gguf_rope, tokenizer as gguf_tokenizer
-from bitnet_convert.formats.gguf import tq as tq
 from bitnet_convert.formats.folder import read_from
+from bitnet_convert.formats.gguf import architectures as gguf_architectures
 from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
 from bitnet_convert.formats.gguf.read import KEY_VALUES_DOCUMENT, recorded_provenance
-from bitnet_convert.formats.options import count_value, size_value
+from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor
 from bitnet_convert.formats.gguf.types import (
-    DEFAULT_TARGET,
-    EMBED_TYPES,
-    FALLBACK_FLOAT,
     FLOAT_ROUNDING,
     I2_S,
     KEY_HIDDEN_ACT,
@@ -59,52 +41,26 @@ from bitnet_convert.formats.gguf.types import (
     KEY_SPLIT_NO,
     KEY_SPLIT_TENSORS,
     MODEL_KEYS,
-    OUTTYPES,
     ROPE_DIMENSIONS,
-    SCALE_SUFFIX,
     SPLIT_NAME,
-    TARGETS,
     VALUE_LENGTH,
     VOCAB_SIZE,
     Graph,
     OutType,
-    graph_for,
 )
+from bitnet_convert.formats.options import count_value, size_value
 from bitnet_core import validate
-from bitnet_core.checkpoint import TERNARY, Checkpoint, TensorEntry, Ternary, row_blocks
-from bitnet_core import parallel
-from bitnet_core.codecs import hf2bit, i2s
+from bitnet_core.checkpoint import Checkpoint
 from bitnet_core.errors import ConvertError
-from bitnet_core.names import hf_to_gguf, is_projection
-from bitnet_core.quantize import as_ternary, check_multiplier, projection_bytes
 
 log = logging.getLogger("bitnet_convert")
-EMBEDDING_TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # stored as --embed-type
 T = GGMLQuantizationType
 NAME = "gguf"
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
-F16_MAX = float(np.finfo(np.float16).max)
 # Tensors made ahead of the writer while it builds the header: bounded in bytes (the 2B4T embedding comes
 # first, 40 pieces of 16 MB), so peak memory stays ~0.5 GiB.
 LOOKAHEAD_BYTES = 256 << 20
 LOOKAHEAD_PIECES = 64
-CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
-BF16 = np.dtype(ml_dtypes.bfloat16)
-# bf16 bit patterns (sign cleared) below this are finite and at most 65280 in magnitude; the next bf16 value,
-# 65536, is beyond float16's 65504, and it, infinities and NaNs take the checked float32 way.
-_BF16_F16_SAFE = 0x4780
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredTensor:
-    """One GGUF tensor as gguf-py's add_tensor_info wants it, and how to make its bytes."""
-
-    name: str
-    ggml_type: GGMLQuantizationType
-    array_shape: tuple[int, ...]  # shape of the array handed to gguf-py (bytes for block types)
-    array_dtype: np.dtype
-    nbytes: int
-    produce: Callable[[], Iterable[np.ndarray]] = dataclasses.field(repr=False, compare=False)  # the bytes, in pieces
 
 
 def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
@@ -134,49 +90,10 @@ def plan(
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     # a vocabulary needs the hyperparameters only; a model all of its tensors, checked
     cfg = validate.model_config(ckpt.config, where) if files.vocab_only else validate.check_tensors(ckpt, where)
-    if cfg.encoder:  # bitnet.cpp's embedding branch: its arch, norm names and pooling keys (formats.md §12)
-        from bitnet_convert.formats.gguf import embedding as gguf_embedding
-
-        return gguf_embedding.plan(ckpt, cfg, where, files, target=target, outtype=outtype, embed_type=embed_type)
-    target = target or DEFAULT_TARGET
-    if target not in TARGETS:
-        raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
-    tgt = TARGETS[target]
-    outtype = outtype or tgt.default_outtype
-    embed_type = embed_type or tgt.default_embed_type
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
-    kind = OUTTYPES[outtype]
-    if target not in kind.targets:
-        raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
-    if embed_type not in EMBED_TYPES:
-        raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
-    graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
-    if not cfg.tie_word_embeddings and not graph.output_tensor:
-        raise ConvertError(f"{where}: untied lm_head; {target}'s {graph.architecture} graph always ties the output "
-                           "to token_embd")
-    if cfg.hidden_act != graph.activation:
-        log.warning(
-            "%s: this model uses %s but %s's %s graph computes %s in the FFN: its outputs will be wrong",
-            where, cfg.hidden_act, target, graph.architecture, graph.activation,
-        )
-    stored = [] if files.vocab_only else _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
-    vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    return gguf_plan(ckpt, stored, GGUFModel(graph, kind, cfg, vocab),
-                     record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
-                     casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors}, files=files)
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFModel:
-    """What a GGUF's keys say about the model: the runtime's graph, the outtype, the config, the tokenizer (built
-    while the first tensors are made) and any keys of the architecture beyond the common ones."""
-
-    graph: Graph
-    kind: OutType
-    cfg: object
-    vocab: Callable[[], gguf_tokenizer.GGUFVocab | None]
-    extra_keys: Callable | None = None
+    plugin = gguf_architectures.writing(cfg)
+    model = plugin.model(ckpt, cfg, where, target=target, outtype=outtype, embed_type=embed_type)
+    stored = [] if files.vocab_only else plugin.plan(ckpt, model, where)
+    return gguf_plan(ckpt, stored, model, lambda writer: plugin.model_keys(writer, model), files=files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +134,13 @@ def split_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(SPLIT_NAME.format(prefix=prefix, number=i, count=count)) for i in range(1, count + 1)]
 
 
-def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel, *, record: dict,
-              casts: dict[str, str], files: GGUFFiles = GGUFFiles()) -> Plan:
-    """The planned tensors under the model keys (then `model.extra_keys(writer)`), the tokenizer and the
-    provenance record (`record`: the writer's settings; `casts`: tensor -> the type it was cast to), in one
-    file or in llama.cpp's split layout (`files`)."""
-    casts = {**(ckpt.provenance.get("tensor_casts") or {}), **casts}
+def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel,
+              own_keys: Callable[[BulkGGUFWriter], None], *, files: GGUFFiles = GGUFFiles()) -> Plan:
+    """The planned tensors under the model keys (then the architecture's `own_keys(writer)`), the tokenizer and
+    the provenance record (`model.record`: the writer's settings; `model.casts`: tensor -> the type it was cast
+    to), in one file or in llama.cpp's split layout (`files`)."""
+    record = model.record
+    casts = {**(ckpt.provenance.get("tensor_casts") or {}), **model.casts}
     roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
     if _multiplier_source(model.kind, model.graph) == "in_values" and model.kind.ggml_type in FLOAT_ROUNDING:
         roundings.append(FLOAT_ROUNDING[model.kind.ggml_type])
@@ -234,7 +152,7 @@ def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel, *,
     arch = model.graph.architecture
 
     def keys(writer: BulkGGUFWriter) -> None:
-        _add_model_keys(writer, model.graph, model.kind, model.cfg, ckpt, model.vocab(), model.extra_keys)
+        _add_model_keys(writer, model.graph, model.kind, model.cfg, ckpt, model.vocab(), own_keys)
         for key, value in files.metadata.items():  # in place of ours (general.name), else after them
             writer.kv_data[0][key] = GGUFValue(value, GGUFValueType.STRING)
         if len(shards) > 1:
@@ -356,150 +274,3 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ck
         vocab.add_to(writer)
 
 
-def _plan(ckpt: Checkpoint, kind: OutType, graph: Graph, embed_type, where: str) -> list[StoredTensor]:
-    """Every stored tensor in file order; each checkpoint entry is loaded once, when its first tensor is due."""
-    plan: list[StoredTensor] = []
-    for entry in ckpt:
-        name = hf_to_gguf(entry.name)
-        heads = gguf_rope.heads_of(entry.name, ckpt.config) if graph.interleaved_rope else None
-        if heads is not None:
-            entry = _rows_interleaved(entry, heads)
-        if is_projection(entry.name):
-            plan += _projection(entry, name, kind, graph, where)
-        elif len(entry.shape) == 1:
-            plan.append(_float_tensor(entry, name, T.F32, where))
-        else:
-            plan.append(_float_tensor(entry, name, embed_type, where))
-    return plan
-
-
-def _rows_interleaved(entry: TensorEntry, heads: int) -> TensorEntry:
-    """The projection with its rows in the interleaved-RoPE order (its codes moved, none changed; the stored HF
-    bytes are not transcoded directly then)."""
-    def load() -> Ternary:
-        value = as_ternary(entry.load())
-        return Ternary(gguf_rope.to_interleaved(value.codes, heads), value.multiplier)
-
-    return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load)
-
-
-def _float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> StoredTensor:
-    shape = tuple(entry.shape)
-    if ggml_type in (T.F32, T.F16):
-        dtype = np.dtype(np.float32 if ggml_type == T.F32 else np.float16)
-        array_shape, nbytes = shape, int(np.prod(shape)) * dtype.itemsize
-    else:
-        _check_blocks(shape, ggml_type, name, where)
-        dtype = np.dtype(np.uint8)
-        array_shape = quants.quant_shape_to_byte_shape(shape, ggml_type)
-        nbytes = int(np.prod(array_shape))
-
-    def produce() -> Iterable[np.ndarray]:
-        # Whole rows at a time (block types quantize each row on its own), about CHUNK_VALUES values; read a
-        # block at a time too where the source offers it (a whole copy of a 2B4T embedding is 0.66 GB more).
-        blocks = row_blocks(entry, CHUNK_VALUES * np.dtype(entry.dtype or np.float32).itemsize)
-        if blocks is not None:
-            for block in blocks.blocks:
-                yield _encode_float(block, ggml_type, name, where)
-            return
-        rows = max(1, CHUNK_VALUES // max(1, int(np.prod(shape[1:]))))
-        value = entry.load()
-        if isinstance(value, Ternary):
-            raise ConvertError(f"{where}: tensor {entry.name} should be a plain array, found ternary")
-        value = np.asarray(value)
-        if value.ndim < 2:
-            yield _encode_float(value, ggml_type, name, where)
-            return
-        for start in range(0, value.shape[0], rows):
-            yield _encode_float(value[start : start + rows], ggml_type, name, where)
-
-    return StoredTensor(name, ggml_type, array_shape, dtype, nbytes, produce)
-
-
-def _encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.ndarray:
-    if ggml_type == T.F16 and values.dtype == BF16:
-        # bf16 -> f16 directly: ml_dtypes rounds exactly as bf16 -> f32 -> f16 does (bf16 -> f32 is exact)
-        # for every value whose magnitude bits are under _BF16_F16_SAFE; the rest (too large, inf, NaN) take
-        # the checked float32 way below.
-        if values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _BF16_F16_SAFE:
-            out = np.empty(values.shape, np.float16)
-            parallel.for_row_ranges(len(values), out.nbytes, lambda a, b: np.copyto(out[a:b], values[a:b],
-                                                                                   casting="unsafe"))
-            return out
-    values = np.asarray(values, np.float32)
-    if ggml_type == T.F16 and np.abs(values).max(initial=0) > F16_MAX:
-        raise ConvertError(f"{where}: {name} has values beyond the float16 range; use an embedding type of bf16 or f32")
-    return quants.quantize(values, ggml_type)  # BF16 rounds to nearest even like ggml: bf16 sources pass unchanged
-
-
-def _fits_blocks(shape, ggml_type) -> bool:
-    return shape[-1] % quants.GGML_QUANT_SIZES[ggml_type][0] == 0
-
-
-def _check_blocks(shape, ggml_type, name: str, where: str) -> None:
-    if not _fits_blocks(shape, ggml_type):
-        raise ConvertError(
-            f"{where}: {name} has rows of {shape[-1]} values; {ggml_type.name} needs a multiple of "
-            f"{quants.GGML_QUANT_SIZES[ggml_type][0]} (choose a float type)"
-        )
-
-
-def _projection(entry: TensorEntry, name: str, kind: OutType, graph: Graph, where: str) -> list[StoredTensor]:
-    """The weight and, where the multiplier is neither in an I2_S tail nor in the values, its `.scale` tensor."""
-    shape = tuple(entry.shape)
-    t = kind.ggml_type
-    if t not in (T.F16, T.BF16, T.F32) and not _fits_blocks(shape, t):
-        fallback = FALLBACK_FLOAT[graph.scale_tensors]
-        log.warning("%s: %s has rows of %d values, which %s blocks (%d values) do not fit: written as %s, exactly",
-                    where, name, shape[-1], t.name, quants.GGML_QUANT_SIZES[t][0], fallback.name)
-        t = fallback
-    loaded: dict[str, np.float32] = {}  # the weight's producer loads; the scale's producer (next in file) reads
-
-    def stored(from_hf2bit, pack) -> list[np.ndarray]:
-        data, loaded["multiplier"] = projection_bytes(entry, from_hf2bit, pack, where)
-        return [data]
-
-    if t == I2_S:
-        def i2s_bytes() -> list[np.ndarray]:  # the multiplier goes into the tail: pack with a unit one, then set it
-            (data,) = stored(lambda d, rows: i2s.from_hf2bit(d, rows, 1.0), lambda c: i2s.pack(c, 1.0))
-            i2s.set_multiplier(data, loaded["multiplier"])
-            return [data]
-
-        byte_shape = quants.quant_shape_to_byte_shape(shape, t)
-        return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
-    if t in (T.TQ1_0, T.TQ2_0):
-        def tq_bytes() -> list[np.ndarray]:
-            from_hf2bit = tq.tq2_0_from_hf2bit if t == T.TQ2_0 else (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
-            return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
-
-        byte_shape = quants.quant_shape_to_byte_shape(shape, t)
-        weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
-    elif graph.scale_tensors:
-        def codes() -> np.ndarray:
-            value = as_ternary(entry.load())
-            loaded["multiplier"] = value.multiplier
-            return value.codes
-
-        weight = _float_tensor(dataclasses.replace(entry, load=codes), name, t, where)
-    else:
-        return [_float_tensor(dataclasses.replace(entry, load=lambda: _weights_in_values(entry, t, where)),
-                              name, t, where)]
-    scale = StoredTensor(
-        name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32), 4,
-        lambda: [np.array([loaded.pop("multiplier")], np.float32)],
-    )
-    return [weight, scale]
-
-
-def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:
-    """codes x multiplier, for a graph that applies no `.scale` tensor: every value is 0 or +-m, with m rounded
-    once to the stored float type (nothing is rounded in F32). Refused where that rounding loses m."""
-    value = as_ternary(entry.load())
-    multiplier = check_multiplier(value.multiplier, f"{where}: tensor {entry.name}")
-    stored = {T.F16: np.float16, T.BF16: BF16}.get(ggml_type, np.float32)
-    with np.errstate(over="ignore", under="ignore"):
-        rounded = np.float32(np.asarray(multiplier).astype(stored))
-    if not np.isfinite(rounded) or rounded == 0:
-        raise ConvertError(f"{where}: tensor {entry.name} has multiplier {multiplier!r}, which {ggml_type.name} "
-                           "cannot hold; choose outtype f32")
-    return value.codes.astype(stored) * np.asarray(rounded).astype(stored)
