@@ -83,14 +83,14 @@ def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None,
     target = target or DEFAULT_TARGET
     if target not in TARGETS:
         raise ConvertError(f"unknown GGUF target {target!r} (choose from {', '.join(TARGETS)})")
-    tgt = TARGETS[target]
-    outtype = outtype or tgt.default_outtype
-    embed_type = embed_type or tgt.default_embed_type
+    runtime = TARGETS[target]
+    outtype = outtype or runtime.default_outtype
+    embed_type = embed_type or runtime.default_embed_type
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
-    kind = OUTTYPES[outtype]
-    if target not in kind.targets:
-        raise ConvertError(f"outtype {outtype} is for {' and '.join(kind.targets)}, not {target}")
+    projection_type = OUTTYPES[outtype]
+    if target not in projection_type.targets:
+        raise ConvertError(f"outtype {outtype} is for {' and '.join(projection_type.targets)}, not {target}")
     if embed_type not in EMBED_TYPES:
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     graph = graph_for(target, cfg.sub_norms, cfg.hidden_act)
@@ -103,20 +103,20 @@ def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None,
             where, cfg.hidden_act, target, graph.architecture, graph.activation,
         )
     vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    return GGUFModel(graph, kind, EMBED_TYPES[embed_type], cfg, vocab,
+    return GGUFModel(graph, projection_type, EMBED_TYPES[embed_type], cfg, vocab,
                      record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
                      casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
 
 
 def plan(ckpt: Checkpoint, model: GGUFModel, where: str) -> list[StoredTensor]:
-    return _plan(ckpt, model.kind, model.graph, model.embed_type, where)
+    return _plan(ckpt, model.projection_type, model.graph, model.embed_type, where)
 
 
 def model_keys(writer, model: GGUFModel) -> None:
     """None of its own: the model keys every architecture has say all these graphs read."""
 
 
-def _plan(ckpt: Checkpoint, kind: OutType, graph: Graph, embed_type, where: str) -> list[StoredTensor]:
+def _plan(ckpt: Checkpoint, projection_type: OutType, graph: Graph, embed_type, where: str) -> list[StoredTensor]:
     """Every stored tensor in file order; each checkpoint entry is loaded once, when its first tensor is due."""
     plan: list[StoredTensor] = []
     for entry in ckpt:
@@ -125,7 +125,7 @@ def _plan(ckpt: Checkpoint, kind: OutType, graph: Graph, embed_type, where: str)
         if heads is not None:
             entry = _rows_interleaved(entry, heads)
         if is_projection(entry.name):
-            plan += projection(entry, name, kind, graph, where)
+            plan += projection(entry, name, projection_type, graph, where)
         elif len(entry.shape) == 1:
             plan.append(float_tensor(entry, name, T.F32, where))
         else:

@@ -87,7 +87,7 @@ F32 = GGUFValueType.FLOAT32
 _MODEL_NORMS = frozenset(r.hf for r in LAYER_ROLES if r.kind == "dense" and r.needs != "use_rms_norm")
 
 
-def graph(cfg: ModelConfig) -> Graph:
+def graph_of(cfg: ModelConfig) -> Graph:
     return Graph(ARCHITECTURES[cfg.architecture], sub_norms=False, activation=cfg.hidden_act, scale_tensors=False,
                  output_tensor=False, vocab_and_rope_dims=True)
 
@@ -138,19 +138,19 @@ def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None,
     if embed_type not in EMBED_TYPES:
         raise ConvertError(f"unknown embedding type {embed_type!r} (choose from {', '.join(EMBED_TYPES)})")
     pooling, _ = pooling_of(ckpt.tokenizer_files, where)
-    g, kind = graph(cfg), OUTTYPES[OUTTYPE]
+    graph, projection_type = graph_of(cfg), OUTTYPES[OUTTYPE]
 
     def vocab():  # built by the writer while the first tensors are made
         found = gguf_tokenizer.vocab_from_files(ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
         return found if found is None else _with_end_token(found, cfg, pooling, where)
 
-    return GGUFModel(g, kind, EMBED_TYPES[embed_type], cfg, vocab,
+    return GGUFModel(graph, projection_type, EMBED_TYPES[embed_type], cfg, vocab,
                      record=dict(target=TARGET, outtype=OUTTYPE, embed_type=embed_type, pooling=pooling),
                      casts={"model.embed_tokens.weight": embed_type})
 
 
 def plan(ckpt: Checkpoint, model: GGUFModel, where: str) -> list[StoredTensor]:
-    return _plan(ckpt, model.cfg, model.kind, model.graph, model.embed_type, where)
+    return _plan(ckpt, model.cfg, model.projection_type, model.graph, model.embed_type, where)
 
 
 def model_keys(writer, model: GGUFModel) -> None:
@@ -182,12 +182,12 @@ def _add_encoder_keys(writer, arch: str, cfg: ModelConfig, pooling: str) -> None
         writer.add_float32(KEY_QUERY_SCALAR, cfg.query_pre_attn_scalar)
 
 
-def _plan(ckpt: Checkpoint, cfg: ModelConfig, kind, g: Graph, embed_type, where: str) -> list:
+def _plan(ckpt: Checkpoint, cfg: ModelConfig, projection_type, graph: Graph, embed_type, where: str) -> list:
     plan = []
     for entry in ckpt:
         name = gguf_name(entry.name, cfg)
         if is_projection(entry.name):
-            plan += projection(entry, name, kind, g, where)
+            plan += projection(entry, name, projection_type, graph, where)
         elif len(entry.shape) == 1:
             if is_unit_offset(entry.name, cfg):
                 entry = dataclasses.replace(entry, load=_plus_one(entry, where))

@@ -64,7 +64,7 @@ class GGUFModel:
     tensors are made) and the writer's settings for the provenance (`record`; `casts`: tensor -> its type)."""
 
     graph: Graph
-    kind: OutType
+    projection_type: OutType
     embed_type: GGMLQuantizationType
     cfg: object
     vocab: Callable[[], gguf_tokenizer.GGUFVocab | None]
@@ -133,10 +133,10 @@ def _check_blocks(shape, ggml_type, name: str, where: str) -> None:
         )
 
 
-def projection(entry: TensorEntry, name: str, kind: OutType, graph: Graph, where: str) -> list[StoredTensor]:
+def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: Graph, where: str) -> list[StoredTensor]:
     """The weight and, where the multiplier is neither in an I2_S tail nor in the values, its `.scale` tensor."""
     shape = tuple(entry.shape)
-    t = kind.ggml_type
+    t = projection_type.ggml_type
     if t not in (T.F16, T.BF16, T.F32) and not _fits_blocks(shape, t):
         fallback = FALLBACK_FLOAT[graph.scale_tensors]
         log.warning("%s: %s has rows of %d values, which %s blocks (%d values) do not fit: written as %s, exactly",

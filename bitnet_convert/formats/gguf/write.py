@@ -142,8 +142,9 @@ def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel,
     record = model.record
     casts = {**(ckpt.provenance.get("tensor_casts") or {}), **model.casts}
     roundings = list(ckpt.provenance.get("multiplier_roundings") or [])
-    if _multiplier_source(model.kind, model.graph) == "in_values" and model.kind.ggml_type in FLOAT_ROUNDING:
-        roundings.append(FLOAT_ROUNDING[model.kind.ggml_type])
+    stored_type = model.projection_type.ggml_type
+    if _multiplier_source(model.projection_type, model.graph) == "in_values" and stored_type in FLOAT_ROUNDING:
+        roundings.append(FLOAT_ROUNDING[stored_type])
     provenance = dict(ckpt.provenance, tensor_casts=casts, multiplier_roundings=roundings)
     if files.vocab_only:
         stored, record = [], dict(record, vocab_only=True)
@@ -152,7 +153,7 @@ def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel,
     arch = model.graph.architecture
 
     def keys(writer: BulkGGUFWriter) -> None:
-        _add_model_keys(writer, model.graph, model.kind, model.cfg, ckpt, model.vocab(), own_keys)
+        _add_model_keys(writer, model.graph, model.projection_type, model.cfg, ckpt, model.vocab(), own_keys)
         for key, value in files.metadata.items():  # in place of ours (general.name), else after them
             writer.kv_data[0][key] = GGUFValue(value, GGUFValueType.STRING)
         if len(shards) > 1:
@@ -238,19 +239,19 @@ def _planned(t: StoredTensor) -> PlannedTensor:
     return PlannedTensor(t.name, t.ggml_type.name, tuple(int(d) for d in reversed(shape)), t.nbytes, t.produce, t)
 
 
-def _multiplier_source(kind: OutType, graph: Graph) -> str:
+def _multiplier_source(projection_type: OutType, graph: Graph) -> str:
     """Where the file keeps each projection's multiplier (our KEY_MULTIPLIER_SOURCE)."""
-    if kind.ggml_type == I2_S:
+    if projection_type.ggml_type == I2_S:
         return "i2_s_tail"
     return "scale_tensor" if graph.scale_tensors else "in_values"
 
 
-def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ckpt: Checkpoint, vocab,
+def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, projection_type: OutType, cfg, ckpt: Checkpoint, vocab,
                     extra_keys: Callable | None = None) -> None:
     arch = graph.architecture
     writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
-    writer.add_file_type(int(kind.file_type))
-    if kind.ggml_type not in (T.F16, T.BF16, T.F32):
+    writer.add_file_type(int(projection_type.file_type))
+    if projection_type.ggml_type not in (T.F16, T.BF16, T.F32):
         writer.add_quantization_version(QUANTIZATION_VERSION)
     values = {
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.hidden_size,
@@ -267,7 +268,7 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ck
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
-    writer.add_string(KEY_MULTIPLIER_SOURCE, _multiplier_source(kind, graph))
+    writer.add_string(KEY_MULTIPLIER_SOURCE, _multiplier_source(projection_type, graph))
     if extra_keys is not None:
         extra_keys(writer)
     if vocab is not None:
