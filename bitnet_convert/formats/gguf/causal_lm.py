@@ -18,8 +18,9 @@ from bitnet_convert.formats.gguf import rope as gguf_rope
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf.entries import model_key
 from bitnet_convert.formats.gguf.header import STRING, GGUFHeader, TensorInfo, typed_value
-from bitnet_convert.formats.gguf.stored import T, GGUFModel, StoredTensor, float_tensor, projection
+from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
+    GGMLType,
     DEFAULT_TARGET,
     EMBED_TYPES,
     KEY_HIDDEN_ACT,
@@ -127,7 +128,7 @@ def _plan(ckpt: Checkpoint, projection_type: OutType, graph: Graph, embed_type, 
         if is_projection(entry.name):
             plan += projection(entry, name, projection_type, graph, where)
         elif len(entry.shape) == 1:
-            plan.append(float_tensor(entry, name, T.F32, where))
+            plan.append(float_tensor(entry, name, GGMLType.F32, where))
         else:
             plan.append(float_tensor(entry, name, embed_type, where))
     return plan

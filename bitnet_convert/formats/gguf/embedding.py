@@ -34,8 +34,9 @@ from bitnet_convert.formats.gguf import entries
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf.entries import model_key
 from bitnet_convert.formats.gguf.header import INTEGER_TYPES, STRING, typed_value
-from bitnet_convert.formats.gguf.stored import T, GGUFModel, StoredTensor, float_tensor, projection
+from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
+    GGMLType,
     EMBED_TYPES,
     KEY_HIDDEN_ACT,
     KEY_LENGTH,
@@ -191,7 +192,7 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, projection_type, graph: Graph, emb
         elif len(entry.shape) == 1:
             if is_unit_offset(entry.name, cfg):
                 entry = dataclasses.replace(entry, load=_plus_one(entry, where))
-            plan.append(float_tensor(entry, name, T.F32, where))
+            plan.append(float_tensor(entry, name, GGMLType.F32, where))
         else:
             plan.append(float_tensor(entry, name, embed_type, where))
     return plan

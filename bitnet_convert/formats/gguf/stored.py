@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType, quants
 
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf import tq
-from bitnet_convert.formats.gguf.types import FALLBACK_FLOAT, I2_S, SCALE_SUFFIX, Graph, OutType
+from bitnet_convert.formats.gguf.types import FALLBACK_FLOAT, I2_S, SCALE_SUFFIX, GGMLType, Graph, OutType
 from bitnet_core import parallel
 from bitnet_core.checkpoint import TensorEntry, Ternary, row_blocks
 from bitnet_core.codecs import hf2bit, i2s
@@ -36,7 +36,6 @@ from bitnet_core.errors import ConvertError
 from bitnet_core.quantize import as_ternary, check_multiplier, projection_bytes
 
 log = logging.getLogger("bitnet_convert")
-T = GGMLQuantizationType
 F16_MAX = float(np.finfo(np.float16).max)
 CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -74,8 +73,8 @@ class GGUFModel:
 
 def float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> StoredTensor:
     shape = tuple(entry.shape)
-    if ggml_type in (T.F32, T.F16):
-        dtype = np.dtype(np.float32 if ggml_type == T.F32 else np.float16)
+    if ggml_type in (GGMLType.F32, GGMLType.F16):
+        dtype = np.dtype(np.float32 if ggml_type == GGMLType.F32 else np.float16)
         array_shape, nbytes = shape, int(np.prod(shape)) * dtype.itemsize
     else:
         _check_blocks(shape, ggml_type, name, where)
@@ -106,7 +105,7 @@ def float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Stored
 
 
 def encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.ndarray:
-    if ggml_type == T.F16 and values.dtype == BF16:
+    if ggml_type == GGMLType.F16 and values.dtype == BF16:
         # bf16 -> f16 directly: ml_dtypes rounds exactly as bf16 -> f32 -> f16 does (bf16 -> f32 is exact)
         # for every value whose magnitude bits are under _BF16_F16_SAFE; the rest (too large, inf, NaN) take
         # the checked float32 way below.
@@ -116,7 +115,7 @@ def encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.nda
                                                                                    casting="unsafe"))
             return out
     values = np.asarray(values, np.float32)
-    if ggml_type == T.F16 and np.abs(values).max(initial=0) > F16_MAX:
+    if ggml_type == GGMLType.F16 and np.abs(values).max(initial=0) > F16_MAX:
         raise ConvertError(f"{where}: {name} has values beyond the float16 range; use an embedding type of bf16 or f32")
     return quants.quantize(values, ggml_type)  # BF16 rounds to nearest even like ggml: bf16 sources pass unchanged
 
@@ -137,7 +136,7 @@ def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: G
     """The weight and, where the multiplier is neither in an I2_S tail nor in the values, its `.scale` tensor."""
     shape = tuple(entry.shape)
     t = projection_type.ggml_type
-    if t not in (T.F16, T.BF16, T.F32) and not _fits_blocks(shape, t):
+    if t not in (GGMLType.F16, GGMLType.BF16, GGMLType.F32) and not _fits_blocks(shape, t):
         fallback = FALLBACK_FLOAT[graph.scale_tensors]
         log.warning("%s: %s has rows of %d values, which %s blocks (%d values) do not fit: written as %s, exactly",
                     where, name, shape[-1], t.name, quants.GGML_QUANT_SIZES[t][0], fallback.name)
@@ -156,9 +155,10 @@ def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: G
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
-    if t in (T.TQ1_0, T.TQ2_0):
+    if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         def tq_bytes() -> list[np.ndarray]:
-            from_hf2bit = tq.tq2_0_from_hf2bit if t == T.TQ2_0 else (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
+            from_hf2bit = tq.tq2_0_from_hf2bit if t == GGMLType.TQ2_0 else \
+                (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
             return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
@@ -174,7 +174,7 @@ def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: G
         return [float_tensor(dataclasses.replace(entry, load=lambda: _weights_in_values(entry, t, where)),
                               name, t, where)]
     scale = StoredTensor(
-        name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32), 4,
+        name.removesuffix(".weight") + SCALE_SUFFIX, GGMLType.F32, (1,), np.dtype(np.float32), 4,
         lambda: [np.array([loaded.pop("multiplier")], np.float32)],
     )
     return [weight, scale]
@@ -185,7 +185,7 @@ def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:
     once to the stored float type (nothing is rounded in F32). Refused where that rounding loses m."""
     value = as_ternary(entry.load())
     multiplier = check_multiplier(value.multiplier, f"{where}: tensor {entry.name}")
-    stored = {T.F16: np.float16, T.BF16: BF16}.get(ggml_type, np.float32)
+    stored = {GGMLType.F16: np.float16, GGMLType.BF16: BF16}.get(ggml_type, np.float32)
     with np.errstate(over="ignore", under="ignore"):
         rounded = np.float32(np.asarray(multiplier).astype(stored))
     if not np.isfinite(rounded) or rounded == 0:

@@ -45,7 +45,7 @@ def _register_i2s() -> GGMLQuantizationType:
 
 
 I2_S = _register_i2s()
-T = GGMLQuantizationType
+GGMLType = GGMLQuantizationType  # gguf-py's tensor types, I2_S among them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +63,22 @@ class OutType:
 # declared cast). Never weight / weight_scale: bitnet.cpp's own converter does that on its float path
 # (docs/formats.md §7).
 OUTTYPES: dict[str, OutType] = {
-    "tq1_0": OutType(T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, ("llama.cpp",)),
-    "tq2_0": OutType(T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, ("llama.cpp",)),
+    "tq1_0": OutType(GGMLType.TQ1_0, LlamaFileType.MOSTLY_TQ1_0, ("llama.cpp",)),
+    "tq2_0": OutType(GGMLType.TQ2_0, LlamaFileType.MOSTLY_TQ2_0, ("llama.cpp",)),
     "i2_s": OutType(I2_S, i2s.FILE_TYPE, ("bitnet.cpp",)),
-    "f16": OutType(T.F16, LlamaFileType.MOSTLY_F16, ("llama.cpp", "bitnet.cpp")),
-    "bf16": OutType(T.BF16, LlamaFileType.MOSTLY_BF16, ("llama.cpp", "bitnet.cpp")),
-    "f32": OutType(T.F32, LlamaFileType.ALL_F32, ("llama.cpp", "bitnet.cpp")),
+    "f16": OutType(GGMLType.F16, LlamaFileType.MOSTLY_F16, ("llama.cpp", "bitnet.cpp")),
+    "bf16": OutType(GGMLType.BF16, LlamaFileType.MOSTLY_BF16, ("llama.cpp", "bitnet.cpp")),
+    "f32": OutType(GGMLType.F32, LlamaFileType.ALL_F32, ("llama.cpp", "bitnet.cpp")),
 }
 # The float type a projection falls back to when its rows do not fit the outtype's blocks (TQ: 256 values).
-FALLBACK_FLOAT = {True: T.F16, False: T.F32}  # by Graph.scale_tensors: codes in F16 are exact; codes x m need F32
-FLOAT_ROUNDING = {T.F16: "f16", T.BF16: "bf16"}  # a multiplier stored in a float value rounds to this
+# by Graph.scale_tensors: codes in F16 are exact; codes x m need F32
+FALLBACK_FLOAT = {True: GGMLType.F16, False: GGMLType.F32}
+FLOAT_ROUNDING = {GGMLType.F16: "f16", GGMLType.BF16: "bf16"}  # a multiplier stored in a float value rounds to this
 
 # embed_type -> GGML type of token_embd.weight (and output.weight of an untied head).
-EMBED_TYPES: dict[str, GGMLQuantizationType] = {"f16": T.F16, "bf16": T.BF16, "f32": T.F32, "q8_0": T.Q8_0}
+EMBED_TYPES: dict[str, GGMLQuantizationType] = {
+    "f16": GGMLType.F16, "bf16": GGMLType.BF16, "f32": GGMLType.F32, "q8_0": GGMLType.Q8_0,
+}
 
 
 @dataclasses.dataclass(frozen=True)

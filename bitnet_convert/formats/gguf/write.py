@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, quants
+from gguf import GGUFValueType, quants
 from gguf.gguf_writer import GGUFValue
 
 from bitnet_convert.fileio import output
@@ -31,6 +31,7 @@ from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
 from bitnet_convert.formats.gguf.read import KEY_VALUES_DOCUMENT, recorded_provenance
 from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor
 from bitnet_convert.formats.gguf.types import (
+    GGMLType,
     FLOAT_ROUNDING,
     I2_S,
     KEY_HIDDEN_ACT,
@@ -54,7 +55,6 @@ from bitnet_core.checkpoint import Checkpoint
 from bitnet_core.errors import ConvertError
 
 log = logging.getLogger("bitnet_convert")
-T = GGMLQuantizationType
 NAME = "gguf"
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
 # Tensors made ahead of the writer while it builds the header: bounded in bytes (the 2B4T embedding comes
@@ -251,7 +251,7 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, projection_type: OutTy
     arch = graph.architecture
     writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
     writer.add_file_type(int(projection_type.file_type))
-    if projection_type.ggml_type not in (T.F16, T.BF16, T.F32):
+    if projection_type.ggml_type not in (GGMLType.F16, GGMLType.BF16, GGMLType.F32):
         writer.add_quantization_version(QUANTIZATION_VERSION)
     values = {
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.hidden_size,
