@@ -70,8 +70,8 @@ OUTTYPES: dict[str, OutType] = {
     "bf16": OutType(GGMLType.BF16, LlamaFileType.MOSTLY_BF16, ("llama.cpp", "bitnet.cpp")),
     "f32": OutType(GGMLType.F32, LlamaFileType.ALL_F32, ("llama.cpp", "bitnet.cpp")),
 }
-# The float type a projection falls back to when its rows do not fit the outtype's blocks (TQ: 256 values).
-# by Graph.scale_tensors: codes in F16 are exact; codes x m need F32
+# The float type a projection falls back to when its rows do not fit the outtype's blocks (TQ: 256 values), by
+# Graph.scale_tensors: codes in F16 are exact; codes x m need F32.
 FALLBACK_FLOAT = {True: GGMLType.F16, False: GGMLType.F32}
 FLOAT_ROUNDING = {GGMLType.F16: "f16", GGMLType.BF16: "bf16"}  # a multiplier stored in a float value rounds to this
 
