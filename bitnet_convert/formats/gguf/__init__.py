@@ -1,7 +1,13 @@
-"""GGUF, for llama.cpp (architecture `bitnet`) and bitnet.cpp (`bitnet-b1.58`): the format module.
+"""GGUF, for llama.cpp, bitnet.cpp and ik_llama.cpp: the format module (what registry.FORMATS names).
 
-The work is split by job: gguf_types (format facts as tables, and gguf-py's I2_S registration), gguf_write,
-gguf_read and gguf_tokenizer (tokenizer.json <-> tokenizer.ggml.* keys).
+The package, by job:
+- write.py and read.py: Checkpoint -> GGUF file(s) and back; each asks the model's or the file's architecture
+  plug-in (architectures.py: causal_lm.py, embedding.py) what differs between architectures: the runtime's
+  graph, the tensors, the keys; stored.py (tensors as stored, with their producers) and entries.py (tensors
+  read back) are the tensor halves both plug-ins use;
+- types.py: format facts as tables (tensor types, outtypes, targets and their graphs, keys) and gguf-py's I2_S;
+- header.py (the container, parsed by us), bulk.py (gguf-py's writer, arrays packed in bulk), tokenizer.py
+  (tokenizer files <-> tokenizer.ggml.* keys), tq.py (TQ1_0 / TQ2_0 blocks), rope.py (llama's q/k row order).
 """
 
 from __future__ import annotations

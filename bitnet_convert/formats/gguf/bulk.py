@@ -4,6 +4,8 @@ gguf-py's GGUFWriter packs an array value element by element through Python, so 
 tokens, token types and 280,147 merges cost a Python call each. `BulkGGUFWriter` packs string arrays (u64 length +
 UTF-8 bytes per item) and numeric arrays (one numpy `tobytes`) at once and hands everything else to gguf-py,
 so the file is byte for byte what gguf-py would write (tests/test_gguf_bulk.py holds them together).
+`_pack_val` and `WriterState` are gguf-py's private surface (it has no hook for a bulk packer): pyproject.toml
+pins the release series the suite has run them on.
 """
 
 from __future__ import annotations

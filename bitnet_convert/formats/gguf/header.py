@@ -94,7 +94,7 @@ class TensorInfo:
 
     @property
     def stored_nbytes(self) -> int:
-        """The bytes the tensor occupies: I2_S adds its 32-byte tail (gguf_types)."""
+        """The bytes the tensor occupies: I2_S adds its 32-byte tail (types.py)."""
         return i2s.nbytes(self.n_elements) if self.tensor_type == I2_S else self.n_bytes
 
 

@@ -1,7 +1,7 @@
 """GGUF -> Checkpoint: files written by us, by llama.cpp's converter and by bitnet.cpp's.
 
-The file's `general.architecture` picks its plug-in (gguf_architectures: the model's config from the keys and its
-tensors); the tensors are read back by gguf_entries, the tokenizer by gguf_tokenizer. This module opens the file,
+The file's `general.architecture` picks its plug-in (architectures.py: the model's config from the keys and its
+tensors); the tensors are read back by entries.py, the tokenizer by tokenizer.py. This module opens the file,
 holds it for the run, and says what the content hash covers (`stored_tensor_bytes`).
 """
 

@@ -8,7 +8,8 @@ raw_dtype=I2_S)` and `GGUFReader` both accept it. The block entry (128 values ->
 codes only; the 32-byte tail of each I2_S tensor (its float32 multiplier) is outside gguf-py's block arithmetic,
 so our writer passes the true byte count and our reader reads the tail itself (gguf-py's `ReaderTensor.n_bytes`
 and `.data` stop 32 bytes short for I2_S). Id 36 is unused by mainline ggml as of gguf-py 0.19; if gguf-py
-ever assigns it, the registration refuses to run rather than shadow the real type.
+ever assigns it, the registration refuses to run rather than shadow the real type. gguf-py has no public way to
+add a type: the enum's internals used here are why pyproject.toml pins the release series the suite has run on.
 """
 
 from __future__ import annotations
