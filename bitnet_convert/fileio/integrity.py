@@ -40,8 +40,8 @@ class TensorHasher:
     ModelHasher hashes the tensor bytes of sha256-model-v2 through one).
 
     With `background`, sha256 runs on a thread of its own (hashlib releases the GIL) beside the writer that
-    feeds it and the producer that makes the next tensor: a 2B4T output is 1.2 GB to hash, ~0.9 s of a core
-    (hf-to-npz 2.72 -> 2.44 s median). The pieces must then stay unchanged until `hexdigest` or `close`
+    feeds it and the producer that makes the next tensor: hashing a 2B4T output (1.2 GB) takes a large part of a
+    core for a conversion (BENCHMARKS.md, design measurements). The pieces must then stay unchanged until `hexdigest` or `close`
     (writers hand over fresh arrays or views of their open input); at most QUEUED wait at a time."""
 
     QUEUED = 16  # pieces (<= 16 MB each) waiting: the producer runs ahead of a hash thread the others preempt
