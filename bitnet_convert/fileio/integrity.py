@@ -41,8 +41,9 @@ class TensorHasher:
 
     With `background`, sha256 runs on a thread of its own (hashlib releases the GIL) beside the writer that
     feeds it and the producer that makes the next tensor: hashing a 2B4T output (1.2 GB) takes a large part of a
-    core for a conversion (BENCHMARKS.md, design measurements). The pieces must then stay unchanged until `hexdigest` or `close`
-    (writers hand over fresh arrays or views of their open input); at most QUEUED wait at a time."""
+    core for a conversion (BENCHMARKS.md, design measurements). The pieces must then stay unchanged until
+    `hexdigest` or `close` (writers hand over fresh arrays or views of their open input); at most QUEUED wait at
+    a time."""
 
     QUEUED = 16  # pieces (<= 16 MB each) waiting: the producer runs ahead of a hash thread the others preempt
 
