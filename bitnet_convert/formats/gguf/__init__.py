@@ -1,4 +1,4 @@
-"""GGUF, for llama.cpp, bitnet.cpp and ik_llama.cpp: the format module (what registry.FORMATS names).
+"""GGUF, for llama.cpp and bitnet.cpp: the format module (what registry.FORMATS names).
 
 The package, by job:
 - write.py and read.py: Checkpoint -> GGUF file(s) and back; each asks the model's or the file's architecture
