@@ -9,7 +9,7 @@ the files as a reader does (`tokenizer_files.check`), building GGUF's vocabulary
 (`gguf_tokenizer.vocab_from_files`), and serializing its key/values (what `hf-to-gguf` writes into the header).
 Exits 1 when serializing takes more than issue 14's 0.3 s ("GGUF tokenizer metadata written in <= 0.3 s");
 building the vocabulary is reported beside it (its checks of the 280k merges against the vocabulary are Python
-work the writer overlaps with making the first tensors, the GGUF layout in formats/gguf/write.py).
+work the writer overlaps with making the first tensors, the GGUF layout in formats/gguf/writer.py).
 """
 
 from __future__ import annotations

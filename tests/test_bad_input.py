@@ -865,7 +865,7 @@ def gguf_fifo(good, tmp):
     return path
 
 
-_GGUF_OWNER = "formats/gguf/read.py (owner still editing)"
+_GGUF_OWNER = "formats/gguf/reader.py (owner still editing)"
 
 CASES = [
     # not a checkpoint at all

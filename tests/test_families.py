@@ -255,7 +255,7 @@ def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu
     reader = GGUFReader(out)
     assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
     assert len(reader.get_field("tokenizer.ggml.scores").contents()) == api.read(src).config["vocab_size"]
-    from bitnet_convert.formats.gguf import causal_lm as gguf_causal_lm, read as gguf_read
+    from bitnet_convert.formats.gguf import causal_lm as gguf_causal_lm, reader as gguf_read
 
     default = gguf_causal_lm.default_activation(gguf_read.open_gguf(out), gguf_causal_lm.ARCHITECTURES["bitnet"])
     assert default == "silu"

@@ -1,7 +1,7 @@
 """GGUF, for llama.cpp and bitnet.cpp: the format module (what registry.FORMATS names).
 
 The package, by job:
-- write.py and read.py: Checkpoint -> GGUF file(s) and back; each asks the model's or the file's architecture
+- writer.py and reader.py: Checkpoint -> GGUF file(s) and back; each asks the model's or the file's architecture
   plug-in (architectures.py: causal_lm.py, embedding.py) what differs between architectures: the runtime's
   graph, the tensors, the keys; stored.py (tensors as stored, with their producers) and entries.py (tensors
   read back) are the tensor halves both plug-ins use;
@@ -12,7 +12,7 @@ The package, by job:
 
 from __future__ import annotations
 
-from bitnet_convert.formats.gguf.read import (
+from bitnet_convert.formats.gguf.reader import (
     detect,
     read,
     recorded_provenance,
@@ -24,7 +24,7 @@ from bitnet_convert.formats.gguf.types import (
     TARGETS,
     WRITER_OPTIONS,
 )
-from bitnet_convert.formats.gguf.write import NAME, plan, write
+from bitnet_convert.formats.gguf.writer import NAME, plan, write
 
 __all__ = [
     "NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",

@@ -2,13 +2,13 @@
 module with the same hooks for both directions, so that adding an architecture means adding a module here, not
 learning the writer or the reader.
 
-Writing (write.plan calls them in this order, on the plug-in whose `writes(cfg)` is true):
+Writing (writer.plan calls them in this order, on the plug-in whose `writes(cfg)` is true):
     model(ckpt, cfg, where, target=, outtype=, embed_type=) -> GGUFModel
                                                 the graph the target runs the model as (what it computes), the
                                                 stored types and the tokenizer, from the writer options
     plan(ckpt, model, where) -> [StoredTensor]  every stored tensor in file order, with its producer
     model_keys(writer, model)                   the architecture's own keys, after the model keys all share
-Reading (read.read calls them in this order, on the plug-in of the file's general.architecture, one of NAMES):
+Reading (reader.read calls them in this order, on the plug-in of the file's general.architecture, one of NAMES):
     config(reader, arch, by_name) -> dict       config.json from the file's keys
     tensors(reader, arch, config, by_name, path) -> {name: TensorEntry}
                                                 the checkpoint's tensors, in model order

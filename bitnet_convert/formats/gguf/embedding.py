@@ -169,8 +169,8 @@ def _with_end_token(vocab, cfg: ModelConfig, pooling: str, where: str):
 
 
 def _add_encoder_keys(writer, arch: str, cfg: ModelConfig, pooling: str) -> None:
-    """The keys write.py's model keys lack for these models (those are written first)."""
-    if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:  # else write.py wrote them
+    """The keys writer.py's model keys lack for these models (those are written first)."""
+    if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:  # else writer.py wrote them
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_uint32(POOLING_TYPE.format(arch=arch), int(POOLING_TYPES[pooling]))

@@ -1,6 +1,6 @@
 """What a GGUF stores, from the writer's side: each tensor with the producer of its bytes (`StoredTensor`, made by
 `float_tensor` and `projection`), and what the keys say about the model (`GGUFModel`). Architecture plug-ins plan
-their tensors with these; write.py lays them out.
+their tensors with these; writer.py lays them out.
 
 Multipliers travel exactly where the file can hold them: for TQ1_0/TQ2_0, and for float outtypes under a graph
 that applies `.scale` tensors (llama.cpp's), the codes are stored with unit scale (TQ blocks get d = 1.0, floats

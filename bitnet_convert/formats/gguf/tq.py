@@ -2,7 +2,7 @@
 
 Both cut each row into 256-value blocks with one f16 scale `d` (docs/formats.md §6). We quantize the *codes* as
 floats, so every block that holds a non-zero gets `d = 1.0` exactly and the per-tensor multiplier travels
-separately (as the F32 `.scale` tensor, see write.py); a block of zeros gets `d = 0`, as
+separately (as the F32 `.scale` tensor, see stored.py); a block of zeros gets `d = 0`, as
 gguf-py and llama.cpp write it. Decoding returns the codes and each block's `d`, so a reader can also take a
 foreign file whose multiplier was folded into `d`.
 

@@ -28,7 +28,7 @@ from bitnet_convert.fileio.output import HASH_PLACEHOLDER, Output, Plan, Planned
 from bitnet_convert.formats.folder import read_from
 from bitnet_convert.formats.gguf import architectures as gguf_architectures
 from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
-from bitnet_convert.formats.gguf.read import KEY_VALUES_DOCUMENT, recorded_provenance
+from bitnet_convert.formats.gguf.reader import KEY_VALUES_DOCUMENT, recorded_provenance
 from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor
 from bitnet_convert.formats.gguf.types import (
     GGMLType,
