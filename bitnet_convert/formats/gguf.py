@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bitnet_convert.formats.gguf_read import (
     detect,
+    files,
     read,
     recorded_provenance,
     stored_tensor_bytes,
@@ -21,6 +22,6 @@ from bitnet_convert.formats.gguf_types import (
 from bitnet_convert.formats.gguf_write import NAME, plan, write
 
 __all__ = [
-    "NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
+    "NAME", "detect", "files", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
     "EMBED_TYPES", "WRITER_OPTIONS",
 ]

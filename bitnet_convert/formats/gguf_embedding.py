@@ -211,7 +211,7 @@ def read(path: Path, reader, watch, arch: str) -> Checkpoint:
 
     field = gguf_read.field_reader(reader)
     by_name = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in by_name:
+    if reader.tensors and "token_embd.weight" not in by_name:
         raise ConvertError(f"{path}: no token_embd.weight tensor")
     config = _config(reader, arch, by_name)
     cfg = validate.model_config(config, str(path))
@@ -236,10 +236,9 @@ def read(path: Path, reader, watch, arch: str) -> Checkpoint:
         files = gguf_tokenizer.tokenizer_files(vocab, config["max_position_embeddings"], str(path))
     files.update(_pooling_files(reader, arch, config["hidden_size"]))
     provenance = integrity.reader_provenance(gguf_read.NAME, path, gguf_read._recorded(field, path),
-                                             source=str(path.resolve()), architecture=arch)
-    ckpt = Checkpoint(config, entries, files, provenance)
-    validate.check_tensors(ckpt, str(path))
-    return ckpt
+                                             source=str(path.resolve()), architecture=arch,
+                                             **gguf_read.vocab_only_mark(reader))
+    return gguf_read.checked(Checkpoint(config, entries, files, provenance), path)
 
 
 def _minus_one(entry: TensorEntry) -> TensorEntry:
@@ -264,7 +263,7 @@ def _config(reader, arch: str, by_name) -> dict:
         gguf_read._model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
     if head_dim:
         config["head_dim"] = head_dim
-    config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
+    config["vocab_size"] = gguf_read.vocab_size(reader, by_name)
     act = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or DEFAULT_ACTIVATION[cls]
     config["hidden_activation" if cls == GEMMA3 else "hidden_act"] = act
     config["tie_word_embeddings"] = True

@@ -89,7 +89,8 @@ class TensorInfo:
     shape: tuple[int, ...]  # dims as GGUF lists them: ne0 (the row length) first
     n_elements: int
     n_bytes: int  # by block arithmetic (as gguf-py): without the I2_S tail
-    data_offset: int  # absolute
+    data_offset: int  # absolute, in the file of `header`
+    header: GGUFHeader | None = dataclasses.field(default=None, repr=False, compare=False)  # the file it is in
 
     @property
     def stored_nbytes(self) -> int:
@@ -302,7 +303,7 @@ class GGUFHeader:
         if offset % self.alignment:
             raise ConvertError(f"{self.path}: corrupt GGUF (tensor {name} data is not {self.alignment}-aligned)")
         info = TensorInfo(name, ggml_type, dims, n_elements, n_elements // block * block_bytes,
-                          self.data_start + offset)
+                          self.data_start + offset, self)
         end = info.data_offset + info.stored_nbytes
         if end > self._bytes.size:
             raise ConvertError(f"{self.path}: truncated: tensor {name} ends at byte {end}, file has {self._bytes.size}")

@@ -40,9 +40,13 @@ from bitnet_convert.formats.gguf_types import (
     SENTENCEPIECE_ACT,
     KEY_LENGTH,
     KEY_PROVENANCE,
+    KEY_SPLIT_COUNT,
+    KEY_SPLIT_NO,
+    KEY_SPLIT_TENSORS,
     MODEL_KEYS,
     ROPE_DIMENSIONS,
     SCALE_SUFFIX,
+    SPLIT_NAME,
     U32,
 )
 from bitnet_core import validate
@@ -77,23 +81,87 @@ def detect(path: Path) -> bool:
 
 NAME = "gguf"
 
-def open_gguf(path, watch: SourceWatch | None = None) -> GGUFHeader:
-    """The parsed header (gguf_header.py: bounded, lazy), through a descriptor held by `watch` (or its own)."""
+def open_gguf(path, watch: SourceWatch | None = None) -> GGUFSet:
+    """The parsed header (gguf_header.py: bounded, lazy) through a descriptor held by `watch` (or its own); for
+    the first file of a split set, the headers of every file, read as one."""
     path = Path(path)
-    return GGUFHeader((watch or SourceWatch()).hold(path), path)
+    watch = watch or SourceWatch()
+    first = GGUFHeader(watch.hold(path), path)
+    count = typed_value(first, KEY_SPLIT_COUNT, INTEGER_TYPES, "an integer (u16)")
+    if count is None or count <= 1:
+        return GGUFSet([first])
+    number = typed_value(first, KEY_SPLIT_NO, INTEGER_TYPES, "an integer (u16)")
+    paths = _split_paths(path, number, count)
+    if number != 0:
+        raise ConvertError(f"{path}: file {number + 1} of a split GGUF of {count} files; open the first, "
+                           f"{paths[0].name}")
+    headers = [first]
+    for expected, part in enumerate(paths[1:], start=1):
+        if not part.is_file():
+            raise ConvertError(f"{part}: missing (file {expected + 1} of the {count} files of {path.name})")
+        header = GGUFHeader(watch.hold(part), part)
+        found = [typed_value(header, key, INTEGER_TYPES, "an integer") for key in (KEY_SPLIT_NO, KEY_SPLIT_COUNT)]
+        if found != [expected, count]:
+            raise ConvertError(f"{part}: says it is file {found[0]} of {found[1]}, expected {expected} of {count} "
+                               f"(files of another split set?)")
+        headers.append(header)
+    return GGUFSet(headers, typed_value(first, KEY_SPLIT_TENSORS, INTEGER_TYPES, "an integer (i32)"))
+
+
+def _split_paths(path: Path, number, count: int) -> list[Path]:
+    """The files of the split set `path` is file `number` (from 0) of: PREFIX-0000i-of-0000N.gguf."""
+    if not isinstance(number, int) or not 0 <= number < count:
+        raise ConvertError(f"{path}: {KEY_SPLIT_NO} is {number!r}, not a file of {count}")
+    suffix = f"-{number + 1:05d}-of-{count:05d}.gguf"
+    if not path.name.endswith(suffix) or len(path.name) == len(suffix):
+        raise ConvertError(f"{path}: file {number + 1} of a split GGUF of {count} files, but not named "
+                           f"PREFIX{suffix} (llama.cpp finds the other files by these names)")
+    prefix = path.name[: -len(suffix)]
+    return [path.with_name(SPLIT_NAME.format(prefix=prefix, number=i, count=count)) for i in range(1, count + 1)]
+
+
+class GGUFSet:
+    """One GGUF file, or the files of a split set read as one: the key/values of the first file (the others
+    hold only their place in the set), the tensors of all in file order (each knows its file: TensorInfo.header)."""
+
+    def __init__(self, headers: list[GGUFHeader], declared: int | None = None) -> None:
+        self.headers = headers
+        first = headers[0]
+        self.path, self.fields, self.held = first.path, first.fields, first.held
+        self.tensors = [t for header in headers for t in header.tensors]
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            raise ConvertError(f"{self.path}: corrupt split GGUF (two files hold a tensor of the same name)")
+        if declared is not None and declared != len(self.tensors):
+            raise ConvertError(f"{self.path}: {KEY_SPLIT_TENSORS} says {declared} tensors; its files hold "
+                               f"{len(self.tensors)}")
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.headers[0].data
+
+    def value(self, key: str):
+        return self.headers[0].value(key)
+
+    def get_field(self, key: str):
+        return self.headers[0].get_field(key)
+
+    @property
+    def files(self) -> list[Path]:
+        return [header.path for header in self.headers]
 
 
 def stored_nbytes(t: TensorInfo) -> int:
     return t.stored_nbytes
 
 
-def raw_bytes(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
-    """A tensor's stored bytes as a view of the mapped file (inspection)."""
-    return reader.data[t.data_offset : t.data_offset + stored_nbytes(t)]
+def raw_bytes(reader: GGUFSet, t: TensorInfo) -> np.ndarray:
+    """A tensor's stored bytes as a view of the mapped file that holds it (inspection)."""
+    return (t.header or reader).data[t.data_offset : t.data_offset + stored_nbytes(t)]
 
 
-def _read_tensor(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
-    """A private copy of a tensor's stored bytes, read with pread (what loads use: see SourceWatch)."""
+def _read_tensor(reader: GGUFSet, t: TensorInfo) -> np.ndarray:
+    """A private copy of a tensor's stored bytes, read with pread from its file (what loads use: see SourceWatch)."""
+    reader = t.header or reader
     out = aligned_empty(stored_nbytes(t), np.uint8)  # adopted as it is by a JAX CPU array
     got = reader.held.readinto(t.data_offset, memoryview(out))
     if got != out.size:
@@ -101,7 +169,7 @@ def _read_tensor(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
     return out
 
 
-def field_reader(reader: GGUFHeader) -> Callable[[str], object]:
+def field_reader(reader: GGUFSet) -> Callable[[str], object]:
     """key -> its value (None when absent); strings that are not UTF-8 are refused naming the key."""
     return reader.value
 
@@ -116,15 +184,15 @@ def stored_tensor_bytes(path) -> integrity.StoredModel:
     no alignment padding) in file order, and the key/values (`stored_key_values`)."""
     reader = open_gguf(path)
 
-    def tensors() -> Iterator[integrity.TensorBytes]:
-        for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+    def tensors() -> Iterator[integrity.TensorBytes]:  # file by file, each in data order
+        for t in sorted(reader.tensors, key=lambda t: (reader.headers.index(t.header), t.data_offset)):
             dims = tuple(int(d) for d in t.shape)
             yield integrity.TensorBytes(t.name, t.tensor_type.name, dims, memoryview(raw_bytes(reader, t)).cast("B"))
 
     return integrity.StoredModel(tensors, {KEY_VALUES_DOCUMENT: stored_key_values(reader)}, {})
 
 
-def stored_key_values(reader: GGUFHeader) -> bytes:
+def stored_key_values(reader: GGUFSet) -> bytes:
     """Every key/value entry exactly as stored (key, type, value), in file order, but the provenance key (it
     holds the hash). Our writer stores provenance last, so this is the key/value section up to it."""
     entries = []
@@ -136,8 +204,21 @@ def stored_key_values(reader: GGUFHeader) -> bytes:
     return b"".join(entries)
 
 
+def files(path) -> list[Path]:
+    """The file, or every file of the split set whose first file it is."""
+    return open_gguf(path).files
+
+
 def recorded_provenance(path) -> dict | None:
-    return _recorded(field_reader(open_gguf(path)), path)
+    """What our writer recorded (in the first file of a split set: a later file answers for its set, so that
+    --force recognizes it as ours)."""
+    first = GGUFHeader(SourceWatch().hold(Path(path)), Path(path))
+    number = typed_value(first, KEY_SPLIT_NO, INTEGER_TYPES, "an integer (u16)")
+    count = typed_value(first, KEY_SPLIT_COUNT, INTEGER_TYPES, "an integer (u16)")
+    if number and count and count > 1:
+        first_path = _split_paths(Path(path), number, count)[0]
+        return recorded_provenance(first_path) if first_path.is_file() else None
+    return _recorded(field_reader(first), path)
 
 
 def _recorded(field, path) -> dict | None:
@@ -166,7 +247,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         raise ConvertError(f"{path}: architecture {arch!r} is not BitNet (expected one of "
                            f"{', '.join([*ARCHITECTURES, *gguf_embedding.READ_AS])})")
     by_name = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in by_name:
+    if reader.tensors and "token_embd.weight" not in by_name:
         raise ConvertError(f"{path}: no token_embd.weight tensor")
     config = _config(reader, arch, by_name)
     vocab = gguf_tokenizer.vocab_from_fields(field, str(path), n_vocab=config["vocab_size"])
@@ -191,13 +272,38 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     if vocab is not None:
         tokenizer_files = gguf_tokenizer.tokenizer_files(vocab, config["max_position_embeddings"], str(path))
     provenance = integrity.reader_provenance(NAME, path, _recorded(field, path), source=str(path.resolve()),
-                                             architecture=arch)
-    ckpt = Checkpoint(config, entries, tokenizer_files, provenance)
-    validate.check_tensors(ckpt, str(path))
+                                             architecture=arch, **vocab_only_mark(reader))
+    return checked(Checkpoint(config, entries, tokenizer_files, provenance), path)
+
+
+def vocab_only_mark(reader: GGUFSet) -> dict:
+    """What a reader's provenance says of a file with no tensors: llama.cpp's --vocab-only, a tokenizer."""
+    return {} if reader.tensors else {"vocab_only": True}
+
+
+def checked(ckpt: Checkpoint, path: Path) -> Checkpoint:
+    """A model whose tensors are all there and fit its config; or a vocab-only file, read as its tokenizer and
+    hyperparameters (a Checkpoint without tensors, `provenance["vocab_only"]`), which must hold a tokenizer."""
+    if not ckpt.provenance.get("vocab_only"):
+        validate.check_tensors(ckpt, str(path))
+    elif not ckpt.tokenizer_files:
+        raise ConvertError(f"{path}: no tensors and no tokenizer keys: neither a model nor a vocabulary")
+    else:
+        validate.model_config(ckpt.config, str(path))
     return ckpt
 
 
-def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> dict:
+def vocab_size(reader: GGUFSet, by_name: dict[str, TensorInfo]) -> int:
+    """The rows of token_embd (dims are listed ne0 first), or in a vocab-only file the tokenizer's token count."""
+    if "token_embd.weight" in by_name:
+        return int(by_name["token_embd.weight"].shape[-1])
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConvertError(f"{reader.path}: no token_embd.weight tensor and no tokenizer.ggml.tokens")
+    return int(tokens.count)
+
+
+def _config(reader: GGUFSet, arch: str, by_name: dict[str, TensorInfo]) -> dict:
     """config.json from the model keys, each of the GGUF type it must have (its range is validate.model_config's
     to check): BitNetForCausalLM for the sub-norm graphs, LlamaForCausalLM (BitNet-quantized) for `llama`."""
     read_as = ARCHITECTURES[arch]
@@ -216,7 +322,7 @@ def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> di
         _model_key(reader, KEY_LENGTH.format(arch=arch), U32)
     if head_dim or config["num_attention_heads"] > 0:  # else validation names the head count
         config["head_dim"] = head_dim or config["hidden_size"] // config["num_attention_heads"]
-    config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
+    config["vocab_size"] = vocab_size(reader, by_name)
     config["hidden_act"] = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or \
         _default_activation(reader, read_as)
     config["tie_word_embeddings"] = "output.weight" not in by_name
@@ -228,14 +334,14 @@ def _config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> di
     return config
 
 
-def _default_activation(reader: GGUFHeader, read_as) -> str:
+def _default_activation(reader: GGUFSet, read_as) -> str:
     """The activation of a file without our key: the architecture's, but a `bitnet` file with a SentencePiece
     vocabulary is one of bitnet.cpp's 1bitLLM conversions (SiLU), not 2B4T (Llama-3 BPE, relu2)."""
     model = typed_value(reader, "tokenizer.ggml.model", frozenset((STRING,)), "a string")
     return SENTENCEPIECE_ACT if read_as.sub_norms and model == "llama" else read_as.hidden_act
 
 
-def _model_key(reader: GGUFHeader, key: str, vtype: GGUFValueType) -> int | float | None:
+def _model_key(reader: GGUFSet, key: str, vtype: GGUFValueType) -> int | float | None:
     """A u32 key as an int (any integer type is accepted), an f32 key as the float its float32 prints as
     (1e-05, not 9.99e-06; a value beyond float32 stays as it is, for validation to name)."""
     if vtype == U32:
