@@ -239,6 +239,21 @@ def test_split_by_size(source, tmp_path):
     assert len(entries(tmp_path)) > 1 and Path(first).name.startswith("m-00001-of-")
 
 
+def test_force_replaces_a_split_set_of_ours_and_a_dry_run_names_its_files(source, tmp_path):
+    first = api.convert(source, tmp_path / "m.gguf", split_max_tensors=10)
+    names = entries(tmp_path)
+    line = one_error_line(run_cli(["convert", source, tmp_path / "m.gguf", "--split-max-tensors", "10"]))
+    assert "already exists" in line
+    described = api.convert(source, tmp_path / "m.gguf", split_max_tensors=10, dry_run=True, force=True)
+    assert described["files"] == [str(tmp_path / name) for name in names]
+    (tmp_path / names[-1]).write_bytes(b"not ours")  # a later file: recognized only through the first's record
+    line = one_error_line(run_cli(["convert", source, tmp_path / "m.gguf", "--split-max-tensors", "10", "--force"]))
+    assert names[-1] in line and "not an output of bitnet-convert" in line
+    (tmp_path / names[-1]).unlink()
+    assert api.convert(source, tmp_path / "m.gguf", split_max_tensors=10, force=True) == first
+    assert entries(tmp_path) == names and api.inspect(first, check=True).check_passed
+
+
 def test_a_split_that_fits_one_file_is_one_file(source, tmp_path):
     out = api.convert(source, tmp_path / "m.gguf", split_max_tensors=10_000)
     assert entries(tmp_path) == ["m.gguf"] and "split.count" not in header(out).fields
