@@ -29,16 +29,19 @@ def read(src: PathLike, *, format: str | None = None, revision: str | None = Non
 
 
 def write(ckpt: Checkpoint, dst: PathLike, *, format: str | None = None, force: bool = False, quiet: bool = True,
-          **format_options) -> Path:
-    """Write CKPT to DST as FORMAT (default: from DST's name); format options as the CLI's (`target="bitnet.cpp"`)."""
+          **format_options) -> Path | dict:
+    """Write CKPT to DST as FORMAT (default: from DST's name); format options as the CLI's (`target="bitnet.cpp"`,
+    `metadata={"general.author": "..."}`, `split_max_tensors=100`); `dry_run=True` writes nothing and returns
+    what would be written (files, tensors, total bytes, GGUF keys) as a dict."""
     dst = os.fspath(dst)
     return registry.write_checkpoint(ckpt, dst, format or registry.infer_output_format(dst), force=force,
                                      quiet=quiet, **format_options)
 
 
 def convert(src: PathLike, dst: PathLike, *, src_format: str | None = None, dst_format: str | None = None,
-            revision: str | None = None, force: bool = False, quiet: bool = True, **format_options) -> Path:
-    """`bitnet-convert convert SRC DST`: read SRC (any format) and write DST; returns the path written."""
+            revision: str | None = None, force: bool = False, quiet: bool = True, **format_options) -> Path | dict:
+    """`bitnet-convert convert SRC DST`: read SRC (any format) and write DST; returns the path written (the
+    first file of a split GGUF), or with `dry_run=True` what would be written (as `write`)."""
     return registry.convert(os.fspath(src), os.fspath(dst), src_format, dst_format, revision=revision,
                             force=force, quiet=quiet, **format_options)
 

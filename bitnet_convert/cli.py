@@ -17,6 +17,7 @@ import click
 from bitnet_convert import api, jsonout
 from bitnet_convert.fileio.sources import shown
 from bitnet_convert.formats import registry
+from bitnet_convert.formats.options import COUNT, FLAG, SIZE
 from bitnet_convert.verification import DEFAULT_LEVELS, LEVELS, RUNTIMES
 from bitnet_core import __version__
 from bitnet_core.errors import CheckFailed, ConvertError
@@ -94,10 +95,15 @@ def _writer_options(fmt: str, with_defaults: bool):
     decorators = []
     for name, option in registry.writer_options(fmt).items():
         flag = "--" + name.replace("_", "-")
-        default = option.default if with_defaults else None
-        decorators.append(click.option(flag, name, type=click.Choice(option.choices, case_sensitive=False),
-                                       default=default, show_default=default is not None,
-                                       help=f"[{fmt} outputs] {option.help}"))
+        help = f"[{fmt} outputs] {option.help}"
+        if option.kind == FLAG:
+            decorators.append(click.option(flag, name, is_flag=True, help=help))
+        elif option.kind in (SIZE, COUNT):  # checked by the writer: one error line for any value typed
+            decorators.append(click.option(flag, name, default=None, metavar=option.kind.upper(), help=help))
+        else:
+            default = option.default if with_defaults else None
+            decorators.append(click.option(flag, name, type=click.Choice(option.choices, case_sensitive=False),
+                                           default=default, show_default=default is not None, help=help))
     return decorators
 
 
@@ -107,7 +113,47 @@ _common_source = [
 _common_output = [
     click.option("--force", is_flag=True, help="Overwrite OUT if it exists."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+                 help="A general.* key to store (name, author, license, description, ...; repeatable): recorded "
+                      "in the provenance and covered by the content hash; a GGUF holds it as a key."),
+    click.option("--dry-run", is_flag=True,
+                 help="Read and check everything, print what would be written (tensors, types, shapes, bytes, "
+                      "GGUF keys), write nothing."),
+    click.option("--json", "as_json", is_flag=True, help="With --dry-run: print one JSON object."),
 ]
+
+
+def _written(result, dry_run: bool, as_json: bool) -> None:
+    """What a conversion reports: the path written (stderr), or a dry run's description (stdout)."""
+    if not dry_run:
+        if as_json:
+            raise ConvertError("--json goes with --dry-run (a conversion reports the path it wrote)")
+        click.echo(f"wrote {result}", err=True)
+    elif as_json:
+        click.echo(jsonout.dumps(result, indent=2))
+    else:
+        click.echo(_described(result))
+
+
+def _described(d: dict) -> str:
+    files = d["files"]
+    lines = [f"would write   {d['output']}   ({d['format']}, {len(files)} file{'s' if len(files) > 1 else ''})"]
+    lines += [f"  file        {name}" for name in files if len(files) > 1]
+    if "architecture" in d:
+        lines.append(f"architecture  {d['architecture']}")
+        lines += [f"  {key} = {_one_line(value)}" for key, value in d["keys"].items()]
+    lines += [f"metadata      {key} = {_one_line(value)}" for key, value in d["metadata"].items()]
+    width = max((len(t["name"]) for t in d["tensors"]), default=6)
+    lines.append(f"{'tensor':<{width}}  {'type':<8} {'shape':<16} {'bytes':>14}")
+    for t in d["tensors"]:
+        lines.append(f"{t['name']:<{width}}  {t['type']:<8} {'x'.join(map(str, t['shape'])):<16} {t['bytes']:>14,}")
+    lines.append(f"total         {d['tensor_count']} tensors, {d['total_bytes']:,} bytes")
+    return "\n".join(lines)
+
+
+def _one_line(value) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _apply(decorators, func):
@@ -120,10 +166,10 @@ _EXAMPLE_PATHS = {"hf": "./model-hf", "flax": "./model-flax", "npz": "./model.np
 
 
 def _make_pair_command(src_fmt: str, dst_fmt: str) -> None:
-    def command(src, out, revision, force, quiet, **options):
-        path = api.convert(src, out, src_format=src_fmt, dst_format=dst_fmt, revision=revision, force=force,
-                           quiet=quiet, **options)
-        click.echo(f"wrote {path}", err=True)
+    def command(src, out, revision, force, quiet, metadata, dry_run, as_json, **options):
+        result = api.convert(src, out, src_format=src_fmt, dst_format=dst_fmt, revision=revision, force=force,
+                             quiet=quiet, metadata=metadata, dry_run=dry_run, **options)
+        _written(result, dry_run, as_json)
 
     command.__doc__ = (
         f"Convert a {registry.FORMATS[src_fmt][1]} SRC into a {registry.FORMATS[dst_fmt][1]} OUT.\n\n"
@@ -152,17 +198,19 @@ def _all_writer_options():
     return decorators
 
 
-def convert_command(src, dst, src_format, dst_format, revision, force, quiet, **options):
+def convert_command(src, dst, src_format, dst_format, revision, force, quiet, metadata, dry_run, as_json, **options):
     """Convert SRC to DST, inferring both formats from the paths.
 
     \b
     Example:
       bitnet-convert convert ./model-hf ./model.gguf --target bitnet.cpp
       bitnet-convert convert ./model.gguf ./model-flax
+      bitnet-convert convert ./model-hf ./model.gguf --dry-run
+      bitnet-convert convert ./model-hf ./model.gguf --split-max-size 2G --metadata general.author=me
     """
-    path = api.convert(src, dst, src_format=src_format, dst_format=dst_format, revision=revision, force=force,
-                       quiet=quiet, **options)
-    click.echo(f"wrote {path}", err=True)
+    result = api.convert(src, dst, src_format=src_format, dst_format=dst_format, revision=revision, force=force,
+                         quiet=quiet, metadata=metadata, dry_run=dry_run, **options)
+    _written(result, dry_run, as_json)
 
 
 main.command("convert")(_apply(

@@ -158,10 +158,12 @@ def degenerate_weight_warnings(ckpt: Checkpoint) -> list[str]:
     return tensor_reports(ckpt)[1]
 
 
-def _size(path: Path) -> int:
+def _size(path: Path, module) -> int:
+    """Bytes on disk: a folder's files, a file, or every file of a split GGUF set (the format's `files`)."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    files = module.files(path) if hasattr(module, "files") else [path]
+    return sum(p.stat().st_size for p in files)
 
 
 def inspect_path(path: str, *, check: bool = False, revision: str | None = None) -> InspectReport:
@@ -174,7 +176,7 @@ def inspect_path(path: str, *, check: bool = False, revision: str | None = None)
     ckpt = registry.read_checkpoint(os.fspath(local), fmt)
     tensors, warnings = tensor_reports(ckpt)
     provenance = module.recorded_provenance(local)
-    report = InspectReport(os.fspath(path), fmt, _size(Path(local)), ckpt.config, provenance, tensors, warnings)
+    report = InspectReport(os.fspath(path), fmt, _size(Path(local), module), ckpt.config, provenance, tensors, warnings)
     if check:
         _check_content_hash(report, module, local)
     return report

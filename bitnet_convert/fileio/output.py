@@ -75,7 +75,8 @@ class Plan:
 
 
 def write(plan: Plan, out: str | os.PathLike, *, force: bool = False, quiet: bool = True) -> Path:
-    """Write `plan` to `out` (the first file of a set), published all or nothing; returns `out`."""
+    """Write `plan` to `out`, published all or nothing; returns the path written (of a set of files, the first:
+    the one a runtime opens)."""
     out = Path(out)
     atomic.refuse_output_over_input(plan.provenance.get("path"), out)  # the file or folder the reader read
     targets = plan.parts(out) if plan.parts is not None else [out]
@@ -89,7 +90,7 @@ def write(plan: Plan, out: str | os.PathLike, *, force: bool = False, quiet: boo
             output.finish()
         finally:
             output.close()
-    return out
+    return targets[0]
 
 
 class Output:
@@ -130,11 +131,13 @@ class Output:
         return fh
 
     def close(self) -> None:
-        for fh in self._files:
-            fh.close()
-        self._files.clear()
+        """Stop the read-ahead and close every file (idempotent; after a failure too)."""
         if self._stream is not None:
-            self._stream.close()
+            self._stream.close()  # after the last tensor it has ended already; after a failure it stops now
+        files, self._files = self._files, []
+        with contextlib.ExitStack() as closing:  # every file closed even when one of them fails to
+            for fh in files:
+                closing.callback(fh.close)
 
     # ----------------------------------------------------------------------------------------- tensors
 
@@ -200,7 +203,7 @@ class Output:
         if self._next != len(self.plan.tensors):
             raise AssertionError(f"the layout wrote {self._next} of {len(self.plan.tensors)} tensors")
         if self._stream is not None:
-            for _, raw in self._stream:
+            for _ in self._stream:
                 raise AssertionError("a producer made more pieces than its tensor holds")
 
     def finish(self) -> None:

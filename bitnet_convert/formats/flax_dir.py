@@ -120,8 +120,8 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
     return output.write(plan(ckpt), out, force=force, quiet=quiet)
 
 
-def plan(ckpt: Checkpoint) -> Plan:
-    """A Flax folder: one params.safetensors, streamed one tensor at a time."""
+def plan(ckpt: Checkpoint, *, metadata: dict | None = None) -> Plan:
+    """A Flax folder: one params.safetensors, streamed one tensor at a time; `metadata` as hf.plan's."""
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
     validate.check_tensors(ckpt, where)
     specs, produce = _plan(ckpt, where)
@@ -130,7 +130,8 @@ def plan(ckpt: Checkpoint) -> Plan:
     side = side_files(config, ckpt.tokenizer_files, reserved=_OWN_FILES, where=where)
     record = dict(format_version=FORMAT_VERSION,
                   projections="ternary" if kinds == {TERNARY} else "master weights" if TERNARY not in kinds else "mixed")
-    return safetensors_folder(NAME, [(PARAMS_FILE, specs)], produce, _METADATA, side, ckpt.provenance, record)
+    return safetensors_folder(NAME, [(PARAMS_FILE, specs)], produce, _METADATA, side, ckpt.provenance, record,
+                              metadata)
 
 
 def _plan(ckpt: Checkpoint, where: str):

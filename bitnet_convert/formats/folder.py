@@ -34,6 +34,7 @@ from bitnet_core.names import TOKENIZER_FILES
 
 log = logging.getLogger("bitnet_convert")
 CONFIG_FILE = "config.json"
+METADATA_DOCUMENT = "metadata"  # the keys a user set, as the content hash of a folder covers them
 
 # Tokenizer files travel by names.TOKENIZER_FILES (whatever of them a checkpoint has), and chat templates (*.jinja).
 _TEMPLATE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.jinja")  # a plain, visible file name: no path, no dot file
@@ -70,10 +71,12 @@ def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
 
 
 def safetensors_folder(fmt: str, files: Sequence[tuple[str, Sequence[TensorSpec]]], produce: Callable,
-                       metadata: Mapping[str, str], side: SideFiles, provenance: Mapping, record: dict) -> Plan:
+                       header_metadata: Mapping[str, str], side: SideFiles, provenance: Mapping, record: dict,
+                       metadata: Mapping[str, str] | None = None) -> Plan:
     """The plan of a folder of safetensors `files` ((name, specs) each; `produce(spec)` makes a tensor's data)
     and the side files: headers and tensors file by file, the shard index, then config, tokenizer files and
-    the provenance record."""
+    the provenance record. The keys a user sets (`metadata`) live in the record; the content hash covers them
+    as one more document (stored_folder_model reads them back from there)."""
     planned = {spec.name: PlannedTensor(spec.name, dtype_code(spec.dtype), spec.shape, spec.nbytes,
                                         functools.partial(_stored, spec, produce))
                for _, specs in files for spec in specs}
@@ -82,14 +85,20 @@ def safetensors_folder(fmt: str, files: Sequence[tuple[str, Sequence[TensorSpec]
     def layout(output: Output) -> None:
         for name, specs in files:
             with output.open(name) as fh:
-                fh.write(header_bytes(specs, metadata))
+                fh.write(header_bytes(specs, header_metadata))
                 output.write_tensors(fh, [planned[spec.name] for spec in specs])
         if index is not None:
             (output.folder / INDEX_FILE).write_bytes(index)
         side.write(output.folder, output.record())
 
-    return Plan(fmt, list(planned.values()), layout, provenance, record, recorded_provenance,
-                documents={CONFIG_FILE: side.config}, tokenizer_files=side.tokenizer_files, directory=True)
+    documents = {CONFIG_FILE: side.config, **_metadata_document(metadata)}
+    return Plan(fmt, list(planned.values()), layout, provenance, record, recorded_provenance, documents=documents,
+                tokenizer_files=side.tokenizer_files, directory=True, metadata=dict(metadata or {}))
+
+
+def _metadata_document(metadata: Mapping | None) -> dict[str, bytes]:
+    """The keys a user set, as the content hash covers them ({} when none: earlier hashes stay as they were)."""
+    return {METADATA_DOCUMENT: integrity.canonical_json(dict(metadata))} if metadata else {}
 
 
 def _stored(spec: TensorSpec, produce: Callable):
@@ -155,7 +164,12 @@ def stored_folder_model(folder: Path, tensor_files: Sequence[SafetensorsFile]) -
     config = folder / CONFIG_FILE
     if not config.is_file():
         raise ConvertError(f"{config}: missing")
-    return integrity.StoredModel(tensors, {CONFIG_FILE: config.read_bytes()}, read_tokenizer_files(folder))
+    record = recorded_provenance(folder) or {}
+    metadata = record.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConvertError(f"{folder / integrity.PROVENANCE_FILE}: metadata is not a JSON object")
+    documents = {CONFIG_FILE: config.read_bytes(), **_metadata_document(metadata)}
+    return integrity.StoredModel(tensors, documents, read_tokenizer_files(folder))
 
 
 def dense_producer(entry: TensorEntry, where: str) -> Callable[[], np.ndarray]:

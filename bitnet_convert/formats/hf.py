@@ -368,7 +368,7 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
 
 
 def plan(ckpt: Checkpoint, *, layout: str | None = None, scale_dtype: str = "bf16",
-         max_shard_bytes: int | None = None) -> Plan:
+         max_shard_bytes: int | None = None, metadata: dict | None = None) -> Plan:
     """A folder transformers loads with `AutoModelForCausalLM.from_pretrained`.
 
     layout: "autobitlinear" (2B4T's), "bitlinear" or "online" (bf16 masters; needs master weights); by
@@ -377,6 +377,7 @@ def plan(ckpt: Checkpoint, *, layout: str | None = None, scale_dtype: str = "bf1
         computed from master weights, is rounded: at most 2^-8 relative); "f32" keeps every multiplier exactly
         (transformers reads it in float32 mode, and rounds it to bf16 itself when run in bf16).
     max_shard_bytes: split model.safetensors into shards plus an index beyond this size (default: one file).
+    metadata: keys a user sets (general.*), recorded in the provenance and covered by the content hash.
     """
     layout = layout or default_layout(ckpt)
     if layout not in LAYOUTS:
@@ -399,7 +400,7 @@ def plan(ckpt: Checkpoint, *, layout: str | None = None, scale_dtype: str = "bf1
     side = side_files(config, ckpt.tokenizer_files, reserved=[name for name, _ in files], where=where)
     provenance = dict(ckpt.provenance, multiplier_roundings=_roundings_after(ckpt.provenance, target, scale_dtype))
     record = dict(layout=layout, scale_dtype=scale_dtype, files=[name for name, _ in files])
-    return safetensors_folder(NAME, files, produce, {"format": "pt"}, side, provenance, record)
+    return safetensors_folder(NAME, files, produce, {"format": "pt"}, side, provenance, record, metadata)
 
 
 def _config_for(config: dict, target: Layout, provenance: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ Keys (zip member = key + ".npy"; all members stored uncompressed, written in thi
 |--------------------------------|---------------|------------------------|------------------------------------------|
 | `meta/format.json`             | uint8         | [n]                    | UTF-8 JSON `{"format": "bitnet-convert-npz", "version": 1, "ternary_packing": "base3-5"}` |
 | `meta/config.json`             | uint8         | [n]                    | the HF `config.json`, without `quantization_config` |
+| `meta/metadata.json`           | uint8         | [n]                    | only when a user set keys (`--metadata`): JSON object |
 | `tokenizer/<file name>`        | uint8         | [n]                    | each tokenizer file verbatim (tokenizer.json, tokenizer_config.json, ...) |
 | `tensor/<hf name>/codes`       | uint8         | [ceil(out*in/5)]       | ternary projection, base-3 packed (below) |
 | `tensor/<hf name>/multiplier`  | float32       | [1]                    | its multiplier: `W = codes * multiplier` (mean abs of the masters) |
@@ -90,6 +91,7 @@ FORMAT_KEY = "meta/format.json"
 CONFIG_KEY = "meta/config.json"
 INDEX_KEY = "meta/tensors.json"
 PROVENANCE_KEY = "meta/provenance.json"
+METADATA_KEY = "meta/metadata.json"  # the keys a user set (--metadata), when any
 TOKENIZER_PREFIX = "tokenizer/"
 TENSOR_PREFIX = "tensor/"
 
@@ -133,7 +135,7 @@ def write(ckpt: Checkpoint, out: str, *, force: bool = False, quiet: bool = True
     return output.write(plan(ckpt), out, force=force, quiet=quiet)
 
 
-def plan(ckpt: Checkpoint) -> Plan:
+def plan(ckpt: Checkpoint, *, metadata: dict | None = None) -> Plan:
     """The .npz of `ckpt`: its side members, one member per stored array (one tensor in memory at a time), the
     index, and the provenance record. The content hash covers every member but the record (stored_tensor_bytes)."""
     where = read_from(ckpt)  # the file read, not the model it first came from: what the user gave
@@ -147,6 +149,8 @@ def plan(ckpt: Checkpoint) -> Plan:
         tensors += arrays
     format_record = {"format": FORMAT_ID, "version": FORMAT_VERSION, "ternary_packing": TERNARY_PACKING}
     documents = {FORMAT_KEY: _json(format_record), CONFIG_KEY: _json(ckpt.config), INDEX_KEY: _json(index)}
+    if metadata:  # the keys a user set: a member of their own, which the content hash covers
+        documents[METADATA_KEY] = _json(dict(metadata))
     tokenizer = {name: bytes(data) for name, data in carried_tokenizer_files(ckpt.tokenizer_files, where).items()}
 
     def layout(out: Output) -> None:
@@ -154,6 +158,8 @@ def plan(ckpt: Checkpoint) -> Plan:
         with out.open() as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_bytes(zf, FORMAT_KEY, documents[FORMAT_KEY])
             _write_bytes(zf, CONFIG_KEY, documents[CONFIG_KEY])
+            if METADATA_KEY in documents:
+                _write_bytes(zf, METADATA_KEY, documents[METADATA_KEY])
             for name, data in tokenizer.items():
                 _write_bytes(zf, TOKENIZER_PREFIX + name, data)
             for tensor in tensors:
@@ -165,7 +171,7 @@ def plan(ckpt: Checkpoint) -> Plan:
 
     record = dict(format_version=FORMAT_VERSION, ternary_packing=TERNARY_PACKING)
     return Plan(NAME, tensors, layout, ckpt.provenance, record, recorded_provenance, documents=documents,
-                tokenizer_files=tokenizer)
+                tokenizer_files=tokenizer, metadata=dict(metadata or {}))
 
 
 def _stored_arrays(entry: TensorEntry, naming: dict) -> tuple[dict, list[PlannedTensor]]:

@@ -100,7 +100,7 @@ def _split_pair(pair) -> tuple[str, str]:
     if not isinstance(pair, str) or "=" not in pair:
         raise ConvertError(f"--metadata: {_shown(pair)} is not KEY=VALUE")
     key, value = pair.split("=", 1)
-    return key.strip(), value
+    return key, value
 
 
 def _shown(value) -> str:

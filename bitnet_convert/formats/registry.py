@@ -20,6 +20,7 @@ from bitnet_convert.fileio.safetensors_io import (
     pickled_weights,
 )
 from bitnet_convert.fileio.sources import kind_of, shown
+from bitnet_convert.formats import options as options_values
 from bitnet_core import validate
 from bitnet_core.checkpoint import Checkpoint
 from bitnet_core.errors import ConvertError
@@ -102,23 +103,33 @@ def writer_options(fmt: str) -> dict:
     return format_module(fmt).WRITER_OPTIONS
 
 
-def plan_output(ckpt: Checkpoint, fmt: str, **options) -> Plan:
-    """What writing `ckpt` as `fmt` with these writer options would store (the output pipeline's plan)."""
-    allowed = writer_options(fmt)
-    unknown = [k for k, v in options.items() if v is not None and k not in allowed]
+def plan_output(ckpt: Checkpoint, fmt: str, *, metadata=None, **options) -> Plan:
+    """What writing `ckpt` as `fmt` with these writer options would store (the output pipeline's plan);
+    `metadata`: the keys a user sets (`--metadata KEY=VALUE` items, or a mapping), checked here."""
+    given = {k: v for k, v in options.items() if v is not None and v is not False}  # an unset flag is False
+    unknown = [k for k in given if k not in writer_options(fmt)]
     if unknown:
         raise ConvertError(f"option --{unknown[0].replace('_', '-')} does not apply to {fmt} outputs")
-    options = {k: v for k, v in options.items() if k in allowed and v is not None}
-    return format_module(fmt).plan(ckpt, **options)
+    if ckpt.provenance.get("vocab_only") and not given.get("vocab_only"):
+        raise ConvertError(f"{ckpt.provenance.get('path')}: a vocab-only GGUF (a tokenizer and hyperparameters, no "
+                           "tensors): there is no model in it to convert (only another --vocab-only GGUF)")
+    return format_module(fmt).plan(ckpt, metadata=options_values.metadata_values(metadata), **given)
 
 
-def write_checkpoint(ckpt: Checkpoint, out: str, fmt: str, *, force: bool = False, quiet: bool = True, **options) -> Path:
-    return output.write(plan_output(ckpt, fmt, **options), os.fspath(out), force=force, quiet=quiet)
+def write_checkpoint(ckpt: Checkpoint, out: str, fmt: str, *, force: bool = False, quiet: bool = True,
+                     dry_run: bool = False, metadata=None, **options) -> Path | dict:
+    """Write `ckpt` to `out` as `fmt`; with `dry_run`, read and check everything and return what would be
+    written (output.describe) instead."""
+    plan = plan_output(ckpt, fmt, metadata=metadata, **options)
+    if dry_run:
+        return output.describe(plan, os.fspath(out), force=force)
+    return output.write(plan, os.fspath(out), force=force, quiet=quiet)
 
 
 def convert(src: str, out: str, src_format: str | None = None, dst_format: str | None = None, *,
-            revision: str | None = None, force: bool = False, quiet: bool = True, **options) -> Path:
-    """Read `src` (any format) and write it to `out` as `dst_format` (inferred from the path when None)."""
+            revision: str | None = None, force: bool = False, quiet: bool = True, **options) -> Path | dict:
+    """Read `src` (any format) and write it to `out` as `dst_format` (inferred from the path when None);
+    options as write_checkpoint's (`dry_run=True`: what would be written)."""
     dst_format = dst_format or infer_output_format(out)
     format_module(dst_format)  # unknown format -> error before reading anything
     atomic.refuse_output_over_input(src, out)  # before reading: OUT may be SRC, or hold it, or lie in it

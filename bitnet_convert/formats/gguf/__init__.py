@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bitnet_convert.formats.gguf.reader import (
     detect,
+    files,
     read,
     recorded_provenance,
     stored_tensor_bytes,
@@ -27,6 +28,6 @@ from bitnet_convert.formats.gguf.types import (
 from bitnet_convert.formats.gguf.writer import NAME, plan, write
 
 __all__ = [
-    "NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
+    "NAME", "detect", "files", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
     "EMBED_TYPES", "WRITER_OPTIONS",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from bitnet_convert.formats.gguf import entries
 from bitnet_convert.formats.gguf import rope as gguf_rope
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
-from bitnet_convert.formats.gguf.entries import model_key
+from bitnet_convert.formats.gguf.entries import model_key, vocab_size
 from bitnet_convert.formats.gguf.header import STRING, GGUFHeader, TensorInfo, typed_value
 from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
@@ -166,7 +166,7 @@ def config(reader: GGUFHeader, arch: str, by_name: dict[str, TensorInfo]) -> dic
         model_key(reader, KEY_LENGTH.format(arch=arch), U32)
     if head_dim or config["num_attention_heads"] > 0:  # else validation names the head count
         config["head_dim"] = head_dim or config["hidden_size"] // config["num_attention_heads"]
-    config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
+    config["vocab_size"] = vocab_size(reader, by_name)
     config["hidden_act"] = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or \
         default_activation(reader, read_as)
     config["tie_word_embeddings"] = "output.weight" not in by_name

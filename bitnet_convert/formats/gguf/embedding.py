@@ -32,7 +32,7 @@ from gguf import GGUFValueType, Keys, PoolingType
 
 from bitnet_convert.formats.gguf import entries
 from bitnet_convert.formats.gguf import tokenizer as gguf_tokenizer
-from bitnet_convert.formats.gguf.entries import model_key
+from bitnet_convert.formats.gguf.entries import model_key, vocab_size
 from bitnet_convert.formats.gguf.header import INTEGER_TYPES, STRING, typed_value
 from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor, float_tensor, projection
 from bitnet_convert.formats.gguf.types import (
@@ -267,7 +267,7 @@ def _config(reader, arch: str, by_name) -> dict:
         model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
     if head_dim:
         config["head_dim"] = head_dim
-    config["vocab_size"] = int(by_name["token_embd.weight"].shape[-1])  # dims are listed ne0 first
+    config["vocab_size"] = vocab_size(reader, by_name)
     act = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or DEFAULT_ACTIVATION[cls]
     config["hidden_activation" if cls == GEMMA3 else "hidden_act"] = act
     config["tie_word_embeddings"] = True

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as GGMLType
 
 from bitnet_convert.formats.gguf import rope as gguf_rope
 from bitnet_convert.formats.gguf import tq as tq
-from bitnet_convert.formats.gguf.header import FLOAT_TYPES, INTEGER_TYPES, GGUFHeader, TensorInfo, typed_value
+from bitnet_convert.formats.gguf.header import FLOAT_TYPES, INTEGER_TYPES, GGUFHeader, GGUFSet, TensorInfo, typed_value
 from bitnet_convert.formats.gguf.types import I2_S, U32
 from bitnet_core.aligned import aligned_empty
 from bitnet_core.checkpoint import TensorEntry, Ternary, dense_entry, ternary_entry
@@ -37,8 +37,9 @@ DENSE_TYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16
                GGMLType.Q8_0: np.float32}
 
 
-def read_tensor(reader: GGUFHeader, t: TensorInfo) -> np.ndarray:
-    """A private copy of a tensor's stored bytes, read with pread (what loads use: see SourceWatch)."""
+def read_tensor(reader: GGUFSet, t: TensorInfo) -> np.ndarray:
+    """A private copy of a tensor's stored bytes, read with pread from its file (what loads use: see SourceWatch)."""
+    reader = t.header or reader
     out = aligned_empty(t.stored_nbytes, np.uint8)  # adopted as it is by a JAX CPU array
     got = reader.held.readinto(t.data_offset, memoryview(out))
     if got != out.size:
@@ -57,6 +58,16 @@ def model_key(reader: GGUFHeader, key: str, vtype: GGUFValueType) -> int | float
     with np.errstate(over="ignore"):
         as_f32 = np.float32(value)
     return float(str(as_f32)) if np.isfinite(as_f32) else float(value)
+
+
+def vocab_size(reader: GGUFSet, by_name: dict[str, TensorInfo]) -> int:
+    """The rows of token_embd (dims are listed ne0 first), or in a vocab-only file the tokenizer's token count."""
+    if "token_embd.weight" in by_name:
+        return int(by_name["token_embd.weight"].shape[-1])
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConvertError(f"{reader.path}: no token_embd.weight tensor and no tokenizer.ggml.tokens")
+    return int(tokens.count)
 
 
 def logical_shape(t: TensorInfo) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from bitnet_convert.fileio.sources import HeldFile
-from bitnet_convert.formats.gguf.types import I2_S
+from bitnet_convert.formats.gguf.types import I2_S, KEY_SPLIT_TENSORS
 from bitnet_core.codecs import i2s
 from bitnet_core.errors import ConvertError
 
@@ -90,7 +90,8 @@ class TensorInfo:
     shape: tuple[int, ...]  # dims as GGUF lists them: ne0 (the row length) first
     n_elements: int
     n_bytes: int  # by block arithmetic (as gguf-py): without the I2_S tail
-    data_offset: int  # absolute
+    data_offset: int  # absolute, in the file of `header`
+    header: GGUFHeader | None = dataclasses.field(default=None, repr=False, compare=False)  # the file it is in
 
     @property
     def stored_nbytes(self) -> int:
@@ -303,7 +304,7 @@ class GGUFHeader:
         if offset % self.alignment:
             raise ConvertError(f"{self.path}: corrupt GGUF (tensor {name} data is not {self.alignment}-aligned)")
         info = TensorInfo(name, ggml_type, dims, n_elements, n_elements // block * block_bytes,
-                          self.data_start + offset)
+                          self.data_start + offset, self)
         end = info.data_offset + info.stored_nbytes
         if end > self._bytes.size:
             raise ConvertError(f"{self.path}: truncated: tensor {name} ends at byte {end}, file has {self._bytes.size}")
@@ -323,3 +324,33 @@ def typed_value(header: GGUFHeader, key: str, accepts: frozenset[int], expected:
     if not check(value):
         raise ConvertError(f"{header.path}: key {key} is {str(value)[:40]}, expected {expected}")
     return value
+
+
+class GGUFSet:
+    """One GGUF file, or the files of a split set read as one: the key/values of the first file (the others
+    hold only their place in the set), the tensors of all in file order (each knows its file: TensorInfo.header)."""
+
+    def __init__(self, headers: list[GGUFHeader], declared: int | None = None) -> None:
+        self.headers = headers
+        first = headers[0]
+        self.path, self.fields, self.held = first.path, first.fields, first.held
+        self.tensors = [t for header in headers for t in header.tensors]
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            raise ConvertError(f"{self.path}: corrupt split GGUF (two files hold a tensor of the same name)")
+        if declared is not None and declared != len(self.tensors):
+            raise ConvertError(f"{self.path}: {KEY_SPLIT_TENSORS} says {declared} tensors; its files hold "
+                               f"{len(self.tensors)}")
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.headers[0].data
+
+    def value(self, key: str):
+        return self.headers[0].value(key)
+
+    def get_field(self, key: str):
+        return self.headers[0].get_field(key)
+
+    @property
+    def files(self) -> list[Path]:
+        return [header.path for header in self.headers]

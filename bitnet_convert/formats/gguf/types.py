@@ -24,7 +24,7 @@ from gguf import (
     LlamaFileType,
 )
 
-from bitnet_convert.formats.options import WriterOption
+from bitnet_convert.formats.options import COUNT, FLAG, SIZE, WriterOption
 from bitnet_core.codecs import i2s
 
 
@@ -139,6 +139,12 @@ WRITER_OPTIONS = {
         f"{t.default_outtype} for {name}" for name, t in TARGETS.items()) + ")"),
     "embed_type": WriterOption(tuple(EMBED_TYPES), None, "token embedding type (default: " + ", ".join(
         f"{t.default_embed_type} for {name}" for name, t in TARGETS.items()) + ")"),
+    "vocab_only": WriterOption((), None, "only the tokenizer and the hyperparameters, no tensors (as llama.cpp's "
+                               "converter writes it)", kind=FLAG),
+    "split_max_size": WriterOption((), None, "split into files of at most this much tensor data (500M, 2G: "
+                                   "powers of 1000), named OUT-00001-of-0000N.gguf as llama.cpp loads them",
+                                   kind=SIZE),
+    "split_max_tensors": WriterOption((), None, "split into files of at most this many tensors", kind=COUNT),
 }
 
 
