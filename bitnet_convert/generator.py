@@ -9,9 +9,11 @@ pages of the memory-mapped source released as the weights are packed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import mmap
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,8 +43,13 @@ def eos_token_ids(config: dict, tokenizer_files: dict[str, bytes]) -> set[int]:
 
 def load_generator(src: str, *, revision: str | None = None, head: str = "stored"):
     """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids; `head`
-    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy)."""
+    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy). Turns on
+    the persistent compilation cache first (bitnet_model/compile_cache.py): a later run loads what this one
+    compiles."""
+    from bitnet_model import compile_cache
     from bitnet_model.generation import Generator
+
+    compile_cache.enable()  # before anything compiles: JAX decides once per process
 
     ckpt = registry.read_checkpoint(src, revision=revision)
     forget_parsed_tokenizer_files()  # the checked tokenizer.json, parsed (~100 MB for Llama 3's): not needed now
@@ -125,6 +132,35 @@ def release_mapped_pages(path: str | os.PathLike | None = None) -> None:
 # ---------------------------------------------------------------------------------------------- command
 
 
+@dataclasses.dataclass
+class GenerateStats:
+    """What `generate --stats` reports, each part timed on its own (seconds; as_dict for a JSON report)."""
+
+    load_s: float  # the checkpoint read into the engine
+    compile_s: float  # the prefill and decode programs compiled, or loaded from the persistent cache
+    prompt_tokens: int
+    prefill_s: float  # prompt in, first new token out
+    new_tokens: int
+    decode_median_s: float | None  # steady-state decode: the median step after the first token (None: no step)
+    products: str  # which kernels ran the products
+    compilation_cache: str | None  # the persistent compilation cache's folder (None: off)
+    programs_cached: int  # programs of this run loaded from it
+    programs_compiled: int  # and compiled (then written to it)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        decode = (f"{self.new_tokens - 1} more at {self.decode_median_s * 1e3:.1f} ms/token (median)"
+                  if self.decode_median_s is not None else "no more")
+        cache = (f"{self.programs_cached} programs from the persistent cache, {self.programs_compiled} compiled"
+                 if self.compilation_cache else "persistent cache off")
+        return (f"load {self.load_s:.2f} s; compilation {self.compile_s:.2f} s ({cache}); prompt "
+                f"{self.prompt_tokens} tokens: {self.prefill_s * 1e3:.0f} ms to the first new token; {decode}; "
+                f"products: {self.products}")
+
+
+
 def parse_prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.replace(",", " ").split()]
@@ -146,13 +182,16 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
 
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
-                 write: Callable[[str], None], stats: Callable[[str], None] | None = None,
+                 write: Callable[[str], None], stats: Callable[[GenerateStats], None] | None = None,
                  head: str = "stored") -> GenerationResult:
-    """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer)."""
+    """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer);
+    `stats` gets the timings."""
     if (prompt is None) == (prompt_ids is None):
         raise ConvertError("give exactly one of --prompt and --prompt-ids")
     sampling = sampling_request(greedy, temperature, top_p)
+    start = time.perf_counter()
     gen = load_generator(src, revision=revision, head=head)
+    load_s = time.perf_counter() - start
     ids = gen.encode(prompt) if prompt is not None else parse_prompt_ids(prompt_ids)
     if gen.tokenizer is not None:
         callbacks = {"on_text": write}
@@ -161,7 +200,10 @@ def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_ne
     result = gen.generate(ids, max_new_tokens, **sampling, seed=seed, **callbacks)
     write("\n")
     if stats is not None:
-        stats(f"prompt {len(ids)} tokens: {result.prefill_s * 1e3:.0f} ms to the first new token; "
-              f"{len(result.decode_s)} more at {result.decode_s_per_token * 1e3:.0f} ms/token; "
-              f"products: {gen.products()}")
+        from bitnet_model import compile_cache
+
+        folder = compile_cache.folder()
+        stats(GenerateStats(load_s, result.compile_s, len(ids), result.prefill_s, len(result.new_ids),
+                            result.decode_median_s if result.decode_s else None, gen.products(),
+                            str(folder) if folder else None, *compile_cache.programs()))
     return result
