@@ -34,7 +34,8 @@ the runtime fastest at decode, second-run start-up <= 2x llama.cpp's load + pref
 AVX2 >= 1.0x llama.cpp TQ2_0, our peak RSS generating <= 1.5 GiB (issue 14), against transformers decode >= 3x
 and prefill >= 2x (issue 4's, set with AMX: without it the prefill one is reported, not failed). Targets
 (decode 1.25x, prefill 3x) are reported as met or missed. The output is the markdown table BENCHMARKS.md
-holds, with the machine, the read bandwidth and the date.
+holds, with the machine, the read bandwidth and the date; `--update BENCHMARKS.md` writes it there, between
+the `<!-- generate:begin -->` and `<!-- generate:end -->` lines.
 
 --synthetic needs no file, no transformers and no torch (the import chain is bitnet_model + jax): it prints
 our decode ms/token and prefill ms at 128 and 512 tokens on whatever backend JAX picks, with the targets for
@@ -48,9 +49,11 @@ import time
 PROCESS_START = time.perf_counter()  # a child's start-up clock: imports included (the interpreter's own start not)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -85,6 +88,7 @@ AMX_ONLY = {"prefill"}
 GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 HEAD_ENV = "BENCH_GENERATE_HEAD"  # our child's `head` (load_generator): the --int8-head side sets it
 BITNET_CPP_BUILD = Path.home() / ".cache" / "bitnet-cpp-4645960"
+MARKERS = ("<!-- generate:begin -->", "<!-- generate:end -->")  # --update writes the report between these
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -390,19 +394,30 @@ class Side:
                 self.best[key] = value
 
 
+FILES = {"llama.cpp": llama_cpp_file, "ik_llama.cpp": ik_llama_cpp_file, "bitnet.cpp": bitnet_cpp_file}
+
+
+def prepared_file(kind: str, hf_dir: str) -> str:
+    """The file `kind` runs, written (once) by a child process: a conversion in this process would raise its
+    peak RSS, which every child it starts inherits in ru_maxrss (the high-water mark survives fork and exec)."""
+    done = subprocess.run([sys.executable, __file__, "--prepare", kind, hf_dir], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"could not write the file {kind} runs (exit {done.returncode})")
+    return done.stdout.strip().splitlines()[-1]
+
+
 def runtime_sides(hf_dir: str) -> list[Side]:
     """The three BitNet runtimes, each on its file, or absent with the reason."""
     sides = []
-    for name, kind, module, make_file in ((LLAMA_CPP, "llama.cpp", "llama_cpp", llama_cpp_file),
-                                          (IK_LLAMA_CPP, "ik_llama.cpp", "ik_llama_cpp", ik_llama_cpp_file),
-                                          (BITNET_CPP, "bitnet.cpp", None, bitnet_cpp_file)):
+    for name, kind, module in ((LLAMA_CPP, "llama.cpp", "llama_cpp"), (IK_LLAMA_CPP, "ik_llama.cpp", "ik_llama_cpp"),
+                               (BITNET_CPP, "bitnet.cpp", None)):
         side = Side(name, kind)
         if module is not None and importlib.util.find_spec(module) is None:
             side.absent = f"absent: the Python package {module} is not installed"
         elif kind == "bitnet.cpp" and not llama_bench_binary().is_file():
             side.absent = f"absent: no {llama_bench_binary()} (../shared/runtimes/bitnet.cpp/build.sh builds it)"
         else:
-            side.path = make_file(hf_dir)
+            side.path = prepared_file(kind, hf_dir)
         sides.append(side)
     return sides
 
@@ -647,7 +662,13 @@ def compare(args) -> int:
     for side in sides:
         if side.name.startswith("ours ") and side.name != OURS_INT8:
             moved[side.name] = moved[OURS]
-    return report(sides, args, bandwidth, moved)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        code = report(sides, args, bandwidth, moved)
+    print(table.getvalue(), end="")
+    if args.update:
+        harness.update_between(Path(args.update), table.getvalue().rstrip(), *MARKERS)
+    return code
 
 
 def synthetic(args) -> int:
@@ -691,11 +712,17 @@ def main(argv=None) -> int:
                         help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
     parser.add_argument("--int8-head", action="store_true",
                         help="also run our engine with the opt-in int8 head (generate --head int8; lossy)")
+    parser.add_argument("--update", metavar="FILE",
+                        help="also write the report into FILE between its generate markers (BENCHMARKS.md)")
     parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp", "ik_llama.cpp"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", choices=tuple(FILES), help=argparse.SUPPRESS)
     parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prepare:
+        print(FILES[args.prepare](args.path))
+        return 0
     if args.child:
         if args.child == "ours":
             result = child_ours(args.path, args)

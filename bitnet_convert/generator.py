@@ -56,8 +56,11 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     source = ckpt.provenance.get("path") or ckpt.provenance.get("source")
     source = source if source and os.path.exists(source) else None  # a hub id: its files are in the cache
 
-    def release():
-        release_mapped_pages(source)
+    mapped = [True]  # readers that map their source (GGUF's) do it when they open it
+
+    def release():  # after every tensor: scanning /proc/self/maps each time cost seconds where nothing was mapped
+        if mapped[0]:
+            mapped[0] = release_mapped_pages(source)
 
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
@@ -101,8 +104,9 @@ def load_tokenizer(tokenizer_files: dict[str, bytes], where: str = "checkpoint")
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
-def release_mapped_pages(path: str | os.PathLike | None = None) -> None:
-    """Drop from this process the resident pages of read-only shared file mappings (those under `path`, or all).
+def release_mapped_pages(path: str | os.PathLike | None = None) -> bool:
+    """Drop from this process the resident pages of read-only shared file mappings (those under `path`, or all);
+    False when there were none.
 
     Readers memory-map their sources, and every page a loader touched stays in the process's resident set
     (and its peak RSS) until the mapping closes: 1.2 GB for 2B4T, on top of the 1.2 GB of packed weights.
@@ -116,9 +120,10 @@ def release_mapped_pages(path: str | os.PathLike | None = None) -> None:
             lines = fh.readlines()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
-        return
+        return False
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    found = False
     for line in lines:
         parts = line.split(maxsplit=5)
         if len(parts) < 6 or "w" in parts[1] or not parts[1].endswith("s"):
@@ -127,6 +132,8 @@ def release_mapped_pages(path: str | os.PathLike | None = None) -> None:
         if root is None or name == root or name.startswith(root.rstrip("/") + "/"):
             begin, end = (int(x, 16) for x in parts[0].split("-"))
             madvise(begin, end - begin, _MADV_DONTNEED)
+            found = True
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- command
