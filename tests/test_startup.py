@@ -22,7 +22,7 @@ from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_model import compile_cache
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
-STATS = re.compile(r"load [\d.]+ s; compilation [\d.]+ s \((\d+) programs from the persistent cache, (\d+) compiled\); "
+STATS = re.compile(r"imports [\d.]+ s; load [\d.]+ s; compilation [\d.]+ s \((\d+) programs from the persistent cache, (\d+) compiled\); "
                    r"prompt 3 tokens: \d+ ms to the first new token; 4 more at [\d.]+ ms/token \(median\); products: ")
 
 
@@ -40,8 +40,8 @@ def test_stats_time_each_part_apart(folder):
     assert (stats.prompt_tokens, stats.new_tokens) == (3, len(result.new_ids)) == (3, 5)
     assert stats.prefill_s == result.prefill_s and stats.compile_s == result.compile_s
     assert stats.decode_median_s == statistics.median(result.decode_s) and len(result.decode_s) == 4
-    assert all(value > 0 for value in (stats.load_s, stats.prefill_s, *result.decode_s))
-    assert set(stats.as_dict()) >= {"load_s", "compile_s", "prefill_s", "decode_median_s"}
+    assert all(value > 0 for value in (stats.load_s, stats.prefill_s, *result.decode_s)) and stats.imports_s >= 0
+    assert set(stats.as_dict()) >= {"imports_s", "load_s", "compile_s", "prefill_s", "decode_median_s"}
     lines.append(stats.line())
     assert "compilation" in lines[0] and "(median)" in lines[0]
 
