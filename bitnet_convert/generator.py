@@ -8,6 +8,7 @@ pages of the memory-mapped source released as the weights are packed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import json
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.tokenizer_files import clear_cache as forget_parsed_tokenizer_files
+from bitnet_core.checkpoint import Checkpoint, PackedLoader, RowsLoader, TensorEntry
 from bitnet_core.errors import ConvertError
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy). Turns on
     the persistent compilation cache first (bitnet_model/compile_cache.py): a later run loads what this one
     compiles."""
-    from bitnet_model import compile_cache
+    from bitnet_model import compile_cache, engine
     from bitnet_model.generation import Generator
 
     compile_cache.enable()  # before anything compiles: JAX decides once per process
@@ -65,10 +67,66 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
-    gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release, head=head)
+    by_rows = engine.TABLES if head == engine.HEAD_INT8 else ()  # the int8 head reads its tables by rows
+    with ReadAhead(ckpt, skip=by_rows) as ahead:
+        gen = Generator.from_checkpoint(ahead.checkpoint, tokenizer=tokenizer, eos_ids=eos, release=release,
+                                        head=head)
     del ckpt
     release()
     return gen
+
+
+class ReadAhead:
+    """The checkpoint with each tensor's stored bytes read one tensor ahead, on a thread of its own, while the
+    engine packs the one before (reads release the GIL, and so do the codecs): the load's reading and packing
+    overlap instead of taking turns. Each tensor is read as the engine takes it (the packed bytes of a
+    projection that offers them, else its values), in the checkpoint's order, and at most DEPTH are held;
+    a tensor taken out of order is read then and there. `skip`: tensors left to their own loaders."""
+
+    DEPTH = 2  # the one being packed and the next: one tensor more in memory than without
+
+    def __init__(self, ckpt: Checkpoint, skip=()):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "bitnet-convert-read-ahead")
+        self._order = [entry for entry in ckpt if entry.name not in skip]
+        self._ahead: dict[str, concurrent.futures.Future] = {}
+        self._next = 0
+        wrapped = {name: entry if name in skip else self._wrap(entry) for name, entry in ckpt.tensors.items()}
+        self.checkpoint = dataclasses.replace(ckpt, tensors=wrapped)
+        self._fill()
+
+    @staticmethod
+    def _read(entry: TensorEntry):
+        packed = entry.load_packed
+        return packed() if packed is not None and len(entry.shape) == 2 else entry.load()
+
+    def _fill(self) -> None:
+        while self._next < len(self._order) and len(self._ahead) < self.DEPTH:
+            entry = self._order[self._next]
+            self._ahead[entry.name] = self._pool.submit(self._read, entry)
+            self._next += 1
+
+    def _take(self, entry: TensorEntry, own: Callable):
+        future = self._ahead.pop(entry.name, None)
+        self._fill()
+        return future.result() if future is not None else own()
+
+    def _wrap(self, entry: TensorEntry) -> TensorEntry:
+        packed, rows = entry.load_packed, entry.load_rows
+        if packed is not None and len(entry.shape) == 2:
+            return dataclasses.replace(entry, load=PackedLoader(entry.load, lambda: self._take(entry, packed)))
+        load = lambda: self._take(entry, entry.load)  # noqa: E731
+        return dataclasses.replace(entry, load=RowsLoader(load, rows) if rows is not None else load)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Drop what was read and not taken (a load that failed half-way), and end the thread."""
+        self._next = len(self._order)
+        for future in self._ahead.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._ahead.clear()
 
 
 class LazyTokenizer:

@@ -4,10 +4,12 @@ loads its compiled programs from the persistent compilation cache in the project
 The fields are checked for consistency, never against a time: compilation happens before the prompt goes in
 (so neither the prefill nor any decode step holds it), the decode figure is the median of the steps, and a
 second process with the same shapes compiles nothing, writes nothing new to the cache and generates the same ids.
+The load reads each tensor one ahead on a thread: the same bytes as the tensor's own loader, in any order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import statistics
@@ -81,3 +83,33 @@ def test_a_second_run_loads_its_programs_from_the_cache_folder(folder, tmp_path)
     assert compiled == 0 and cached >= 2
     assert {p.name for p in (cache / "jax").iterdir()} == entries
     assert second.stdout == first.stdout  # the loaded programs (native kernels' calls included) compute the same
+
+
+def test_read_ahead_gives_every_tensor_as_its_own_loader_does(folder):
+    """load_generator reads each tensor one ahead on a thread: the same packed bytes and values, in any order
+    the engine takes them, a failed read raised where it is taken, and the thread ended after."""
+    import threading
+
+    import numpy as np
+
+    from bitnet_convert.formats import registry
+    from bitnet_core.errors import CorruptData
+
+    ckpt = registry.read_checkpoint(str(folder))
+    names = list(ckpt.tensors)
+    with generator.ReadAhead(ckpt) as ahead:
+        for name in [names[3], *names]:  # one out of order first: read then and there
+            mine, theirs = ahead.checkpoint[name], ckpt[name]
+            if theirs.load_packed is not None:
+                np.testing.assert_array_equal(mine.load_packed().data, theirs.load_packed().data)
+            else:
+                np.testing.assert_array_equal(mine.load(), theirs.load())
+    assert not [t for t in threading.enumerate() if t.name.startswith("bitnet-convert-read-ahead")]
+
+    def broken():
+        raise CorruptData("bad bytes")
+
+    first = names[0]
+    bad = dataclasses.replace(ckpt, tensors={**ckpt.tensors, first: dataclasses.replace(ckpt[first], load=broken)})
+    with generator.ReadAhead(bad) as ahead, pytest.raises(CorruptData, match="bad bytes"):
+        ahead.checkpoint[first].load()
