@@ -221,9 +221,9 @@ class GenerateStats:
                   if self.decode_median_s is not None else "no more")
         cache = (f"{self.programs_cached} programs from the persistent cache, {self.programs_compiled} compiled"
                  if self.compilation_cache else "persistent cache off")
-        return (f"imports {self.imports_s:.2f} s; load {self.load_s:.2f} s; compilation {self.compile_s:.2f} s ({cache}); prompt "
-                f"{self.prompt_tokens} tokens: {self.prefill_s * 1e3:.0f} ms to the first new token; {decode}; "
-                f"products: {self.products}")
+        return (f"imports {self.imports_s:.2f} s; load {self.load_s:.2f} s; compilation {self.compile_s:.2f} s "
+                f"({cache}); prompt {self.prompt_tokens} tokens: {self.prefill_s * 1e3:.0f} ms to the first new token; "
+                f"{decode}; products: {self.products}")
 
 
 

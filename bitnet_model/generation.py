@@ -117,8 +117,9 @@ class Generator:
 
     def _programs(self, padded, prompt_length, key, temperature, top_p, max_length: int, greedy: bool, decodes: bool):
         """The compiled prefill program and, when `decodes`, the decode step's, for this request's shapes, and
-        whether any was compiled now: compiled ahead of their first call (so compilation is timed apart from prefill and decode), once per
-        Generator; with the persistent compilation cache on (compile_cache.enable), XLA's part comes from disk."""
+        whether one was compiled now. Compiled ahead of their first call (so compilation is timed apart from
+        prefill and decode), once per Generator; with the persistent compilation cache on (compile_cache.enable),
+        XLA's part comes from disk."""
         slot = (self.opts, padded.shape, max_length, greedy)
         have = self._compiled.get(slot, (None, None))
         if have[0] is not None and (have[1] is not None or not decodes):

@@ -24,8 +24,9 @@ from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_model import compile_cache
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
-STATS = re.compile(r"imports [\d.]+ s; load [\d.]+ s; compilation [\d.]+ s \((\d+) programs from the persistent cache, (\d+) compiled\); "
-                   r"prompt 3 tokens: \d+ ms to the first new token; 4 more at [\d.]+ ms/token \(median\); products: ")
+STATS = re.compile(r"imports [\d.]+ s; load [\d.]+ s; compilation [\d.]+ s "
+                   r"\((\d+) programs from the persistent cache, (\d+) compiled\); prompt 3 tokens: \d+ ms to the "
+                   r"first new token; 4 more at [\d.]+ ms/token \(median\); products: ")
 
 
 @pytest.fixture(scope="module")

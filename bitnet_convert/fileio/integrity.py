@@ -311,7 +311,8 @@ def _tensors_v1(tensors) -> str:
 
 def _model(stored: StoredModel, algorithm: str) -> str:
     if not isinstance(stored, StoredModel):  # bare (name, bytes) pairs lack dtypes, shapes, config, tokenizer
-        raise TypeError(f"{algorithm} needs a StoredModel (a format's stored_tensor_bytes), got {type(stored).__name__}")
+        raise TypeError(f"{algorithm} needs a StoredModel (a format's stored_tensor_bytes), "
+                        f"got {type(stored).__name__}")
     with contextlib.closing(ModelHasher(algorithm=algorithm)) as hasher:
         for tensor in stored.tensors():
             hasher.add(tensor.name, tensor.dtype, tensor.shape, tensor.data)
