@@ -15,6 +15,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from bitnet_convert.formats import flax_dir
 from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_model import compile_cache
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
 STATS = re.compile(r"imports [\d.]+ s; load [\d.]+ s; compilation [\d.]+ s "
                    r"\((\d+) programs from the persistent cache, (\d+) compiled\); prompt 3 tokens: \d+ ms to the "
@@ -67,14 +69,27 @@ def _generate_in_a_fresh_process(folder, cache) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.OFF_ENV)}
     env.update(BITNET_CONVERT_CACHE=str(cache), JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-m", "bitnet_convert", "generate", str(folder), "--prompt-ids", "1 2 3",
-                           "--max-new-tokens", "5", "--stats"], capture_output=True, text=True, env=env, timeout=300)
+                           "--max-new-tokens", "5", "--stats"], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done
+
+
+def _native_library_in(cache) -> None:
+    """The kernels this session built, linked into a fresh cache folder: no second build of them there."""
+    from bitnet_model import native
+
+    if native.available():
+        mine = native.library_path()
+        linked = cache / "native" / mine.name
+        linked.parent.mkdir(parents=True)
+        linked.symlink_to(mine)
 
 
 @pytest.mark.slow
 def test_a_second_run_loads_its_programs_from_the_cache_folder(folder, tmp_path):
     cache = tmp_path / "cache"
+    _native_library_in(cache)
     first = _generate_in_a_fresh_process(folder, cache)
     entries = {p.name for p in (cache / "jax").iterdir()}
     cached, compiled = map(int, STATS.search(first.stderr).groups())
