@@ -1,6 +1,7 @@
 # make demo  — install into .venv if needed, then convert the built-in tiny BitNet HF -> Flax -> HF (+ npz, GGUF)
 # make test  — install into .venv if needed, then run the test suite
-# make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md (needs ~8 GB of disk and ~30 minutes; run on an idle machine)
+# make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md, written into it (needs ~10 GB of disk and ~45 minutes;
+#              run on an idle machine: bitnet.cpp's threads busy-wait)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,9 +35,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py --repeat 5
+	$(PY) benchmarks/run_all.py --repeat 5 --update BENCHMARKS.md
 	$(PY) benchmarks/bench_tokenizer.py
-	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2 --int8-head
+	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2 --int8-head --rounds 3 --repeats 3 \
+		--update BENCHMARKS.md
 	$(PY) benchmarks/bench_native.py
 
 clean:

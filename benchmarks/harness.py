@@ -324,3 +324,14 @@ def markdown_table(cases: Sequence[Case], baseline: Case, other: Case | None = N
 
 def failures(cases: Sequence[Case], baseline: Case) -> list[str]:
     return [f"{row.label}: {row.verdict[6:]}" for row in rows(cases, baseline) if row.verdict.startswith("FAIL")]
+
+
+def update_between(path: Path, md: str, begin: str, end: str) -> None:
+    """Replace the text between the `begin` and `end` marker lines of `path` with `md` (markers appended to
+    the file when it lacks them)."""
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{md}\n{end}{tail}")

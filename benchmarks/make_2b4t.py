@@ -1,6 +1,6 @@
 """A random BitNet b1.58 checkpoint with the exact shapes, dtypes and file layout of microsoft/bitnet-b1.58-2B-4T.
 
-    python benchmarks/make_2b4t.py OUT_DIR [--seed N] [--force]
+    python benchmarks/make_2b4t.py OUT_DIR [--seed N] [--force] [--shape small]
 
 Writes OUT_DIR/config.json (the real 2B4T config, packed autobitlinear layout), OUT_DIR/generation_config.json
 and OUT_DIR/model.safetensors, which is 1,178,623,988 bytes like the real file, and a tokenizer of the size of
@@ -74,6 +74,11 @@ CONFIG_2B4T = {
     "quantization_config": QUANTIZATION_CONFIG,
 }
 GENERATION_CONFIG_2B4T = {"bos_token_id": 128000, "eos_token_id": [128001, 128009], "do_sample": False}
+# A model of the same family, vocabulary and tokenizer, small enough to try a benchmark's mechanics on in seconds
+# (not to time anything): 2 layers, rows of 512 (IQ2_BN's least) and 1024 values (I2_S: multiples of 128).
+CONFIG_SMALL = {**CONFIG_2B4T, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+                "num_key_value_heads": 2, "num_hidden_layers": 2}
+SHAPES = {"2b4t": CONFIG_2B4T, "small": CONFIG_SMALL}
 
 # safetensors orders tensors by dtype, larger enum value first (BF16 before U8), then by name.
 _DTYPE_RANK = {"BF16": 1, "U8": 0}
@@ -168,7 +173,7 @@ def make_checkpoint(out_dir: str | os.PathLike, config: dict = CONFIG_2B4T, seed
         raise AssertionError(f"wrote {size:,} bytes, expected {expected_bytes:,}")
     os.replace(partial, target)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if config is CONFIG_2B4T:
+    if config in SHAPES.values():
         (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG_2B4T, indent=2) + "\n")
     return target
 
@@ -192,12 +197,12 @@ def add_tokenizer(out_dir: str | os.PathLike) -> str:
     return "made by benchmarks/make_tokenizer.py (seed 0)"
 
 
-def is_complete(out_dir: str | os.PathLike) -> bool:
-    """True when `out_dir` holds a finished 2B4T-shaped checkpoint (right file size and config)."""
+def is_complete(out_dir: str | os.PathLike, config: dict = CONFIG_2B4T) -> bool:
+    """True when `out_dir` holds a finished checkpoint of `config` (its config, and the 2B4T file's size)."""
     out = Path(out_dir)
     st, cfg = out / "model.safetensors", out / "config.json"
-    return (st.is_file() and st.stat().st_size == REAL_2B4T_BYTES and cfg.is_file()
-            and json.loads(cfg.read_text()) == CONFIG_2B4T)
+    size_ok = st.is_file() and (config is not CONFIG_2B4T or st.stat().st_size == REAL_2B4T_BYTES)
+    return size_ok and cfg.is_file() and json.loads(cfg.read_text()) == config
 
 
 def main(argv=None) -> int:
@@ -205,12 +210,16 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rewrite even if a finished checkpoint is there")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="2b4t",
+                        help="small: 2 layers of 512, the same vocabulary (to try a benchmark's mechanics)")
     args = parser.parse_args(argv)
-    if is_complete(args.out_dir) and not args.force:
-        print(f"{args.out_dir}: 2B4T-shaped checkpoint already there", file=sys.stderr)
+    config = SHAPES[args.shape]
+    if is_complete(args.out_dir, config) and not args.force:
+        print(f"{args.out_dir}: {args.shape}-shaped checkpoint already there", file=sys.stderr)
     else:
         start = time.perf_counter()
-        path = make_checkpoint(args.out_dir, CONFIG_2B4T, args.seed, expected_bytes=REAL_2B4T_BYTES)
+        expected = REAL_2B4T_BYTES if config is CONFIG_2B4T else None
+        path = make_checkpoint(args.out_dir, config, args.seed, expected_bytes=expected)
         print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(f"tokenizer: {add_tokenizer(args.out_dir)}", file=sys.stderr)
     return 0

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     md = markdown([c for c in cases if "[" not in c.label], baseline, other, info, args)  # variants: stderr only
     print(md)
     if args.update:
-        update_file(Path(args.update), md)
+        harness.update_between(Path(args.update), md, BEGIN, END)
     for case in conversions:  # the target, beyond its floor: reported, not failed
         if case.ok and "[" not in case.label:
             ratio = case.wall_s / baseline.wall_s
@@ -239,15 +239,6 @@ def markdown(cases, baseline, other, info: dict, args) -> str:
         f"| measured | {time.strftime('%Y-%m-%d %H:%M %Z')} |",
     ]
     return "\n".join(lines)
-
-
-def update_file(path: Path, md: str) -> None:
-    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
 
 
 if __name__ == "__main__":

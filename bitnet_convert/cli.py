@@ -308,7 +308,7 @@ def inspect_command(path, as_json, check, revision):
 @click.option("--top-p", type=float, default=None, help="Sample among the most likely tokens up to this total probability.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (same seed, same text).")
 @click.option("--revision", default=None, help="Hub revision, when SRC is a hub repo id.")
-@click.option("--stats", is_flag=True, help="Print prefill time and decode speed to stderr.")
+@click.option("--stats", is_flag=True, help="Print load, compilation, prefill and decode (median) times to stderr.")
 @click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="int8: hold the embedding / output table as int8 rows with a scale each (half the bytes a "
                    "decode step reads for 2B4T's bf16 head; lossy, so logits differ from the stored model's).")
@@ -332,7 +332,7 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
 
     run_generate(src, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=greedy,
                  temperature=temperature, top_p=top_p, seed=seed, revision=revision, write=write,
-                 stats=(lambda line: click.echo(line, err=True)) if stats else None, head=head)
+                 stats=(lambda timings: click.echo(timings.line(), err=True)) if stats else None, head=head)
 
 
 @main.command("embed")

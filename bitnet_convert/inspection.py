@@ -198,6 +198,6 @@ def _check_content_hash(report: InspectReport, module, local) -> None:
                            f"does not know (it checks {', '.join(integrity.HASH_COVERAGE)})")
     report.hash_algorithm = algorithm
     report.computed_hash = integrity.hash_stored(module.stored_tensor_bytes(local), algorithm)
-    if algorithm != integrity.HASH_ALGORITHM:
+    if algorithm not in integrity.FULL_COVERAGE:  # v2 covers what v3 does, in one stream: nothing to note
         report.hash_note = (f"{algorithm} covers {integrity.HASH_COVERAGE[algorithm]}; convert the model again "
                             f"for a {integrity.HASH_ALGORITHM} hash")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,13 +39,21 @@ CACHE_STEP = 256  # cache slots are allocated in multiples of this: few decode c
 class GenerationResult:
     prompt_ids: list[int]
     new_ids: list[int]  # generated tokens, the end-of-sequence token included when one stopped generation
-    prefill_s: float  # prompt in, first new token out (compilation included on a first call)
-    decode_s: list[float]  # wall time of each later token
+    prefill_s: float  # prompt in, first new token out (compilation excluded: compile_s)
+    decode_s: list[float]  # wall time of each later token (compilation excluded)
     stopped_at_eos: bool
+    # Tracing and compiling this call's prefill and decode programs (XLA's compilation, or loading it from the
+    # persistent compilation cache), before the prompt goes in; 0 when the Generator had them already.
+    compile_s: float = 0.0
 
     @property
     def decode_s_per_token(self) -> float:
         return sum(self.decode_s) / len(self.decode_s) if self.decode_s else float("nan")
+
+    @property
+    def decode_median_s(self) -> float:
+        """Steady-state decode: the median step (NaN without one)."""
+        return statistics.median(self.decode_s) if self.decode_s else float("nan")
 
 
 def prefill_length(prompt_length: int) -> int:
@@ -75,8 +84,9 @@ def sample(logits, key, temperature, top_p, *, greedy: bool):
 
 
 @functools.cache
-def _compiled():
-    """The jitted prefill and decode steps, each with its sampling fused in."""
+def _jitted():
+    """The jitted prefill and decode steps, each with its sampling fused in (compiled ahead of their first call
+    by Generator._programs)."""
     def first(cfg, opts, weights, token_ids, prompt_length, key, temperature, top_p, *, max_length, greedy):
         logits, cache = engine.prefill(cfg, opts, weights, token_ids, prompt_length, max_length)
         return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy), cache
@@ -103,6 +113,27 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids or ())
         self.opts = opts or engine.Options.for_backend()
+        self._compiled: dict[tuple, tuple] = {}  # (opts, padded prompt, cache length, greedy) -> programs
+
+    def _programs(self, padded, prompt_length, key, temperature, top_p, max_length: int, greedy: bool, decodes: bool):
+        """The compiled prefill program and, when `decodes`, the decode step's, for this request's shapes, and
+        whether one was compiled now. Compiled ahead of their first call (so compilation is timed apart from
+        prefill and decode), once per Generator; with the persistent compilation cache on (compile_cache.enable),
+        XLA's part comes from disk."""
+        slot = (self.opts, padded.shape, max_length, greedy)
+        have = self._compiled.get(slot, (None, None))
+        if have[0] is not None and (have[1] is not None or not decodes):
+            return (*have, False)
+        first, step = _jitted()
+        prefill = have[0] or first.lower(self.cfg, self.opts, self.weights, padded, prompt_length, key, temperature,
+                                         top_p, max_length=max_length, greedy=greedy).compile()
+        decode = None
+        if decodes:
+            token, cache = prefill.out_info  # the shapes the decode step takes
+            decode = step.lower(self.cfg, self.opts, self.weights, token, cache, key, temperature, top_p,
+                                greedy=greedy).compile()
+        self._compiled[slot] = (prefill, decode)
+        return prefill, decode, True
 
     def products(self) -> str:
         """Which kernels run the products: "native <level>" (bitnet_model/native) or "XLA (<why not native>)"."""
@@ -143,17 +174,19 @@ class Generator:
         prompt = [int(t) for t in prompt_ids]
         _check_request(prompt, max_new_tokens, greedy, temperature, top_p, self.cfg.vocab_size)
         max_new_tokens = within_context(len(prompt), max_new_tokens, self.cfg.max_position_embeddings)
-        first, step = _compiled()
         padded = np.zeros((1, prefill_length(len(prompt))), np.int32)
         padded[0, : len(prompt)] = prompt
         key = jax.random.key(seed)
-        temperature_, top_p_ = jnp.float32(temperature), jnp.float32(top_p)
+        temperature_, top_p_, length = jnp.float32(temperature), jnp.float32(top_p), np.int32(len(prompt))
         streamer = _TextStream(self.tokenizer, on_text) if on_text is not None else None
         new: list[int] = []
         times: list[float] = []
         start = time.perf_counter()
-        token, cache = first(self.cfg, self.opts, self.weights, padded, np.int32(len(prompt)), key, temperature_,
-                             top_p_, max_length=cache_length(len(prompt), max_new_tokens), greedy=greedy)
+        first, step, compiled = self._programs(padded, length, key, temperature_, top_p_,
+                                               cache_length(len(prompt), max_new_tokens), greedy, max_new_tokens > 1)
+        compile_s = time.perf_counter() - start if compiled else 0.0
+        start = time.perf_counter()
+        token, cache = first(self.weights, padded, length, key, temperature_, top_p_)
         prefill_s = None
         while True:
             value = int(np.asarray(token)[0])  # waits for the step
@@ -170,11 +203,10 @@ class Generator:
                 streamer.add(value)
             if value in self.eos_ids or len(new) == max_new_tokens:
                 break
-            token, cache = step(self.cfg, self.opts, self.weights, token, cache, key, temperature_, top_p_,
-                                greedy=greedy)
+            token, cache = step(self.weights, token, cache, key, temperature_, top_p_)
         if streamer is not None:
             streamer.flush()
-        return GenerationResult(prompt, new, prefill_s, times, new[-1] in self.eos_ids)
+        return GenerationResult(prompt, new, prefill_s, times, new[-1] in self.eos_ids, compile_s)
 
 
 def within_context(prompt_length: int, max_new_tokens: int, context: int) -> int:

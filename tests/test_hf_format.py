@@ -231,9 +231,9 @@ def test_written_model_is_streamed_tensor_by_tensor(hf_checkpoint, tmp_path, mon
 
     wrapped = Checkpoint(ckpt.config, {n: logged(e) for n, e in ckpt.tensors.items()}, ckpt.tokenizer_files,
                          ckpt.provenance)
-    real_begin = integrity.TensorHasher.begin  # each tensor's bytes are hashed as they are written
-    monkeypatch.setattr(integrity.TensorHasher, "begin",
-                        lambda self, name, nbytes: record(("written", name)) or real_begin(self, name, nbytes))
+    real_begin = integrity.ModelHasher.begin  # each tensor's bytes are hashed as they are written
+    monkeypatch.setattr(integrity.ModelHasher, "begin",
+                        lambda self, name, *rest: record(("written", name)) or real_begin(self, name, *rest))
     hf.write(wrapped, str(tmp_path / "out"))
     loads = [name for event, name in log if event == "load"]
     writes = [name for event, name in log if event == "written" and not name.endswith("_scale")]

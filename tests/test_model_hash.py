@@ -42,6 +42,7 @@ from bitnet_convert.fileio.integrity import (
     HASH_ALGORITHM,
     HASH_V1,
     HASH_V2,
+    HASH_V3,
     PROVENANCE_FILE,
     ModelHasher,
     hash_stored,
@@ -224,12 +225,13 @@ def test_check_fails_on_an_edit_the_tensor_hash_cannot_see(edit, variant, output
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_fresh_output_records_and_passes_the_model_hash(variant, outputs):
     record = _module(variant).recorded_provenance(outputs[variant])
-    assert record["hash_algorithm"] == HASH_ALGORITHM == HASH_V2
-    assert record["content_hash"] == _hash(variant, outputs[variant], HASH_V2)
+    assert record["hash_algorithm"] == HASH_ALGORITHM == HASH_V3
+    assert record["content_hash"] == _hash(variant, outputs[variant], HASH_V3)
+    assert record["content_hash"] != _hash(variant, outputs[variant], HASH_V2)
     result = run_cli(["inspect", "--check", "--json", outputs[variant]])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V2, None)
+    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V3, None)
 
 
 def test_files_the_model_hash_does_not_cover(outputs, tmp_path):
@@ -239,8 +241,9 @@ def test_files_the_model_hash_does_not_cover(outputs, tmp_path):
     assert _check(path).exit_code == 0
 
 
-def _model_digest(tensors, background: bool = False, in_pieces: bool = False, documents_reversed: bool = False):
-    hasher = ModelHasher(background)
+def _model_digest(tensors, background: bool = False, in_pieces: bool = False, documents_reversed: bool = False,
+                  algorithm: str = HASH_ALGORITHM):
+    hasher = ModelHasher(background, algorithm)
     for name, dtype, data in tensors:
         if in_pieces:
             raw = data.reshape(-1).view(np.uint8)
@@ -255,13 +258,15 @@ def _model_digest(tensors, background: bool = False, in_pieces: bool = False, do
     return hasher.hexdigest()
 
 
-def test_the_model_hash_streams_and_describes_each_tensor():
+@pytest.mark.parametrize("algorithm", [HASH_V2, HASH_V3])
+def test_the_model_hash_streams_and_describes_each_tensor(algorithm):
     """Pieces, a thread of its own and the order of the documents give one digest; a dtype or shape another."""
     tensors = [("a", "U8", np.arange(20, dtype=np.uint8)), ("b", "F32", np.ones((2, 3), np.float32))]
-    digest = _model_digest(tensors)
-    assert _model_digest(tensors, background=True, in_pieces=True, documents_reversed=True) == digest
-    assert _model_digest([tensors[0], ("b", "I32", tensors[1][2])]) != digest
-    assert _model_digest([tensors[0], ("b", "F32", tensors[1][2].reshape(3, 2))]) != digest
+    digest = _model_digest(tensors, algorithm=algorithm)
+    assert _model_digest(tensors, background=True, in_pieces=True, documents_reversed=True,
+                         algorithm=algorithm) == digest
+    assert _model_digest([tensors[0], ("b", "I32", tensors[1][2])], algorithm=algorithm) != digest
+    assert _model_digest([tensors[0], ("b", "F32", tensors[1][2].reshape(3, 2))], algorithm=algorithm) != digest
     with pytest.raises(TypeError, match="StoredModel"):
         hash_stored([("a", b"")], HASH_V2)
 
@@ -269,18 +274,20 @@ def test_the_model_hash_streams_and_describes_each_tensor():
 # -------------------------------------------------------------------------------------- older hashes still check
 
 
-def _record_v1(variant: str, path: Path) -> Path:
-    """The file as an older bitnet-convert wrote it: its record names sha256-tensors-v1 and that digest."""
+def _record_older(variant: str, path: Path, algorithm: str = HASH_V1) -> Path:
+    """The file as an older bitnet-convert wrote it: its record names `algorithm` and that digest."""
     fmt = VARIANTS[variant][0]
     record = _module(variant).recorded_provenance(path)
-    old = dict(record, hash_algorithm=HASH_V1, content_hash=_hash(variant, path, HASH_V1))
+    old = dict(record, hash_algorithm=algorithm, content_hash=_hash(variant, path, algorithm))
     if fmt in ("hf", "flax"):
         (path / PROVENANCE_FILE).write_text(json.dumps(old, indent=2))
         return path
     if fmt == "npz":
-        return _npz_edit(path, path.with_name("v1.npz"), replace={"meta/provenance.json": _json_member(old)})
-    # GGUF: rewrite the key's JSON in place at the same length (two separator spaces pay for the longer name)
-    new = json.dumps(old, sort_keys=True).replace(f'"hash_algorithm": "{HASH_V1}", ', f'"hash_algorithm":"{HASH_V1}",')
+        return _npz_edit(path, path.with_name("older.npz"), replace={"meta/provenance.json": _json_member(old)})
+    # GGUF: rewrite the key's JSON in place at the same length (v1's longer name: two separator spaces pay)
+    new = json.dumps(old, sort_keys=True)
+    if len(algorithm) != len(HASH_ALGORITHM):
+        new = new.replace(f'"hash_algorithm": "{algorithm}", ', f'"hash_algorithm":"{algorithm}",')
     before = json.dumps(record, sort_keys=True).encode()
     assert len(new) == len(before)
     data = path.read_bytes()
@@ -291,7 +298,7 @@ def _record_v1(variant: str, path: Path) -> Path:
 
 @pytest.mark.parametrize("variant", ["hf", "flax", "npz", "gguf-tq2_0"])
 def test_a_v1_hash_still_checks_with_a_note_of_what_it_covers(variant, outputs, tmp_path):
-    path = _record_v1(variant, copy(outputs[variant], tmp_path / outputs[variant].name))
+    path = _record_older(variant, copy(outputs[variant], tmp_path / outputs[variant].name))
     result = _check(path)
     assert result.exit_code == 0, result.stderr
     assert f"OK  ({HASH_V1})" in result.stdout
@@ -301,10 +308,23 @@ def test_a_v1_hash_still_checks_with_a_note_of_what_it_covers(variant, outputs, 
 
 
 def test_a_v1_hash_still_fails_when_a_tensor_byte_changes(outputs, tmp_path):
-    path = _record_v1("hf", copy(outputs["hf"], tmp_path / "m-hf"))
+    path = _record_older("hf", copy(outputs["hf"], tmp_path / "m-hf"))
     xor_byte(path / "model.safetensors", safetensors_offsets(path / "model.safetensors")[NORM][0])
     result = _check(path)
     assert result.exit_code == 1 and "MISMATCH" in result.stdout
+
+
+@pytest.mark.parametrize("variant", ["hf", "flax", "npz", "gguf-tq2_0"])
+def test_a_v2_hash_still_checks_without_a_note(variant, outputs, tmp_path):
+    """Files of the version before v3 record sha256-model-v2: it covers what v3 does, so no note; a changed
+    byte still fails."""
+    path = _record_older(variant, copy(outputs[variant], tmp_path / outputs[variant].name), HASH_V2)
+    report = json.loads(run_cli(["inspect", "--check", "--json", path]).stdout)
+    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V2, None)
+    if variant == "hf":
+        xor_byte(path / "model.safetensors", safetensors_offsets(path / "model.safetensors")[NORM][0])
+        result = _check(path)
+        assert result.exit_code == 1 and "MISMATCH" in result.stdout
 
 
 @pytest.mark.parametrize("algorithm", ["sha256-model-v9", None, ["sha256-model-v2"]])

@@ -1,18 +1,25 @@
 """What every output records about itself: its source and a content hash of the model it stores.
 
-The hash, `sha256-model-v2`, is taken of a canonical description of everything a runtime reads in the file:
+The hash, `sha256-model-v3`, is taken of a canonical description of everything a runtime reads in the file:
 its config documents, its tokenizer files, and every tensor's name, stored dtype, shape and bytes in the order
 the file stores them (docs/formats.md §9). `inspect --check` recomputes it from the file alone, without trusting
 any header field it checks. Each format says what it stores (`stored_tensor_bytes`, a StoredModel); writers
-feed the same description to a ModelHasher as they write. Older outputs record `sha256-tensors-v1`, over tensor
-names and bytes only: still checked, with a note of what it covers.
+feed the same description to a ModelHasher as they write.
+
+v3 describes each tensor's bytes by the digests of its fixed-size chunks, which every core hashes at once: one
+sha256 stream over all the bytes (v2) runs on one core and was the longest step of a conversion. Outputs of
+earlier versions record `sha256-model-v2` (the same description, one stream over the tensor bytes) or
+`sha256-tensors-v1` (tensor names and bytes only): both still checked, v1 with a note of what it covers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import queue
 import struct
 import threading
@@ -26,12 +33,16 @@ from bitnet_core import __version__
 
 HASH_V1 = "sha256-tensors-v1"
 HASH_V2 = "sha256-model-v2"
-HASH_ALGORITHM = HASH_V2  # what writers record
+HASH_V3 = "sha256-model-v3"
+HASH_ALGORITHM = HASH_V3  # what writers record
 # What each algorithm's hash covers, as inspect reports it.
 HASH_COVERAGE = {
     HASH_V1: "tensor names and bytes only (not dtypes, shapes, config or tokenizer files)",
     HASH_V2: "config, tokenizer files, and every tensor's name, dtype, shape and bytes",
+    HASH_V3: "config, tokenizer files, and every tensor's name, dtype, shape and bytes",
 }
+FULL_COVERAGE = (HASH_V2, HASH_V3)  # a file recording one of these needs no note of what its hash leaves out
+CHUNK_BYTES = 1 << 20  # v3's chunk: large enough that a pool task costs little beside it, small for a 2-core split
 PROVENANCE_FILE = "bitnet_convert.json"  # inside folder formats (hf, flax)
 
 
@@ -107,6 +118,93 @@ def _hash_pieces(pending: queue.Queue, sha, errors: list) -> None:
                 errors.append(exc)
 
 
+class ChunkHasher:
+    """sha256-model-v3's tensor bytes: each tensor, fed in file order (`begin` + `update`s, or `add`), cut into
+    CHUNK_BYTES chunks from its first byte (the last one shorter), every chunk hashed on a pool of threads, one
+    per core (hashlib releases the GIL); a tensor's digest is the sha256 of its chunks' digests in order.
+
+    Whole chunks inside a piece are hashed from the piece itself; the bytes of a chunk that spans pieces are
+    copied (at most CHUNK_BYTES). With `background`, `update` returns once the piece's chunks are queued, so
+    the pieces must stay unchanged until `digests` or `close` (as for TensorHasher); without it, `update`
+    returns when its chunks are hashed. At most QUEUED chunks wait at a time either way."""
+
+    QUEUED = 32  # chunks handed to the pool and not yet hashed: bounds the pieces kept alive for them
+
+    def __init__(self, background: bool = False, workers: int | None = None) -> None:
+        self._background = background
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers or _cores(), "bitnet-convert-chunk-hash")
+        self._slots = threading.BoundedSemaphore(self.QUEUED)
+        self._tensors: list[list[concurrent.futures.Future]] = []  # per tensor: its chunks' digests, in order
+        self._partial = bytearray()  # the start of a chunk whose end has not come yet
+
+    def add(self, name: str, data) -> None:
+        raw = raw_bytes(data)
+        self.begin(name, raw.nbytes)
+        self.update(raw)
+
+    def begin(self, name: str, nbytes: int) -> None:
+        """Start the next tensor (its name and size are the ModelHasher's description's, not hashed here)."""
+        self._end_tensor()
+        self._tensors.append([])
+
+    def update(self, piece) -> None:
+        raw = memoryview(piece).cast("B")
+        submitted = []
+        if self._partial:  # complete the chunk that spans pieces
+            take = min(CHUNK_BYTES - len(self._partial), raw.nbytes)
+            self._partial += raw[:take]
+            raw = raw[take:]
+            if len(self._partial) == CHUNK_BYTES:
+                submitted.append(self._submit(bytes(self._partial)))
+                self._partial = bytearray()
+        whole = raw.nbytes - raw.nbytes % CHUNK_BYTES
+        for start in range(0, whole, CHUNK_BYTES):
+            submitted.append(self._submit(raw[start : start + CHUNK_BYTES]))
+        self._partial += raw[whole:]
+        if not self._background:
+            concurrent.futures.wait(submitted)
+
+    def _submit(self, chunk) -> concurrent.futures.Future:
+        self._slots.acquire()
+        future = self._pool.submit(_chunk_digest, chunk)
+        slots = self._slots  # not self: a hasher dropped without close() is then freed, and its pool ends
+        future.add_done_callback(lambda _: slots.release())
+        self._tensors[-1].append(future)
+        return future
+
+    def _end_tensor(self) -> None:
+        if self._partial:
+            self._submit(bytes(self._partial))
+            self._partial = bytearray()
+
+    def digests(self) -> list[str]:
+        """Each tensor's digest (hex), in the order they were fed; waits for the pool."""
+        self._end_tensor()
+        return [hashlib.sha256(b"".join(f.result() for f in chunks)).hexdigest() for chunks in self._tensors]
+
+    def close(self) -> None:
+        """Hash what was given, then end the pool's threads (idempotent; writers call it on failure too, and
+        may still ask for the digests after it)."""
+        self._end_tensor()
+        self._pool.shutdown(wait=True)
+
+
+def raw_bytes(data) -> memoryview:
+    """The bytes of an array (any dtype, bf16 included: it has no buffer format) or of a bytes-like object."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).cast("B")
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _chunk_digest(chunk) -> bytes:
+    return hashlib.sha256(chunk).digest()
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorBytes:
     """One stored tensor as the content hash describes it: everything about it that the file declares."""
@@ -132,25 +230,33 @@ class StoredModel:
 
 
 class ModelHasher:
-    """sha256-model-v2, fed as a writer stores the model: tensors in file order (`add`, or `begin` + `update`s),
-    config documents and tokenizer files (`add_config`, `add_tokenizer_file`) in any order, then `hexdigest`.
+    """The content hash by `algorithm` (sha256-model-v3, or v2 for checking older files), fed as a writer stores
+    the model: tensors in file order (`add`, or `begin` + `update`s), config documents and tokenizer files
+    (`add_config`, `add_tokenizer_file`) in any order, then `hexdigest`.
 
-    Tensor bytes stream through a TensorHasher (on its own thread with `background`, see there); what describes
-    them, and the documents, are kept to build the description the digest is taken of."""
+    Tensor bytes stream through a ChunkHasher (v3) or TensorHasher (v2), beside the writer with `background`
+    (see there); what describes them, and the documents, are kept to build the description the digest is
+    taken of."""
 
-    def __init__(self, background: bool = False) -> None:
-        self._tensor_bytes = TensorHasher(background)
+    def __init__(self, background: bool = False, algorithm: str = HASH_ALGORITHM) -> None:
+        if algorithm not in FULL_COVERAGE:
+            raise ValueError(f"ModelHasher computes {' and '.join(FULL_COVERAGE)}, not {algorithm!r}")
+        self.algorithm = algorithm
+        self._tensor_bytes = ChunkHasher(background) if algorithm == HASH_V3 else TensorHasher(background)
         self._tensors: list[dict] = []
         self._config: dict[str, str] = {}
         self._tokenizer_files: dict[str, str] = {}
 
     def add(self, name: str, dtype: str, shape, data) -> None:
-        self._tensors.append(_tensor_record(name, dtype, shape))
-        self._tensor_bytes.add(name, data)
+        raw = raw_bytes(data)
+        self.begin(name, dtype, shape, raw.nbytes)
+        self._tensor_bytes.update(raw)
 
     def begin(self, name: str, dtype: str, shape, nbytes: int) -> None:
         """Start a tensor whose `nbytes` stored bytes follow through `update` (as TensorHasher.begin)."""
         self._tensors.append(_tensor_record(name, dtype, shape))
+        if self.algorithm == HASH_V3:
+            self._tensors[-1]["nbytes"] = int(nbytes)
         self._tensor_bytes.begin(name, nbytes)
 
     def update(self, piece) -> None:
@@ -167,13 +273,12 @@ class ModelHasher:
 
     def description(self) -> dict:
         """The canonical description of the model (docs/formats.md §9); waits for the tensor bytes."""
-        return {
-            "algorithm": HASH_V2,
-            "tensors": self._tensors,
-            "tensor_bytes": self._tensor_bytes.hexdigest(),
-            "config": self._config,
-            "tokenizer_files": self._tokenizer_files,
-        }
+        documents = {"config": self._config, "tokenizer_files": self._tokenizer_files}
+        if self.algorithm == HASH_V2:
+            return {"algorithm": HASH_V2, "tensors": self._tensors, "tensor_bytes": self._tensor_bytes.hexdigest(),
+                    **documents}
+        tensors = [dict(record, chunks=digest) for record, digest in zip(self._tensors, self._tensor_bytes.digests())]
+        return {"algorithm": HASH_V3, "chunk_bytes": CHUNK_BYTES, "tensors": tensors, **documents}
 
     def hexdigest(self) -> str:
         return hashlib.sha256(canonical_json(self.description())).hexdigest()
@@ -193,8 +298,8 @@ def hash_stored(stored, algorithm: str = HASH_ALGORITHM) -> str:
     sha256-tensors-v1 also takes any iterable of (name, bytes))."""
     if algorithm == HASH_V1:
         return _tensors_v1(stored)
-    if algorithm == HASH_V2:
-        return _model_v2(stored)
+    if algorithm in FULL_COVERAGE:
+        return _model(stored, algorithm)
     raise ValueError(f"unknown content hash algorithm {algorithm!r}")
 
 
@@ -205,17 +310,18 @@ def _tensors_v1(tensors) -> str:
     return hasher.hexdigest()
 
 
-def _model_v2(stored: StoredModel) -> str:
+def _model(stored: StoredModel, algorithm: str) -> str:
     if not isinstance(stored, StoredModel):  # bare (name, bytes) pairs lack dtypes, shapes, config, tokenizer
-        raise TypeError(f"{HASH_V2} needs a StoredModel (a format's stored_tensor_bytes), got {type(stored).__name__}")
-    hasher = ModelHasher()
-    for tensor in stored.tensors():
-        hasher.add(tensor.name, tensor.dtype, tensor.shape, tensor.data)
-    for name, data in stored.config.items():
-        hasher.add_config(name, data)
-    for name, data in stored.tokenizer_files.items():
-        hasher.add_tokenizer_file(name, data)
-    return hasher.hexdigest()
+        raise TypeError(f"{algorithm} needs a StoredModel (a format's stored_tensor_bytes), "
+                        f"got {type(stored).__name__}")
+    with contextlib.closing(ModelHasher(algorithm=algorithm)) as hasher:
+        for tensor in stored.tensors():
+            hasher.add(tensor.name, tensor.dtype, tensor.shape, tensor.data)
+        for name, data in stored.config.items():
+            hasher.add_config(name, data)
+        for name, data in stored.tokenizer_files.items():
+            hasher.add_tokenizer_file(name, data)
+        return hasher.hexdigest()
 
 
 def provenance_record(ckpt_provenance: dict, content_hash: str | None, fmt: str, **extra) -> dict:

@@ -112,22 +112,31 @@ def _prepared(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: 
         report.failures.append(f"ik_llama.cpp's IQ2_BN needs rows of at least {IQ2_BN_MIN_ROW} values; this model's "
                                f"are {cfg.hidden_size} and {cfg.intermediate_size}")
         return None
+    out = tmp / "iq2_bn.gguf"
+    refused = requantize_iq2_bn(path, out)
+    if refused is not None:
+        report.failures.append(f"ik_llama.cpp's llama-quantize refused the file: {refused}")
+        return None
+    report.notes.append("requantized to IQ2_BN by ik_llama.cpp's llama-quantize (f16 embeddings and head)")
+    return str(out)
+
+
+def requantize_iq2_bn(path: str | os.PathLike, out: str | os.PathLike) -> str | None:
+    """ik_llama.cpp's llama-quantize of an I2_S file to IQ2_BN (f16 embeddings and head) at `out`; None when
+    it succeeds, else the line of its output that says why not."""
     from ik_llama_cpp.quantize import find_quantize_bin
 
     binary = find_quantize_bin()
     if binary is None:
         raise ConvertError("ik_llama.cpp's llama-quantize is not installed with its package")
-    out = tmp / "iq2_bn.gguf"
     done = subprocess.run([str(binary), "--allow-requantize", "--token-embedding-type", "f16",
-                           "--output-tensor-type", "f16", path, str(out), "iq2_bn"],
+                           "--output-tensor-type", "f16", str(path), str(out), "iq2_bn"],
                           capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        lines = (done.stderr + done.stdout).strip().splitlines()
-        why = [line for line in lines if "error" in line.lower() or "failed" in line.lower()] or lines[-1:] or [""]
-        report.failures.append(f"ik_llama.cpp's llama-quantize refused the file: {why[0].strip()}")
+    if done.returncode == 0:
         return None
-    report.notes.append("requantized to IQ2_BN by ik_llama.cpp's llama-quantize (f16 embeddings and head)")
-    return str(out)
+    lines = (done.stderr + done.stdout).strip().splitlines()
+    why = [line for line in lines if "error" in line.lower() or "failed" in line.lower()] or lines[-1:] or [""]
+    return why[0].strip()
 
 
 def _sequence(cfg: ModelConfig) -> list[int]:

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from bitnet_model.compile_cache import cache_root
+
 SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
@@ -56,10 +58,7 @@ _active_level = 0  # what runs now (configure() changes it)
 
 
 def cache_dir() -> Path:
-    if os.environ.get("BITNET_CONVERT_CACHE"):
-        return Path(os.environ["BITNET_CONVERT_CACHE"]) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bitnet-convert" / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str:
