@@ -11,6 +11,7 @@ from bitnet_convert.formats.gguf_read import (
     read,
     recorded_provenance,
     stored_tensor_bytes,
+    tensor_types,
 )
 from bitnet_convert.formats.gguf_types import (
     EMBED_TYPES,
@@ -21,6 +22,6 @@ from bitnet_convert.formats.gguf_types import (
 from bitnet_convert.formats.gguf_write import NAME, write
 
 __all__ = [
-    "NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
-    "EMBED_TYPES", "WRITER_OPTIONS",
+    "NAME", "detect", "read", "write", "stored_tensor_bytes", "recorded_provenance", "tensor_types", "OUTTYPES",
+    "TARGETS", "EMBED_TYPES", "WRITER_OPTIONS",
 ]

@@ -140,6 +140,11 @@ def recorded_provenance(path) -> dict | None:
     return _recorded(field_reader(open_gguf(path)), path)
 
 
+def tensor_types(path) -> dict[str, str]:
+    """Tensor name -> its GGML type's name ("I2_S", "F16", "Q8_0" ...), in file order."""
+    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+
+
 def _recorded(field, path) -> dict | None:
     value = field(KEY_PROVENANCE)
     if value is None:
