@@ -88,6 +88,25 @@ def test_float_files_for_bitnet_cpp_run_in_it_as_the_jax_model(family, name, out
     assert_agrees(runtime_layer(out, src)[1])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "embed_type"), [("falcon3", "q8_0"), ("1bitllm", "bf16")])
+def test_the_head_product_of_each_embedding_type(family, name, embed_type, tmp_path):
+    """bitnet.cpp's head quantizes its input to Q8_0 blocks for a Q8_0 table and rounds it to bf16 for a BF16 one
+    (untied `output.weight` under `llama`, tied `token_embd` under `bitnet`): the reference does the same."""
+    src = family(name)
+    out = api.convert(src, tmp_path / "m.gguf", target="bitnet.cpp", embed_type=embed_type)
+    assert_agrees(runtime_layer(out, src)[1])
+
+
+def test_the_cli_finds_the_build_through_the_environment(family, tmp_path, monkeypatch):
+    src = family("falcon3")
+    out = api.convert(src, tmp_path / "m.gguf", target="bitnet.cpp")
+    monkeypatch.setenv(bitnet_cpp.ENV, str(BUILD))
+    result = run_cli(["verify", out, "--reference", src, "--runtime", "bitnet.cpp", "--level", "weights", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"runtime": "bitnet.cpp"' in result.stdout
+
+
 def _i2_s_tensor(path: Path, name: str) -> tuple[int, int]:
     """(offset of the packed codes, offset of the float32 multiplier in the tail) of an I2_S tensor."""
     (info,) = [t for t in open_gguf(path).tensors if t.name == name]
