@@ -1,5 +1,5 @@
 """bitnet.cpp itself (verify --runtime bitnet.cpp): our files in the real runtime, every family it reads, against
-the JAX model under its arithmetic (bitnet_convert/verification/runtime.py says which and why that bound).
+the JAX model under its arithmetic (verification/bitnet_cpp_arithmetic.py says which and why those bounds).
 
 Needs a bitnet.cpp build: $BITNET_CPP_DIR, else ~/.cache/bitnet-cpp-4645960, where
 ../shared/runtimes/bitnet.cpp/build.sh puts one (.ci/run builds it); without one these tests skip. Fixtures are
@@ -19,6 +19,7 @@ import pytest
 from bitnet_convert import api
 from bitnet_convert.formats.gguf_read import open_gguf, raw_bytes
 from bitnet_convert.verification import bitnet_cpp, runtime
+from bitnet_convert.verification import bitnet_cpp_arithmetic as arithmetic
 from damage import gguf_tensor_offsets, patch, run_cli
 from families import write_family
 
@@ -51,8 +52,8 @@ def runtime_layer(candidate, reference):
 
 def assert_agrees(layer):
     assert layer.passed, layer.failures
-    assert layer.figures["max_rel_diff"] <= runtime.BITNET_CPP_FLOOR
-    assert layer.figures["max_input_departure_of_a_float_op"] <= runtime.FLOAT_INPUT_TOLERANCE
+    assert layer.figures["max_rel_diff"] <= arithmetic.FLOOR
+    assert layer.figures["max_input_departure_of_a_float_op"] <= arithmetic.FLOAT_INPUT_TOLERANCE
     assert layer.figures["top1_agreement"] == 1.0
 
 
@@ -66,7 +67,7 @@ def test_i2_s_files_of_every_family_run_in_bitnet_cpp_as_the_jax_model(family, n
     assert report.passed, [layer.failures for layer in report.layers]
     assert_agrees(layer)
     # bitnet.cpp's f16 Q/K/V, unmodelled, move the free-running logits by far more than the bound
-    assert layer.figures["free_running_max_rel_diff_without_f16_model"] > 100 * runtime.BITNET_CPP_FLOOR
+    assert layer.figures["free_running_max_rel_diff_without_f16_model"] > 100 * arithmetic.FLOOR
 
 
 @pytest.mark.slow
