@@ -170,6 +170,22 @@ def test_no_build_is_one_error_line(family, tmp_path, monkeypatch):
                                      f"3rdparty/llama.cpp/include; {bitnet_cpp.BUILD_HINT})")
 
 
+def test_no_compiler_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_CONVERT_CACHE", str(tmp_path))  # nothing compiled yet
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(api.ConvertError, match=r"^no C\+\+ compiler \(no-such-compiler\) on PATH: verify --runtime "
+                                               r"bitnet.cpp compiles bitnet_cpp_logits.cc against "):
+        bitnet_cpp.logits(tmp_path / "m.gguf", [1], bitnet_cpp_dir=BUILD)
+
+
+def test_the_program_is_compiled_once_per_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_CONVERT_CACHE", str(tmp_path))
+    first = bitnet_cpp.program(BUILD)
+    assert first.parent == tmp_path / "bitnet-cpp" and os.access(first, os.X_OK)
+    stamp = first.stat().st_mtime_ns
+    assert bitnet_cpp.program(BUILD) == first and first.stat().st_mtime_ns == stamp
+
+
 def test_a_file_bitnet_cpp_cannot_load_is_one_line(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(60))
