@@ -202,6 +202,7 @@ def test_greedy_continues_as_the_jax_model(family, tmp_path):
     # the same tokens as taking the argmax of bitnet.cpp's own logits over the grown sequence
     logits = bitnet_cpp.logits(out, [1, 7, 42, *ids[:-1]], bitnet_cpp_dir=BUILD)
     assert [int(t) for t in logits[2:].argmax(-1)] == ids
+    assert api.generate(out, [1, 7, 42], max_new_tokens=6).ids == ids  # and our engine's greedy tokens
 
 
 @pytest.mark.slow
