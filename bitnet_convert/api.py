@@ -47,14 +47,14 @@ def convert(src: PathLike, dst: PathLike, *, src_format: str | None = None, dst_
 
 
 def verify(candidate: PathLike, reference: PathLike, *, revision: str | None = None, levels=None,
-           runtime: str | None = None, head: str = "stored"):
+           runtime: str | None = None, head: str = "stored", bitnet_cpp_dir: PathLike | None = None):
     """`bitnet-convert verify`: the VerifyReport (`.passed`, `.layers`, `.as_dict()`) of CANDIDATE against
     REFERENCE; `levels` as the CLI's --level ("weights,function" by default, "all"), `runtime` its --runtime,
-    `head` its --head."""
+    `head` its --head, `bitnet_cpp_dir` its --bitnet-cpp-dir (default: $BITNET_CPP_DIR)."""
     from bitnet_convert.verification import run_verify
 
     return run_verify(os.fspath(candidate), os.fspath(reference), revision=revision, levels=levels,
-                      runtime=runtime, head=head)
+                      runtime=runtime, head=head, bitnet_cpp_dir=bitnet_cpp_dir)
 
 
 def inspect(path: PathLike, *, check: bool = False, revision: str | None = None):

@@ -233,11 +233,14 @@ main.command("convert")(_apply(
               help=f"Layers to run, comma separated: {', '.join(LEVELS)}, or all.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="Also load CANDIDATE (a GGUF) in this runtime and compare its logits with the JAX model's.")
+@click.option("--bitnet-cpp-dir", "bitnet_cpp_dir", envvar="BITNET_CPP_DIR", default=None,
+              help="With --runtime bitnet.cpp: the bitnet.cpp build to run (the folder holding build/ and "
+                   "3rdparty/llama.cpp/include/llama.h; default: $BITNET_CPP_DIR).")
 @click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="The function layer's engine head: int8 runs both sides as `generate --head int8` does and "
                    "reports what that declared cast changes against the stored head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def verify_command(candidate, reference, revision, levels, runtime, head, as_json):
+def verify_command(candidate, reference, revision, levels, runtime, bitnet_cpp_dir, head, as_json):
     """Prove that CANDIDATE holds the model REFERENCE holds: layer by layer, each reported.
 
     \b
@@ -246,8 +249,8 @@ def verify_command(candidate, reference, revision, levels, runtime, head, as_jso
       function  the JAX engine on both, same token batches: logits identical, bit for bit
       parity    the JAX model against transformers' BitNet on an HF REFERENCE: teacher-forced layer by layer
                 with rounding ties accounted for, and end to end without activation quantization
-      runtime   with --runtime: the GGUF run in llama.cpp or ik_llama.cpp against the JAX model under that
-                runtime's arithmetic
+      runtime   with --runtime: the GGUF run in llama.cpp, ik_llama.cpp or bitnet.cpp (your own build:
+                --bitnet-cpp-dir) against the JAX model under that runtime's arithmetic
 
     Exit 0 when every layer that ran passed, 1 when one failed, 2 on bad input.
 
@@ -256,8 +259,10 @@ def verify_command(candidate, reference, revision, levels, runtime, head, as_jso
       bitnet-convert verify ./model.gguf --reference ./model-hf
       bitnet-convert verify ./model-hf --reference ./model-hf --level all --json
       bitnet-convert verify ./model-tq2_0.gguf --reference ./model-hf --runtime llama.cpp
+      bitnet-convert verify ./model-i2_s.gguf --reference ./model-hf --runtime bitnet.cpp --bitnet-cpp-dir ~/BitNet
     """
-    result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime, head=head)
+    result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime, head=head,
+                        bitnet_cpp_dir=bitnet_cpp_dir)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:

@@ -60,6 +60,25 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_q, scale
 
 
+def quantize_exact_product(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """As `quantize_activations`, rounding as bitnet.cpp's quantize_row_i8_s does (a verification reference):
+    s = 127 / max(|x|, 1e-5) divided in double and rounded to float32, and q the exact product x·s rounded to
+    nearest even. Its magic-number rounding `x·s + 1.5·2^23` is contracted into one FMA by GCC under
+    -march=native, so the product is not rounded to float32 first: the two differ where float32(x·s) is exactly
+    k + ½. A float32 product is exact in float64 (24 + 24 bits), so numpy computes it there, through a callback."""
+
+    def exact(values):
+        values = np.asarray(values, np.float32)
+        peak = np.maximum(np.abs(values).max(axis=-1, keepdims=True).astype(np.float64), 1e-5)
+        scale = (127.0 / peak).astype(np.float32)
+        q = np.clip(np.rint(values.astype(np.float64) * scale.astype(np.float64)), ACT_MIN, ACT_MAX)
+        return q.astype(np.int8), scale
+
+    x = x.astype(jnp.float32)
+    shapes = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((*x.shape[:-1], 1), jnp.float32))
+    return jax.pure_callback(exact, shapes, x)
+
+
 def ternarize(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Absmean ternarization of master weights [out, in] -> (int8 codes [out, in], float32 multiplier [])."""
     weight = weight.astype(jnp.float32)
@@ -227,12 +246,15 @@ class BitLinear(nnx.Module):
             x = self.norm(x)
         if _probe.inputs is not None:
             _probe.inputs.append(x)
+        if _probe.forced is not None:
+            x = _forced_input(x)
         if self.mode == TRAINING:
             return ternary_linear_ste(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         if not _probe.quantize:  # a verification run: the continuous function, float32 throughout
             weight = packed_ops.unpack(self.packed[...]).astype(jnp.float32) * self.multiplier[...]
-            return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
-        x_q, scale = quantize_activations(x)
+            x = round_activations(x.astype(jnp.float32), _probe.float_activations)
+            return jnp.einsum("...i,oi->...o", x, weight, precision=jax.lax.Precision.HIGHEST)
+        x_q, scale = (quantize_exact_product if _probe.exact_product_rounding else quantize_activations)(x)
         return packed_ternary_matmul(
             x_q, scale, self.packed[...], self.multiplier[...], block_bytes=self.block_bytes
         )
@@ -250,23 +272,79 @@ class InputNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+# How a runtime's float products see their float32 input (ggml converts it to the weight's `vec_dot_type`):
+# rounded to nearest even in f16 / bf16 (F16C and ggml's bf16 conversion both do), or Q8_0: blocks of 32 values
+# as round(x * 127 / max|x|) (half to even, as its AVX2 quantizer) times that block's d = max|x| / 127 in f16.
+ROUNDINGS = ("f16", "bf16", "q8_0")
+Q8_0_BLOCK = 32
+
+
+def round_activations(x: jax.Array, rounding: str | None) -> jax.Array:
+    """float32 x [..., in] as a runtime's product takes it (ROUNDINGS), back in float32; None: x itself."""
+    if rounding is None:
+        return x
+    if rounding in ("f16", "bf16"):
+        return x.astype(jnp.float16 if rounding == "f16" else jnp.bfloat16).astype(jnp.float32)
+    if rounding != "q8_0":
+        raise ValueError(f"unknown activation rounding {rounding!r} (choose from {', '.join(ROUNDINGS)})")
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    inverse = jnp.where(amax > 0, ACT_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    d = (amax / ACT_MAX).astype(jnp.float16).astype(jnp.float32)
+    return (jnp.round(blocks * inverse) * d).reshape(x.shape)
+
+
 @dataclasses.dataclass
 class _Probe:
     quantize: bool = True  # False: no activation quantization (x @ (T * w).T in float32)
     inputs: list | None = None  # when a list, every BitLinear appends its input, in call order
+    float_activations: str | None = None  # with quantize False: BitLinear inputs rounded so first (ROUNDINGS)
+    exact_product_rounding: bool = False  # the quantizer rounds the exact x·s (quantize_exact_product)
+    attention: str | None = None  # "f16": Q/K/V after RoPE rounded to f16
+    head_input: str | None = None  # the final hidden state rounded so before the head product (ROUNDINGS)
+    # Teacher forcing: another implementation's input of each BitLinear, in call order, taken in place of the
+    # model's own; `departures` gets, per call, the largest |theirs - own| / max|own| over the tokens.
+    forced: list | None = None
+    departures: list | None = None
 
 
 _probe = _Probe()
 
 
+def _forced_input(x: jax.Array) -> jax.Array:
+    own = np.asarray(x, np.float32)  # eager only: the probe's documented use
+    theirs = np.asarray(_probe.forced.pop(0), np.float32)
+    if theirs.size != own.size:
+        raise ValueError(f"a forced input of {theirs.size} values for a BitLinear input of {own.size}")
+    theirs = theirs.reshape(own.shape)
+    peak = np.maximum(np.abs(own).max(axis=-1, keepdims=True), EPS)
+    _probe.departures.append(float((np.abs(theirs - own) / peak).max()))
+    return jnp.asarray(theirs)
+
+
+def probed() -> _Probe:
+    """The probe's settings now (the model's modules read them when traced)."""
+    return _probe
+
+
 @contextlib.contextmanager
-def probe(*, quantize: bool = True, record: bool = False) -> Iterator[list | None]:
+def probe(*, quantize: bool = True, record: bool = False, float_activations: str | None = None,
+          exact_product_rounding: bool = False, attention: str | None = None, head_input: str | None = None,
+          forced: list | None = None) -> Iterator[list | None]:
     """How `verify` looks inside the model: record every BitLinear's input (the activation quantizer's input, for
-    rounding ties), or switch activation quantization off (a continuous function, to compare implementations
-    without ties). Read when a call is traced: use it around eager (unjitted) calls."""
+    rounding ties), switch activation quantization off (a continuous function, to compare implementations
+    without ties), or compute under a runtime's roundings: its float products' inputs (`float_activations`, with
+    quantize False), its quantizer's (`exact_product_rounding`), its f16 attention (`attention`), its head
+    product's input (`head_input`); `forced` (a list, consumed) teacher-forces every BitLinear with another
+    implementation's inputs, and the context yields the departures (see _Probe). Read when a call is traced:
+    use it around eager (unjitted) calls."""
     saved = dataclasses.replace(_probe)
     _probe.quantize, _probe.inputs = quantize, ([] if record else None)
+    _probe.float_activations, _probe.exact_product_rounding = float_activations, exact_product_rounding
+    _probe.attention, _probe.head_input = attention, head_input
+    _probe.forced, _probe.departures = (None, None) if forced is None else (list(forced), [])
     try:
-        yield _probe.inputs
+        yield _probe.departures if forced is not None else _probe.inputs
     finally:
-        _probe.quantize, _probe.inputs = saved.quantize, saved.inputs
+        for field in dataclasses.fields(_Probe):
+            setattr(_probe, field.name, getattr(saved, field.name))

@@ -20,17 +20,12 @@ import functools
 import os
 from pathlib import Path
 
+from bitnet_core.cache import cache_root
+
 OFF_ENV = "BITNET_CONVERT_JAX_CACHE"
 # JAX's monitoring events: a compilation that asked the persistent cache, and one the cache answered
 REQUEST, HIT = "/jax/compilation_cache/compile_requests_use_cache", "/jax/compilation_cache/cache_hits"
 _events: collections.Counter = collections.Counter()
-
-
-def cache_root() -> Path:
-    if os.environ.get("BITNET_CONVERT_CACHE"):
-        return Path(os.environ["BITNET_CONVERT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bitnet-convert"
 
 
 def enable() -> Path | None:

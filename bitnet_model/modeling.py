@@ -20,6 +20,7 @@ from flax import nnx
 
 from bitnet_core.config import SLIDING_ATTENTION, ModelConfig
 from bitnet_model import native
+from bitnet_model import bitlinear
 from bitnet_model.bitlinear import ACTIVATIONS, INFERENCE, BitLinear, rms_norm
 
 PRECISION = jax.lax.Precision.HIGHEST
@@ -80,7 +81,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: int, *, scale: float | None = None,
-              window: int | None = None) -> jax.Array:
+              window: int | None = None, rounding: str | None = None) -> jax.Array:
     """q [B, T, Hq, D], new k/v [B, T, KV, D], cached k/v [B, S, KV, D] or None -> [B, T, Hq*D].
 
     Scores are scaled by `scale` (default head_dim^-1/2). With a sliding `window` (the prompt form only), the
@@ -89,8 +90,15 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
     The new tokens attend causally among themselves and to the cache slots before `start`; that is the
     reference's masked attention over the updated cache, split in two so the cache is only read here.
     Query head h reads kv head h // G (G = Hq / KV), as HF's repeat_kv.
+
+    `rounding` (verify's model of a runtime, the prompt form only): q, k and v rounded as
+    bitlinear.round_activations does, as a runtime's F16 K/V cache and its F16 score product take them.
     """
     B, T, Hq, D = q.shape
+    if rounding is not None:
+        if cached_k is not None or 0 < query_block < T:
+            raise ValueError("a rounded attention is computed by the one-block prompt attention only")
+        q, k, v = (bitlinear.round_activations(a, rounding) for a in (q, k, v))
     KV = k.shape[2]
     G = Hq // KV
     lowest = jnp.finfo(jnp.float32).min
@@ -136,20 +144,21 @@ def attention(q, k, v, cached_k, cached_v, start, head_dim: int, query_block: in
 
 
 def rotary_attention(q, k, v, cos, sin, cached_k=None, cached_v=None, start=None, *, query_block: int = 0,
-                     native_kernel: bool = False, scale: float | None = None,
-                     window: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     native_kernel: bool = False, scale: float | None = None, window: int | None = None,
+                     rounding: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """RoPE on q [B, T, Hq, D] and k [B, T, KV, D], then `attention`: -> (out [B, T, Hq*D], rotated k, v).
 
     k and v come back as the cache holds them (cast to its dtype). With `native_kernel` a prompt (no cache) runs
     in the CPU kernel of bitnet_model.native, which rotates q and k itself (float32, summed in another order).
     """
-    if native_kernel and cached_k is None and scale is None and window is None:
+    if native_kernel and cached_k is None and scale is None and window is None and rounding is None:
         attn, k = native.causal_attention(q, k, v, cos, sin)
         return attn, k, v
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cached_k is not None:
         k, v = k.astype(cached_k.dtype), v.astype(cached_v.dtype)  # attend to what the cache will hold
-    return attention(q, k, v, cached_k, cached_v, start, q.shape[-1], query_block, scale=scale, window=window), k, v
+    return attention(q, k, v, cached_k, cached_v, start, q.shape[-1], query_block, scale=scale, window=window,
+                     rounding=rounding), k, v
 
 
 class Attention(nnx.Module):
@@ -179,7 +188,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         window = self.window if self.window is not None and self.window < T else None  # else: plain causal
-        out, _, _ = rotary_attention(q, k, v, cos, sin, scale=self.scale, window=window)  # [B, T, Hq*D]
+        out, _, _ = rotary_attention(q, k, v, cos, sin, scale=self.scale, window=window,
+                                     rounding=bitlinear.probed().attention)  # [B, T, Hq*D]
         if self.attn_sub_norm is not None:
             out = self.attn_sub_norm(out)
         return self.o_proj(out)
@@ -276,7 +286,7 @@ class BitNetForCausalLM(nnx.Module):
         self.hf_config_json: str | None = None  # the source checkpoint's config.json (static, so a string)
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:  # int [B, T] -> f32 [B, T, V]
-        return self.head(self.model(token_ids))
+        return self.head(bitlinear.round_activations(self.model(token_ids), bitlinear.probed().head_input))
 
     def head(self, h: jax.Array) -> jax.Array:  # final hidden states [B, T, H] -> f32 logits [B, T, V]
         if self.lm_head is None:

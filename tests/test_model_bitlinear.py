@@ -19,6 +19,18 @@ def test_activation_quantization_rounds_half_to_even_per_token():
     assert float(scale[0, 0]) == 1.0 and x_q.dtype == jnp.int8
 
 
+def test_the_exact_product_quantizer_rounds_as_bitnet_cpp():
+    """float32(x·s) is exactly k + ½ for these x (s = 127/3): half to even rounds that; bitnet.cpp (its rounding
+    contracted into an FMA) rounds the exact product, just below or above it."""
+    x = jnp.asarray([[3.0, 1.5, 0.17716536, 0.20078741, -1.5]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(x * np.float32(127 / 3)), [[127, 63.5, 7.5, 8.5, -63.5]])
+    ours, scale = bitlinear.quantize_activations(x)
+    theirs, their_scale = bitlinear.quantize_exact_product(x)
+    np.testing.assert_array_equal(np.asarray(ours), [[127, 64, 8, 8, -64]])
+    np.testing.assert_array_equal(np.asarray(theirs), [[127, 63, 7, 9, -63]])
+    assert float(scale[0, 0]) == float(their_scale[0, 0]) and theirs.dtype == jnp.int8
+
+
 def test_integer_product_equals_the_formula_and_one_row_padding_is_harmless():
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, (24, 40)).astype(np.int8)

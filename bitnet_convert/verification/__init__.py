@@ -5,8 +5,9 @@
   function  the JAX engine on both: identical logits, bit for bit (function.py)
   parity    the JAX model against transformers' BitNet on an HF reference, tie-proof (parity.py; needs the
             `reference` extra). It proves the JAX model, so it runs on the reference, not on the candidate
-  runtime   the candidate loaded in the runtime that will run it (llama.cpp, ik_llama.cpp), against the JAX
-            model under that runtime's arithmetic (runtime.py; needs the runtime's package)
+  runtime   the candidate loaded in the runtime that will run it (llama.cpp, ik_llama.cpp, bitnet.cpp), against
+            the JAX model under that runtime's arithmetic (runtime.py; needs the runtime's package, or for
+            bitnet.cpp a build of it: bitnet_cpp.py)
 
 The default is weights + function: exact, independent of how chaotic the model is, and with no extra installed.
 """
@@ -17,11 +18,11 @@ from bitnet_convert.verification.report import LayerReport, VerifyReport
 
 LEVELS = ("weights", "function", "parity", "runtime")
 DEFAULT_LEVELS = ("weights", "function")
-RUNTIMES = ("llama.cpp", "ik_llama.cpp")
+RUNTIMES = ("llama.cpp", "ik_llama.cpp", "bitnet.cpp")
 
 
 def run_verify(candidate: str, reference: str, *, revision: str | None = None, levels=None,
-               runtime: str | None = None, head: str = "stored") -> VerifyReport:
+               runtime: str | None = None, head: str = "stored", bitnet_cpp_dir=None) -> VerifyReport:
     from bitnet_convert.formats import registry
     from bitnet_convert.generate_command import release_mapped_pages
     from bitnet_convert.verification.function import compare_function
@@ -39,8 +40,10 @@ def run_verify(candidate: str, reference: str, *, revision: str | None = None, l
     report = VerifyReport(candidate, reference, candidate_format, [], warnings)
     if "weights" in levels:
         report.layers.append(weights)
+    structural = any(f.startswith("config ") or "missing" in f or "not in the reference" in f
+                     for f in weights.failures)
     if "function" in levels:
-        if any(f.startswith("config ") or "missing" in f or "not in the reference" in f for f in weights.failures):
+        if structural:
             report.layers.append(LayerReport("function", False, failures=[
                 "not run: the candidate's config or tensor set differs from the reference's (see weights)"]))
         else:
@@ -48,9 +51,13 @@ def run_verify(candidate: str, reference: str, *, revision: str | None = None, l
     if "parity" in levels:
         report.layers.append(_parity(ref, reference, revision))
     if "runtime" in levels:
+        from bitnet_convert.verification.function import with_expected
         from bitnet_convert.verification.runtime import check_runtime
 
-        report.layers.append(check_runtime(candidate, cand, runtime))
+        # The runtime is held to the reference's function (as the candidate should hold it), so a file whose
+        # values changed fails here too; where the two differ in shape, only the candidate can be run.
+        model = cand if structural else with_expected(ref, expected)
+        report.layers.append(check_runtime(candidate, cand, runtime, model=model, bitnet_cpp_dir=bitnet_cpp_dir))
     return report
 
 
@@ -73,7 +80,7 @@ def _levels(levels, runtime) -> tuple[str, ...]:
         if "runtime" not in chosen:
             chosen.append("runtime")
     elif "runtime" in chosen:
-        raise ConvertError(f"the runtime level needs --runtime ({' or '.join(RUNTIMES)})")
+        raise ConvertError(f"the runtime level needs --runtime ({', '.join(RUNTIMES)})")
     return tuple(chosen)
 
 

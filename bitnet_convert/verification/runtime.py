@@ -1,14 +1,20 @@
 """verify, layer 4: the candidate GGUF in the runtime that will run it, against the JAX model under that
 runtime's arithmetic.
 
-Neither runtime quantizes activations per token as W1.58A8 does: llama.cpp multiplies float activations by the
-codes of an F32 file, and its TQ types go through Q8_K activations (int8 per block of 256 values, a finer grid);
-ik_llama.cpp's IQ2_BN (what its llama-quantize makes of our I2_S, docs/formats.md §10) uses Q8_K64. So the
-runtime is compared with the JAX model with activation quantization switched off. An F32 file computes that
-function itself and must agree to the runtime's float floor (FLOAT_FLOOR); a quantized one is allowed what int8
-activation rounding explains, measured on this model: at most A8_SLACK times the distance between the JAX model
-with and without its quantizer, plus the floor. A runtime that computes another
-function (llama.cpp's bitnet graph has SiLU; a relu2 model there) fails with that said, never passes.
+llama.cpp and ik_llama.cpp do not quantize activations per token as W1.58A8 does: llama.cpp multiplies float
+activations by the codes of an F32 file, and its TQ types go through Q8_K activations (int8 per block of 256
+values, a finer grid); ik_llama.cpp's IQ2_BN (what its llama-quantize makes of our I2_S, docs/formats.md §10) uses
+Q8_K64. So they are compared with the JAX model with activation quantization switched off. An F32 file computes
+that function itself and must agree to the runtime's float floor (FLOAT_FLOOR); a quantized one is allowed what
+int8 activation rounding explains, measured on this model: at most A8_SLACK times the distance between the JAX
+model with and without its quantizer, plus the floor. A runtime that computes another function (llama.cpp's
+bitnet graph has SiLU; a relu2 model there) fails with that said, never passes.
+
+bitnet.cpp (bitnet_cpp.py runs the user's own build) quantizes per token as W1.58A8 does, and its I2_S product
+dequantizes as BitLinear, bit for bit. So it is held to far tighter bounds: the JAX model under its arithmetic
+(its quantizer's rounding, its float products, f16 Q/K/V, its head), teacher-forced with the input bitnet.cpp
+gave each product, which must equal ours to float rounding; then the logits to float rounding too
+(docs/formats.md §14).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ A8_SLACK = 1.5  # a finer int8 grid than one scale per token moves logits no mor
 # Float floors, of the largest logit: llama.cpp with F32 K/V computes in float32 (1e-4 covers its summation
 # order); ik_llama.cpp keeps K/V in f16 (11 significant bits: 2^-11 = 4.9e-4 of each cached value).
 FLOAT_FLOOR = {"llama.cpp": 1e-4, "ik_llama.cpp": 1e-3}
-PACKAGES = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}
+PACKAGES = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}  # bitnet.cpp: a build folder, not a package
 SEQUENCE = 32  # tokens compared: one sequence, every position
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")  # F16/BF16 weights multiply activations rounded to 16 bits, finer than int8
 IQ2_BN_MIN_ROW = 512  # ik_llama.cpp's IQ2_BN activation quantizer asserts rows of at least 512 values
@@ -39,11 +45,25 @@ IQ2_BN_MIN_ROW = 512  # ik_llama.cpp's IQ2_BN activation quantizer asserts rows 
 RUNTIME_ACTIVATION = {
     "llama.cpp": {"bitnet": "silu", "llama": "silu"},
     "ik_llama.cpp": {"bitnet": "silu", "bitnet-25": "relu2", "bitnet-b1.58": "relu2", "llama": "silu"},
+    "bitnet.cpp": {"bitnet": "silu", "llama": "silu"},
 }
+# Why a runtime has no graph for an architecture, and what runs it instead.
+NO_GRAPH = {("bitnet.cpp", arch): f"bitnet.cpp at this commit (4645960) has no graph for 2B4T's architecture "
+                                  f"{arch!r} (its relu2 graph came in a later fork commit); ik_llama.cpp runs it: "
+                                  f"verify --runtime ik_llama.cpp" for arch in ("bitnet-b1.58", "bitnet-25")}
 
 
-def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
-    require(PACKAGES[runtime], f"verify --runtime {runtime}")
+def check_runtime(path: str, ckpt: Checkpoint, runtime: str, *, model: Checkpoint | None = None,
+                  bitnet_cpp_dir=None) -> LayerReport:
+    """The runtime layer: the GGUF at `path` (read as `ckpt`) run in `runtime`, against the JAX model of `model`
+    (default `ckpt`; verify passes the reference as the candidate should hold it)."""
+    model = ckpt if model is None else model
+    if runtime in PACKAGES:
+        require(PACKAGES[runtime], f"verify --runtime {runtime}")
+    else:
+        from bitnet_convert.verification import bitnet_cpp
+
+        bitnet_cpp.build_dir(bitnet_cpp_dir)  # no build: one line before any work
     report = LayerReport("runtime", False, figures={"runtime": runtime})
     cfg = ModelConfig.from_hf(ckpt.config)
     arch = ckpt.provenance.get("architecture")
@@ -51,8 +71,8 @@ def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
         raise ConvertError(f"{path}: --runtime {runtime} runs GGUF files; this is {ckpt.provenance.get('format')}")
     computes = RUNTIME_ACTIVATION[runtime].get(arch)
     if computes is None:
-        report.failures.append(f"{runtime} has no graph for architecture {arch!r} "
-                               f"(it runs {', '.join(RUNTIME_ACTIVATION[runtime])})")
+        report.failures.append(NO_GRAPH.get((runtime, arch)) or f"{runtime} has no graph for architecture "
+                               f"{arch!r} (it runs {', '.join(RUNTIME_ACTIVATION[runtime])})")
         return report
     if computes != cfg.hidden_act:
         report.failures.append(f"{runtime} computes another function: its {arch} graph applies {computes} in the "
@@ -63,8 +83,17 @@ def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
         if model_path is None:
             return report
         ids = _sequence(cfg)
-        logits = _runtime_logits(runtime, model_path, ids, Path(tmp))
-    continuous, quantized = _jax_logits(ckpt, ids)
+        if runtime == "bitnet.cpp":
+            from bitnet_convert.verification import bitnet_cpp
+
+            logits, inputs = bitnet_cpp.trace(model_path, ids, cfg.vocab_size, bitnet_cpp_dir=bitnet_cpp_dir)
+        else:
+            logits = _runtime_logits(runtime, model_path, ids, Path(tmp))
+    if runtime == "bitnet.cpp":
+        from bitnet_convert.verification import bitnet_cpp_arithmetic
+
+        return bitnet_cpp_arithmetic.compare(path, model, cfg, ids, logits, inputs, report)
+    continuous, quantized = _jax_logits(model, ids)
     if not np.isfinite(logits).all():
         report.failures.append(f"{runtime}'s logits hold NaN or infinite values")
         return report
@@ -98,8 +127,18 @@ def _outtype(path: str) -> str | None:
 
 
 def _prepared(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: Path, report) -> str | None:
-    """The file the runtime loads: ours as it is for llama.cpp; for ik_llama.cpp, requantized to IQ2_BN."""
+    """The file the runtime loads: ours as it is for llama.cpp and bitnet.cpp; for ik_llama.cpp, requantized to
+    IQ2_BN."""
     if runtime == "llama.cpp":
+        return path
+    if runtime == "bitnet.cpp":
+        from bitnet_convert.verification import bitnet_cpp_arithmetic
+
+        projection = bitnet_cpp_arithmetic.projection_type(path)
+        if projection not in bitnet_cpp_arithmetic.PRODUCTS:
+            report.failures.append(f"verify --runtime bitnet.cpp runs I2_S and float (f32/f16/bf16) projections; "
+                                   f"this file holds {projection}: write it with --target bitnet.cpp")
+            return None
         return path
     outtype = _outtype(path)
     if outtype in FLOAT_OUTTYPES and (gguf_provenance(path) or {}).get("target") == "bitnet.cpp":

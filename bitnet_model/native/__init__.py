@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from bitnet_model.compile_cache import cache_root
+from bitnet_core import cache
 
 SOURCE = Path(__file__).with_name("kernels.cc")
 BITLINEAR_TARGET = "bitnet_bitlinear"
@@ -58,7 +57,7 @@ _active_level = 0  # what runs now (configure() changes it)
 
 
 def cache_dir() -> Path:
-    return cache_root() / "native"
+    return cache.cache_dir("native")
 
 
 def _compiler() -> str:
@@ -81,19 +80,14 @@ def build(force: bool = False) -> Path:
     compiler = shutil.which(_compiler())
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    def compile_to(tmp: str) -> None:
+        done = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return cache.compiled(path, compile_to, force=force)
 
 
 def _requested_level() -> int | None:

@@ -18,6 +18,7 @@ from bitnet_convert.formats.gguf.reader import (
     read,
     recorded_provenance,
     stored_tensor_bytes,
+    tensor_types,
 )
 from bitnet_convert.formats.gguf.types import (
     EMBED_TYPES,
@@ -28,6 +29,6 @@ from bitnet_convert.formats.gguf.types import (
 from bitnet_convert.formats.gguf.writer import NAME, plan, write
 
 __all__ = [
-    "NAME", "detect", "files", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "OUTTYPES", "TARGETS",
+    "NAME", "detect", "files", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance", "tensor_types", "OUTTYPES", "TARGETS",
     "EMBED_TYPES", "WRITER_OPTIONS",
 ]

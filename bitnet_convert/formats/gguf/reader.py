@@ -138,6 +138,11 @@ def files(path) -> list[Path]:
     return open_gguf(path).files
 
 
+def tensor_types(path) -> dict[str, str]:
+    """Tensor name -> its GGML type's name ("I2_S", "F16", "Q8_0" ...), in file order."""
+    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+
+
 def recorded_provenance(path) -> dict | None:
     """What our writer recorded (in the first file of a split set: a later file answers for its set, so that
     --force recognizes it as ours)."""
