@@ -1,5 +1,7 @@
 # make demo  — install into .venv if needed, then convert the built-in tiny BitNet HF -> Flax -> HF (+ npz, GGUF)
 # make test  — install into .venv if needed, then run the test suite
+# make converter — fetch llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist, once, into
+#                  ~/.cache/bitnet-convert) for tests/test_llama_cpp_converter.py; the only step that needs the network
 # make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md (needs ~8 GB of disk and ~30 minutes; run on an idle machine)
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export JAX_PLATFORMS ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test converter bench clean
 
 install: $(STAMP)
 
@@ -32,6 +34,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+converter: $(STAMP)
+	$(PY) tests/llama_cpp_converter.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --repeat 5

@@ -179,5 +179,5 @@ KEY_LENGTH, VALUE_LENGTH = Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGT
 # Our own keys (ignored by both runtimes).
 KEY_PROVENANCE = "bitnet_convert.provenance"  # JSON: integrity.provenance_record(...)
 KEY_HIDDEN_ACT = "bitnet_convert.hidden_act"  # the checkpoint's activation; llama.cpp's graph ignores it
-KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # "scale_tensor" | "i2_s_tail" | "in_values"
+KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # "tq_block_d" | "scale_tensor" | "i2_s_tail" | "in_values"
 SCALE_SUFFIX = ".scale"  # blk.N.attn_q.scale: F32 [1], applied as out * scale

@@ -2,11 +2,12 @@
 (gguf_types.TARGETS: `bitnet` / `llama` for llama.cpp; `bitnet-b1.58`, `bitnet`, `llama` for bitnet.cpp),
 streamed tensor by tensor.
 
-Multipliers travel exactly where the file can hold them: for TQ1_0/TQ2_0, and for float outtypes under a graph
-that applies `.scale` tensors (llama.cpp's), the codes are stored with unit scale (TQ blocks get d = 1.0, floats
-hold -1/0/+1) and the float32 multiplier goes into `blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp
-multiplies into the projection's output. Folding it into the TQ blocks' f16 `d` instead would round it to 11
-bits. I2_S keeps the float32 multiplier in its own tail, as bitnet.cpp reads it. bitnet.cpp's graphs know no
+Multipliers travel exactly. TQ1_0/TQ2_0 blocks hold the multiplier in their f16 `d`, as llama.cpp's own
+converter writes them, wherever f16 holds it; where it does not, `d` is an f16 next to it and
+`blk.N.<proj>.scale` (F32, shape [1], multiplied into the projection's output by llama.cpp) the exact ratio
+(block_scale). Float outtypes under a graph that applies `.scale` tensors (llama.cpp's) store the codes
+(-1/0/+1) and the float32 multiplier in `.scale`. I2_S keeps the float32 multiplier in its own tail, as
+bitnet.cpp reads it. bitnet.cpp's graphs know no
 `.scale` tensors, so there a float projection holds codes x multiplier: exact in F32, rounded once in F16/BF16
 (declared in the provenance's `multiplier_roundings`). A projection whose rows do not fit the outtype's blocks
 is written in an exact float type instead, with a warning naming it.
@@ -41,7 +42,7 @@ from bitnet_convert.fileio import integrity
 from bitnet_convert.fileio.atomic import atomic_path, replacing_outputs_of
 from bitnet_convert.fileio.prefetch import prefetch
 from bitnet_convert.fileio.progress import progress_bar
-from bitnet_convert.formats import gguf_rope, gguf_tokenizer
+from bitnet_convert.formats import gguf_general, gguf_rope, gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.folder import read_from
 from bitnet_convert.formats.gguf_bulk import BulkGGUFWriter
@@ -82,6 +83,7 @@ NAME = "gguf"
 HASH_PLACEHOLDER = "~" * 64  # same width as a sha256 hex digest; '~' never occurs in one
 QUANTIZATION_VERSION = 2  # general.quantization_version of ggml's current block layouts
 F16_MAX = float(np.finfo(np.float16).max)
+F16_TINY = np.finfo(np.float16).tiny  # the least normal f16, 2^-14
 # Tensors made ahead of the writer while it builds the header: bounded in bytes (the 2B4T embedding comes
 # first, 40 pieces of 16 MB), so peak memory stays ~0.5 GiB.
 LOOKAHEAD_BYTES = 256 << 20
@@ -150,10 +152,28 @@ def write(
             where, cfg.hidden_act, target, graph.architecture, graph.activation,
         )
     plan = _plan(ckpt, kind, graph, EMBED_TYPES[embed_type], where)
+    record = dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act)
+    if kind.ggml_type in (T.TQ1_0, T.TQ2_0):
+        record["scale_corrections"] = _scale_corrections(plan, kind, where)
     vocab = functools.partial(gguf_tokenizer.vocab_from_files, ckpt.tokenizer_files, ckpt.config, cfg.vocab_size, where)
-    return write_plan(ckpt, out, plan, graph, kind, cfg, vocab, force=force, quiet=quiet,
-                      record=dict(target=target, outtype=outtype, embed_type=embed_type, hidden_act=cfg.hidden_act),
+    return write_plan(ckpt, out, plan, graph, kind, cfg, vocab, force=force, quiet=quiet, record=record,
                       casts={name: embed_type for name in EMBEDDING_TABLES if name in ckpt.tensors})
+
+
+def _scale_corrections(plan: list[StoredTensor], kind: OutType, where: str) -> list[str]:
+    """The TQ projections whose blocks could not hold the multiplier exactly (block_scale), warned about in one
+    line: readers that ignore `.scale` compute them with d alone."""
+    weights = {t.name for t in plan if t.ggml_type == kind.ggml_type}
+    corrected = [t.name for t in plan if t.name.endswith(SCALE_SUFFIX)
+                 and t.name.removesuffix(SCALE_SUFFIX) + ".weight" in weights]
+    if corrected:
+        shown = ", ".join(name.removesuffix(SCALE_SUFFIX) for name in corrected[:4])
+        more = f" and {len(corrected) - 4} more" if len(corrected) > 4 else ""
+        log.warning("%s: %d of %d %s projections have a multiplier f16 cannot hold (%s%s): their blocks' d is the "
+                    "f16 next to it and a .scale tensor holds the exact ratio (llama.cpp applies it; a reader that "
+                    "ignores .scale is off by < 2^-9)", where, len(corrected), len(weights), kind.ggml_type.name,
+                    shown, more)
+    return corrected
 
 
 def write_plan(ckpt: Checkpoint, out: str, plan: list[StoredTensor], graph: Graph, kind: OutType, cfg,
@@ -243,16 +263,17 @@ def _multiplier_source(kind: OutType, graph: Graph) -> str:
     """Where the file keeps each projection's multiplier (our KEY_MULTIPLIER_SOURCE)."""
     if kind.ggml_type == I2_S:
         return "i2_s_tail"
+    if kind.ggml_type in (T.TQ1_0, T.TQ2_0):
+        return "tq_block_d"  # times a `.scale` correction where the provenance's scale_corrections lists one
     return "scale_tensor" if graph.scale_tensors else "in_values"
 
 
 def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ckpt: Checkpoint, vocab,
                     extra_keys: Callable | None = None) -> None:
     arch = graph.architecture
-    writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
+    gguf_general.add_to(writer, ckpt.provenance, ckpt.config, "BitNet b1.58")
     writer.add_file_type(int(kind.file_type))
-    if kind.ggml_type not in (T.F16, T.BF16, T.F32):
-        writer.add_quantization_version(QUANTIZATION_VERSION)
+    writer.add_quantization_version(QUANTIZATION_VERSION)  # in float files too, as llama.cpp's converter does
     values = {
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
@@ -264,7 +285,8 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, kind: OutType, cfg, ck
     if graph.vocab_and_rope_dims:
         writer.add_uint32(VOCAB_SIZE.format(arch=arch), cfg.vocab_size)
         writer.add_uint32(ROPE_DIMENSIONS.format(arch=arch), cfg.head_dim)
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp assumes hidden / heads otherwise
+    # llama.cpp assumes hidden / heads without them; its converter writes them wherever config.json has head_dim
+    if "head_dim" in ckpt.config or cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
@@ -387,12 +409,24 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, graph: Graph, wher
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
     if t in (T.TQ1_0, T.TQ2_0):
+        planned = _planned_multiplier(entry, where)
+        d, correction = block_scale(planned)
+
         def tq_bytes() -> list[np.ndarray]:
             from_hf2bit = tq.tq2_0_from_hf2bit if t == T.TQ2_0 else (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
-            return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
+            (data,) = stored(from_hf2bit, lambda codes: tq.pack(codes, t))
+            multiplier = loaded.pop("multiplier")
+            if multiplier != planned:  # the plan chose the layout for the multiplier the source said it had
+                raise ConvertError(f"{where}: tensor {entry.name}: multiplier {multiplier!r} read, "
+                                   f"{planned!r} when the file was planned (the source changed?)")
+            return [tq.set_d(data, t, d)]
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
+        if correction is None:
+            return [weight]
+        return [weight, StoredTensor(name.removesuffix(".weight") + SCALE_SUFFIX, T.F32, (1,), np.dtype(np.float32),
+                                     4, lambda: [np.array([correction], np.float32)])]
     elif graph.scale_tensors:
         def codes() -> np.ndarray:
             value = as_ternary(entry.load())
@@ -408,6 +442,38 @@ def _projection(entry: TensorEntry, name: str, kind: OutType, graph: Graph, wher
         lambda: [np.array([loaded.pop("multiplier")], np.float32)],
     )
     return [weight, scale]
+
+
+def block_scale(multiplier: np.float32) -> tuple[np.float16, np.float32 | None]:
+    """(the f16 `d` of a projection's TQ blocks, the F32 `.scale` it needs or None) for an exact multiplier.
+
+    llama.cpp's converter leaves the multiplier in `d`, and runtimes written against its files read `d` as the
+    weight's magnitude and ignore `.scale`. So `d` is the multiplier wherever f16 holds it (every bf16 value in
+    f16's normal range; 2B4T's are). Where it does not (Falcon3's 1/weight_scale in float32, a mean of masters),
+    `d` is the f16 nearest it, or the next one up, and `.scale` the float32 ratio whose product with `d` gives
+    the multiplier back exactly (llama.cpp multiplies it in; our reader takes the float32 product): those
+    runtimes then compute with `d`, within 2^-9 of the multiplier, about as the converter's own file makes
+    them. In f16's normal range one of the two always has such a ratio (a ratio just under 1 has float32 steps
+    finer than the multiplier's); d = 1 and `.scale` = the multiplier is the last resort (outside that range)."""
+    m = np.float32(multiplier)
+    with np.errstate(over="ignore", under="ignore"):
+        nearest = m.astype(np.float16)
+    if np.float32(nearest) == m:
+        return nearest, None
+    for d in (nearest, np.nextafter(nearest, np.float16(np.inf))):
+        if np.isfinite(d) and d >= F16_TINY:  # a subnormal d would be far from the multiplier
+            ratio = np.float32(m / np.float32(d))
+            if np.float32(np.float32(d) * ratio) == m:
+                return d, ratio
+    return np.float16(1.0), m
+
+
+def _planned_multiplier(entry: TensorEntry, where: str) -> np.float32:
+    """A projection's multiplier before its data is written (the layout depends on it): the one its source
+    stores apart from the codes, else loaded (a GGUF source, master weights: read twice)."""
+    if entry.multiplier is not None:
+        return check_multiplier(entry.multiplier, f"{where}: tensor {entry.name}")
+    return check_multiplier(as_ternary(entry.load()).multiplier, f"{where}: tensor {entry.name}")
 
 
 def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:
