@@ -9,6 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter, quants
 
+from bitnet_convert import api
 from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import gguf, gguf_write
 from bitnet_convert.formats.gguf_types import I2_S
@@ -314,8 +315,12 @@ def test_earlier_layout_unit_d_and_scale(ckpt, arrays, tmp_path, qtype):
                     (name.replace(".weight", ".scale"), scale, None)]
         return dense_f32(name, value)
 
-    back = gguf.read(write_foreign(tmp_path / "o.gguf", "bitnet", arrays, ckpt.config, tensors=tensors))
-    assert_same_model({n: v if isinstance(v, Ternary) else np.float32(v) for n, v in arrays.items()}, back)
+    earlier = write_foreign(tmp_path / "o.gguf", "bitnet", arrays, ckpt.config, tensors=tensors)
+    assert_same_model({n: v if isinstance(v, Ternary) else np.float32(v) for n, v in arrays.items()}, gguf.read(earlier))
+    # verify's weights layer: the earlier layout against today's (d = multiplier), the same model
+    today = gguf.write(ckpt, tmp_path / "n.gguf", outtype=qtype.name.lower(), embed_type="f32")
+    report = api.verify(earlier, today, levels="weights")
+    assert report.passed, report.layer("weights").failures
 
 
 def test_llama_cpp_style_f16_values(ckpt, arrays, tmp_path):
