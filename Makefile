@@ -2,6 +2,8 @@
 # make test  — install into .venv if needed, then run the test suite
 # make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md, written into it (needs ~10 GB of disk and ~45 minutes;
 #              run on an idle machine: bitnet.cpp's threads busy-wait)
+# make converter — fetch llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist, once, into
+#                  ~/.cache/bitnet-convert) for tests/test_llama_cpp_converter.py; the only step that needs the network
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export JAX_PLATFORMS ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test converter bench clean
 
 install: $(STAMP)
 
@@ -33,6 +35,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+converter: $(STAMP)
+	$(PY) tests/llama_cpp_converter.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --repeat 5 --update BENCHMARKS.md

@@ -132,6 +132,9 @@ class TensorEntry:
     # A lossy encoding the stored values went through (GGUF "q8_0"; UNIT_OFFSET): `load` gives them decoded, in
     # `dtype`.
     encoding: str | None = None
+    # A TERNARY entry's multiplier where the source stores it apart from the codes (None: load to know it). A
+    # writer whose layout depends on it plans with it and checks it against what `load` gives.
+    multiplier: np.float32 | None = None
 
     @property
     def load_packed(self) -> Callable[[], PackedTernary] | None:
@@ -154,8 +157,9 @@ class TensorEntry:
         return count if self.kind == TERNARY else count * np.dtype(self.dtype).itemsize
 
 
-def ternary_entry(name: str, shape, load: Callable[[], Ternary]) -> TensorEntry:
-    return TensorEntry(name, tuple(int(d) for d in shape), TERNARY, None, load)
+def ternary_entry(name: str, shape, load: Callable[[], Ternary], multiplier=None) -> TensorEntry:
+    return TensorEntry(name, tuple(int(d) for d in shape), TERNARY, None, load,
+                       multiplier=None if multiplier is None else np.float32(multiplier))
 
 
 def dense_entry(name: str, shape, dtype, load: Callable[[], np.ndarray]) -> TensorEntry:
@@ -165,7 +169,7 @@ def dense_entry(name: str, shape, dtype, load: Callable[[], np.ndarray]) -> Tens
 def eager_entry(name: str, value: Ternary | np.ndarray) -> TensorEntry:
     """An entry around a value already in memory (models exported from JAX, tests)."""
     if isinstance(value, Ternary):
-        return ternary_entry(name, value.shape, lambda: value)
+        return ternary_entry(name, value.shape, lambda: value, value.multiplier)
     return dense_entry(name, value.shape, value.dtype, lambda: value)
 
 

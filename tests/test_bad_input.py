@@ -528,7 +528,7 @@ def _gguf_i2s_multiplier(value: float):
 
 def _gguf_scale_tensor(value: float):
     def make(good, tmp):
-        path = _in(tmp, good["tq2_0"])
+        path = _in(tmp, good["f16"])  # float outtypes keep the multiplier in `.scale` (TQ blocks hold it in d)
         patch(path, gguf_tensor_offsets(path)["blk.0.ffn_up.scale"], f32_bytes(value))
         return path
 

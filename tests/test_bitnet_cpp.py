@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bitnet_convert import api
-from bitnet_convert.formats.gguf_read import open_gguf, raw_bytes
+from bitnet_convert.formats.gguf.reader import open_gguf, raw_bytes
 from bitnet_convert.verification import bitnet_cpp, runtime
 from bitnet_convert.verification import bitnet_cpp_arithmetic as arithmetic
 from damage import gguf_tensor_offsets, patch, run_cli

@@ -19,6 +19,7 @@ from gguf import GGUFReader
 from safetensors.numpy import load_file
 
 from bitnet_convert import api
+from bitnet_core.quantize import as_ternary
 from bitnet_convert.formats.gguf.types import I2_S
 
 # GGUF outputs: name -> writer options
@@ -110,7 +111,12 @@ def test_gguf_architecture_and_tensors_per_runtime(family_folder, tmp_path, fami
             assert types["output.weight"] == T.F16 and "blk.0.attn_sub_norm.weight" not in types
             assert reader.get_field(f"{arch}.vocab_size").contents() == api.read(src).config["vocab_size"]
         assert types["blk.0.ffn_down.weight"] == (T.TQ2_0 if target == "llama.cpp" else I2_S)
-        assert ("blk.0.ffn_down.scale" in types) == (target == "llama.cpp")  # bitnet.cpp loads no .scale tensors
+        # TQ2_0 blocks hold the multiplier where f16 can (2B4T's bf16 ones), else a `.scale` ratio corrects it;
+        # bitnet.cpp loads no .scale tensors
+        m = as_ternary(api.read(src).tensors["model.layers.0.mlp.down_proj.weight"].load()).multiplier
+        assert ("blk.0.ffn_down.scale" in types) == (target == "llama.cpp" and np.float32(np.float16(m)) != m)
+        if family == "2b4t":
+            assert np.float32(np.float16(m)) == m
 
 
 def test_bitnet_cpp_float_projections_hold_codes_times_multiplier(family_folder, tmp_path):

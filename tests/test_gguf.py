@@ -9,9 +9,11 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter, quants
 
+from bitnet_convert import api
 from bitnet_convert.fileio import integrity
 from bitnet_convert.formats import gguf
 from bitnet_convert.formats.gguf.types import I2_S
+from bitnet_convert.formats.gguf import stored
 from bitnet_convert.tiny import tiny_checkpoint
 from bitnet_core.checkpoint import Checkpoint, Ternary
 from bitnet_core.codecs import i2s
@@ -69,7 +71,8 @@ def test_round_trip_every_outtype(ckpt, arrays, tmp_path, target, outtype):
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == PROJECTION_TYPE[outtype]
     assert types["blk.1.attn_sub_norm.weight"] == T.F32 and types["token_embd.weight"] == T.F16
-    assert ("blk.0.ffn_down.scale" in types) == (target == "llama.cpp")
+    # TQ blocks hold these multipliers (bf16 values, so f16 values) in d; llama.cpp's float outtypes hold codes
+    assert ("blk.0.ffn_down.scale" in types) == (target == "llama.cpp" and outtype in ("f16", "bf16", "f32"))
     if in_values:
         rounding = {"f16": ["f16"], "bf16": ["bf16"], "f32": []}[outtype]
         assert gguf.recorded_provenance(out)["multiplier_roundings"] == rounding
@@ -82,18 +85,94 @@ def test_round_trip_every_outtype(ckpt, arrays, tmp_path, target, outtype):
         assert reader.get_field("general.file_type").contents() == 40
 
 
-def test_layout_on_disk_tq2_0(ckpt, arrays, tmp_path):
-    """Block d = 1 and the multiplier in `.scale` (F32 [1]); GGUF dims are listed ne0 = in_features first."""
-    out = gguf.write(ckpt, tmp_path / "m.gguf")
+@pytest.mark.parametrize("qtype", [T.TQ2_0, T.TQ1_0])
+def test_layout_on_disk_tq(ckpt, arrays, tmp_path, qtype):
+    """llama.cpp's converter's layout: every block's d is the multiplier (an f16 value here), no `.scale`; the
+    bytes are gguf-py's quantizer's of codes x multiplier. GGUF dims are listed ne0 = in_features first."""
+    out = gguf.write(ckpt, tmp_path / "m.gguf", outtype=qtype.name.lower())
     reader = GGUFReader(out)
     t = {t.name: t for t in reader.tensors}
-    q = arrays["model.layers.0.self_attn.q_proj.weight"]
-    weight, scale = t["blk.0.attn_q.weight"], t["blk.0.attn_q.scale"]
-    assert weight.shape.tolist() == [q.shape[1], q.shape[0]]
-    assert weight.data.tobytes() == quants.quantize(q.codes.astype(np.float32), T.TQ2_0).tobytes()
-    assert scale.shape.tolist() == [1] and scale.data[0] == q.multiplier
+    assert not [name for name in t if name.endswith(".scale")]
+    for name, value in arrays.items():
+        if isinstance(value, Ternary):
+            weight = t[hf_to_gguf(name)]
+            assert weight.shape.tolist() == [value.shape[1], value.shape[0]]
+            assert weight.data.tobytes() == quants.quantize(value.dequantize(), qtype).tobytes(), name
     assert reader.get_field("bitnet.attention.head_count_kv").contents() == 2
     assert reader.get_field("bitnet_convert.hidden_act").contents() == "relu2"
+    assert reader.get_field("bitnet_convert.multiplier").contents() == "tq_block_d"
+    assert gguf.recorded_provenance(out)["scale_corrections"] == []
+
+
+def with_multipliers(ckpt, arrays, multiplier_of):
+    """`ckpt` with each projection's multiplier replaced by multiplier_of(name, multiplier)."""
+    changed = {name: Ternary(v.codes, multiplier_of(name, v.multiplier)) if isinstance(v, Ternary) else v
+               for name, v in arrays.items()}
+    return Checkpoint.from_arrays(ckpt.config, changed, tokenizer_files=ckpt.tokenizer_files,
+                                  provenance=ckpt.provenance), changed
+
+
+@pytest.mark.parametrize("outtype", ["tq2_0", "tq1_0"])
+def test_tq_multiplier_f16_cannot_hold(ckpt, arrays, tmp_path, caplog, outtype):
+    """Layer 1's multipliers are not f16 values (one float32 step above bf16 ones): their blocks hold an f16 next to m and `.scale` the
+    exact ratio, warned about in one line and recorded; layer 0 keeps the converter's layout. Both read back
+    exactly, and llama.cpp's converter's reading of d alone is within 2^-9 of m."""
+    inexact, changed = with_multipliers(ckpt, arrays, lambda name, m: np.nextafter(m, np.float32(np.inf))
+                                        if ".layers.1." in name else m)
+    with caplog.at_level(logging.WARNING, logger="bitnet_convert"):
+        out = gguf.write(inexact, tmp_path / "m.gguf", outtype=outtype)
+    lines = [r.getMessage() for r in caplog.records if "f16 cannot hold" in r.getMessage()]
+    assert len(lines) == 1 and "7 of 14" in lines[0] and "blk.1.attn_q" in lines[0] and "\n" not in lines[0]
+    assert_same_model(changed, gguf.read(out))
+    reader = GGUFReader(out)
+    t = {t.name: t for t in reader.tensors}
+    corrected = sorted(name for name in t if name.endswith(".scale"))
+    assert corrected == sorted(gguf.recorded_provenance(out)["scale_corrections"])
+    assert corrected and all(name.startswith("blk.1.") for name in corrected)
+    for name, value in changed.items():
+        if ".layers.1." in name and isinstance(value, Ternary):
+            weight, scale = t[hf_to_gguf(name)], t[hf_to_gguf(name).replace(".weight", ".scale")]
+            d = np.abs(quants.dequantize(weight.data, weight.tensor_type)).max()
+            assert np.float32(d * scale.data[0]) == value.multiplier and d == np.float16(d)
+            assert abs(d - value.multiplier) <= 2**-9 * value.multiplier
+
+
+def test_block_scale():
+    """d x scale is the multiplier exactly for every float32 in f16's normal range; no scale for f16 values."""
+    rng = np.random.default_rng(0)
+    multipliers = np.exp2(rng.uniform(-14, 15.9, 20000)).astype(np.float32)
+    for m in multipliers:
+        d, scale = stored.block_scale(m)
+        if np.float32(np.float16(m)) == m:  # about 2^-13 of them
+            assert (d, scale) == (np.float16(m), None)
+            continue
+        assert scale is not None and np.float32(np.float32(d) * scale) == m and abs(d - m) <= 2**-9 * m, m
+    for m in np.float32([1.5, 0.0625, 2.0**-14, 65504.0, np.float16(0.3)]):
+        assert stored.block_scale(m) == (np.float16(m), None)
+    for m in np.float32([1e6, 1e-9]):  # beyond f16: the multiplier in `.scale` alone
+        assert stored.block_scale(m) == (np.float16(1.0), m)
+
+
+@pytest.mark.parametrize("outtype", ["tq2_0", "tq1_0"])
+def test_tq_all_zero_projection_keeps_its_multiplier(ckpt, arrays, tmp_path, outtype):
+    """A projection that is all zeros: its blocks all get d (zero blocks have d = 0 otherwise), so the file
+    still holds the multiplier."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    zeros = dict(arrays, **{name: Ternary(np.zeros_like(arrays[name].codes), arrays[name].multiplier)})
+    zero_ckpt = Checkpoint.from_arrays(ckpt.config, zeros, tokenizer_files=ckpt.tokenizer_files)
+    assert_same_model(zeros, gguf.read(gguf.write(zero_ckpt, tmp_path / "z.gguf", outtype=outtype)))
+
+
+def test_multiplier_must_match_the_plan(ckpt, tmp_path):
+    """The layout is planned from the multiplier a source states beside the codes; a source whose data then
+    says otherwise is refused, the output never left half-written."""
+    name = "model.layers.1.self_attn.v_proj.weight"
+    entry = ckpt.tensors[name]
+    stale = dataclasses.replace(entry, multiplier=np.float32(entry.multiplier * 3))
+    changed = Checkpoint(ckpt.config, dict(ckpt.tensors, **{name: stale}), ckpt.tokenizer_files, ckpt.provenance)
+    with pytest.raises(ConvertError, match=r"v_proj.weight: multiplier .* read, .* when the file was planned"):
+        gguf.write(changed, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
 
 
 def test_i2s_tail_holds_the_multiplier(ckpt, arrays, tmp_path):
@@ -224,6 +303,25 @@ def test_llama_cpp_style_folded_multiplier(ckpt, arrays, tmp_path):
         if isinstance(value, Ternary):
             assert np.array_equal(back.load(name).codes, value.codes)
             assert back.load(name).multiplier == np.float32(np.float16(value.multiplier))
+
+
+@pytest.mark.parametrize("qtype", [T.TQ2_0, T.TQ1_0])
+def test_earlier_layout_unit_d_and_scale(ckpt, arrays, tmp_path, qtype):
+    """What this tool wrote before (and llama.cpp still runs): blocks of codes with d = 1, the float32 multiplier
+    in `.scale`; read back exactly."""
+    def tensors(name, value):
+        if isinstance(value, Ternary):
+            scale = np.array([value.multiplier], np.float32)
+            return [(name, quants.quantize(value.codes.astype(np.float32), qtype), qtype),
+                    (name.replace(".weight", ".scale"), scale, None)]
+        return dense_f32(name, value)
+
+    earlier = write_foreign(tmp_path / "o.gguf", "bitnet", arrays, ckpt.config, tensors=tensors)
+    assert_same_model({n: v if isinstance(v, Ternary) else np.float32(v) for n, v in arrays.items()}, gguf.read(earlier))
+    # verify's weights layer: the earlier layout against today's (d = multiplier), the same model
+    today = gguf.write(ckpt, tmp_path / "n.gguf", outtype=qtype.name.lower(), embed_type="f32")
+    report = api.verify(earlier, today, levels="weights")
+    assert report.passed, report.layer("weights").failures
 
 
 def test_llama_cpp_style_f16_values(ckpt, arrays, tmp_path):

@@ -206,3 +206,32 @@ def test_tokenizer_json_is_parsed_once_from_check_to_gguf(monkeypatch):
     tokenizer_files.check(files, lambda name: name)
     gguf_tokenizer.vocab_from_files(files, {}, 384, "src")
     assert sorted(calls) == sorted(name for name in files if name.endswith(".json"))
+
+
+@pytest.mark.parametrize("pair,add_sep", [
+    (None, None),  # no pair template: not said
+    ([["bos", "A"], ["bos", "B"]], False),  # Llama 3: BOS between the texts
+    ([["bos", "A", "eos"], ["eos", "B", "eos"]], True),  # a separator (EOS) between them, RoBERTa-style
+])
+def test_add_sep_token_as_llama_cpp_converter_decides(pair, add_sep):
+    ckpt = tiny_checkpoint(seed=0)
+    files = dict(ckpt.tokenizer_files)
+    tok = json.loads(files["tokenizer.json"])
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    name = {"bos": bos, "eos": eos}
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    if pair is None:
+        tok["post_processor"] = None
+    else:
+        def template(parts):
+            return [{"Sequence": {"id": p, "type_id": 0}} if p in "AB" else
+                    {"SpecialToken": {"id": name[p], "type_id": 0}} for group in parts for p in group]
+
+        tok["post_processor"] = {
+            "type": "TemplateProcessing", "single": template(pair[:1]), "pair": template(pair),
+            "special_tokens": {t: {"id": t, "ids": [ids[t]], "tokens": [t]} for t in (bos, eos)}}
+    files["tokenizer.json"] = json.dumps(tok).encode()
+    config = dict(ckpt.config, eos_token_id=ids[eos])
+    files["tokenizer_config.json"] = json.dumps({"bos_token": bos, "eos_token": eos}).encode()
+    vocab = gguf_tokenizer.vocab_from_files(files, config, ckpt.config["vocab_size"], "t")
+    assert vocab.add_sep is add_sep

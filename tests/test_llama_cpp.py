@@ -131,6 +131,25 @@ def test_ternary_types_run(files, reference):
     assert rel_err(tq1, tq2) < TIGHT
 
 
+def test_both_tq_layouts_run(silu, files, tmp_path):
+    """The multipliers above are not f16 values: their TQ blocks hold the nearest f16 (or the next) and a `.scale`
+    the exact ratio. Rounded to f16 values, they sit in the blocks' d alone (llama.cpp's converter's layout, no
+    `.scale`), and llama.cpp computes that model as its F32 file, within the same slack."""
+    from gguf import GGUFReader
+
+    assert any(t.name.endswith(".scale") for t in GGUFReader(files["tq2_0"]).tensors)
+    rounded = Checkpoint.from_arrays(silu.config, {
+        name: Ternary(v.codes, np.float32(np.float16(v.multiplier))) if isinstance(v, Ternary) else v
+        for name, v in silu.materialize().items()}, tokenizer_files=silu.tokenizer_files)
+    tq2 = gguf.write(rounded, tmp_path / "tq2.gguf", outtype="tq2_0", embed_type="f32")
+    f32 = gguf.write(rounded, tmp_path / "f32.gguf", outtype="f32", embed_type="f32")
+    assert not any(t.name.endswith(".scale") for t in GGUFReader(tq2).tensors)
+    ids = prompt_ids(rounded)
+    a8_effect = rel_err(jax_logits(rounded, ids, quantize_activations=False),
+                        jax_logits(rounded, ids, quantize_activations=True))
+    assert rel_err(llama_logits(tq2, ids), llama_logits(f32, ids)) <= A8_SLACK * a8_effect
+
+
 def check_tokenization(llm, tokenizer_files, tmp_path):
     from transformers import AutoTokenizer
 

@@ -6,7 +6,8 @@ Precision of the multiplier along a path is that of the weakest format on it:
 |-------------------------------------|-------------------------------|
 | hf autobitlinear / bitlinear        | bf16 `weight_scale` (the inverse for bitlinear); `--scale-dtype f32` keeps float32 |
 | flax, npz                           | float32                       |
-| gguf tq1_0 / tq2_0 / f16 / bf16 / f32 | float32 `.scale` tensor (blocks hold d = 1) |
+| gguf tq1_0 / tq2_0                  | the blocks' f16 `d`, times a float32 `.scale` where f16 cannot hold it |
+| gguf f16 / bf16 / f32               | float32 `.scale` tensor (the values are the codes) |
 | gguf i2_s                           | float32 in the I2_S tail      |
 
 The tiny model's multipliers are bf16-exact, so every path here must keep them bit for bit; the lossy hop

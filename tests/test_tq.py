@@ -26,6 +26,18 @@ def test_bytes_equal_gguf_py(qtype):
     assert packed.tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_set_d_is_gguf_py_of_codes_times_d(qtype):
+    """set_d after packing = gguf-py's quantizer of codes x d (llama.cpp's converter's bytes): the blocks with a
+    non-zero get d, the all-zero block keeps d = 0; where every block is zero, all get d."""
+    codes, d = random_codes(), np.float16(0.3)
+    expected = quants.quantize(codes.astype(np.float32) * np.float32(d), qtype)
+    assert tq.set_d(tq.pack(codes, qtype), qtype, d).tobytes() == expected.tobytes()
+    zeros = tq.set_d(tq.pack(np.zeros((2, 512), np.int8), qtype), qtype, d)
+    stored_codes, stored_d = tq.unpack(zeros, qtype, (2, 512))
+    assert not stored_codes.any() and (stored_d == np.float32(d)).all()
+
+
 def test_direct_tq2_0_packer_is_byte_identical():
     codes = random_codes((33, 768), seed=3)
     assert tq.pack_tq2_0(codes).tobytes() == quants.quantize(codes.astype(np.float32), tq.TQ2_0).tobytes()

@@ -6,11 +6,14 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-REAL_LLAMA3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama3-tokenizer"
+# beside the checkout, or where LLAMA3_TOKENIZER_DIR points (a checkout in a worktree folder)
+REAL_LLAMA3 = Path(os.environ.get("LLAMA3_TOKENIZER_DIR") or
+                   Path(__file__).resolve().parents[2] / "shared" / "data" / "llama3-tokenizer")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog 1234567 times!! It's   fine, isn't it?",

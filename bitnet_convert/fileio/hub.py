@@ -2,8 +2,8 @@
 
 `huggingface_hub.snapshot_download` does the work and honours the usual environment: HF_HOME / HF_HUB_CACHE
 for the cache, HF_HUB_OFFLINE to stay off the network (then only cached snapshots resolve), HF_TOKEN for
-gated repos. Only the files a conversion needs are fetched (weights, config, tokenizer), not READMEs or
-other weight formats.
+gated repos. Only the files a conversion needs are fetched (weights, config, tokenizer, the model card's
+README.md), not other weight formats.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from bitnet_convert.fileio.sources import shown
 from bitnet_core.errors import ConvertError
 
 # Files a conversion reads: config, weights and every tokenizer/chat-template file transformers may use.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt"]
+# README.md: its front matter gives a GGUF's general.* keys (license, base model), as llama.cpp's converter reads it
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt", "README.md"]
 
 # owner/name as the Hub spells repo ids (letters, digits, '-', '_', '.'; no '..' or leading/trailing '.').
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

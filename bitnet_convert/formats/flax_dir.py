@@ -257,7 +257,7 @@ def _ternary_entry(name: str, packed: StoredTensor, multiplier: StoredTensor, wh
         return PackedTernary(hf2bit.LAYOUT, data, value, label)
 
     out_features = packed.shape[0] * rows4.VALUES_PER_BYTE
-    return ternary_entry(name, (out_features, packed.shape[1]), PackedLoader(load, load_packed))
+    return ternary_entry(name, (out_features, packed.shape[1]), PackedLoader(load, load_packed), value)
 
 
 # ------------------------------------------------------------------------------------------- inspection

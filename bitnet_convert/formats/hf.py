@@ -45,7 +45,7 @@ from bitnet_convert.fileio.safetensors_io import (
     shard_files,
 )
 from bitnet_convert.fileio.sources import SourceWatch, read_json_file
-from bitnet_convert.formats import tokenizer_files
+from bitnet_convert.formats import model_card, tokenizer_files
 from bitnet_convert.formats.folder import (
     dense_producer,
     read_from,
@@ -241,7 +241,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         NAME, folder, recorded_provenance(folder) if local else None,
         source=str(folder.resolve()) if local else str(path),
         revision=snapshot_revision(folder), layout=layout.name, quantization_config=quant,
-        multiplier_roundings=_stored_roundings(files, layout),
+        multiplier_roundings=_stored_roundings(files, layout), model_card=model_card.read(folder),
     )
     ckpt = Checkpoint(config, entries, tokenizer_files=_tokenizer_files(folder, watch), provenance=provenance)
     validate.check_tensors(ckpt, str(files.where))
@@ -333,7 +333,7 @@ def _packed_entry(weight: StoredTensor, scale: StoredTensor, layout: Layout, out
     def load() -> Ternary:
         return Ternary(packed().transcode(hf2bit.unpack, out_features), multiplier)
 
-    return ternary_entry(weight.name, (out_features, in_features), PackedLoader(load, packed))
+    return ternary_entry(weight.name, (out_features, in_features), PackedLoader(load, packed), multiplier)
 
 
 def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:

@@ -124,8 +124,8 @@ def _remultiplied(entry: TensorEntry, multiplier: np.float32) -> TensorEntry:
             value = entry.load_packed()
             return PackedTernary(value.layout, value.data, multiplier, value.where)
 
-        return dataclasses.replace(entry, load=PackedLoader(load, packed))
-    return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load)
+        return dataclasses.replace(entry, load=PackedLoader(load, packed), multiplier=multiplier)
+    return dataclasses.replace(entry, kind=TERNARY, dtype=None, load=load, multiplier=multiplier)
 
 
 def _report_head_cast(report: LayerReport, head: str, cast: list[np.ndarray], stored: list[np.ndarray]) -> None:

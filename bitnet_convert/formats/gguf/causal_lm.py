@@ -110,7 +110,26 @@ def model(ckpt: Checkpoint, cfg: ModelConfig, where: str, *, target: str | None,
 
 
 def plan(ckpt: Checkpoint, model: GGUFModel, where: str) -> list[StoredTensor]:
-    return _plan(ckpt, model.projection_type, model.graph, model.embed_type, where)
+    stored = _plan(ckpt, model.projection_type, model.graph, model.embed_type, where)
+    if model.projection_type.ggml_type in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        model.record["scale_corrections"] = _scale_corrections(stored, model.projection_type, where)
+    return stored
+
+
+def _scale_corrections(stored: list[StoredTensor], projection_type: OutType, where: str) -> list[str]:
+    """The TQ projections whose blocks could not hold the multiplier exactly (stored.block_scale), warned about
+    in one line: readers that ignore `.scale` compute them with d alone."""
+    weights = {t.name for t in stored if t.ggml_type == projection_type.ggml_type}
+    corrected = [t.name for t in stored if t.name.endswith(SCALE_SUFFIX)
+                 and t.name.removesuffix(SCALE_SUFFIX) + ".weight" in weights]
+    if corrected:
+        shown = ", ".join(name.removesuffix(SCALE_SUFFIX) for name in corrected[:4])
+        more = f" and {len(corrected) - 4} more" if len(corrected) > 4 else ""
+        log.warning("%s: %d of %d %s projections have a multiplier f16 cannot hold (%s%s): their blocks' d is the "
+                    "f16 next to it and a .scale tensor holds the exact ratio (llama.cpp applies it; a reader that "
+                    "ignores .scale is off by < 2^-9)", where, len(corrected), len(weights),
+                    projection_type.ggml_type.name, shown, more)
+    return corrected
 
 
 def model_keys(writer, model: GGUFModel) -> None:

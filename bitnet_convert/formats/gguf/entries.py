@@ -3,8 +3,10 @@ stored tensor; stored.py is the writer's).
 
 Projections are read back as codes + one multiplier, whatever the storage:
 - I2_S: codes and the float32 multiplier of the tail;
-- TQ1_0 / TQ2_0: the stored digits and the blocks' f16 `d`; every block holding a non-zero must carry the same
-  |d| (llama.cpp's converter folds the multiplier into d; our files have d = 1 and a `.scale` tensor);
+- TQ1_0 / TQ2_0: the stored digits and the blocks' f16 `d`; every block with a non-zero d must carry the same
+  |d| (llama.cpp's converter and our writer put the multiplier there; earlier versions of ours wrote d = 1 and a
+  `.scale` tensor; blocks of zeros have d = 0, and a tensor that is all zeros has multiplier 1 unless it
+  carries it in d or `.scale`);
 - F16 / BF16 / F32: values that are 0 or +-m for one m (m = 1 in our files, the multiplier in llama.cpp's).
 A `blk.N.<proj>.scale` tensor multiplies in, as llama.cpp applies it. Anything else is refused with the file
 named: a tensor whose blocks carry different scales is not one ternary matrix times one multiplier.

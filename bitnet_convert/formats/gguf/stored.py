@@ -2,11 +2,12 @@
 `float_tensor` and `projection`), and what the keys say about the model (`GGUFModel`). Architecture plug-ins plan
 their tensors with these; writer.py lays them out.
 
-Multipliers travel exactly where the file can hold them: for TQ1_0/TQ2_0, and for float outtypes under a graph
-that applies `.scale` tensors (llama.cpp's), the codes are stored with unit scale (TQ blocks get d = 1.0, floats
-hold -1/0/+1) and the float32 multiplier goes into `blk.N.<proj>.scale` (F32, shape [1]), which llama.cpp
-multiplies into the projection's output. Folding it into the TQ blocks' f16 `d` instead would round it to 11
-bits. I2_S keeps the float32 multiplier in its own tail, as bitnet.cpp reads it. bitnet.cpp's graphs know no
+Multipliers travel exactly. TQ1_0/TQ2_0 blocks hold the multiplier in their f16 `d`, as llama.cpp's own
+converter writes them, wherever f16 holds it; where it does not, `d` is an f16 next to it and
+`blk.N.<proj>.scale` (F32, shape [1], multiplied into the projection's output by llama.cpp) the exact ratio
+(block_scale). Float outtypes under a graph that applies `.scale` tensors (llama.cpp's) store the codes
+(-1/0/+1) and the float32 multiplier in `.scale`. I2_S keeps the float32 multiplier in its own tail, as
+bitnet.cpp reads it. bitnet.cpp's graphs know no
 `.scale` tensors, so there a float projection holds codes x multiplier: exact in F32, rounded once in F16/BF16
 (declared in the provenance's `multiplier_roundings`). A projection whose rows do not fit the outtype's blocks
 is written in an exact float type instead, with a warning naming it.
@@ -37,6 +38,7 @@ from bitnet_core.quantize import as_ternary, check_multiplier, projection_bytes
 
 log = logging.getLogger("bitnet_convert")
 F16_MAX = float(np.finfo(np.float16).max)
+F16_TINY = np.finfo(np.float16).tiny  # the least normal f16, 2^-14
 CHUNK_VALUES = 1 << 23  # values of a float tensor converted at a time: 32 MiB as float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # bf16 bit patterns (sign cleared) below this are finite and at most 65280 in magnitude; the next bf16 value,
@@ -156,13 +158,25 @@ def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: G
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         return [StoredTensor(name, t, byte_shape, np.dtype(np.uint8), i2s.nbytes(int(np.prod(shape))), i2s_bytes)]
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        planned = _planned_multiplier(entry, where)
+        d, correction = block_scale(planned)
+
         def tq_bytes() -> list[np.ndarray]:
             from_hf2bit = tq.tq2_0_from_hf2bit if t == GGMLType.TQ2_0 else \
                 (lambda d, rows: tq.pack(hf2bit.unpack(d, rows), t))
-            return stored(from_hf2bit, lambda codes: tq.pack(codes, t))
+            (data,) = stored(from_hf2bit, lambda codes: tq.pack(codes, t))
+            multiplier = loaded.pop("multiplier")
+            if multiplier != planned:  # the plan chose the layout for the multiplier the source said it had
+                raise ConvertError(f"{where}: tensor {entry.name}: multiplier {multiplier!r} read, "
+                                   f"{planned!r} when the file was planned (the source changed?)")
+            return [tq.set_d(data, t, d)]
 
         byte_shape = quants.quant_shape_to_byte_shape(shape, t)
         weight = StoredTensor(name, t, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), tq_bytes)
+        if correction is None:
+            return [weight]
+        return [weight, StoredTensor(name.removesuffix(".weight") + SCALE_SUFFIX, GGMLType.F32, (1,),
+                                     np.dtype(np.float32), 4, lambda: [np.array([correction], np.float32)])]
     elif graph.scale_tensors:
         def codes() -> np.ndarray:
             value = as_ternary(entry.load())
@@ -178,6 +192,38 @@ def projection(entry: TensorEntry, name: str, projection_type: OutType, graph: G
         lambda: [np.array([loaded.pop("multiplier")], np.float32)],
     )
     return [weight, scale]
+
+
+def block_scale(multiplier: np.float32) -> tuple[np.float16, np.float32 | None]:
+    """(the f16 `d` of a projection's TQ blocks, the F32 `.scale` it needs or None) for an exact multiplier.
+
+    llama.cpp's converter leaves the multiplier in `d`, and runtimes written against its files read `d` as the
+    weight's magnitude and ignore `.scale`. So `d` is the multiplier wherever f16 holds it (every bf16 value in
+    f16's normal range; 2B4T's are). Where it does not (Falcon3's 1/weight_scale in float32, a mean of masters),
+    `d` is the f16 nearest it, or the next one up, and `.scale` the float32 ratio whose product with `d` gives
+    the multiplier back exactly (llama.cpp multiplies it in; our reader takes the float32 product): those
+    runtimes then compute with `d`, within 2^-9 of the multiplier, about as the converter's own file makes
+    them. In f16's normal range one of the two always has such a ratio (a ratio just under 1 has float32 steps
+    finer than the multiplier's); d = 1 and `.scale` = the multiplier is the last resort (outside that range)."""
+    m = np.float32(multiplier)
+    with np.errstate(over="ignore", under="ignore"):
+        nearest = m.astype(np.float16)
+    if np.float32(nearest) == m:
+        return nearest, None
+    for d in (nearest, np.nextafter(nearest, np.float16(np.inf))):
+        if np.isfinite(d) and d >= F16_TINY:  # a subnormal d would be far from the multiplier
+            ratio = np.float32(m / np.float32(d))
+            if np.float32(np.float32(d) * ratio) == m:
+                return d, ratio
+    return np.float16(1.0), m
+
+
+def _planned_multiplier(entry: TensorEntry, where: str) -> np.float32:
+    """A projection's multiplier before its data is written (the layout depends on it): the one its source
+    stores apart from the codes, else loaded (a GGUF source, master weights: read twice)."""
+    if entry.multiplier is not None:
+        return check_multiplier(entry.multiplier, f"{where}: tensor {entry.name}")
+    return check_multiplier(as_ternary(entry.load()).multiplier, f"{where}: tensor {entry.name}")
 
 
 def _weights_in_values(entry: TensorEntry, ggml_type, where: str) -> np.ndarray:

@@ -107,6 +107,7 @@ class GGUFVocab:
     unk_id: int | None = None
     pad_id: int | None = None
     add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix ("llama")
+    add_sep: bool | None = None  # whether a separator goes between a pair's texts (None: not said)
 
     def add_to(self, writer: GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -126,6 +127,8 @@ class GGUFVocab:
             writer.add_add_space_prefix(self.add_space_prefix)
         writer.add_add_bos_token(self.add_bos)
         writer.add_add_eos_token(self.add_eos)
+        if self.add_sep is not None:
+            writer.add_add_sep_token(self.add_sep)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
 
@@ -159,8 +162,9 @@ def _pre_name(pre_tokenizer: Mapping | None, where: str) -> str:
     raise ConvertError(f"{where}: pre-tokenizer regex {regexes[0][:60]!r}... matches no llama.cpp pre-tokenizer")
 
 
-def _template_specials(tok: dict, where: str) -> tuple[int | None, int | None]:
-    """The special token the post-processor puts in front of / after a text (None if none): asks `tokenizers`.
+def _template_specials(tok: dict, where: str) -> tuple[int | None, int | None, list[int]]:
+    """The special token the post-processor puts in front of / after a text (None if none), and those it puts
+    between the two texts of a pair: asks `tokenizers`.
 
     It builds the tokenizer with a one-token vocabulary ("a", which it then encodes) and no merges: the
     post-processor and added tokens are what decide, and a real-size vocabulary (Llama 3: 128k tokens, 280k
@@ -171,14 +175,17 @@ def _template_specials(tok: dict, where: str) -> tuple[int | None, int | None]:
     one = {"a": (model.get("vocab") or {}).get("a", 0)}
     reduced = dict(tok, model=dict(model, vocab=one, merges=[]))
     try:
-        enc = Tokenizer.from_str(json.dumps(reduced)).encode("a", add_special_tokens=True)
+        tokenizer = Tokenizer.from_str(json.dumps(reduced))
+        enc, pair = tokenizer.encode("a", add_special_tokens=True), tokenizer.encode("a", "a", add_special_tokens=True)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for files it cannot build
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ConvertError(f"{where}: tokenizer.json is not one the tokenizers library loads: {first}") from None
     ids, special = enc.ids, enc.special_tokens_mask
     first = ids[0] if ids and special[0] else None
     last = ids[-1] if len(ids) > 1 and special[-1] else None
-    return first, last
+    texts = [i for i, sequence in enumerate(pair.sequence_ids) if sequence is not None]
+    between = [pair.ids[i] for i in range(texts[0] + 1, texts[-1]) if pair.sequence_ids[i] is None] if texts else []
+    return first, last, between
 
 
 def _gguf_merges(merges: list, vocab: Mapping[str, int], where: str) -> list[str]:
@@ -267,11 +274,14 @@ def _bpe_vocab(tok: dict, tok_config: Mapping, files, config: Mapping, n_vocab: 
     eos_text = _token_text(tok_config.get("eos_token"))
     eos_id = by_text[eos_text] if eos_text in by_text else _first_id(config.get("eos_token_id"))
     eot_id = next((by_text[t] for t in EOT_TOKENS if t in by_text), None)
-    prefix, suffix = _template_specials(tok, where)
+    prefix, suffix, between = _template_specials(tok, where)
     bos_id = prefix if bos_id is None else bos_id  # Llama 3 names BOS only in its post-processor template
     add_bos, add_eos = prefix is not None and prefix == bos_id, suffix is not None and suffix == eos_id
+    # As llama.cpp's converter decides it: said where a pair's texts have a special token between them (Llama 3:
+    # BOS), true where that is EOS (a separator, as BERT's)
+    add_sep = eos_id in between[:2] if between else None
     return GGUFVocab(pre, tokens, types, merges, bos_id, eos_id, eot_id, add_bos, add_eos,
-                     _chat_template(tok_config, files))
+                     _chat_template(tok_config, files), add_sep=add_sep)
 
 
 def _pad_missing(tokens: list, types: list[int], scores: list[float] | None = None) -> None:

@@ -1,10 +1,10 @@
 """llama.cpp's ternary block types TQ1_0 (id 34) and TQ2_0 (id 35), through gguf-py's own quantizers.
 
 Both cut each row into 256-value blocks with one f16 scale `d` (docs/formats.md §6). We quantize the *codes* as
-floats, so every block that holds a non-zero gets `d = 1.0` exactly and the per-tensor multiplier travels
-separately (as the F32 `.scale` tensor, see stored.py); a block of zeros gets `d = 0`, as
-gguf-py and llama.cpp write it. Decoding returns the codes and each block's `d`, so a reader can also take a
-foreign file whose multiplier was folded into `d`.
+floats, so every block that holds a non-zero gets `d = 1.0` exactly (a block of zeros gets `d = 0`, as gguf-py
+and llama.cpp write it), then `set_d` puts the projection's magnitude into those blocks, as llama.cpp's own
+converter leaves it (stored.block_scale chooses it: the multiplier itself wherever f16 holds it). Decoding
+returns the codes and each block's `d`, whichever layout the file has.
 
 TQ2_0 also has a direct packer from int8 codes: gguf-py works in float32 and rounds every value, which is
 needless for values that are already -1/0/+1. It is byte-identical to gguf-py's output (tested) and used
@@ -98,6 +98,21 @@ def _write_d(blocks: np.ndarray, zero: np.ndarray) -> None:
     """The f16 `d` closing each block [.., 66]: 1.0, or +0.0 for a block whose 256 codes are all zero."""
     blocks[:, _QS_BYTES] = _ONE_F16[0]
     blocks[:, _QS_BYTES + 1] = np.where(zero, np.uint8(0), _ONE_F16[1])
+
+
+def set_d(data: np.ndarray, qtype: GGMLQuantizationType, d: np.float16) -> np.ndarray:
+    """Blocks packed by `pack` / `tq2_0_from_hf2bit` ([.., row_bytes], d = 1 or 0) with `d` in place of 1.0.
+
+    Blocks of zeros keep d = 0, as llama.cpp's converter writes them; but where *every* block is zero, all get
+    `d`, so the file still holds the magnitude (the codes compute zeros whatever d is)."""
+    d_bits = np.float16(d).view(np.uint16)
+    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    stored = blocks[:, -_D_BYTES:].view(np.uint16)[:, 0]  # a view: written through
+    if stored.size and not stored.any():
+        stored[:] = d_bits
+    else:
+        stored[stored != 0] = d_bits
+    return data
 
 
 def unpack(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -168,7 +168,7 @@ KEY_LENGTH, VALUE_LENGTH = Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGT
 # Our own keys (ignored by both runtimes).
 KEY_PROVENANCE = "bitnet_convert.provenance"  # JSON: integrity.provenance_record(...)
 KEY_HIDDEN_ACT = "bitnet_convert.hidden_act"  # the checkpoint's activation; llama.cpp's graph ignores it
-KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # "scale_tensor" | "i2_s_tail" | "in_values"
+KEY_MULTIPLIER_SOURCE = "bitnet_convert.multiplier"  # "tq_block_d" | "scale_tensor" | "i2_s_tail" | "in_values"
 # llama.cpp's split layout (its model loader and gguf-split): every file holds these three, the first one also
 # every other key; files are named PREFIX-00001-of-0000N.gguf, and a runtime opens the first.
 KEY_SPLIT_NO, KEY_SPLIT_COUNT, KEY_SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"

@@ -27,6 +27,7 @@ from bitnet_convert.fileio import output
 from bitnet_convert.fileio.output import HASH_PLACEHOLDER, Output, Plan, PlannedTensor
 from bitnet_convert.formats.folder import read_from
 from bitnet_convert.formats.gguf import architectures as gguf_architectures
+from bitnet_convert.formats.gguf import general
 from bitnet_convert.formats.gguf.bulk import BulkGGUFWriter
 from bitnet_convert.formats.gguf.reader import KEY_VALUES_DOCUMENT, recorded_provenance
 from bitnet_convert.formats.gguf.stored import GGUFModel, StoredTensor
@@ -151,9 +152,11 @@ def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel,
     tensors = [_planned(t) for t in stored]
     shards = files.shards(tensors)
     arch = model.graph.architecture
+    parameters = general.parameter_count(tensors)
 
     def keys(writer: BulkGGUFWriter) -> None:
-        _add_model_keys(writer, model.graph, model.projection_type, model.cfg, ckpt, model.vocab(), own_keys)
+        _add_model_keys(writer, model.graph, model.projection_type, model.cfg, ckpt, model.vocab(), own_keys,
+                        parameters)
         for key, value in files.metadata.items():  # in place of ours (general.name), else after them
             writer.kv_data[0][key] = GGUFValue(value, GGUFValueType.STRING)
         if len(shards) > 1:
@@ -243,16 +246,17 @@ def _multiplier_source(projection_type: OutType, graph: Graph) -> str:
     """Where the file keeps each projection's multiplier (our KEY_MULTIPLIER_SOURCE)."""
     if projection_type.ggml_type == I2_S:
         return "i2_s_tail"
+    if projection_type.ggml_type in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        return "tq_block_d"  # times a `.scale` correction where the provenance's scale_corrections lists one
     return "scale_tensor" if graph.scale_tensors else "in_values"
 
 
 def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, projection_type: OutType, cfg, ckpt: Checkpoint, vocab,
-                    extra_keys: Callable | None = None) -> None:
+                    extra_keys: Callable | None = None, parameters: int = 0) -> None:
     arch = graph.architecture
-    writer.add_name(str(ckpt.provenance.get("source") or "BitNet b1.58").split("/")[-1])
+    general.add_to(writer, ckpt.provenance, ckpt.config, "BitNet b1.58", parameters)
     writer.add_file_type(int(projection_type.file_type))
-    if projection_type.ggml_type not in (GGMLType.F16, GGMLType.BF16, GGMLType.F32):
-        writer.add_quantization_version(QUANTIZATION_VERSION)
+    writer.add_quantization_version(QUANTIZATION_VERSION)  # in float files too, as llama.cpp's converter does
     values = {
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
@@ -264,7 +268,8 @@ def _add_model_keys(writer: BulkGGUFWriter, graph: Graph, projection_type: OutTy
     if graph.vocab_and_rope_dims:
         writer.add_uint32(VOCAB_SIZE.format(arch=arch), cfg.vocab_size)
         writer.add_uint32(ROPE_DIMENSIONS.format(arch=arch), cfg.head_dim)
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp assumes hidden / heads otherwise
+    # llama.cpp assumes hidden / heads without them; its converter writes them wherever config.json has head_dim
+    if "head_dim" in ckpt.config or cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
         writer.add_uint32(KEY_LENGTH.format(arch=arch), cfg.head_dim)
         writer.add_uint32(VALUE_LENGTH.format(arch=arch), cfg.head_dim)
     writer.add_string(KEY_HIDDEN_ACT, cfg.hidden_act)
