@@ -92,3 +92,36 @@ def test_refuses_to_overwrite_without_force(hf_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "--force", "-q"])
     assert result.exit_code == 0
     assert isinstance(registry.read_checkpoint(str(out))["model.layers.0.mlp.up_proj.weight"].load(), Ternary)
+
+
+@pytest.mark.parametrize("layout", ["bitlinear", "online"])
+def test_the_pair_commands_keep_the_layout_the_model_came_in(layout, hf_checkpoint, tmp_path):
+    """hf-to-flax then flax-to-hf (no --layout) gives back the source's layout, as `convert --to hf` does: the
+    same quantization_config, and the same tensors bit for bit (bf16 masters stay masters)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    src = hf_checkpoint(layout)
+    runner = CliRunner()
+    flax, back = tmp_path / "m-flax", tmp_path / "back"
+    for argv in (["hf-to-flax", str(src), str(flax)], ["flax-to-hf", str(flax), str(back)]):
+        result = runner.invoke(main, [*argv, "-q"])
+        assert result.exit_code == 0, result.output
+    config = json.loads((back / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((src / "config.json").read_text())["quantization_config"]
+    original, returned = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(returned) == sorted(original)
+    for name, array in original.items():
+        assert returned[name].dtype == array.dtype and returned[name].tobytes() == array.tobytes(), name
+
+
+def test_the_layout_option_says_the_default_is_the_sources_and_names_every_layout():
+    from bitnet_convert.formats.hf import LAYOUTS
+
+    for command in ("flax-to-hf", "npz-to-hf", "gguf-to-hf", "convert"):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert "default: the source's layout" in text, command
+        assert "default: autobitlinear" not in text
+        for name in LAYOUTS:
+            assert f"{name}:" in text, (command, name)
