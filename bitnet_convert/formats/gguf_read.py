@@ -12,7 +12,6 @@ named: a tensor whose blocks carry different scales is not one ternary matrix ti
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, quants
 
 from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.sources import SourceWatch
+from bitnet_convert.fileio.sources import SourceWatch, parse_json, shown
 from bitnet_convert.formats import gguf_rope, gguf_tokenizer
 from bitnet_convert.formats import gguf_tq as tq
 from bitnet_convert.formats.gguf_header import (
@@ -144,10 +143,9 @@ def _recorded(field, path) -> dict | None:
     value = field(KEY_PROVENANCE)
     if value is None:
         return None
-    try:
-        record = json.loads(value)
-    except json.JSONDecodeError:
-        raise ConvertError(f"{path}: {KEY_PROVENANCE} is not valid JSON") from None
+    if not isinstance(value, str):
+        raise ConvertError(f"{shown(path)}: key {KEY_PROVENANCE} is {type(value).__name__}, expected a JSON string")
+    record = parse_json(value.encode(), shown(path), f"key {KEY_PROVENANCE}", non_finite=True)
     return record if isinstance(record, dict) else None
 
 

@@ -42,6 +42,10 @@ RUNTIME_ACTIVATION = {
 }
 
 
+# The GGUF target (gguf_types.TARGETS) whose files each runtime runs (_prepared): ik_llama.cpp runs bitnet.cpp's.
+RUNTIME_TARGET = {"llama.cpp": "llama.cpp", "ik_llama.cpp": "bitnet.cpp"}
+
+
 def check_runtime(path: str, ckpt: Checkpoint, runtime: str) -> LayerReport:
     require(PACKAGES[runtime], f"verify --runtime {runtime}")
     report = LayerReport("runtime", False, figures={"runtime": runtime})
