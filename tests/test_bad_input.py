@@ -1215,6 +1215,8 @@ def check_refused(argv: list[str], mentions: str, why: str, out: Path, target: P
         problems.append(f"error does not match /{why}/")
     if len(line) > 400:
         problems.append(f"error line of {len(line)} characters")
+    if "rerun with --debug" in line:  # cli.py's catch-all: every input error has a reader's own line
+        problems.append("the catch-all line")
     if target is not None and target.exists():
         problems.append(f"{target.name} exists")
     leftovers = [p.name for p in out.iterdir()] if out.exists() else []

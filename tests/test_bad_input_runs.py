@@ -41,6 +41,7 @@ def assert_refused(result, mentions: str, why: str, out: Path | None = None) -> 
     assert mentions in lines[0], lines[0]
     assert re.search(why, lines[0], re.IGNORECASE), lines[0]
     assert "Traceback" not in result.stderr and len(lines[0]) <= 400
+    assert "rerun with --debug" not in lines[0], "the catch-all line: no reader or validator said what is wrong"
     if out is not None:
         assert list(out.iterdir()) == [], list(out.iterdir())
     return lines[0]
@@ -491,3 +492,33 @@ def test_a_config_whose_eos_is_a_list_verifies_and_generates(eos, models, tmp_pa
     assert json.loads((tmp_path / "m-flax" / "config.json").read_text())["eos_token_id"] == eos
     result = run_cli(["generate", str(src), "--prompt-ids", "5 6", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory):
+    """bitnet.cpp's embedding GGUF of a small Qwen3 BitNet-embedding model (and its Flax folder)."""
+    from embedding_fixtures import write_embedding_checkpoint
+
+    from bitnet_convert import api
+
+    root = tmp_path_factory.mktemp("qwen3")
+    src = write_embedding_checkpoint(root / "src", "qwen3", "i2s", pooling="lasttoken", tokenizer="gguf")
+    return api.convert(src, root / "m.gguf", quiet=True), api.convert(src, root / "m-flax", quiet=True)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("qwen3.attention.key_length", 0, r"head_dim is 0, expected a positive integer"),
+    ("qwen3.attention.value_length", 32, r"key qwen3\.attention\.value_length is 32, but the heads are 64 wide"),
+])
+def test_an_embedding_gguf_head_size_no_model_has_is_refused(key, value, why, qwen3_gguf, tmp_path):
+    """key_length 0 was read as absent, and value_length (how wide the runtime makes V heads) not at all."""
+    from test_bad_input import gguf_entry
+
+    src = gguf_rebuilt(qwen3_gguf[0], tmp_path / "m.gguf", changes={key: gguf_entry(key, "u32", value)})
+    for argv in (["inspect", src], ["embed", src, "--text", "hi"], ["convert", src, tmp_path / "m-flax"]):
+        assert_refused(run_cli(argv), str(src), why)
+
+
+def test_a_text_to_embed_that_is_not_unicode_is_refused(qwen3_gguf):
+    assert_refused(run_cli(["embed", str(qwen3_gguf[1]), "--text", "ok", "--text", "\udcff"]), "a text to embed",
+                   r"not Unicode text \(character 0 is '\\udcff'")
