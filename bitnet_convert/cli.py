@@ -23,6 +23,7 @@ from bitnet_core.pooling import POOLINGS
 
 EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
 EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
+TEXT_FILE_LIMIT = 64 << 20  # characters `embed --file` reads (a million sentences): a device or a stray file stops
 # generate / verify --head: bitnet_model.engine.HEAD_TYPES, spelled here so that --help does not import JAX
 HEADS = ("stored", "int8")
 
@@ -366,9 +367,13 @@ def embed_command(src, texts, file, pooling, batch_size, as_json, revision):
         stream = click.open_file(file, encoding="utf-8")
         try:
             with stream:
-                texts = [line.rstrip("\n") for line in stream if line.strip()]
+                text = stream.read(TEXT_FILE_LIMIT + 1)  # bounded: `--file /dev/zero` has no end and no line
         except UnicodeDecodeError as exc:
-            raise ConvertError(f"{file}: not UTF-8 text ({exc.reason})") from None
+            raise ConvertError(f"{shown(file)}: not UTF-8 text ({exc.reason})") from None
+        if len(text) > TEXT_FILE_LIMIT:
+            raise ConvertError(f"{shown(file)}: more than {TEXT_FILE_LIMIT >> 20} Mi characters of text; embed it in "
+                               "parts")
+        texts = [line for line in text.split("\n") if line.strip()]
         if not texts:
             raise ConvertError(f"{file}: has no non-empty lines")
     result = api.embed(src, list(texts), pooling=pooling, batch_size=batch_size, revision=revision)

@@ -522,3 +522,9 @@ def test_an_embedding_gguf_head_size_no_model_has_is_refused(key, value, why, qw
 def test_a_text_to_embed_that_is_not_unicode_is_refused(qwen3_gguf):
     assert_refused(run_cli(["embed", str(qwen3_gguf[1]), "--text", "ok", "--text", "\udcff"]), "a text to embed",
                    r"not Unicode text \(character 0 is '\\udcff'")
+
+
+def test_embed_reads_a_bounded_text_file(models):
+    """`--file /dev/zero` read lines forever (a device has no end and no newline)."""
+    assert_refused(run_cli(["embed", str(models["a"]["flax"]), "--file", "/dev/zero"]), "/dev/zero",
+                   r"more than 64 Mi characters of text")
