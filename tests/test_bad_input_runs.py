@@ -528,3 +528,9 @@ def test_embed_reads_a_bounded_text_file(models):
     """`--file /dev/zero` read lines forever (a device has no end and no newline)."""
     assert_refused(run_cli(["embed", str(models["a"]["flax"]), "--file", "/dev/zero"]), "/dev/zero",
                    r"more than 64 Mi characters of text")
+
+
+def test_an_output_under_a_file_says_the_parent_is_not_a_folder(models, tmp_path):
+    (tmp_path / "afile").write_bytes(b"")
+    assert_refused(run_cli(["convert", str(models["a"]["npz"]), str(tmp_path / "afile" / "m.gguf")]),
+                   str(tmp_path / "afile"), r"parent folder .*afile is not a folder")

@@ -272,7 +272,8 @@ def atomic_path(target: str | os.PathLike, *, force: bool = False, directory: bo
 def _refuse_early(target: Path, force: bool, directory: bool, writing: _Writing) -> None:
     """Before any work: a missing parent, an existing target without --force, one --force may not replace."""
     if not target.parent.is_dir():
-        raise ConvertError(f"{target}: parent folder {target.parent} does not exist")
+        what = "is not a folder" if os.path.lexists(target.parent) else "does not exist"
+        raise ConvertError(f"{target}: parent folder {target.parent} {what}")
     _recover_stranded(target)
     if not force and os.path.lexists(target):
         raise ConvertError(f"{target}: already exists (use --force to overwrite)")
