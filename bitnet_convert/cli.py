@@ -132,7 +132,7 @@ def _make_pair_command(src_fmt: str, dst_fmt: str) -> None:
     def command(src, out, revision, force, quiet, **options):
         path = api.convert(src, out, src_format=src_fmt, dst_format=dst_fmt, revision=revision, force=force,
                            quiet=quiet, **options)
-        click.echo(f"wrote {path}", err=True)
+        click.echo(f"wrote {shown(path)}", err=True)
 
     command.__doc__ = (
         f"Convert a {registry.FORMATS[src_fmt][1]} SRC into a {registry.FORMATS[dst_fmt][1]} OUT.\n\n"
@@ -171,7 +171,7 @@ def convert_command(src, dst, src_format, dst_format, revision, force, quiet, **
     """
     path = api.convert(src, dst, src_format=src_format, dst_format=dst_format, revision=revision, force=force,
                        quiet=quiet, **options)
-    click.echo(f"wrote {path}", err=True)
+    click.echo(f"wrote {shown(path)}", err=True)
 
 
 main.command("convert")(_apply(
@@ -220,7 +220,7 @@ def verify_command(candidate, reference, revision, levels, runtime, head, as_jso
     """
     result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime, head=head)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if as_json:
         click.echo(jsonout.dumps(result.as_dict()))
     else:
@@ -254,7 +254,7 @@ def inspect_command(path, as_json, check, revision):
         raise
     click.echo(jsonout.dumps(report.as_dict(), indent=2) if as_json else report.text())
     for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if check and not report.check_passed:
         sys.exit(EXIT_FAILED_CHECK)
 

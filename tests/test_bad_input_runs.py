@@ -534,3 +534,10 @@ def test_an_output_under_a_file_says_the_parent_is_not_a_folder(models, tmp_path
     (tmp_path / "afile").write_bytes(b"")
     assert_refused(run_cli(["convert", str(models["a"]["npz"]), str(tmp_path / "afile" / "m.gguf")]),
                    str(tmp_path / "afile"), r"parent folder .*afile is not a folder")
+
+
+def test_a_written_path_with_a_newline_is_shown_on_one_line(models, tmp_path):
+    out = tmp_path / "two\nlines.npz"
+    result = run_cli(["convert", str(models["a"]["flax"]), str(out)])
+    assert result.exit_code == 0 and out.is_file(), result.stderr
+    assert result.stderr.splitlines()[-1] == f"wrote {tmp_path}/two\\nlines.npz"
