@@ -1,4 +1,5 @@
-"""The README's command lines are the CLI's: every `bitnet-convert ...` line of its ```sh blocks, every inline
+"""The README's (and docs/formats.md's) command lines are the CLI's: every `bitnet-convert ...` line of their
+```sh blocks, every inline
 `bitnet-convert ...` or `<command> --option` span, and every inline `--option` span names a command and options
 that exist, with values its choices accept; `--help` of each command so named runs (issue 24: the README said
 `verify --levels parity` for an option spelled `--level`)."""
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from bitnet_convert.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = (README, README.parent / "docs" / "formats.md")  # every document that shows the command line
 
 
 def _sh_lines(text: str) -> list[str]:
@@ -75,12 +77,13 @@ def _problems(line: str) -> list[str]:
 
 def test_the_readme_has_command_lines_to_check():
     lines = _command_lines(README.read_text())
-    assert len(lines) >= 15
+    assert len(lines) >= 15 and any(span.startswith("--") for span in _inline_spans(README.read_text()))
     assert any(line.startswith("bitnet-convert verify --level") for line in lines)
 
 
-def test_every_readme_command_line_names_options_that_exist():
-    problems = [p for line in _command_lines(README.read_text()) for p in _problems(line)]
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_command_line_names_options_that_exist(doc):
+    problems = [p for line in _command_lines(doc.read_text()) for p in _problems(line)]
     assert not problems, "\n".join(problems)
 
 
@@ -88,11 +91,11 @@ def test_every_readme_command_line_names_options_that_exist():
 OTHER_PROGRAMS = {"--layers": "benchmarks/bench_embed.py"}
 
 
-def test_every_inline_option_of_the_readme_is_an_option_of_some_command():
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_inline_option_is_an_option_of_some_command(doc):
     every = set(GLOBAL) | {"--help"} | {opt for command in main.commands.values() for opt in _options(command)}
-    named = {word.partition("=")[0] for span in _inline_spans(README.read_text()) if span.startswith("--")
+    named = {word.partition("=")[0] for span in _inline_spans(doc.read_text()) if span.startswith("--")
              for word in span.replace("/", " ").split() if word.startswith("--")}
-    assert named, "no inline options found"
     for option, script in OTHER_PROGRAMS.items():
         assert f'"{option}"' in (README.parent / script).read_text(), (option, script)
     assert not named - every - set(OTHER_PROGRAMS), sorted(named - every - set(OTHER_PROGRAMS))
