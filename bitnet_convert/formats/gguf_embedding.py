@@ -261,7 +261,9 @@ def _config(reader, arch: str, by_name) -> dict:
             raise ConvertError(f"{reader.path}: missing key {template.format(arch=arch)}")
         config[hf_key] = value
     key_length = gguf_read._model_key(reader, KEY_LENGTH.format(arch=arch), U32)
-    head_dim = gguf_read._model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32) if key_length is None else key_length
+    head_dim = key_length
+    if head_dim is None:
+        head_dim = gguf_read._model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
     value_length = gguf_read._model_key(reader, VALUE_LENGTH.format(arch=arch), U32)
     if value_length is not None and head_dim and value_length != head_dim:  # the runtime sizes V heads by it
         raise ConvertError(f"{reader.path}: key {VALUE_LENGTH.format(arch=arch)} is {value_length}, but the heads are "

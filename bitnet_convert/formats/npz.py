@@ -315,8 +315,9 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     foreign = [key for key in headers if not key.startswith((TOKENIZER_PREFIX, TENSOR_PREFIX)) and key not in
                (FORMAT_KEY, CONFIG_KEY, INDEX_KEY, PROVENANCE_KEY)]
     if foreign:  # a newer version's record, or anything else: never read, never carried
-        log.warning("%s: members that are no part of this format, ignored: %s", shown(path),
-                    ", ".join(shown(key) for key in foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""))
+        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+        log.warning("%s: members that are no part of this format, ignored: %s%s", shown(path),
+                    ", ".join(map(shown, foreign[:8])), more)
     tokenizer_files.check(tokenizer, lambda name: f"{path}: member {TOKENIZER_PREFIX}{name}")
     recorded = _read_json(path, zf, headers, PROVENANCE_KEY, watch) if PROVENANCE_KEY in headers else None
     if not isinstance(config, dict):
