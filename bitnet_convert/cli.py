@@ -15,7 +15,7 @@ import traceback
 import click
 
 from bitnet_convert import api, jsonout
-from bitnet_convert.fileio.sources import shown
+from bitnet_convert.fileio.sources import printable, shown
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.options import COUNT, FLAG, SIZE
 from bitnet_convert.verification import DEFAULT_LEVELS, LEVELS, RUNTIMES
@@ -25,6 +25,7 @@ from bitnet_core.pooling import POOLINGS
 
 EXIT_FAILED_CHECK = 1  # verify / inspect --check found a difference
 EXIT_BAD_INPUT = 2  # one error line: the input or the request is wrong
+TEXT_FILE_LIMIT = 64 << 20  # characters `embed --file` reads (a million sentences): a device or a stray file stops
 # generate / verify --head: bitnet_model.engine.HEAD_TYPES, spelled here so that --help does not import JAX
 HEADS = ("stored", "int8")
 
@@ -42,7 +43,7 @@ class _Cli(click.Group):
         except ConvertError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever a file name holds
             ctx.exit(EXIT_FAILED_CHECK if isinstance(exc, CheckFailed) else EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -55,12 +56,12 @@ class _Cli(click.Group):
             if debug:
                 traceback.print_exc()
             name = shown(exc.filename) if exc.filename is not None else "a file operation"
-            click.echo(f"error: {name}: {exc.strerror or exc}", err=True)
+            click.echo(f"error: {name}: {printable(str(exc.strerror or exc))}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
         except Exception as exc:  # a bug, or input we did not foresee: still one line
             if debug:
                 traceback.print_exc()
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = printable(str(exc).splitlines()[0]) if str(exc) else ""
             click.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
             ctx.exit(EXIT_BAD_INPUT)
 
@@ -87,7 +88,16 @@ def main(debug: bool) -> None:
       bitnet-convert verify ./2b4t-flax --reference microsoft/bitnet-b1.58-2B-4T
     """
     # Library warnings (a relu2 model exported for llama.cpp, degenerate weights) reach the user as one line each.
-    logging.basicConfig(format="warning: %(message)s", level=logging.DEBUG if debug else logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine("warning: %(message)s"))
+    logging.basicConfig(handlers=[handler], level=logging.DEBUG if debug else logging.WARNING)
+
+
+class _OneLine(logging.Formatter):
+    """A warning is one line too, whatever a file name in it holds."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _writer_options(fmt: str, with_defaults: bool):
@@ -128,7 +138,7 @@ def _written(result, dry_run: bool, as_json: bool) -> None:
     if not dry_run:
         if as_json:
             raise ConvertError("--json goes with --dry-run (a conversion reports the path it wrote)")
-        click.echo(f"wrote {result}", err=True)
+        click.echo(f"wrote {shown(result)}", err=True)
     elif as_json:
         click.echo(jsonout.dumps(result, indent=2))
     else:
@@ -264,7 +274,7 @@ def verify_command(candidate, reference, revision, levels, runtime, bitnet_cpp_d
     result = api.verify(candidate, reference, revision=revision, levels=levels, runtime=runtime, head=head,
                         bitnet_cpp_dir=bitnet_cpp_dir)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if as_json:
         click.echo(jsonout.dumps(result.as_dict()))
     else:
@@ -298,7 +308,7 @@ def inspect_command(path, as_json, check, revision):
         raise
     click.echo(jsonout.dumps(report.as_dict(), indent=2) if as_json else report.text())
     for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if check and not report.check_passed:
         sys.exit(EXIT_FAILED_CHECK)
 
@@ -317,8 +327,11 @@ def inspect_command(path, as_json, check, revision):
 @click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="int8: hold the embedding / output table as int8 rows with a scale each (half the bytes a "
                    "decode step reads for 2B4T's bf16 head; lossy, so logits differ from the stored model's).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object when done (prompt_ids, new_ids, text, stopped_at_eos, timings) "
+                   "instead of streaming.")
 def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats,
-                     head):
+                     head, as_json):
     """Generate text from SRC (any format) with the JAX model, streaming it to stdout as it is produced.
 
     Projections stay 2-bit packed in memory and compute exact W1.58A8 arithmetic. Stops at an end-of-sequence
@@ -329,6 +342,10 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
       bitnet-convert generate ./2b4t-flax --prompt "User: How are you?<|eot_id|>Assistant: " --max-new-tokens 64
       bitnet-convert generate ./model.gguf --prompt-ids "128000 1502 25" --temperature 0.7 --top-p 0.9 --seed 1
     """
+    if as_json:
+        _generate_json(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats,
+                       head)
+        return
     from bitnet_convert.generate_command import run_generate
 
     def write(text):
@@ -338,6 +355,45 @@ def generate_command(src, prompt, prompt_ids, max_new_tokens, greedy, temperatur
     run_generate(src, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, greedy=greedy,
                  temperature=temperature, top_p=top_p, seed=seed, revision=revision, write=write,
                  stats=(lambda timings: click.echo(timings.line(), err=True)) if stats else None, head=head)
+
+
+def _generate_json(src, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, revision, stats, head):
+    """generate --json: api.generate's result as one strict-JSON object; every field beyond the ids, the text and
+    the stop goes under "timings"."""
+    import dataclasses
+
+    from bitnet_convert.generate_command import parse_prompt_ids
+
+    if (prompt is None) == (prompt_ids is None):
+        raise ConvertError("give exactly one of --prompt and --prompt-ids")
+    result = dataclasses.asdict(api.generate(
+        src, prompt if prompt is not None else parse_prompt_ids(prompt_ids), max_new_tokens=max_new_tokens,
+        greedy=greedy or None, temperature=temperature, top_p=top_p, seed=seed, revision=revision, head=head))
+    document = {"prompt_ids": result.pop("prompt_ids"), "new_ids": result.pop("ids"), "text": result.pop("text"),
+                "stopped_at_eos": result.pop("stopped_at_eos"), "timings": result}
+    if stats:
+        click.echo(f"prompt {len(document['prompt_ids'])} tokens: {result['prefill_s'] * 1e3:.0f} ms to the first "
+                   f"new token; {result['decode_s_per_token'] * 1e3:.0f} ms/token after", err=True)
+    click.echo(jsonout.dumps(document))
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: {\"rows\": [...]}.")
+def list_command(as_json):
+    """Every format, HF layout, GGUF target, outtype and embedding type, and model family this tool reads and
+    writes, with what runs each: one table, made from the code's own tables.
+
+    \b
+    Example:
+      bitnet-convert list
+      bitnet-convert list --json | jq '.rows[] | select(.kind == "outtype")'
+    """
+    from bitnet_convert import catalog
+
+    if as_json:
+        click.echo(jsonout.dumps({"kinds": list(catalog.KINDS), "rows": [r.as_dict() for r in catalog.rows()]}))
+    else:
+        click.echo(catalog.text())
 
 
 @main.command("embed")
@@ -365,9 +421,13 @@ def embed_command(src, texts, file, pooling, batch_size, as_json, revision):
         stream = click.open_file(file, encoding="utf-8")
         try:
             with stream:
-                texts = [line.rstrip("\n") for line in stream if line.strip()]
+                text = stream.read(TEXT_FILE_LIMIT + 1)  # bounded: `--file /dev/zero` has no end and no line
         except UnicodeDecodeError as exc:
-            raise ConvertError(f"{file}: not UTF-8 text ({exc.reason})") from None
+            raise ConvertError(f"{shown(file)}: not UTF-8 text ({exc.reason})") from None
+        if len(text) > TEXT_FILE_LIMIT:
+            raise ConvertError(f"{shown(file)}: more than {TEXT_FILE_LIMIT >> 20} Mi characters of text; embed it in "
+                               "parts")
+        texts = [line for line in text.split("\n") if line.strip()]
         if not texts:
             raise ConvertError(f"{file}: has no non-empty lines")
     result = api.embed(src, list(texts), pooling=pooling, batch_size=batch_size, revision=revision)

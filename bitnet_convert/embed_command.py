@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bitnet_core import validate
 from bitnet_core.errors import ConvertError
 from bitnet_core.pooling import POOLINGS, end_token, pooling_of
 
@@ -66,7 +67,7 @@ class Embedder:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ConvertError(f"{self.where}: has no tokenizer.json to encode text with")
-        ids = list(self.tokenizer.encode(text).ids)
+        ids = list(self.tokenizer.encode(validate.unicode_text(text, "a text to embed")).ids)
         if self.eos is not None and (not ids or ids[-1] != self.eos):
             ids.append(self.eos)
         return ids

@@ -53,7 +53,7 @@ class ModelConfig:
     sub_norms: bool  # attn_sub_norm / ffn_sub_norm present (BitNetForCausalLM)
     architecture: str = "BitNetForCausalLM"
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a tuple, not a list: the config is a jit static argument
     # --- the BitNet-embedding encoders (docs/formats.md §12); the defaults are the causal LMs' arithmetic
     encoder: bool = False  # an embedding model: last hidden state, pooled and L2-normalized; no LM head
     use_rms_norm: bool = False  # an RMSNorm (plain w, eps rms_norm_eps) inside every BitLinear, on its input
@@ -232,13 +232,13 @@ def _supported(arch: str, cfg: Mapping) -> str:
     return arch
 
 
-def _token_ids(cfg: Mapping, key: str, *, allow_list: bool) -> int | list[int] | None:
+def _token_ids(cfg: Mapping, key: str, *, allow_list: bool) -> int | tuple[int, ...] | None:
     """A token id (or, for eos, a list of them: generation configs list several), or None."""
     value = cfg.get(key)
     if value is None:
         return None
     if allow_list and isinstance(value, list):
-        return [_as_integer(item, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(_as_integer(item, f"{key}[{i}]") for i, item in enumerate(value))
     return _integer(cfg, key)
 
 
@@ -365,7 +365,7 @@ def _shape_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
     }
 
 

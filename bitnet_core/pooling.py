@@ -63,7 +63,7 @@ def end_token(architecture: str, pooling: str, token_id: Callable[[str], int | N
         return token_id(QWEN3_EOS)
     if pooling != "last":
         return None
-    eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+    eos = (eos_token_id[0] if eos_token_id else None) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
     if eos is None:
         raise ConvertError(f"{where}: last-token pooling needs an end token, and the config names none")
     return int(eos)
@@ -74,3 +74,5 @@ def _json(data: bytes, label: str):
         return json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConvertError(f"{label}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ConvertError(f"{label}: JSON nested too deeply") from None

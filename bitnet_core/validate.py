@@ -34,6 +34,17 @@ _REALS = ("rms_norm_eps", "rope_theta")  # float32 in the model and in GGUF
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+def unicode_text(text: str, what: str) -> str:
+    """`text` when it is Unicode a tokenizer can take; a lone surrogate (a byte of the command line the locale
+    could not decode) is one error naming `what` and where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConvertError(f"{what} is not Unicode text (character {exc.start} is {text[exc.start]!r}: a byte the "
+                           "locale's encoding could not decode?)") from None
+    return text
+
+
 def model_config(config: dict, where: str) -> ModelConfig:
     """The model's hyper-parameters, refused with `where` named unless they can describe a real model.
 
@@ -87,7 +98,7 @@ def _check_real(name: str, value: float, where: str) -> None:
 
 
 def _check_token_ids(cfg: ModelConfig, where: str) -> None:
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else [cfg.eos_token_id]
     for name, ids in (("bos_token_id", [cfg.bos_token_id]), ("eos_token_id", eos)):
         for token in ids:
             if token is not None and not 0 <= token < cfg.vocab_size:

@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_core import validate
 from bitnet_core.config import ModelConfig
 from bitnet_core.errors import ConvertError
 from bitnet_model import engine, native
 
 log = logging.getLogger("bitnet_model")
 MIN_PREFILL = 16
+SEED_MAX = 2**32 - 1
 CACHE_STEP = 256  # cache slots are allocated in multiples of this: few decode compilations, little waste
 
 
@@ -73,7 +75,9 @@ def sample(logits, key, temperature, top_p, *, greedy: bool):
     smallest set of most likely tokens whose probability reaches top_p (the most likely token always stays)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / temperature
+    # Scaled from the largest logit down: the limit T -> 0 (a temperature so small that every other logit's
+    # distance over it overflows to -inf) is then a draw among the largest logits, i.e. greedy, never NaN.
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     order = jnp.argsort(-scaled, axis=-1)  # [B, V] most likely first
     ranked = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(ranked, axis=-1)
@@ -154,7 +158,7 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ConvertError("this checkpoint has no tokenizer.json: give the prompt as token ids")
-        return list(self.tokenizer.encode(text).ids)
+        return list(self.tokenizer.encode(validate.unicode_text(text, "the prompt")).ids)
 
     def generate(
         self,
@@ -172,12 +176,18 @@ class Generator:
 
         on_token gets each new id as soon as it exists; on_text gets the new text (needs a tokenizer)."""
         prompt = [int(t) for t in prompt_ids]
-        _check_request(prompt, max_new_tokens, greedy, temperature, top_p, self.cfg.vocab_size)
+        _check_request(prompt, max_new_tokens, greedy, temperature, top_p, seed, self.cfg.vocab_size)
         max_new_tokens = within_context(len(prompt), max_new_tokens, self.cfg.max_position_embeddings)
         padded = np.zeros((1, prefill_length(len(prompt))), np.int32)
         padded[0, : len(prompt)] = prompt
         key = jax.random.key(seed)
-        temperature_, top_p_, length = jnp.float32(temperature), jnp.float32(top_p), np.int32(len(prompt))
+        with np.errstate(over="ignore"):  # a temperature beyond float32 is +inf: its limit, uniform sampling
+            temperature_, top_p_ = np.float32(temperature), np.float32(top_p)
+        # A temperature below float32's smallest normal number is its limit, greedy: XLA flushes subnormals to
+        # zero (1e-45 would divide by 0), and any two logits further apart than ~1e-36 differ by more than 1e2
+        # once divided by it, so the draw is the largest logit anyway.
+        greedy = greedy or temperature_ < np.finfo(np.float32).tiny
+        length = np.int32(len(prompt))
         streamer = _TextStream(self.tokenizer, on_text) if on_text is not None else None
         new: list[int] = []
         times: list[float] = []
@@ -223,7 +233,7 @@ def within_context(prompt_length: int, max_new_tokens: int, context: int) -> int
     return max_new_tokens
 
 
-def _check_request(prompt, max_new_tokens, greedy, temperature, top_p, vocab_size) -> None:
+def _check_request(prompt, max_new_tokens, greedy, temperature, top_p, seed, vocab_size) -> None:
     if not prompt:
         raise ConvertError("the prompt is empty")
     bad = [t for t in prompt if not 0 <= t < vocab_size]
@@ -233,6 +243,11 @@ def _check_request(prompt, max_new_tokens, greedy, temperature, top_p, vocab_siz
         raise ConvertError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if not greedy and not (temperature > 0 and 0 < top_p <= 1):
         raise ConvertError(f"sampling needs temperature > 0 and 0 < top-p <= 1 (got {temperature}, {top_p})")
+    if not 0 <= seed <= SEED_MAX:  # jax.random.key keeps 32 bits: 2^32 would draw what 0 draws, 2^64 overflow
+        digits = str(seed)
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits.lstrip('-'))} digits)"
+        raise ConvertError(f"--seed must be an integer from 0 to {SEED_MAX} (the sampler's key holds 32 bits), "
+                           f"not {shown}")
 
 
 class _TextStream:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def assert_refused(result, mentions: str, why: str, out: Path | None = None) -> 
     assert mentions in lines[0], lines[0]
     assert re.search(why, lines[0], re.IGNORECASE), lines[0]
     assert "Traceback" not in result.stderr and len(lines[0]) <= 400
+    assert "rerun with --debug" not in lines[0], "the catch-all line: no reader or validator said what is wrong"
     if out is not None:
         assert list(out.iterdir()) == [], list(out.iterdir())
     return lines[0]
@@ -181,7 +183,7 @@ def test_a_read_only_output_folder_is_named(models):
 
 
 @pytest.mark.parametrize("typo, why", [
-    ("models/modle-hf", r"no local folder of that name either \(models/ exists here: a mistyped folder name\?\)"),
+    ("models/modle-hf", r"^error: models/modle-hf: no such folder \(models/ exists here: a mistyped folder name\?\)"),
     ("foo/bar", r"not in the local Hugging Face cache .*no local folder of that name either"),
     ("./modle-hf", r"no such (file or )?folder"),
 ])
@@ -343,3 +345,199 @@ def test_a_tokenizer_the_tokenizers_library_refuses_names_the_input_not_the_firs
     line = assert_refused(run_cli(["convert", str(src), str(out / "m.gguf")]), str(src),
                           r"tokenizer\.json is not one the tokenizers library loads", out)
     assert "bitnet_convert.tiny" not in line
+
+
+# ------------------------------------------------------- issue 24 §3: no error left to the catch-all
+# Each case once ended in the generic `error: SomeError: ... (rerun with --debug ...)` line or a misleading one.
+
+CATCH_ALL = "rerun with --debug"
+
+
+@pytest.mark.parametrize("seed", [str(2 * 10**70), str(2**64), str(2**63), str(2**32), "-1", "-" + "9" * 30])
+def test_a_seed_the_sampler_cannot_hold_is_refused(seed, short_context_model):
+    """jax.random.key raised OverflowError beyond 64 bits and silently kept 32 bits below (2^32 drew what 0 draws)."""
+    result = run_cli(["generate", str(short_context_model), "--prompt-ids", "1 2 3", "--temperature", "1",
+                      "--seed", seed])
+    line = assert_refused(result, "--seed", r"must be an integer from 0 to 4294967295 .*32 bits\), not -?\d")
+    assert CATCH_ALL not in line and len(line) < 160
+
+
+def test_the_largest_seed_is_used(short_context_model):
+    result = run_cli(["generate", str(short_context_model), "--prompt-ids", "1 2 3", "--max-new-tokens", "2",
+                      "--temperature", "1", "--seed", str(2**32 - 1)])
+    assert result.exit_code == 0, result.stderr
+
+
+def _generated(model, *options) -> str:
+    result = run_cli(["generate", str(model), "--prompt-ids", "1 2 3", "--max-new-tokens", "8", *options])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "1e-38", "1e-50"])
+def test_a_temperature_at_its_limit_is_greedy(temperature, models):
+    """1e-45 is a float32 subnormal that XLA flushes to zero: logits / T were NaN and the draw garbage."""
+    greedy = _generated(models["a"]["flax"], "--greedy")
+    assert _generated(models["a"]["flax"], "--temperature", temperature, "--seed", "5") == greedy
+
+
+@pytest.mark.parametrize("level, why", [
+    ("", r"no verify level given"),
+    (",", r"no verify level given"),
+    ("all,foo", r"unknown verify level 'foo'"),
+    ("all,weights", r"'all' stands alone"),
+])
+def test_a_verify_level_list_that_says_nothing_or_too_much_is_refused(level, why, models):
+    result = run_cli(["verify", str(models["a"]["npz"]), "--reference", str(models["a"]["hf"]), "--level", level])
+    assert_refused(result, "verify level", why)
+
+
+def test_a_prompt_that_is_not_unicode_is_refused(short_context_model):
+    """A byte of the command line the locale could not decode arrives as a lone surrogate (tokenizers: TypeError)."""
+    result = run_cli(["generate", str(short_context_model), "--prompt", "a\udcffb"])
+    assert_refused(result, "the prompt", r"not Unicode text \(character 1 is '\\udcff'")
+
+
+def test_an_output_path_with_a_nul_byte_is_one_line(models):
+    result = run_cli(["convert", str(models["a"]["npz"]), "a\x00b.npz"])
+    assert_refused(result, "a\\x00b.npz", r"not a valid path \(it holds a NUL byte\)")
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(models, tmp_path):
+    src = _copy(models["a"]["hf"], tmp_path / "bad\nname-hf")
+    (src / "config.json").write_text("{")
+    result = run_cli(["convert", str(src), str(tmp_path / "m.npz")])
+    line = assert_refused(result, str(tmp_path / "bad\\nname-hf" / "config.json"), r"not valid JSON")
+    assert result.stderr.count("\n") == 1 and line == result.stderr.rstrip("\n")
+
+
+def _cli_process(*argv) -> subprocess.CompletedProcess:
+    """The real command (its own logging setup: in process, pytest's log capture takes warnings first)."""
+    return subprocess.run([sys.executable, "-m", "bitnet_convert", *map(str, argv)], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300, check=False)
+
+
+def test_a_256_mib_stray_file_in_a_flax_folder_is_left_behind_unread_with_a_warning(models, tmp_path, monkeypatch):
+    """The README's promise: any other file of a Flax folder stays behind with a warning. It was read whole (and
+    refused beyond 64 MiB) instead. The file is sparse: no disk used."""
+    src = _copy(models["a"]["flax"], tmp_path / "m-flax")
+    with open(src / "notes\nof mine.bin", "wb") as fh:
+        fh.truncate(256 << 20)
+    read = []
+    original = sources.SourceWatch.read_side_file
+    monkeypatch.setattr(sources.SourceWatch, "read_side_file",
+                        lambda self, path, what="file": read.append(Path(path).name) or original(self, path, what))
+    ckpt = registry.read_checkpoint(str(src))
+    assert "notes\nof mine.bin" not in read and "notes\nof mine.bin" not in ckpt.tokenizer_files
+    done = _cli_process("convert", src, tmp_path / "m.npz")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {src}: not carried into any output (not a known tokenizer file): notes\\nof mine.bin"]
+
+
+def test_an_npz_member_named_to_escape_is_named_in_a_warning_and_never_written(models, tmp_path, caplog):
+    """`tokenizer/../../../x` converted silently: member names never become paths, and now it is said."""
+    import io
+
+    import numpy as np
+
+    src = _copy(models["a"]["npz"], tmp_path / "m.npz")
+    member = io.BytesIO()
+    np.save(member, np.frombuffer(b"escaped", np.uint8))
+    with zipfile.ZipFile(src, "a") as zf:
+        zf.writestr("tokenizer/../../../x.npy", member.getvalue())
+        zf.writestr("elsewhere/y.npy", member.getvalue())
+    out = tmp_path / "deep" / "er" / "out"
+    out.mkdir(parents=True)
+    for target in (out / "m-flax", out / "m-hf"):
+        caplog.clear()
+        assert run_cli(["convert", str(src), str(target)]).exit_code == 0
+        assert f"{src}: not carried into any output (not a known tokenizer file): tokenizer/../../../x" in caplog.messages
+        assert f"{src}: members that are no part of this format, ignored: elsewhere/y" in caplog.messages
+    written = [p.name for p in tmp_path.rglob("*")]
+    assert "x" not in written and "x.npy" not in written and "y" not in written
+
+
+def test_inspect_json_is_strict_with_nan_in_a_gguf_provenance(models, tmp_path):
+    from test_bad_input import gguf_entry
+
+    key = "bitnet_convert.provenance"
+    record = '{"producer": "bitnet-convert", "weird": NaN, "big": 1e999}'
+    src = gguf_rebuilt(models["a"]["gguf"], tmp_path / "nan.gguf", changes={key: gguf_entry(key, "string", record)})
+    result = run_cli(["inspect", "--json", str(src)])
+    assert result.exit_code == 0, result.stderr
+    report = _strict_json(result.stdout)
+    assert report["provenance"]["weird"] is None and report["provenance"]["big"] is None
+
+
+def test_verify_refuses_a_multiplier_rounding_it_does_not_know(models, tmp_path):
+    from test_bad_input import gguf_entry
+
+    key = "bitnet_convert.provenance"
+    record = json.dumps({"producer": "bitnet-convert", "multiplier_roundings": ["bf16", "fp4"]})
+    src = gguf_rebuilt(models["a"]["gguf"], tmp_path / "r.gguf", changes={key: gguf_entry(key, "string", record)})
+    result = run_cli(["verify", str(src), "--reference", str(models["a"]["hf"])])
+    assert_refused(result, str(src), r"provenance records a multiplier rounding 'fp4' this bitnet-convert does not know")
+
+
+@pytest.mark.parametrize("eos", [[1, 2], []])
+def test_a_config_whose_eos_is_a_list_verifies_and_generates(eos, models, tmp_path):
+    """A list made ModelConfig unhashable: verify's function layer (a jit static argument) ended in ValueError."""
+    src = _copy(models["a"]["hf"], tmp_path / "m-hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    result = run_cli(["verify", str(src), "--reference", str(src)])
+    assert result.exit_code == 0, result.stderr
+    assert run_cli(["convert", str(src), str(tmp_path / "m-flax")]).exit_code == 0
+    assert json.loads((tmp_path / "m-flax" / "config.json").read_text())["eos_token_id"] == eos
+    result = run_cli(["generate", str(src), "--prompt-ids", "5 6", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory):
+    """bitnet.cpp's embedding GGUF of a small Qwen3 BitNet-embedding model (and its Flax folder)."""
+    from embedding_fixtures import write_embedding_checkpoint
+
+    from bitnet_convert import api
+
+    root = tmp_path_factory.mktemp("qwen3")
+    src = write_embedding_checkpoint(root / "src", "qwen3", "i2s", pooling="lasttoken", tokenizer="gguf")
+    return api.convert(src, root / "m.gguf", quiet=True), api.convert(src, root / "m-flax", quiet=True)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("qwen3.attention.key_length", 0, r"head_dim is 0, expected a positive integer"),
+    ("qwen3.attention.value_length", 32, r"key qwen3\.attention\.value_length is 32, but the heads are 64 wide"),
+])
+def test_an_embedding_gguf_head_size_no_model_has_is_refused(key, value, why, qwen3_gguf, tmp_path):
+    """key_length 0 was read as absent, and value_length (how wide the runtime makes V heads) not at all."""
+    from test_bad_input import gguf_entry
+
+    src = gguf_rebuilt(qwen3_gguf[0], tmp_path / "m.gguf", changes={key: gguf_entry(key, "u32", value)})
+    for argv in (["inspect", src], ["embed", src, "--text", "hi"], ["convert", src, tmp_path / "m-flax"]):
+        assert_refused(run_cli(argv), str(src), why)
+
+
+def test_a_text_to_embed_that_is_not_unicode_is_refused(qwen3_gguf):
+    assert_refused(run_cli(["embed", str(qwen3_gguf[1]), "--text", "ok", "--text", "\udcff"]), "a text to embed",
+                   r"not Unicode text \(character 0 is '\\udcff'")
+
+
+def test_embed_reads_a_bounded_text_file(models):
+    """`--file /dev/zero` read lines forever (a device has no end and no newline)."""
+    assert_refused(run_cli(["embed", str(models["a"]["flax"]), "--file", "/dev/zero"]), "/dev/zero",
+                   r"more than 64 Mi characters of text")
+
+
+def test_an_output_under_a_file_says_the_parent_is_not_a_folder(models, tmp_path):
+    (tmp_path / "afile").write_bytes(b"")
+    assert_refused(run_cli(["convert", str(models["a"]["npz"]), str(tmp_path / "afile" / "m.gguf")]),
+                   str(tmp_path / "afile"), r"parent folder .*afile is not a folder")
+
+
+def test_a_written_path_with_a_newline_is_shown_on_one_line(models, tmp_path):
+    out = tmp_path / "two\nlines.npz"
+    result = run_cli(["convert", str(models["a"]["flax"]), str(out)])
+    assert result.exit_code == 0 and out.is_file(), result.stderr
+    assert result.stderr.splitlines()[-1] == f"wrote {tmp_path}/two\\nlines.npz"

@@ -19,7 +19,7 @@ def test_all_twelve_pair_commands_exist():
     assert set(PAIRS) <= set(main.commands)
 
 
-@pytest.mark.parametrize("command", [*PAIRS, "convert", "verify", "inspect", "generate"])
+@pytest.mark.parametrize("command", sorted(main.commands))
 def test_every_command_has_help_with_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0
@@ -92,3 +92,83 @@ def test_refuses_to_overwrite_without_force(hf_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["hf-to-npz", str(hf_checkpoint()), str(out), "--force", "-q"])
     assert result.exit_code == 0
     assert isinstance(registry.read_checkpoint(str(out))["model.layers.0.mlp.up_proj.weight"].load(), Ternary)
+
+
+@pytest.mark.parametrize("layout", ["bitlinear", "online"])
+def test_the_pair_commands_keep_the_layout_the_model_came_in(layout, hf_checkpoint, tmp_path):
+    """hf-to-flax then flax-to-hf (no --layout) gives back the source's layout, as `convert --to hf` does: the
+    same quantization_config, and the same tensors bit for bit (bf16 masters stay masters)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    src = hf_checkpoint(layout)
+    runner = CliRunner()
+    flax, back = tmp_path / "m-flax", tmp_path / "back"
+    for argv in (["hf-to-flax", str(src), str(flax)], ["flax-to-hf", str(flax), str(back)]):
+        result = runner.invoke(main, [*argv, "-q"])
+        assert result.exit_code == 0, result.output
+    config = json.loads((back / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((src / "config.json").read_text())["quantization_config"]
+    original, returned = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(returned) == sorted(original)
+    for name, array in original.items():
+        assert returned[name].dtype == array.dtype and returned[name].tobytes() == array.tobytes(), name
+
+
+def test_the_layout_option_says_the_default_is_the_sources_and_names_every_layout():
+    from bitnet_convert.formats.hf import LAYOUTS
+
+    for command in ("flax-to-hf", "npz-to-hf", "gguf-to-hf", "convert"):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert "default: the source's layout" in text, command
+        assert "default: autobitlinear" not in text
+        for name in LAYOUTS:
+            assert f"{name}:" in text, (command, name)
+
+
+def test_list_shows_every_table_entry_the_code_has():
+    """`list` is made from the code's own tables: every format, layout, target, outtype, embed type and family."""
+    import json
+
+    from bitnet_convert.formats import gguf_types, hf
+    from bitnet_core.config import BITNET_ARCHITECTURES
+
+    result = CliRunner().invoke(main, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    names = {kind: [r["name"] for r in rows if r["kind"] == kind] for kind in {r["kind"] for r in rows}}
+    assert names == {"format": list(registry.FORMATS), "layout": list(hf.LAYOUTS),
+                     "gguf-target": list(gguf_types.TARGETS), "outtype": list(gguf_types.OUTTYPES),
+                     "embed-type": list(gguf_types.EMBED_TYPES), "family": list(BITNET_ARCHITECTURES)}
+    by_name = {(r["kind"], r["name"]): r for r in rows}
+    assert by_name["outtype", "i2_s"]["runs_in"] == "bitnet.cpp"
+    assert by_name["gguf-target", "bitnet.cpp"]["runs_in"] == "bitnet.cpp; checked by verify --runtime ik_llama.cpp"
+    assert "llama.cpp bitnet, which computes silu: another function" in by_name["family", "BitNetForCausalLM"]["runs_in"]
+    assert "bitnet.cpp qwen3 (i2_s)" in by_name["family", "Qwen3Model"]["runs_in"]
+    text = CliRunner().invoke(main, ["list"]).output.splitlines()
+    assert len(text) == 1 + len(rows) and text[0].split()[:4] == ["kind", "name", "reads", "writes"]
+
+
+def test_generate_json_reports_ids_text_and_timings(hf_checkpoint):
+    import json
+
+    src = str(hf_checkpoint())
+    streamed = CliRunner().invoke(main, ["generate", src, "--prompt-ids", "1 2 3", "--max-new-tokens", "4"])
+    result = CliRunner().invoke(main, ["generate", src, "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--json"])
+    assert streamed.exit_code == 0 and result.exit_code == 0, result.output
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
+    assert report["prompt_ids"] == [1, 2, 3] and 1 <= len(report["new_ids"]) <= 4
+    assert set(report) == {"prompt_ids", "new_ids", "text", "stopped_at_eos", "timings"}
+    assert report["timings"]["prefill_s"] > 0 and "decode_s_per_token" in report["timings"]
+    if report["text"] is None:  # no tokenizer: the streamed output is the same ids
+        assert streamed.stdout.split() == [str(i) for i in report["new_ids"]]
+    else:
+        assert streamed.stdout.rstrip("\n") == report["text"]
+
+
+def test_messages_escape_what_a_terminal_would_not_show():
+    from bitnet_convert.fileio.sources import printable, shown
+
+    assert printable("a\nb\tc\x1b[31m\udcff é") == "a\\nb\\tc\\x1b[31m\\udcff é"
+    assert shown("") == "''" and shown("plain/path.gguf") == "plain/path.gguf"

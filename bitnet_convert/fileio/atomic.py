@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bitnet_convert.fileio import sources
 from bitnet_convert.fileio.integrity import PROVENANCE_FILE
 from bitnet_convert.fileio.safetensors_io import INDEX_FILE, SINGLE_FILE
 from bitnet_convert.fileio.writeback import early_writeback
@@ -194,6 +195,8 @@ def refuse_output_over_input(source: str | os.PathLike | None, out: str | os.Pat
 
     `source` is a local path as given or as a reader recorded it (`Checkpoint.provenance["path"]`); a hub id or
     a checkpoint made in memory has none here."""
+    if "\0" in os.fspath(out):  # no system call takes it: one line, not a ValueError from deep in a writer
+        raise ConvertError(f"{sources.shown(out)}: not a valid path (it holds a NUL byte)")
     if not source or not os.path.lexists(source):
         return
     relation = _relation(Path(source), Path(out))
@@ -296,7 +299,8 @@ def check_target(target: str | os.PathLike, *, force: bool = False, directory: b
 def _refuse_early(target: Path, force: bool, directory: bool, writing: _Writing, recover: bool = True) -> None:
     """Before any work: a missing parent, an existing target without --force, one --force may not replace."""
     if not target.parent.is_dir():
-        raise ConvertError(f"{target}: parent folder {target.parent} does not exist")
+        what = "is not a folder" if os.path.lexists(target.parent) else "does not exist"
+        raise ConvertError(f"{target}: parent folder {target.parent} {what}")
     if recover:
         _recover_stranded(target)
     if not force and os.path.lexists(target):

@@ -49,12 +49,14 @@ def resolve_source(src: str, revision: str | None = None) -> Path:
     return _download(src, revision)
 
 
-def _not_local(repo_id: str) -> str:
-    """The end of every message about a repo id that is not on the hub or in the cache: it is no local path
-    either (a mistyped local path looks like a repo id), with a hint when its parent folder exists here."""
+def _missing(at: str, repo_id: str, hub_says: str) -> str:
+    """The message for a repo id that is not on the hub or in the cache. A mistyped local path looks like a repo
+    id: when its parent folder exists here it most likely is one, so the line says "no such folder" first."""
     parent = Path(repo_id).parent
-    hint = f" ({parent}/ exists here: a mistyped folder name?)" if parent.is_dir() else ""
-    return f"; no local folder of that name either{hint}"
+    if parent.is_dir():
+        return f"{shown(repo_id)}: no such folder ({parent}/ exists here: a mistyped folder name?); as a Hugging " \
+               f"Face repo id, {at}: {hub_says}"
+    return f"{at}: {hub_says}; no local folder of that name either"
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -76,19 +78,17 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise ConvertError(f"{at}: the cached snapshot is incomplete; download it again with network access") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ConvertError(
-                f"{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
-                + _not_local(repo_id)
-            ) from None
-        raise ConvertError(f"{at}: cannot reach the Hugging Face Hub and the repo is not in the local cache"
-                           + _not_local(repo_id)) from None
+            raise ConvertError(_missing(at, repo_id, f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                                        "and HF_HUB_OFFLINE is set")) from None
+        raise ConvertError(_missing(at, repo_id, "cannot reach the Hugging Face Hub and the repo is not in the "
+                                    "local cache")) from None
     except RevisionNotFoundError:
         raise ConvertError(f"{at}: no such revision on the Hugging Face Hub") from None
     except GatedRepoError:
         raise ConvertError(f"{repo_id}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise ConvertError(f"{repo_id}: no such repo on the Hugging Face Hub (or it is private: set HF_TOKEN)"
-                           + _not_local(repo_id)) from None
+        raise ConvertError(_missing(repo_id, repo_id, "no such repo on the Hugging Face Hub (or it is private: "
+                                    "set HF_TOKEN)")) from None
     except (HfHubHTTPError, OSError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConvertError(f"{at}: download failed: {first_line}") from None

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_convert.fileio.sources import shown
 from bitnet_core import __version__
+from bitnet_core.errors import ConvertError
 
 HASH_V1 = "sha256-tensors-v1"
 HASH_V2 = "sha256-model-v2"
@@ -350,7 +352,7 @@ def reader_provenance(fmt: str, path, recorded: dict | None, *, source: str | No
                       revision: str | None = None, **extra) -> dict:
     """A reader's `Checkpoint.provenance`. The original source, its format and revision travel on through a
     chain of conversions (read from what the file recorded); `path`/`format` name the file just read."""
-    recorded = recorded or {}
+    recorded = _checked_record(recorded or {}, path)
     stored_roundings = extra.pop("multiplier_roundings", [])  # what the file alone shows; its record knows more
     return {
         "format": fmt,
@@ -365,3 +367,30 @@ def reader_provenance(fmt: str, path, recorded: dict | None, *, source: str | No
         "tensor_casts": dict(recorded.get("tensor_casts") or {}),
         **extra,
     }
+
+
+# The recorded fields that travel on and steer later writers and `verify`: each of the JSON type it must have.
+_RECORD_FIELDS = {"source": str, "source_format": str, "revision": str, "source_layout": str,
+                  "multiplier_roundings": list, "tensor_casts": dict}
+
+
+def _checked_record(record, path) -> dict:
+    """A recorded provenance whose travelling fields have their types (a record is written by us, but a file
+    can hold anything): anything else is one error naming the file and the field."""
+    where = f"{shown(path)}: provenance record"
+    if not isinstance(record, dict):
+        raise ConvertError(f"{where} is a JSON {type(record).__name__}, expected an object")
+    for key, kind in _RECORD_FIELDS.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ConvertError(f"{where}: {key} is {value!r:.60}, expected a JSON {_JSON_NAMES[kind]}")
+    if not all(isinstance(r, str) for r in record.get("multiplier_roundings") or []):
+        raise ConvertError(f"{where}: multiplier_roundings holds {record['multiplier_roundings']!r:.60}, expected "
+                           "names of roundings")
+    if not all(isinstance(t, str) for t in (record.get("tensor_casts") or {}).values()):
+        raise ConvertError(f"{where}: tensor_casts holds {record['tensor_casts']!r:.60}, expected tensor name -> "
+                           "type name")
+    return record
+
+
+_JSON_NAMES = {str: "string", list: "list", dict: "object"}

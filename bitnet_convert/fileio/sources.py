@@ -41,9 +41,18 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (s
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would not show as itself (a newline, an escape, a byte of a
+    file name that is not UTF-8) written as its Python escape: a message stays one line, and can be printed."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shown(path) -> str:
-    """`path` for a message: as is, or its two ends around '...' when it is too long to read."""
-    text = os.fspath(path)
+    """`path` for a message: as is (its unprintable characters escaped), or its two ends around '...' when it is
+    too long to read."""
+    text = printable(os.fsdecode(path)) or "''"  # an empty path, shown as one
     if len(text) <= SHOWN_PATH_CHARS:
         return text
     half = SHOWN_PATH_CHARS // 2
@@ -247,11 +256,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse_json(data: bytes, where: str, subject: str = ""):
+def parse_json(data: bytes, where: str, subject: str = "", *, non_finite: bool = False):
     """Strict JSON from `data`: UTF-8, no NaN/Infinity, no number beyond the float range, no integer beyond
     Python's 4300 digits; anything else is one ConvertError, "<where>: [<subject> is ]not ...". (Integers are
     parsed by json's C scanner: a parse_int hook would double the time of a 9 MB tokenizer.json; each field
-    that holds one checks its range where it is read.)
+    that holds one checks its range where it is read.) `non_finite`: NaN, Infinity and 1e999 are read as
+    Python reads them (a provenance record, only shown: `--json` prints them as null).
     """
     said = f"{where}: {subject} is" if subject else f"{where}:"
     try:
@@ -260,6 +270,8 @@ def parse_json(data: bytes, where: str, subject: str = ""):
         raise ConvertError(f"{said} not UTF-8 text (byte {exc.start})") from None
     try:
         with gcpause.paused():  # a tokenizer.json is ~1M containers
+            if non_finite:
+                return json.loads(text)
             return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ConvertError(f"{said} not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
@@ -271,9 +283,9 @@ def parse_json(data: bytes, where: str, subject: str = ""):
         raise ConvertError(f"{said} JSON holding an integer of more than 4300 digits") from None
 
 
-def read_json_file(watch: SourceWatch, path, what: str = "JSON file") -> dict:
+def read_json_file(watch: SourceWatch, path, what: str = "JSON file", *, non_finite: bool = False) -> dict:
     """A small JSON file read through `watch`, refused unless it holds a JSON object."""
-    value = parse_json(watch.read_side_file(path, what), shown(path))
+    value = parse_json(watch.read_side_file(path, what), shown(path), non_finite=non_finite)
     if not isinstance(value, dict):
         raise ConvertError(f"{shown(path)}: not a JSON object")
     return value

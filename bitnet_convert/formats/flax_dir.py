@@ -63,11 +63,13 @@ from bitnet_convert.fileio.sources import SourceWatch, read_json_file
 from bitnet_convert.formats import tokenizer_files
 from bitnet_convert.formats.folder import (
     dense_producer,
+    is_tokenizer_file,
     read_from,
     recorded_provenance,
     safetensors_folder,
     side_files,
     stored_folder_model,
+    warn_not_carried,
 )
 from bitnet_core import validate
 from bitnet_core.checkpoint import (
@@ -185,11 +187,12 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
     _check_version(params.metadata, params.tensors, where)
     entries = watch.guard(_entries(params.tensors, where))
     provenance = integrity.reader_provenance(NAME, folder, recorded_provenance(folder), source=str(folder.resolve()))
-    tokenizer = {
-        p.name: watch.read_side_file(p, "tokenizer file")  # bounded: a stray 256 MiB file is refused, not loaded
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name not in _OWN_FILES and not p.name.startswith(".")
-    }
+    # Only the known tokenizer files are read (each bounded); any other file stays behind unread, named in a
+    # warning: a stray 256 MiB file is neither loaded nor a reason to refuse the model.
+    others = [p for p in sorted(folder.iterdir())
+              if p.is_file() and p.name not in _OWN_FILES and not p.name.startswith(".")]
+    tokenizer = {p.name: watch.read_side_file(p, "tokenizer file") for p in others if is_tokenizer_file(p.name)}
+    warn_not_carried(folder, [p.name for p in others if not is_tokenizer_file(p.name)])
     if (folder / POOLING_CONFIG_FILE).is_file():  # sentence-transformers' pooling config, in its own folder
         tokenizer[POOLING_CONFIG_FILE] = watch.read_side_file(folder / POOLING_CONFIG_FILE, "pooling config")
     tokenizer_files.check(tokenizer, lambda name: str(folder / name))

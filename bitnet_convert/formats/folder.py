@@ -28,6 +28,7 @@ from bitnet_convert.fileio.safetensors_io import (
     shard_index,
     stored_pieces,
 )
+from bitnet_convert.fileio.sources import SourceWatch, read_json_file, shown
 from bitnet_core.checkpoint import Checkpoint, RowBlocks, TensorEntry, Ternary, row_blocks
 from bitnet_core.errors import ConvertError
 from bitnet_core.names import TOKENIZER_FILES
@@ -48,7 +49,7 @@ def carried_tokenizer_files(files: Mapping[str, bytes], where: str, *, reserved:
     """The tokenizer files an output receives: the allow-listed ones, never a name the target reserves for
     itself; a warning line names what is dropped."""
     carried = {name: data for name, data in files.items() if is_tokenizer_file(name) and name not in reserved}
-    _warn_not_carried(where, [name for name in files if name not in carried])
+    warn_not_carried(where, [name for name in files if name not in carried])
     return carried
 
 
@@ -57,10 +58,12 @@ def read_from(ckpt: Checkpoint) -> str:
     return str(ckpt.provenance.get("path") or ckpt.provenance.get("source") or "checkpoint")
 
 
-def _warn_not_carried(where, names: Iterable[str]) -> None:
+def warn_not_carried(where, names: Iterable[str]) -> None:
+    """One warning line naming the files (or members) of `where` that no output receives."""
     names = sorted(names)
     if names:
-        log.warning("%s: not carried into the output (not a known tokenizer file): %s", where, ", ".join(names))
+        log.warning("%s: not carried into any output (not a known tokenizer file): %s", shown(where),
+                    ", ".join(map(shown, names)))
 
 
 def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
@@ -106,16 +109,9 @@ def _stored(spec: TensorSpec, produce: Callable):
 
 
 def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (config.json, bitnet_convert.json), or one error line naming it."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: cannot read JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return value
+    """A JSON file that must hold an object (config.json, bitnet_convert.json), or one error line naming it:
+    a regular file of at most SIDE_FILE_LIMIT bytes; a non-finite number in it is kept (only ever shown)."""
+    return read_json_file(SourceWatch(), path, "JSON record", non_finite=True)
 
 
 def recorded_provenance(folder) -> dict | None:

@@ -92,6 +92,7 @@ class Layout:
     inverse_scale: bool  # weight_scale holds 1/w (transformers' BitLinear divides by it)
     renames: tuple[tuple[str, str], ...] = ()  # (name part in the files, our name part)
     unprefixed: bool = False  # the files name tensors without our "model." prefix (`layers.0....`, `norm.weight`)
+    summary: str = ""  # what it is, for --layout's help and `bitnet-convert list`
 
     def our_name(self, stored: str) -> str:
         for theirs, ours in self.renames:
@@ -115,24 +116,29 @@ LAYOUTS = {
         {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"},
         packed=True,
         inverse_scale=False,
+        summary="packed codes + weight_scale (2B4T)",
     ),
     "bitlinear": Layout(
         "bitlinear",
         {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"},
         packed=True,
         inverse_scale=True,
+        summary="packed codes + inverse weight_scale (Falcon3, Falcon-E, Llama3-8B-1.58)",
     ),
     "online": Layout(
         "online",
         {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"},
         packed=False,
         inverse_scale=False,
+        summary="bf16 master weights, quantized on the fly (2B4T-bf16)",
     ),
     "latent": Layout(
         "latent", None, packed=False, inverse_scale=False,
         renames=((".self_attn.inner_attn_ln.", ".self_attn.attn_sub_norm."), (".mlp.ffn_layernorm.", ".mlp.ffn_sub_norm.")),
+        summary="fp16 latent weights, no quantization_config (1bitLLM bitnet_b1_58)",
     ),
-    "embedding": Layout("embedding", None, packed=False, inverse_scale=False, unprefixed=True),
+    "embedding": Layout("embedding", None, packed=False, inverse_scale=False, unprefixed=True,
+                        summary="bf16 masters under the backbone's own names (BitNet-embedding)"),
 }
 # The architectures whose folders need no quantization_config: their classes quantize at run time.
 LATENT_LAYOUT = {LATENT_ARCHITECTURE: "latent", QWEN3: "embedding", GEMMA3: "embedding"}
@@ -355,8 +361,11 @@ def _multiplier(scale: StoredTensor, layout: Layout) -> np.float32:
 # ------------------------------------------------------------------------------------------------ writing
 
 WRITER_OPTIONS = {
-    "layout": WriterOption(tuple(LAYOUTS), DEFAULT_LAYOUT,
-                           "projection layout: packed 2B4T, packed bitlinear (inverse weight_scale), or bf16 masters"),
+    # No default here: the writer's is the layout the model came in (default_layout), which a CLI default of its
+    # own would override (a bitlinear model coming back autobitlinear, an online one losing its masters).
+    "layout": WriterOption(tuple(LAYOUTS), None, "projection layout (default: the source's layout, else its "
+                           "family's, else autobitlinear): " + "; ".join(f"{name}: {layout.summary}"
+                                                                          for name, layout in LAYOUTS.items())),
     "scale_dtype": WriterOption(tuple(SCALE_DTYPES), "bf16",
                                 "dtype of weight_scale: bf16 as in 2B4T, or f32 to keep any multiplier exactly"),
 }

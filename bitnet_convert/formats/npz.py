@@ -48,6 +48,7 @@ safetensors, and the embedding is the largest thing ever in memory while reading
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zipfile
@@ -64,9 +65,9 @@ from bitnet_convert.fileio.integrity import (
     reader_provenance,
 )
 from bitnet_convert.fileio.output import Output, Plan, PlannedTensor
-from bitnet_convert.fileio.sources import SourceWatch, parse_json
+from bitnet_convert.fileio.sources import SourceWatch, parse_json, shown
 from bitnet_convert.formats import tokenizer_files
-from bitnet_convert.formats.folder import carried_tokenizer_files, read_from
+from bitnet_convert.formats.folder import carried_tokenizer_files, is_tokenizer_file, read_from, warn_not_carried
 from bitnet_core.checkpoint import (
     DENSE,
     TERNARY,
@@ -87,6 +88,7 @@ FORMAT_ID = "bitnet-convert-npz"
 FORMAT_VERSION = 1
 TERNARY_PACKING = "base3-5"
 
+log = logging.getLogger("bitnet_convert")
 FORMAT_KEY = "meta/format.json"
 CONFIG_KEY = "meta/config.json"
 INDEX_KEY = "meta/tensors.json"
@@ -296,11 +298,18 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
         )
     config = _read_json(path, zf, headers, CONFIG_KEY, watch)
     index = _read_json(path, zf, headers, INDEX_KEY, watch)
-    tokenizer = {
-        key[len(TOKENIZER_PREFIX):]: bytes(_read_bytes(path, zf, headers, key, watch))
-        for key in headers
-        if key.startswith(TOKENIZER_PREFIX)
-    }
+    # Only the known tokenizer files are read; any other tokenizer/ member (a stray, `tokenizer/../../x`) stays
+    # behind unread, named in a warning: no member name ever becomes a path, so nothing can escape.
+    members = [key for key in headers if key.startswith(TOKENIZER_PREFIX)]
+    tokenizer = {key[len(TOKENIZER_PREFIX):]: bytes(_read_bytes(path, zf, headers, key, watch))
+                 for key in members if is_tokenizer_file(key[len(TOKENIZER_PREFIX):])}
+    warn_not_carried(path, [key for key in members if not is_tokenizer_file(key[len(TOKENIZER_PREFIX):])])
+    foreign = [key for key in headers if not key.startswith((TOKENIZER_PREFIX, TENSOR_PREFIX)) and key not in
+               (FORMAT_KEY, CONFIG_KEY, INDEX_KEY, PROVENANCE_KEY)]
+    if foreign:  # a newer version's record, or anything else: never read, never carried
+        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+        log.warning("%s: members that are no part of this format, ignored: %s%s", shown(path),
+                    ", ".join(map(shown, foreign[:8])), more)
     tokenizer_files.check(tokenizer, lambda name: f"{path}: member {TOKENIZER_PREFIX}{name}")
     recorded = _read_json(path, zf, headers, PROVENANCE_KEY, watch) if PROVENANCE_KEY in headers else None
     if not isinstance(config, dict):
@@ -418,10 +427,7 @@ def recorded_provenance(path) -> dict | None:
         if _member(PROVENANCE_KEY) not in zf.NameToInfo:
             return None
         raw = bytes(_read_array(path, zf, PROVENANCE_KEY))
-    try:
-        record = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: member {PROVENANCE_KEY} is not valid JSON: {exc}") from None
+    record = parse_json(raw, shown(path), f"member {PROVENANCE_KEY}", non_finite=True)
     return record if isinstance(record, dict) else None
 
 
@@ -445,6 +451,11 @@ def _member_headers(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[tuple[in
     for info in zf.infolist():
         if not info.filename.endswith(".npy"):
             raise ConvertError(f"{path}: unexpected member {info.filename} (an .npz holds only .npy members)")
+        if info.flag_bits & _ENCRYPTED:
+            raise ConvertError(f"{path}: member {info.filename} is encrypted (numpy writes none; never read)")
+        if info.compress_type not in _COMPRESSIONS:
+            raise ConvertError(f"{path}: member {info.filename} uses zip compression method {info.compress_type}, "
+                               f"which zipfile cannot read (stored, deflate, bzip2 and lzma are read)")
         key = info.filename[: -len(".npy")]
         try:
             with zf.open(info) as fh:
@@ -455,6 +466,9 @@ def _member_headers(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[tuple[in
             raise ConvertError(f"{path}: member {key} is not a valid .npy array: {exc}") from None
     return headers
 
+
+_ENCRYPTED = 0x1  # zip general purpose flag bit 0
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 
 # deflate expands data at most ~1032 times: bounds what a compressed member can claim to hold
 _MAX_DEFLATE_RATIO = 1032
@@ -527,7 +541,8 @@ def _read_bytes(path: Path, zf: zipfile.ZipFile, headers: dict, key: str, watch:
 
 
 def _read_json(path: Path, zf: zipfile.ZipFile, headers: dict, key: str, watch: SourceWatch):
-    return parse_json(bytes(_read_bytes(path, zf, headers, key, watch)), str(path), f"member {key}")
+    return parse_json(bytes(_read_bytes(path, zf, headers, key, watch)), str(path), f"member {key}",
+                      non_finite=key == PROVENANCE_KEY)  # a record, only shown: NaN kept, printed as null
 
 
 __all__ = ["NAME", "detect", "read", "plan", "write", "stored_tensor_bytes", "recorded_provenance"]

@@ -69,11 +69,15 @@ def _levels(levels, runtime) -> tuple[str, ...]:
     else:
         chosen = [level.strip() for part in ([levels] if isinstance(levels, str) else levels)
                   for level in part.split(",") if level.strip()]
-        if chosen == ["all"]:
-            chosen = [level for level in LEVELS if level != "runtime" or runtime]
-        unknown = [level for level in chosen if level not in LEVELS]
+        unknown = [level for level in chosen if level not in (*LEVELS, "all")]
         if unknown:
-            raise ConvertError(f"unknown verify level {unknown[0]!r} (choose from {', '.join(LEVELS)} or all)")
+            raise ConvertError(f"unknown verify level {unknown[0]!r:.60} (choose from {', '.join(LEVELS)} or all)")
+        if not chosen:
+            raise ConvertError(f"no verify level given (choose from {', '.join(LEVELS)} or all)")
+        if "all" in chosen:
+            if chosen != ["all"]:
+                raise ConvertError("verify level 'all' stands alone (it means every level)")
+            chosen = [level for level in LEVELS if level != "runtime" or runtime]
     if runtime is not None:
         if runtime not in RUNTIMES:
             raise ConvertError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")

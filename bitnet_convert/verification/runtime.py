@@ -53,6 +53,10 @@ NO_GRAPH = {("bitnet.cpp", arch): f"bitnet.cpp at this commit (4645960) has no g
                                   f"verify --runtime ik_llama.cpp" for arch in ("bitnet-b1.58", "bitnet-25")}
 
 
+# The GGUF target (gguf.types.TARGETS) whose files each runtime runs (_prepared): ik_llama.cpp runs bitnet.cpp's.
+RUNTIME_TARGET = {"llama.cpp": "llama.cpp", "ik_llama.cpp": "bitnet.cpp", "bitnet.cpp": "bitnet.cpp"}
+
+
 def check_runtime(path: str, ckpt: Checkpoint, runtime: str, *, model: Checkpoint | None = None,
                   bitnet_cpp_dir=None) -> LayerReport:
     """The runtime layer: the GGUF at `path` (read as `ckpt`) run in `runtime`, against the JAX model of `model`

@@ -29,6 +29,7 @@ from bitnet_core.checkpoint import (
 )
 from bitnet_core.codecs import hf2bit
 from bitnet_core.config import ModelConfig
+from bitnet_core.errors import ConvertError
 from bitnet_core.names import is_projection
 from bitnet_core.quantize import as_ternary
 
@@ -171,6 +172,12 @@ def _declared_roundings(candidate: Checkpoint, reference: Checkpoint) -> list[st
     """The multiplier roundings the candidate went through that the reference did not."""
     cand = list(candidate.provenance.get("multiplier_roundings") or [])
     ref = list(reference.provenance.get("multiplier_roundings") or [])
+    for ckpt, roundings in ((candidate, cand), (reference, ref)):
+        unknown = [r for r in roundings if r not in MULTIPLIER_ROUNDINGS]
+        if unknown:  # a record written by a newer version, or edited: what it declares cannot be checked
+            raise ConvertError(f"{ckpt.provenance.get('path')}: provenance records a multiplier rounding "
+                               f"{unknown[0]!r:.40} this bitnet-convert does not know "
+                               f"({', '.join(MULTIPLIER_ROUNDINGS)})")
     return cand[len(ref):] if cand[: len(ref)] == ref else [r for r in cand if r not in ref]
 
 

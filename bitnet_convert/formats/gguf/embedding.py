@@ -263,9 +263,15 @@ def _config(reader, arch: str, by_name) -> dict:
                 continue
             raise ConvertError(f"{reader.path}: missing key {template.format(arch=arch)}")
         config[hf_key] = value
-    head_dim = model_key(reader, KEY_LENGTH.format(arch=arch), U32) or \
-        model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
-    if head_dim:
+    key_length = model_key(reader, KEY_LENGTH.format(arch=arch), U32)
+    head_dim = key_length
+    if head_dim is None:
+        head_dim = model_key(reader, ROPE_DIMENSIONS.format(arch=arch), U32)
+    value_length = model_key(reader, VALUE_LENGTH.format(arch=arch), U32)
+    if value_length is not None and head_dim and value_length != head_dim:  # the runtime sizes V heads by it
+        raise ConvertError(f"{reader.path}: key {VALUE_LENGTH.format(arch=arch)} is {value_length}, but the heads are "
+                           f"{head_dim} wide (these models have one head size)")
+    if head_dim is not None:  # 0 included: validation names it
         config["head_dim"] = head_dim
     config["vocab_size"] = vocab_size(reader, by_name)
     act = typed_value(reader, KEY_HIDDEN_ACT, frozenset((STRING,)), "a string") or DEFAULT_ACTIVATION[cls]

@@ -7,14 +7,13 @@ holds it for the run, and says what the content hash covers (`stored_tensor_byte
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_convert.fileio import integrity
-from bitnet_convert.fileio.sources import SourceWatch
+from bitnet_convert.fileio.sources import SourceWatch, parse_json, shown
 from bitnet_convert.formats.gguf import architectures as gguf_architectures, tokenizer as gguf_tokenizer
 from bitnet_convert.formats.gguf.header import (
     INTEGER_TYPES,
@@ -160,10 +159,9 @@ def recorded(field, path) -> dict | None:
     value = field(KEY_PROVENANCE)
     if value is None:
         return None
-    try:
-        record = json.loads(value)
-    except json.JSONDecodeError:
-        raise ConvertError(f"{path}: {KEY_PROVENANCE} is not valid JSON") from None
+    if not isinstance(value, str):
+        raise ConvertError(f"{shown(path)}: key {KEY_PROVENANCE} is {type(value).__name__}, expected a JSON string")
+    record = parse_json(value.encode(), shown(path), f"key {KEY_PROVENANCE}", non_finite=True)
     return record if isinstance(record, dict) else None
 
 
