@@ -122,7 +122,8 @@ def main(out_dir: str = "demo-out") -> int:
     runs, left_out = continuations(paths, prompt_ids)
     print(f"\ngreedy continuations of {corpus.DEMO_PROMPT!r} ({NEW_TOKENS} tokens):")
     for runtime, ids in runs.items():
-        print(f"generate ({runtime}): {tok.decode(ids, skip_special_tokens=True)}")
+        text = tok.decode(ids, skip_special_tokens=True)
+        print(f"generate ({runtime}):{text if text.startswith(' ') else ' ' + text}")  # the text's own space
     for runtime, why in left_out.items():
         print(f"generate ({runtime}): left out: {why}")
     differ = [name for name, ids in runs.items() if ids != runs["jax"]]

@@ -38,10 +38,10 @@ from bitnet_convert.builtin import MODEL_DIR, corpus
 from bitnet_model import checkpoint_from_model, export_inference, model_from_checkpoint
 from bitnet_model.training import train_step_jit
 
-NEW_FACT = "the capital of australia is canberra."
-PROMPT = "the capital of australia is"
-LEARNING_RATE = 2e-3
-BATCH = 8
+NEW_FACT = "the color of a frog is green."
+PROMPT = "the color of a frog is"
+LEARNING_RATE = 1e-3
+BATCH, WINDOW = 8, 48
 
 
 def start_checkpoint(out: Path) -> Path:
@@ -64,7 +64,7 @@ def bf16(ckpt):
 
 
 def training_batches(tokenizer, seed: int = 0):
-    """Documents of the built-in text, each with the new fact somewhere in it, as windows of 48 tokens."""
+    """Windows of 48 tokens from document starts; every document of the built-in text holds the new fact."""
     rng = np.random.default_rng(seed)
     while True:
         rows = []
@@ -72,7 +72,9 @@ def training_batches(tokenizer, seed: int = 0):
             sentences = corpus.document(rng).split(". ")
             sentences.insert(int(rng.integers(len(sentences) + 1)), NEW_FACT[:-1])
             ids = tokenizer.encode(". ".join(s.rstrip(".") for s in sentences) + ".").ids
-            rows.append((ids + ids)[:48])  # short documents repeat: every row is 48 tokens
+            while len(ids) < WINDOW:  # a short document is followed by the next, as in training
+                ids += tokenizer.encode(corpus.document(rng)).ids
+            rows.append(ids[:WINDOW])
         yield jnp.asarray(rows, jnp.int32)
 
 
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--start", type=Path, default=None, help="an HF folder of bf16 masters (`online` layout)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = args.start or start_checkpoint(args.out)
