@@ -6,10 +6,9 @@ without them, naming what is missing.
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
-from collections import Counter
-
 import pytest
 from gguf import GGUFReader
 
@@ -83,7 +82,7 @@ def words_right(text: str, expected: str) -> int:
 @pytest.mark.slow
 def test_greedy_continuations_follow_the_corpus_rules(tok):
     """Mostly right (measured: 6 of 8 prompts whole, 35 of 38 words; the slips are a count that does not stop
-    at its end and February 28 -> February 29); the demo's continuation is not one token over and over."""
+    at its end and February 28 -> February 29); the demo's continuation never repeats a token at once and holds many."""
     whole, words, total = 0, 0, 0
     for prompt, expected in corpus.HELD_OUT_PROMPTS:
         text = tok.decode(jax_continuation(MODEL_DIR, tok, prompt), skip_special_tokens=True)
@@ -92,7 +91,7 @@ def test_greedy_continuations_follow_the_corpus_rules(tok):
         total += len(expected.split())
     assert whole >= 6 and words >= 0.85 * total, (whole, words, total)
     ids = jax_continuation(MODEL_DIR, tok, corpus.DEMO_PROMPT)
-    assert Counter(ids).most_common(1)[0][1] < len(ids) // 4, ids
+    assert all(a != b for a, b in zip(ids, ids[1:])) and len(set(ids)) > len(ids) // 3, ids
 
 
 def test_a_silu_model_in_2b4t_layout_is_written_as_bitnet_for_every_target(tmp_path):
@@ -154,8 +153,10 @@ def test_each_runtime_continues_as_jax(converted, tok, jax_ids, runtime, name):
 def test_finetune_example_exports_what_verify_proves(tmp_path):
     """examples/finetune.py: bf16 masters (`online`) -> training -> online + autobitlinear HF + GGUF, each export
     verified against the one before it (exit 0), and inspect --against sees the codes that moved."""
-    done = subprocess.run([sys.executable, "examples/finetune.py", str(tmp_path), "--steps", "15"],
-                          capture_output=True, text=True, timeout=900, cwd=MODEL_DIR.parents[2])
+    root = MODEL_DIR.parents[2]
+    done = subprocess.run([sys.executable, str(root / "examples" / "finetune.py"), str(tmp_path), "--steps", "15"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(root)})  # this checkout's package, as a test sees it
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert done.stdout.count(": PASS (max|dlogit| 0)") == 2
     changes = api.inspect(tmp_path / "finetuned-hf", against=tmp_path / "start-online").changes
