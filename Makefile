@@ -1,4 +1,5 @@
-# make demo  — install into .venv if needed, then convert the built-in tiny BitNet HF -> Flax -> HF (+ npz, GGUF)
+# make demo  — install into .venv if needed (with ik_llama.cpp, a wheel), then move the built-in trained BitNet
+#              HF -> Flax -> npz -> GGUF -> HF, verify every step and generate in every runtime installed
 # make test  — install into .venv if needed, then run the test suite
 # make bench — the 2B4T-shaped benchmarks of BENCHMARKS.md, written into it (needs ~10 GB of disk and ~45 minutes;
 #              run on an idle machine: bitnet.cpp's threads busy-wait)
@@ -11,6 +12,9 @@ PY := $(VENV)/bin/python
 # Extras installed with the package: `make test EXTRAS=test,llama,ik-llama` adds the tests in llama.cpp and
 # ik_llama.cpp (CI does).
 EXTRAS ?= test
+# The demo generates in ik_llama.cpp too (a wheel, quick); llama.cpp (a 14-minute build) and bitnet.cpp
+# (~/.cache/bitnet-cpp-4645960 or $BITNET_CPP_DIR) it uses when they are there.
+DEMO_EXTRAS ?= test,ik-llama
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export JAX_PLATFORMS ?= cpu
@@ -30,7 +34,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m bitnet_model.native
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo:
+	$(MAKE) --no-print-directory install EXTRAS=$(DEMO_EXTRAS)
 	$(PY) -m bitnet_convert.demo demo-out
 
 test: $(STAMP)

@@ -57,11 +57,13 @@ def verify(candidate: PathLike, reference: PathLike, *, revision: str | None = N
                       runtime=runtime, head=head, bitnet_cpp_dir=bitnet_cpp_dir)
 
 
-def inspect(path: PathLike, *, check: bool = False, revision: str | None = None):
-    """`bitnet-convert inspect`: the InspectReport (`.as_dict()`, `.text()`, `.check_passed` with check=True)."""
+def inspect(path: PathLike, *, check: bool = False, revision: str | None = None, against: PathLike | None = None):
+    """`bitnet-convert inspect`: the InspectReport (`.as_dict()`, `.text()`, `.check_passed` with check=True;
+    `.changes` per tensor from the checkpoint `against`)."""
     from bitnet_convert.inspection import inspect_path
 
-    return inspect_path(os.fspath(path), check=check, revision=revision)
+    return inspect_path(os.fspath(path), check=check, revision=revision,
+                        against=None if against is None else os.fspath(against))
 
 
 def load_model(src: PathLike, *, mode: str = "inference", revision: str | None = None):

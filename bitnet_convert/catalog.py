@@ -1,6 +1,6 @@
 """`bitnet-convert list`: every format, HF layout, GGUF target / outtype / embedding type and model family the
 tool reads and writes, with what runs each, as one table made from the code's own tables (registry.FORMATS,
-hf.LAYOUTS, gguf_types.TARGETS / OUTTYPES / EMBED_TYPES, gguf_embedding, bitnet_core.config, the verification
+hf.LAYOUTS, gguf.types.TARGETS / OUTTYPES / EMBED_TYPES, gguf.embedding, bitnet_core.config, the verification
 runtimes), so the listing cannot say what the code does not do.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from bitnet_convert.formats import gguf_embedding, gguf_types, hf, registry
+from bitnet_convert.formats import hf, registry
+from bitnet_convert.formats.gguf import embedding as gguf_embedding
+from bitnet_convert.formats.gguf import types as gguf_types
 from bitnet_convert.verification import RUNTIMES
 from bitnet_convert.verification.runtime import RUNTIME_TARGET
 from bitnet_core.config import (

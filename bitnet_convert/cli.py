@@ -287,13 +287,16 @@ def verify_command(candidate, reference, revision, levels, runtime, bitnet_cpp_d
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--check", is_flag=True, help="Recompute the recorded content hash; exit 1 if it differs.")
 @click.option("--revision", default=None, help="Hub revision, when PATH is a hub repo id.")
-def inspect_command(path, as_json, check, revision):
+@click.option("--against", default=None, metavar="START",
+              help="Also list per tensor what changed from START (codes flipped, multiplier before/after).")
+def inspect_command(path, as_json, check, revision, against):
     """Show format, architecture, tensors (shapes, dtypes, sizes), ternary statistics and multipliers.
 
     \b
     Example:
       bitnet-convert inspect ./model.gguf
       bitnet-convert inspect --check --json ./model-flax
+      bitnet-convert inspect ./finetuned-hf --against ./start-hf
 
     With --check: exit 0 when the recomputed content hash matches, 1 when it differs or a tensor holds bytes
     no writer produces, 2 when PATH cannot be read as a checkpoint at all.
@@ -301,7 +304,7 @@ def inspect_command(path, as_json, check, revision):
     from bitnet_core.errors import CorruptData
 
     try:
-        report = api.inspect(path, check=check, revision=revision)
+        report = api.inspect(path, check=check, revision=revision, against=against)
     except CorruptData as exc:
         if check:  # tensor bytes no writer produces: the file changed, so the check fails (exit 1, not 2)
             raise CheckFailed(str(exc)) from exc

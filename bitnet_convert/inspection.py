@@ -32,6 +32,19 @@ class TensorReport:
 
 
 @dataclasses.dataclass
+class TensorChange:
+    """What changed in one tensor from a starting checkpoint: ternary codes flipped (masters compared by the codes
+    they quantize to) and the multiplier before/after; for a dense tensor, values changed and the largest change."""
+
+    name: str
+    changed: int  # codes flipped, or dense values that differ
+    total: int
+    multiplier_before: float | None = None
+    multiplier_after: float | None = None
+    max_abs_change: float | None = None
+
+
+@dataclasses.dataclass
 class InspectReport:
     path: str
     format: str
@@ -45,6 +58,8 @@ class InspectReport:
     hash_algorithm: str | None = None  # the one the file records, which the check recomputes
     hash_note: str | None = None  # what an older algorithm's hash does not cover
     checked: bool = False
+    against: str | None = None  # the starting checkpoint `changes` compares with
+    changes: list[TensorChange] | None = None
 
     @property
     def check_passed(self) -> bool:
@@ -82,7 +97,48 @@ class InspectReport:
             else:
                 stats = ""
             lines.append(f"{t.name:<{width}}  {shape:<14} {t.dtype:<9} {stats}")
+        if self.changes is not None:
+            lines += ["", *changes_text(self.changes, self.against)]
         return "\n".join(lines)
+
+
+def changes_text(changes: list[TensorChange], against: str) -> list[str]:
+    moved = [c for c in changes if c.changed or c.multiplier_before != c.multiplier_after]
+    lines = [f"against {against}: {len(moved)} of {len(changes)} tensors changed"]
+    width = max((len(c.name) for c in moved), default=4)
+    for c in moved:
+        if c.multiplier_before is not None:
+            what = (f"{c.changed:>9,} of {c.total:,} codes flipped ({100 * c.changed / max(c.total, 1):.2f}%)  "
+                    f"multiplier {c.multiplier_before:.6g} -> {c.multiplier_after:.6g}")
+        else:
+            what = f"{c.changed:>9,} of {c.total:,} values changed, by at most {c.max_abs_change:.3g}"
+        lines.append(f"  {c.name:<{width}}  {what}")
+    return lines
+
+
+def tensor_changes(ckpt: Checkpoint, start: Checkpoint, start_path: str) -> list[TensorChange]:
+    """Per tensor, what changed from `start` (same model shape: same tensor names and shapes)."""
+    names, start_names = [e.name for e in ckpt], {e.name for e in start}
+    if set(names) != start_names:
+        missing = sorted(start_names ^ set(names))
+        raise ConvertError(f"{start_path}: holds other tensors than the model inspected ({', '.join(missing[:3])})")
+    changes = []
+    for entry in ckpt:
+        before_entry = start.tensors[entry.name]
+        if tuple(before_entry.shape) != tuple(entry.shape):
+            raise ConvertError(f"{start_path}: {entry.name} has shape {list(before_entry.shape)}, the model "
+                               f"inspected {list(entry.shape)}")
+        after, before = entry.load(), before_entry.load()
+        t_after, t_before = _ternary_of(entry, after), _ternary_of(before_entry, before)
+        if t_after is not None and t_before is not None:
+            changes.append(TensorChange(entry.name, int(np.count_nonzero(t_after.codes != t_before.codes)),
+                                        int(t_after.codes.size), float(t_before.multiplier), float(t_after.multiplier)))
+        else:
+            a, b = np.asarray(after, np.float32), np.asarray(before, np.float32)
+            diff = np.abs(a - b)
+            changes.append(TensorChange(entry.name, int(np.count_nonzero(a != b)), int(a.size),
+                                        max_abs_change=float(diff.max()) if diff.size else 0.0))
+    return changes
 
 
 def _ternary_of(entry, value) -> Ternary | None:
@@ -166,7 +222,8 @@ def _size(path: Path, module) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def inspect_path(path: str, *, check: bool = False, revision: str | None = None) -> InspectReport:
+def inspect_path(path: str, *, check: bool = False, revision: str | None = None,
+                 against: str | None = None) -> InspectReport:
     from bitnet_convert.fileio import hub
     from bitnet_convert.formats import registry
 
@@ -179,6 +236,9 @@ def inspect_path(path: str, *, check: bool = False, revision: str | None = None)
     report = InspectReport(os.fspath(path), fmt, _size(Path(local), module), ckpt.config, provenance, tensors, warnings)
     if check:
         _check_content_hash(report, module, local)
+    if against is not None:
+        start = registry.read_checkpoint(os.fspath(against), registry.detect_input_format(os.fspath(against)))
+        report.against, report.changes = os.fspath(against), tensor_changes(ckpt, start, os.fspath(against))
     return report
 
 

@@ -32,6 +32,12 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
     """tokenizer.json + tokenizer_config.json of a Llama-3-style byte-level BPE (BOS added, no EOS)."""
+    return bpe_tokenizer_files([_CORPUS] * 4, vocab_size)
+
+
+def bpe_tokenizer_files(texts: list[str], vocab_size: int) -> dict[str, bytes]:
+    """A byte-level BPE trained on `texts` with Llama 3's special tokens, as tokenizer.json +
+    tokenizer_config.json (BOS added, no EOS)."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -49,7 +55,7 @@ def tiny_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     bos = SPECIAL_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(
