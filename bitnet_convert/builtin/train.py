@@ -261,7 +261,8 @@ def main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bitnet_convert.builtin.train", description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", type=Path, default=MODEL_DIR, help="HF folder to write (default: the package's)")
+    parser.add_argument("out", nargs="?", type=Path, default=MODEL_DIR,
+                        help="HF folder to write (default: the package's)")
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     full = args.out.resolve() == MODEL_DIR and args.steps == STEPS
