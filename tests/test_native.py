@@ -429,3 +429,12 @@ def test_cache_folder_and_library_key(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "native" and path.name.startswith("bitnet_kernels-")
     assert native.build() == path and path.stat().st_size > 0
     assert list(path.parent.glob("*.so")) == [path]  # the temporary file was renamed, nothing left behind
+
+
+def test_library_key_covers_the_included_kernels(tmp_path, monkeypatch):
+    """kernels.cc includes vector_kernels.inc: a change there must build a new library, not load the old one."""
+    before = native.library_path()
+    changed = tmp_path / "vector_kernels.inc"
+    changed.write_bytes(native.INCLUDES[0].read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "INCLUDES", (changed,))
+    assert native.library_path() != before

@@ -36,6 +36,8 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels.cc")
+# What SOURCE includes: the kernels written once for every vector width (compiled once per instruction set)
+INCLUDES = (Path(__file__).with_name("vector_kernels.inc"),)
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
 ATTENTION_TARGET = "bitnet_causal_attention"
@@ -43,8 +45,8 @@ CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
 # -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
 # sums do; with FMA in the target, GCC may otherwise fuse a product and a sum into one rounding.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
-# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes: even at 8,
-# 1.6-2.4x faster at 16-32); set in the library when it loads.
+# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes; BENCHMARKS.md's
+# kernel notes); set in the library when it loads.
 AMX_MIN_TOKENS = 8
 LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
 BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
@@ -68,7 +70,9 @@ def _compiler() -> str:
 
 def library_path() -> Path:
     """Where the library for this source, jaxlib and compiler lives (built or not)."""
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for source in (SOURCE, *INCLUDES):
+        key.update(source.read_bytes())
     key.update(f"{jaxlib.__version__} {_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
     return cache_dir() / f"bitnet_kernels-{key.hexdigest()[:16]}.so"
 
