@@ -16,6 +16,8 @@ time, against a plain two-thread read of a 1 GiB array measured in the same run.
 
 `--int8-head` adds our engine with the opt-in int8 head (`generate --head int8`: the 16-bit head as int8
 rows with a scale each, half the head's bytes per step; lossy, so it is a side of its own and no floor's).
+`--greedy-screen` adds our engine with the greedy screen (`generate --greedy-screen`: exact, the same tokens;
+an int8 copy of the head is read, the 16-bit rows only where they can still win).
 
 Exits 1 when a floor is missed: against llama.cpp decode >= 1.0x, prefill >= 2x, our peak RSS generating
 <= 1.5 GiB (issue 14's floors); against transformers decode >= 3x and prefill >= 2x (issue 4's, set on a CPU
@@ -66,6 +68,8 @@ GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 SEED = 1234
 HEAD_ENV = "BENCH_GENERATE_HEAD"  # our child's `head` (load_generator): the --int8-head side sets it
 INT8_SIDE = "ours int8 head"
+SCREEN_ENV = "BENCH_GENERATE_SCREEN"  # "1": our child loads the greedy screen (load_generator(screen=True))
+SCREEN_SIDE = "ours greedy screen"
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -96,7 +100,7 @@ def child_ours(path: str, lengths, decode_tokens, repeats) -> dict:
     from bitnet_convert.generator import load_generator
 
     start = time.perf_counter()
-    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"))
+    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"), screen=os.environ.get(SCREEN_ENV) == "1")
     load_s = time.perf_counter() - start
     out = measure_ours(gen, lengths, decode_tokens, repeats)
     out["load_s"] = load_s
@@ -267,6 +271,8 @@ def compare(args) -> int:
         env_of[f"ours {level}"] = {"BITNET_NATIVE": level}
     if args.int8_head:  # and with the opt-in int8 head (lossy: a side of its own, never the floors')
         env_of[INT8_SIDE] = {HEAD_ENV: "int8"}
+    if args.greedy_screen:  # and with the greedy screen (exact; more memory)
+        env_of[SCREEN_SIDE] = {SCREEN_ENV: "1"}
     results = {side: run_child("ours", args.path, args, env) for side, env in env_of.items()}
     if not args.skip_llama_cpp:
         results["llama.cpp"] = run_child("llama.cpp", llama_cpp_file(args.path), args)
@@ -388,6 +394,8 @@ def main(argv=None) -> int:
                         help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
     parser.add_argument("--int8-head", action="store_true",
                         help="also run our engine with the opt-in int8 head (generate --head int8; lossy)")
+    parser.add_argument("--greedy-screen", action="store_true",
+                        help="also run our engine with the greedy screen (generate --greedy-screen; exact)")
     parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -39,11 +39,14 @@ def eos_token_ids(config: dict, tokenizer_files: dict[str, bytes]) -> set[int]:
     return ids
 
 
-def load_generator(src: str, *, revision: str | None = None, head: str = "stored"):
+def load_generator(src: str, *, revision: str | None = None, head: str = "stored", screen: bool = False):
     """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids; `head`
-    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy)."""
+    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy); `screen`
+    adds the greedy screen (engine.with_screen: faster greedy decode, the same tokens, more memory)."""
     from bitnet_model.generation import Generator
 
+    if screen and head != "stored":
+        raise ConvertError("--greedy-screen screens the stored head; the int8 head has nothing to screen")
     ckpt = registry.read_checkpoint(src, revision=revision)
     forget_parsed_tokenizer_files()  # the checked tokenizer.json, parsed (~100 MB for Llama 3's): not needed now
     source = ckpt.provenance.get("path") or ckpt.provenance.get("source")
@@ -55,7 +58,8 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
-    gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release, head=head)
+    gen = Generator.from_checkpoint(ckpt, tokenizer=tokenizer, eos_ids=eos, release=release, head=head,
+                                    screen=screen)
     del ckpt
     release()
     return gen
@@ -147,12 +151,12 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
                  write: Callable[[str], None], stats: Callable[[str], None] | None = None,
-                 head: str = "stored") -> GenerationResult:
+                 head: str = "stored", screen: bool = False) -> GenerationResult:
     """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer)."""
     if (prompt is None) == (prompt_ids is None):
         raise ConvertError("give exactly one of --prompt and --prompt-ids")
     sampling = sampling_request(greedy, temperature, top_p)
-    gen = load_generator(src, revision=revision, head=head)
+    gen = load_generator(src, revision=revision, head=head, screen=screen)
     ids = gen.encode(prompt) if prompt is not None else parse_prompt_ids(prompt_ids)
     if gen.tokenizer is not None:
         callbacks = {"on_text": write}

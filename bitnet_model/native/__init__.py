@@ -40,6 +40,7 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 INCLUDES = (Path(__file__).with_name("vector_kernels.inc"),)
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
+GREEDY_TARGET = "bitnet_greedy_head"
 ATTENTION_TARGET = "bitnet_causal_attention"
 CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
 # -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
@@ -129,8 +130,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.bitnet_native_configure.restype = ctypes.c_int
-        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET,
-                                                             CACHED_ATTENTION_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, GREEDY_TARGET,
+                                                             ATTENTION_TARGET, CACHED_ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -232,6 +233,17 @@ def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
     _require()
     call = jax.ffi.ffi_call(TABLE_TARGET, jax.ShapeDtypeStruct((h.shape[0], table.shape[0]), jnp.float32))
     return call(h.astype(jnp.float32), table)
+
+
+def greedy_head(h: jax.Array, table: jax.Array, codes: jax.Array, scales: jax.Array, bounds: jax.Array):
+    """The argmax over v of h [N, H] . table [V, H] (uint16 bf16 bits or float32) -> (int32 tokens [N], int32
+    rows re-scored per token [N]): the token jnp.argmax(table_matmul(h, table)) picks, the first of equal maxima,
+    from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_table) and exact scores of the few
+    rows whose error bound still lets them win (kernels.cc, greedy_rows)."""
+    _require()
+    N, V = h.shape[0], table.shape[0]
+    call = jax.ffi.ffi_call(GREEDY_TARGET, (jax.ShapeDtypeStruct((N,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.int32)))
+    return call(h.astype(jnp.float32), table, codes, scales, bounds)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array):

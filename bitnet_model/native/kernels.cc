@@ -26,6 +26,8 @@
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, float32, or int8 codes of the
 //   opt-in int8 head) -> f32 [N, V]: the tied output projection, reading the table once per call instead of
 //   widening it to a float32 copy.
+// bitnet_greedy_head: the argmax token of each h [N, H] against the table, as argmax(table_matmul) picks it,
+//   from an int8 screen of the table and exact scores of the rows that can still win (see greedy_rows()).
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
 // bitnet_cached_attention: the same for new tokens after `start` cached positions, reading one layer of the
@@ -35,7 +37,7 @@
 // compiled under `#pragma GCC target`. What is one computation at every vector width (the quantizer and its
 // prologue, the output table, RoPE, the attention's scores, softmax and P . V) is written once, in
 // vector_kernels.inc, against a small traits struct per set (Avx2, Avx512: loads, stores, arithmetic,
-// reductions, exp); each namespace includes it after its traits. Each set keeps its own ternary products
+// reductions, exp domain); each namespace includes it after its traits. Each set keeps its own ternary products
 // (VPMADDUBSW, VPDPBUSD, AMX tiles) and key transpose. Everything else (capability checks, static initializers, threading,
 // the loops that hand out work, the handlers) for plain x86-64. The handlers pick the kernels per call from
 // g_level (Kernels below), so a CPU without AVX-512 never executes an AVX-512 instruction; GCC does not inline
@@ -53,6 +55,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -265,6 +268,7 @@ struct Avx2 {
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   static F abs(F v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
   static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
@@ -300,22 +304,11 @@ struct Avx2 {
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
   }
 
-  // e^x, the polynomial of Avx512::exp. There is no VSCALEFPS: 2^n (n in [-150, 128]) is applied as two
-  // factors that are each a normal float, so a very negative x still gives 0 (or a subnormal) and a large
-  // one inf, as exp does.
-  static F exp(F x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));  // beyond: 0 and inf
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // For exp (vector_kernels.inc): its domain, beyond which e^x is 0 or inf in float32, and p * 2^n for an
+  // integer-valued n in [-150, 128]. There is no VSCALEFPS: 2^n is applied as two factors that are each a
+  // normal float, so a very negative x still gives 0 (or a subnormal) and a large one inf, as exp does.
+  static F exp_domain(F x) { return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f)); }
+  static F times_pow2(F p, F n) {
     const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
     return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(whole, half)));
   }
@@ -596,6 +589,7 @@ struct Avx512 {
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static F abs(F v) { return _mm512_abs_ps(v); }
   static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
@@ -611,25 +605,10 @@ struct Avx512 {
   static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
   static int32_t reduce_add(I v) { return _mm512_reduce_add_epi32(v); }
 
-  // e^x (softmax: scores minus their row maximum; SiLU: -gate): x = n ln2 + r with |r| <= ln2 / 2, e^r = 1 +
-  // r + r^2 P(r) with Cephes' expf polynomial, times 2^n by VSCALEFPS, which gives 0 for a very negative x and
-  // inf for a large one, as exp does. XLA's own exp is another approximation: the two agree to float
-  // rounding (the attention and SiLU tests bound it), not bit for bit.
-  static F exp(F x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this, e^x is 0 in float32 anyway
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-  }
+  // For exp (vector_kernels.inc): below its domain e^x is 0 in float32 anyway; VSCALEFPS gives 0 for a very
+  // negative n and inf for a large one, as exp does.
+  static F exp_domain(F x) { return _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); }
+  static F times_pow2(F p, F n) { return _mm512_scalef_ps(p, n); }
 
   // Table rows as float32, exactly (see Avx2::load_table), whole or the lanes of a mask.
   static F load_table(const uint16_t* p) {
@@ -999,14 +978,109 @@ void bitlinear(ffi::ThreadPool& pool, int level, const float* x, const Prologue&
 
 // --------------------------------------------------------------------------------------- output table
 
+constexpr int64_t kTableRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
+
 template <typename T>
 void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, const T* table, int64_t V,
                   float* out, void (*table_rows)(const float*, int64_t, int64_t, const T*, int64_t, int64_t,
                                                  int64_t, float*)) {
-  constexpr int64_t kRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
-  parallel_for(pool, (V + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t chunk) {
-    table_rows(h, N, H, table, V, chunk * kRowsPerChunk, std::min(V, (chunk + 1) * kRowsPerChunk), out);
+  parallel_for(pool, (V + kTableRowsPerChunk - 1) / kTableRowsPerChunk, [=](int64_t chunk) {
+    table_rows(h, N, H, table, V, chunk * kTableRowsPerChunk, std::min(V, (chunk + 1) * kTableRowsPerChunk), out);
   });
+}
+
+// ------------------------------------------------------------------------------------ greedy output row
+
+// The argmax of h[t] . table[v] over v, the same token as the full product and an argmax of it (the first
+// of equal maxima, a NaN before anything), reading only an int8 copy of the table and a few exact rows.
+//
+// The screen: codes[v] = round(table[v] / scales[v]) and bounds[v] >= max_i |table[v][i] - scales[v] *
+// codes[v][i]| (engine.screen_table). With the kernel's float32 dot d_v = fl(h . codes[v]) and a_v = s_v d_v
+// (exact in double), the exact logit E_v (this kernel's own fl(h . table[v])) lies within e_v of a_v:
+//   |E_v - h.table[v]| <= g ||h||_1 max|table[v]| <= g ||h||_1 (127 s_v + bounds[v])   (the float sum of E_v)
+//   |h.table[v] - s_v h.codes[v]| <= ||h||_1 bounds[v]                                  (the screen's rounding)
+//   |s_v h.codes[v] - a_v| <= s_v g ||h||_1 127                                          (the float sum of d_v)
+// with g = gamma(H + 16) = n u / (1 - n u), u = 2^-24: every product of a dot passes through at most H + 16
+// roundings (lane sums, the reduction tree, a scalar tail), whatever the width. Rows whose interval
+// [a_v - e_v, a_v + e_v] lies wholly below the best lower bound of any row cannot be the argmax (nor tie
+// with it); the rest are re-scored exactly by the same row kernel as table_matmul, so the winner's logit is
+// bit for bit the full product's. A row that could overflow float32, has a non-finite scale or bound, or an h
+// that is not finite, is always re-scored.
+struct ScreenedRows {
+  const int8_t* codes;   // [V, H]
+  const float* scales;   // [V]
+  const float* bounds;   // [V]
+};
+
+template <typename T>
+void greedy_rows(ffi::ThreadPool& pool, const Kernels& k, const float* h, int64_t N, int64_t H, const T* table,
+                 int64_t V, const ScreenedRows& screen,
+                 void (*exact_rows)(const float*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, float*),
+                 int32_t* tokens, int32_t* candidates) {
+  const double u = std::ldexp(1.0, -24), n = double(H + 16), g = n * u / (1.0 - n * u);
+  // The double arithmetic of the bounds rounded outward: relative to e and, for a +- e, to |a|.
+  constexpr double kSafe = 1.0 + 1e-12;
+  constexpr double kUnderflow = 1e-30;  // subnormal products: at most 2^-150 each, far below this in all
+  const double largest = 0.25 * double(std::numeric_limits<float>::max());
+  std::vector<double> norm1(N);
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t i = 0; i < H; ++i) norm1[t] += std::fabs(double(h[t * H + i]));
+    norm1[t] *= kSafe;
+  }
+  // One pass over the codes: each chunk's dots, then its rows' upper bounds and its best lower bound.
+  const int64_t chunks = (V + kTableRowsPerChunk - 1) / kTableRowsPerChunk;
+  std::vector<float> dots(N * V);
+  std::vector<double> high(N * V), chunk_low(N * chunks);
+  float* dot = dots.data();
+  double* up = high.data();
+  double* best = chunk_low.data();
+  const double* l1 = norm1.data();
+  parallel_for(pool, chunks, [=, &k, &screen](int64_t chunk) {
+    const int64_t v0 = chunk * kTableRowsPerChunk, v1 = std::min(V, v0 + kTableRowsPerChunk);
+    k.i8_table_rows(h, N, H, screen.codes, V, v0, v1, dot);
+    for (int64_t t = 0; t < N; ++t) {
+      double low = -INFINITY;
+      for (int64_t v = v0; v < v1; ++v) {
+        const double s = screen.scales[v], b = screen.bounds[v], reach = l1[t] * (127.0 * s + b);
+        const double a = s * double(dot[t * V + v]);  // exact: two float32 factors
+        double e = INFINITY;  // a row that could overflow, or a non-finite factor: always re-scored
+        if (std::isfinite(reach) && reach * (1.0 + g) < largest)
+          e = (l1[t] * b + g * reach + g * s * 127.0 * l1[t]) * kSafe + std::fabs(a) * 1e-15 + kUnderflow;
+        up[t * V + v] = std::isfinite(e) ? a + e : INFINITY;
+        if (std::isfinite(e)) low = std::max(low, a - e);
+      }
+      best[t * chunks + chunk] = low;
+    }
+  });
+  std::vector<int64_t> rows;
+  std::vector<float> exact;
+  for (int64_t t = 0; t < N; ++t) {
+    const double best_low = *std::max_element(best + t * chunks, best + (t + 1) * chunks);
+    rows.clear();
+    for (int64_t v = 0; v < V; ++v)
+      if (up[t * V + v] >= best_low) rows.push_back(v);
+    exact.resize(rows.size());
+    const float* ht = h + t * H;
+    const int64_t* list = rows.data();
+    const int64_t count = int64_t(rows.size());
+    float* scored = exact.data();
+    constexpr int64_t kRowsPerTask = 64;
+    parallel_for(pool, (count + kRowsPerTask - 1) / kRowsPerTask, [=](int64_t task) {
+      for (int64_t i = task * kRowsPerTask; i < std::min(count, (task + 1) * kRowsPerTask); ++i)
+        exact_rows(ht, 1, H, table + list[i] * H, 1, 0, 1, scored + i);
+    });
+    int64_t winner = rows[0];  // never empty: the row with the best lower bound is a candidate
+    float top = exact[0];
+    for (int64_t i = 0; i < count; ++i) {
+      if (std::isnan(exact[i])) {  // as XLA's argmax: the first NaN wins
+        winner = rows[i];
+        break;
+      }
+      if (exact[i] > top) top = exact[i], winner = rows[i];
+    }
+    tokens[t] = int32_t(winner);
+    candidates[t] = int32_t(count);
+  }
 }
 
 // ---------------------------------------------------------------------------------- causal attention
@@ -1201,6 +1275,29 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
+                      ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> bounds,
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::S32> candidates) {
+  const auto hd = h.dimensions(), td = table.dimensions(), cd = codes.dimensions();
+  if (hd.size() != 2 || td.size() != 2 || hd[1] != td[1] || cd.size() != 2 || cd[0] != td[0] || cd[1] != td[1])
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: expects h [N, H], table and codes [V, H]");
+  const int64_t N = hd[0], H = hd[1], V = td[0];
+  if (V == 0 || scales.element_count() != V || bounds.element_count() != V || tokens->element_count() != N ||
+      candidates->element_count() != N)
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: expects V > 0, scales and bounds [V], outputs [N]");
+  const ScreenedRows screen{codes.typed_data(), scales.typed_data(), bounds.typed_data()};
+  const Kernels& k = kernels(g_level);
+  if (table.element_type() == ffi::U16)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V, screen,
+                k.bf16_table_rows, tokens->typed_data(), candidates->typed_data());
+  else if (table.element_type() == ffi::F32)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V, screen,
+                k.f32_table_rows, tokens->typed_data(), candidates->typed_data());
+  else
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: table must be uint16 (bf16 bits) or float32");
+  return ffi::Error::Success();
+}
+
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out) {
@@ -1273,6 +1370,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_greedy_head, GreedyHead, ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
