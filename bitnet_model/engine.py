@@ -122,7 +122,6 @@ jax.tree_util.register_dataclass(
 HEAD_INT8 = "int8"  # engine tables as int8 rows with a float32 scale each (lossy: see quantize_rows)
 HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint; "stored": as the checkpoint stores it
 _HEAD_BLOCK_BYTES = 16 << 20  # stored bytes of the rows quantized at a time while loading
-_SCREEN_BLOCK_BYTES = 2 << 20  # stored rows screened at a time (their float temporaries: ~14x the bytes)
 
 
 def quantize_rows(values) -> tuple[np.ndarray, np.ndarray]:
@@ -158,15 +157,16 @@ def _int8_table(blocks: Iterable[np.ndarray], shape) -> tuple[jax.Array, jax.Arr
 
 def screen_rows(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float rows [r, H] -> (int8 codes, float32 scales, float32 bounds [r]): quantize_rows' codes and scales,
-    and per row a float32 bound >= max |value - scale * code|, computed in float64 (exact there: a bf16 or
-    float32 value minus a float32 scale times a code of 7 bits) and rounded up."""
+    and per row a bound >= max |value - scale * code|. With s = fl(max|x| / 127) the quotient fl(x / s) is
+    within 127 (1 + 2^-23) 2^-24 < 2^-16 of x / s, and rounding it moves at most 1/2: so s (1/2 + 2^-16),
+    rounded up, bounds every row whose s is a normal float. Rows of zeros (s = 0) have no error; a tiny
+    (subnormal-range) or non-finite s gets an infinite or NaN bound: such a row is always re-scored."""
     x = np.asarray(values, np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a row with inf or NaN: a NaN bound, always re-scored
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         codes, scales = quantize_rows(x)
-        gap = np.abs(x.astype(np.float64) - scales.astype(np.float64)[:, None] * codes).max(axis=1, initial=0.0)
-    bounds = gap.astype(np.float32)
-    low = bounds.astype(np.float64) < gap  # rounded down to float32: one step up
-    bounds[low] = np.nextafter(bounds[low], np.float32(np.inf))
+        bounds = np.nextafter(scales * np.float32(0.5 + 2.0 ** -16), np.float32(np.inf)).astype(np.float32)
+    bounds[scales == 0] = 0.0
+    bounds[(scales > 0) & (scales < np.float32(2.0 ** -100))] = np.inf
     return codes, scales, bounds
 
 
@@ -176,6 +176,7 @@ def with_screen(w: Weights) -> Weights:
     the same tokens as the argmax of the stored table's logits. The stored table stays for everything else
     (the embedding, sampling, prefill); the screen adds one byte per table value. Needs the native kernels."""
     from bitnet_core.aligned import aligned_empty
+    from bitnet_core.parallel import for_row_ranges
 
     table = w.embed if w.lm_head is None else w.lm_head
     if w.embed_scale is not None:
@@ -183,10 +184,14 @@ def with_screen(w: Weights) -> Weights:
     V, H = table.shape
     host = np.asarray(table)
     codes, scales, bounds = aligned_empty((V, H), np.int8), np.empty(V, np.float32), np.empty(V, np.float32)
-    step = max(1, _SCREEN_BLOCK_BYTES // (host.itemsize * H))
-    for start in range(0, V, step):
-        stop = min(V, start + step)
+    def screen(start: int, stop: int) -> None:
         codes[start:stop], scales[start:stop], bounds[start:stop] = screen_rows(_as_float32(host[start:stop]))
+
+    step = max(1, _HEAD_BLOCK_BYTES // (host.itemsize * H))
+    for start in range(0, V, step):  # a block at a time (its float32 temporaries), on every core
+        stop = min(V, start + step)
+        for_row_ranges(stop - start, (stop - start) * H * host.itemsize,
+                       lambda a, b, start=start: screen(start + a, start + b))
     return dataclasses.replace(w, screen_codes=jax.device_put(codes), screen_scale=jax.device_put(scales),
                                screen_bound=jax.device_put(bounds))
 

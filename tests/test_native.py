@@ -307,6 +307,26 @@ def greedy_both(h, table):
     return np.asarray(tokens), np.asarray(rescored), np.asarray(full)
 
 
+def test_screen_bounds_hold_every_rows_rounding():
+    """engine.screen_rows' bound is at least each row's largest |value - scale * code| (computed exactly in
+    float64), for rows from subnormal-range to huge magnitudes, and infinite where the scale is too small for
+    the relative bound."""
+    from bitnet_model.engine import screen_rows
+
+    rng = np.random.default_rng(9)
+    magnitudes = 10.0 ** rng.uniform(-40, 37, 400)
+    rows = (rng.standard_normal((400, 300)) * magnitudes[:, None]).astype(np.float32)
+    rows[5] = 0.0
+    rows[6, :] = (rng.integers(-126, 126, 300) + 0.5) * 0.5  # scale 0.5: every quotient a tie, off by s / 2
+    rows[6, 0] = 63.5
+    codes, scales, bounds = screen_rows(rows)
+    gap = np.abs(rows.astype(np.float64) - scales.astype(np.float64)[:, None] * codes).max(axis=1)
+    assert (bounds >= gap).all() and bounds[5] == 0.0 and scales[6] == 0.5 and gap[6] == 0.25
+    normal = scales >= 2.0 ** -100
+    assert np.isinf(bounds[~normal & (scales > 0)]).all() and normal.sum() > 300
+    assert (bounds[normal] <= scales[normal] * 0.5001).all()  # and not loose
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 def test_greedy_head_is_the_argmax_and_screens(vector_path, dtype):

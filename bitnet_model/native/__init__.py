@@ -238,7 +238,7 @@ def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
 def greedy_head(h: jax.Array, table: jax.Array, codes: jax.Array, scales: jax.Array, bounds: jax.Array):
     """The argmax over v of h [N, H] . table [V, H] (uint16 bf16 bits or float32) -> (int32 tokens [N], int32
     rows re-scored per token [N]): the token jnp.argmax(table_matmul(h, table)) picks, the first of equal maxima,
-    from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_table) and exact scores of the few
+    from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_rows) and exact scores of the few
     rows whose error bound still lets them win (kernels.cc, greedy_rows)."""
     _require()
     N, V = h.shape[0], table.shape[0]

@@ -995,7 +995,7 @@ void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, c
 // of equal maxima, a NaN before anything), reading only an int8 copy of the table and a few exact rows.
 //
 // The screen: codes[v] = round(table[v] / scales[v]) and bounds[v] >= max_i |table[v][i] - scales[v] *
-// codes[v][i]| (engine.screen_table). With the kernel's float32 dot d_v = fl(h . codes[v]) and a_v = s_v d_v
+// codes[v][i]| (engine.screen_rows). With the kernel's float32 dot d_v = fl(h . codes[v]) and a_v = s_v d_v
 // (exact in double), the exact logit E_v (this kernel's own fl(h . table[v])) lies within e_v of a_v:
 //   |E_v - h.table[v]| <= g ||h||_1 max|table[v]| <= g ||h||_1 (127 s_v + bounds[v])   (the float sum of E_v)
 //   |h.table[v] - s_v h.codes[v]| <= ||h||_1 bounds[v]                                  (the screen's rounding)
