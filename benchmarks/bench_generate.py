@@ -5,7 +5,9 @@
 
 The sides, each on the same prompt ids with the same thread count (--threads, default: every core):
 - ours: `generate`'s engine with the stored (exact) 16-bit head; `--native-levels avx2` adds it with its
-  kernels capped at AVX2, `--int8-head` with the opt-in int8 head (lossy: a side of its own, no floor's);
+  kernels capped at AVX2, `--int8-head` with the opt-in int8 head (lossy: a side of its own, no floor's),
+  `--greedy-screen` with the greedy screen (`generate --greedy-screen`: exact, the same tokens; an int8 copy of
+  the head is read, and the 16-bit rows only where they can still win);
 - llama.cpp TQ2_0: llama-cpp-python on our TQ2_0 file of the checkpoint;
 - ik_llama.cpp IQ2_BN: ik-llama-cpp-python on what its llama-quantize makes of our I2_S file;
 - bitnet.cpp I2_S: its `llama-bench` ($BITNET_CPP_DIR/build/bin, else the build of
@@ -89,6 +91,8 @@ GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 HEAD_ENV = "BENCH_GENERATE_HEAD"  # our child's `head` (load_generator): the --int8-head side sets it
 BITNET_CPP_BUILD = Path.home() / ".cache" / "bitnet-cpp-4645960"
 MARKERS = ("<!-- generate:begin -->", "<!-- generate:end -->")  # --update writes the report between these
+SCREEN_ENV = "BENCH_GENERATE_SCREEN"  # "1": our child loads the greedy screen (load_generator(screen=True))
+OURS_SCREEN = "ours greedy screen"
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -120,7 +124,7 @@ def child_ours(path: str, args) -> dict:
     from bitnet_convert.generate_command import load_generator
 
     start = time.perf_counter()
-    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"))
+    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"), screen=os.environ.get(SCREEN_ENV) == "1")
     if args.startup:
         loaded = time.perf_counter()
         run = gen.generate(prompt_ids(gen.cfg.vocab_size, min(args.lengths)), 1)
@@ -482,6 +486,8 @@ def step_bytes(config: dict) -> dict[str, float]:
     return {
         OURS: values / 4 + head,
         OURS_INT8: values / 4 + head / 2 + 4 * config["vocab_size"],
+        # the screen reads the int8 copy and its scales and bounds; the few 16-bit rows it re-scores are left out
+        OURS_SCREEN: values / 4 + head / 2 + 8 * config["vocab_size"],
         LLAMA_CPP: values * 66 / 256 + head,  # TQ2_0: 64 bytes of 2-bit codes + an f16 scale per 256 values
         IK_LLAMA_CPP: values / 4 + 4 * rows + head,  # IQ2_BN: 2 bits a value and a float per row
         BITNET_CPP: values / 4 + 32 * 7 * layers + head,  # I2_S: 2 bits a value and a 32-byte tail per tensor
@@ -636,6 +642,8 @@ def compare(args) -> int:
     sides += [Side(f"ours {level}", "ours", {"BITNET_NATIVE": level}, args.path) for level in args.native_levels]
     if args.int8_head:
         sides.append(Side(OURS_INT8, "ours", {HEAD_ENV: "int8"}, args.path))
+    if args.greedy_screen:  # exact (the same tokens), more memory: a side of its own
+        sides.append(Side(OURS_SCREEN, "ours", {SCREEN_ENV: "1"}, args.path))
     sides += runtime_sides(args.path)
     if not args.skip_transformers:
         transformers = Side(TRANSFORMERS, "transformers", path=args.path)
@@ -661,7 +669,7 @@ def compare(args) -> int:
     bandwidth = read_bandwidth(args.threads)
     moved = step_bytes(config)
     for side in sides:
-        if side.name.startswith("ours ") and side.name != OURS_INT8:
+        if side.name.startswith("ours ") and side.name not in (OURS_INT8, OURS_SCREEN):
             moved[side.name] = moved[OURS]
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
@@ -713,6 +721,8 @@ def main(argv=None) -> int:
                         help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
     parser.add_argument("--int8-head", action="store_true",
                         help="also run our engine with the opt-in int8 head (generate --head int8; lossy)")
+    parser.add_argument("--greedy-screen", action="store_true",
+                        help="also run our engine with the greedy screen (generate --greedy-screen; exact)")
     parser.add_argument("--update", metavar="FILE",
                         help="also write the report into FILE between its generate markers (BENCHMARKS.md)")
     parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp", "ik_llama.cpp"),

@@ -8,7 +8,8 @@ without the kernels: quantize, block-wise unpack + int8 dot, dequantize), the na
 VNNI loop and AMX tiles (each: quantize, product and dequantize inside one kernel call). For one token the
 rate at which each reads the layer's packed weights is shown too (decode is bound by memory bandwidth). Then
 the tied 128256 x 2560 bf16 output projection for one token, XLA's block-wise widening against each native
-level, and one layer's prefill attention with its rope at 128 and 512 tokens. Best of --repeat rounds after
+level, greedy decoding's head (the full product's argmax against the greedy screen, medians of interleaved
+rounds), and one layer's prefill attention with its rope at 128 and 512 tokens. Best of --repeat rounds after
 a warm-up; ratios are XLA time / native time. The fastest native path per token count is what sets the
 VNNI/AMX crossover (`AMX_MIN_TOKENS` in bitnet_model/native); weights are random packed bytes (the speed does
 not depend on the values). `BITNET_NATIVE=avx2` limits the run to the AVX2 kernels.
@@ -154,6 +155,39 @@ def bench_head(rng, repeat: int) -> None:
     print(f"output projection, 1 token ({size / 1e6:.0f} MB bf16): XLA {xla_s * 1e3:.1f} ms, {rates}")
 
 
+def bench_greedy_head(rng, repeat: int) -> None:
+    """Greedy decoding's head for 1 token: the argmax of the full bf16 product against the greedy screen
+    (engine.with_screen), interleaved, on a table whose logits spread as a model's do (rows 0.02 N(0, 1) as
+    engine.synthetic_weights makes them, h ~ N(0, 1))."""
+    from bitnet_core.aligned import aligned_empty
+
+    bits = aligned_empty((VOCAB, HIDDEN), np.uint16)
+    for start in range(0, VOCAB, 8192):
+        rows = (0.02 * rng.standard_normal((min(8192, VOCAB - start), HIDDEN))).astype(np.float32)
+        bits[start:start + len(rows)] = (rows.view(np.uint32) >> 16).astype(np.uint16)  # bf16, truncated
+    weights = engine.with_screen(engine.Weights(jax.device_put(bits), None, None, {}, {}, {}))
+    opts = engine.Options(native=True)
+    full = jax.jit(lambda w, h: jnp.argmax(engine._logits(opts, w, h), axis=-1).astype(jnp.int32))
+    screened = jax.jit(lambda w, h: engine.greedy_tokens(opts, w, h))
+    rescored = jax.jit(lambda w, h: native.greedy_head(h, w.embed, w.screen_codes, w.screen_scale, w.screen_bound)[1])
+    times, rows = ([], []), []
+    for round_ in range(repeat + 1):
+        h = jnp.asarray(rng.standard_normal((1, HIDDEN)), jnp.float32)
+        tokens = []
+        for side in (0, 1) if round_ % 2 else (1, 0):  # interleaved: both see the same background load
+            fn = (full, screened)[side]
+            start = time.perf_counter()
+            tokens.append(int(jax.block_until_ready(fn(weights, h))[0]))
+            if round_:  # the first round compiles
+                times[side].append(time.perf_counter() - start)
+        assert tokens[0] == tokens[1], tokens
+        rows.append(int(rescored(weights, h)[0]))
+    a, b = (float(np.median(t)) for t in times)
+    print(f"greedy head, 1 token, {native.level()}: full bf16 product + argmax {a * 1e3:.1f} ms, screen "
+          f"{b * 1e3:.1f} ms ({a / b:.2f}x; medians of {repeat} interleaved rounds), rows re-scored exactly: "
+          f"median {int(np.median(rows))} of {VOCAB}")
+
+
 def bench_attention(rng, tokens: int, repeat: int) -> None:
     """One 2B4T layer's prefill attention (20 query heads, 5 kv heads of 128) with its rope, as the engine's
     XLA path (apply_rope + modeling.attention, blocks of 128 queries) and as the native kernel."""
@@ -188,6 +222,7 @@ def main(argv=None) -> int:
     bench_layers(rng, [int(t) for t in args.tokens.split(",")], args.repeat)
     bench_decode(rng, args.repeat)
     bench_head(rng, args.repeat)
+    bench_greedy_head(rng, max(args.repeat, 9))
     for tokens in (128, 512):
         bench_attention(rng, tokens, args.repeat)
     return 0

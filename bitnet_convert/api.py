@@ -83,23 +83,26 @@ class Generated:
     stopped_at_eos: bool
     prefill_s: float
     decode_s_per_token: float
+    decode_median_s: float  # the steady state: the median step
+    compile_s: float  # compiling (or loading from the persistent cache) before the prompt went in
 
 
 def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int = 32, greedy: bool | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-             revision: str | None = None, head: str = "stored") -> Generated:
+             revision: str | None = None, head: str = "stored", screen: bool = False) -> Generated:
     """`bitnet-convert generate`: continue PROMPT (text, or token ids) with the packed engine.
 
-    Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`."""
+    Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`,
+    `screen=True` as `generate --greedy-screen`."""
     from bitnet_convert.generate_command import load_generator, sampling_request
 
     sampling = sampling_request(greedy, temperature, top_p)
-    gen = load_generator(os.fspath(src), revision=revision, head=head)
+    gen = load_generator(os.fspath(src), revision=revision, head=head, screen=screen)
     ids = gen.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     result = gen.generate(ids, max_new_tokens, **sampling, seed=seed)
     text = None if gen.tokenizer is None else gen.tokenizer.decode(result.new_ids, skip_special_tokens=True)
     return Generated(ids, list(result.new_ids), text, result.stopped_at_eos, result.prefill_s,
-                     result.decode_s_per_token)
+                     result.decode_s_per_token, result.decode_median_s, result.compile_s)
 
 
 def embed(src: PathLike, texts: str | Sequence[str] | None = None, *, token_ids: Sequence[Sequence[int]] | None = None,

@@ -43,14 +43,17 @@ def eos_token_ids(config: dict, tokenizer_files: dict[str, bytes]) -> set[int]:
     return ids
 
 
-def load_generator(src: str, *, revision: str | None = None, head: str = "stored"):
+def load_generator(src: str, *, revision: str | None = None, head: str = "stored", screen: bool = False):
     """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids; `head`
-    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy). Turns on
+    "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy); `screen`
+    adds the greedy screen (engine.with_screen: faster greedy decode, the same tokens, more memory). Turns on
     the persistent compilation cache first (bitnet_model/compile_cache.py): a later run loads what this one
     compiles."""
     from bitnet_model import compile_cache, engine
     from bitnet_model.generation import Generator
 
+    if screen and head != "stored":
+        raise ConvertError("--greedy-screen screens the stored head; the int8 head has nothing to screen")
     compile_cache.enable()  # before anything compiles: JAX decides once per process
 
     ckpt = registry.read_checkpoint(src, revision=revision)
@@ -70,7 +73,7 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     by_rows = engine.TABLES if head == engine.HEAD_INT8 else ()  # the int8 head reads its tables by rows
     with ReadAhead(ckpt, skip=by_rows) as ahead:
         gen = Generator.from_checkpoint(ahead.checkpoint, tokenizer=tokenizer, eos_ids=eos, release=release,
-                                        head=head)
+                                        head=head, screen=screen)
     del ckpt
     release()
     return gen
@@ -249,7 +252,7 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
                  write: Callable[[str], None], stats: Callable[[GenerateStats], None] | None = None,
-                 head: str = "stored") -> GenerationResult:
+                 head: str = "stored", screen: bool = False) -> GenerationResult:
     """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer);
     `stats` gets the timings."""
     if (prompt is None) == (prompt_ids is None):
@@ -259,7 +262,7 @@ def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_ne
     import bitnet_model.generation  # noqa: F401  (JAX: timed apart from the load)
 
     imported = time.perf_counter()
-    gen = load_generator(src, revision=revision, head=head)
+    gen = load_generator(src, revision=revision, head=head, screen=screen)
     load_s = time.perf_counter() - imported
     ids = gen.encode(prompt) if prompt is not None else parse_prompt_ids(prompt_ids)
     if gen.tokenizer is not None:

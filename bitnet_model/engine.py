@@ -102,13 +102,18 @@ class Weights:
     # The opt-in int8 head (HEAD_INT8): `embed` / `lm_head` then hold int8 codes and these their f32 row scales
     embed_scale: jax.Array | None = None  # [V]
     lm_head_scale: jax.Array | None = None  # [V]
+    # The greedy screen of the output table (with_screen): int8 codes [V, H], f32 scales and error bounds [V]
+    screen_codes: jax.Array | None = None
+    screen_scale: jax.Array | None = None
+    screen_bound: jax.Array | None = None
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
 jax.tree_util.register_dataclass(
-    Weights, data_fields=["embed", "lm_head", "norm", "packed", "multipliers", "norms", "embed_scale", "lm_head_scale"],
+    Weights, data_fields=["embed", "lm_head", "norm", "packed", "multipliers", "norms", "embed_scale", "lm_head_scale",
+                          "screen_codes", "screen_scale", "screen_bound"],
     meta_fields=[],
 )
 
@@ -147,6 +152,50 @@ def _int8_table(blocks: Iterable[np.ndarray], shape) -> tuple[jax.Array, jax.Arr
     return jax.device_put(codes), jax.device_put(scales)
 
 
+# ------------------------------------------------------------------------------ the greedy screen (exact)
+
+
+def screen_rows(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float rows [r, H] -> (int8 codes, float32 scales, float32 bounds [r]): quantize_rows' codes and scales,
+    and per row a bound >= max |value - scale * code|. With s = fl(max|x| / 127) the quotient fl(x / s) is
+    within 127 (1 + 2^-23) 2^-24 < 2^-16 of x / s, and rounding it moves at most 1/2: so s (1/2 + 2^-16),
+    rounded up, bounds every row whose s is a normal float. Rows of zeros (s = 0) have no error; a tiny
+    (subnormal-range) or non-finite s gets an infinite or NaN bound: such a row is always re-scored."""
+    x = np.asarray(values, np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        codes, scales = quantize_rows(x)
+        bounds = np.nextafter(scales * np.float32(0.5 + 2.0 ** -16), np.float32(np.inf)).astype(np.float32)
+    bounds[scales == 0] = 0.0
+    bounds[(scales > 0) & (scales < np.float32(2.0 ** -100))] = np.inf
+    return codes, scales, bounds
+
+
+def with_screen(w: Weights) -> Weights:
+    """`w` with the greedy screen of its output table: greedy decoding (greedy_tokens) then reads the int8
+    codes (half a bf16 table's bytes) and re-scores exactly only the rows whose error bound still lets them win:
+    the same tokens as the argmax of the stored table's logits. The stored table stays for everything else
+    (the embedding, sampling, prefill); the screen adds one byte per table value. Needs the native kernels."""
+    from bitnet_core.aligned import aligned_empty
+    from bitnet_core.parallel import for_row_ranges
+
+    table = w.embed if w.lm_head is None else w.lm_head
+    if w.embed_scale is not None:
+        raise ValueError("the int8 head is already int8: it has no screen")
+    V, H = table.shape
+    host = np.asarray(table)
+    codes, scales, bounds = aligned_empty((V, H), np.int8), np.empty(V, np.float32), np.empty(V, np.float32)
+    def screen(start: int, stop: int) -> None:
+        codes[start:stop], scales[start:stop], bounds[start:stop] = screen_rows(_as_float32(host[start:stop]))
+
+    step = max(1, _HEAD_BLOCK_BYTES // (host.itemsize * H))
+    for start in range(0, V, step):  # a block at a time (its float32 temporaries), on every core
+        stop = min(V, start + step)
+        for_row_ranges(stop - start, (stop - start) * H * host.itemsize,
+                       lambda a, b, start=start: screen(start + a, start + b))
+    return dataclasses.replace(w, screen_codes=jax.device_put(codes), screen_scale=jax.device_put(scales),
+                               screen_bound=jax.device_put(bounds))
+
+
 def _as_float32(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     if rows.dtype == np.uint16:  # bf16 bits (the engine's own tables)
@@ -173,7 +222,8 @@ jax.tree_util.register_dataclass(Cache, data_fields=["keys", "values", "length"]
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str = "stored") -> Weights:
+def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str = "stored",
+                            screen: bool = False) -> Weights:
     """Weights from a bitnet_convert Checkpoint, one tensor at a time.
 
     Each projection is packed (`quantize.packed_projection`: HF and Flax bytes are regrouped without making int8
@@ -182,7 +232,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
     memory-mapped source it no longer needs (see bitnet_convert.generate_command).
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it); `head="int8"` holds
     them as int8 rows with a scale each instead (HEAD_INT8, quantize_rows: lossy, opt-in), converted a block of
-    rows at a time.
+    rows at a time. `screen` adds the greedy screen of the output table (with_screen: exact, +1 byte per
+    table value).
     """
     if head not in HEAD_TYPES:
         raise ValueError(f"head must be one of {HEAD_TYPES}, not {head!r}")
@@ -246,7 +297,7 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
         lm_head_scale=dense.get("lm_head.weight.scale"),
     )
     _check_complete(weights, cfg)
-    return weights
+    return with_screen(weights) if screen else weights
 
 
 def check_generates(cfg: ModelConfig, where: str) -> None:
@@ -434,13 +485,34 @@ def decode(cfg: ModelConfig, opts: Options, w: Weights, token_ids, cache: Cache)
 
     Traceable (not jitted itself) so a caller can fuse sampling into the same compiled step; `decode_step`
     is the jitted, cache-donating version."""
+    h, cache = _decode_hidden(cfg, opts, w, token_ids, cache)
+    return _logits(opts, w, h), cache
+
+
+def decode_greedy(cfg: ModelConfig, opts: Options, w: Weights, token_ids, cache: Cache):
+    """decode's step with greedy sampling -> (int32 [B] argmax tokens, cache): the same tokens as
+    argmax(decode(...)[0]), through the greedy screen where `w` has one (with_screen). Traceable."""
+    h, cache = _decode_hidden(cfg, opts, w, token_ids, cache)
+    return greedy_tokens(opts, w, h), cache
+
+
+def greedy_tokens(opts: Options, w: Weights, h: jax.Array) -> jax.Array:
+    """f32 h [N, H] -> int32 [N]: argmax of the logits (the first of equal maxima), read through the screen
+    when `w` has one and the native kernels run."""
+    if w.screen_codes is not None and opts.native:
+        table = w.embed if w.lm_head is None else w.lm_head
+        return native.greedy_head(h, table, w.screen_codes, w.screen_scale, w.screen_bound)[0]
+    return jnp.argmax(_logits(opts, w, h), axis=-1).astype(jnp.int32)
+
+
+def _decode_hidden(cfg: ModelConfig, opts: Options, w: Weights, token_ids, cache: Cache):
+    """decode's layers and final norm -> (h [B, H], cache with length + 1)."""
     start = cache.length
     cos, sin = rope_tables(start[None], cfg.head_dim, cfg.rope_theta)
     x, keys, values = _layers(cfg, opts, w, _embed(w, token_ids[:, None]), cos, sin, start, cache)
-    logits = _logits(opts, w, rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps))
     keys = jax.lax.dynamic_update_slice(cache.keys, keys, (0, 0, start, 0, 0))  # in place: cache is donated
     values = jax.lax.dynamic_update_slice(cache.values, values, (0, 0, start, 0, 0))
-    return logits, Cache(keys, values, start + 1)
+    return rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps), Cache(keys, values, start + 1)
 
 
 decode_step = jax.jit(decode, static_argnames=("cfg", "opts"), donate_argnames=("cache",))

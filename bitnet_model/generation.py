@@ -96,6 +96,8 @@ def _jitted():
         return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy), cache
 
     def step(cfg, opts, weights, token_ids, cache, key, temperature, top_p, *, greedy):
+        if greedy:  # the argmax alone: through the greedy screen where the weights have one
+            return engine.decode_greedy(cfg, opts, weights, token_ids, cache)
         logits, cache = engine.decode(cfg, opts, weights, token_ids, cache)
         return sample(logits, jax.random.fold_in(key, cache.length), temperature, top_p, greedy=greedy), cache
 
@@ -142,6 +144,8 @@ class Generator:
     def products(self) -> str:
         """Which kernels run the products: "native <level>" (bitnet_model/native) or "XLA (<why not native>)"."""
         head = "; int8 head (lossy)" if self.weights.embed_scale is not None else ""
+        if self.weights.screen_codes is not None:
+            head += "; greedy screen"
         if self.opts.native:
             return f"native {native.level()}{head}"
         why = native.reason() if jax.default_backend() == "cpu" else jax.default_backend()
@@ -149,10 +153,10 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, tokenizer=None, eos_ids: set[int] | None = None, release=None,
-                        head: str = "stored") -> Generator:
-        """Engine weights read from a Checkpoint tensor by tensor (`release` and `head` as in
+                        head: str = "stored", screen: bool = False) -> Generator:
+        """Engine weights read from a Checkpoint tensor by tensor (`release`, `head` and `screen` as in
         engine.weights_from_checkpoint)."""
-        weights = engine.weights_from_checkpoint(ckpt, release=release, head=head)
+        weights = engine.weights_from_checkpoint(ckpt, release=release, head=head, screen=screen)
         return cls(ModelConfig.from_hf(ckpt.config), weights, tokenizer=tokenizer, eos_ids=eos_ids)
 
     def encode(self, text: str) -> list[int]:

@@ -10,7 +10,7 @@ from bitnet_convert import generate_command as generate
 from bitnet_convert.cli import main
 from bitnet_convert.formats import flax_dir
 from bitnet_convert.tiny import tiny_checkpoint
-from bitnet_model import engine, generation, params
+from bitnet_model import engine, generation, native, params
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
 
@@ -140,6 +140,28 @@ def test_the_int8_head_generates_and_says_so(folder):
     assert "int8 head (lossy)" in result.stderr
     generated = api.generate(folder, [1, 2, 3], max_new_tokens=4, head="int8")
     assert 1 <= len(generated.ids) <= 4 and all(0 <= t < 384 for t in generated.ids)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
+def test_the_greedy_screen_gives_the_same_tokens(ckpt, gen):
+    """Greedy decoding through the screen (engine.with_screen) is the stored head's argmax, step for step."""
+    screened = generation.Generator(gen.cfg, engine.with_screen(gen.weights), tokenizer=gen.tokenizer)
+    assert screened.products().endswith("; greedy screen")
+    gen.eos_ids = set()
+    rng = np.random.default_rng(3)
+    for length in (1, 5, 17):
+        prompt = [int(t) for t in rng.integers(0, gen.cfg.vocab_size, length)]
+        assert screened.generate(prompt, 24).new_ids == gen.generate(prompt, 24).new_ids
+
+
+def test_the_cli_greedy_screen_says_so(folder):
+    result = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "6",
+                                       "--greedy-screen", "--stats"])
+    plain = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"])
+    assert result.exit_code == 0 and plain.exit_code == 0, result.output + plain.output
+    assert result.stdout == plain.stdout and "greedy screen" in result.stderr
+    both = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1", "--greedy-screen", "--head", "int8"])
+    assert both.exit_code == 2 and "error: --greedy-screen screens the stored head" in both.output
 
 
 def test_the_cli_offers_the_engines_heads():

@@ -291,6 +291,109 @@ def test_table_matmul_matches_float64(vector_path, tokens, rows, width, dtype):
 
 
 
+def bf16_table(values):
+    """float rows -> (uint16 bf16 bits, their float32 values)."""
+    bits = np.asarray(values, np.float32).astype(jnp.bfloat16).view(np.uint16)
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def greedy_both(h, table):
+    """(the screened greedy tokens, rows re-scored, the argmax of the full product) of h against table."""
+    from bitnet_model.engine import _as_float32, screen_rows
+
+    codes, scales, bounds = screen_rows(_as_float32(table))
+    tokens, rescored = jax.jit(native.greedy_head)(h, table, codes, scales, bounds)
+    full = jnp.argmax(jax.jit(native.table_matmul)(h, table), axis=-1)
+    return np.asarray(tokens), np.asarray(rescored), np.asarray(full)
+
+
+def test_screen_bounds_hold_every_rows_rounding():
+    """engine.screen_rows' bound is at least each row's largest |value - scale * code| (computed exactly in
+    float64), for rows from subnormal-range to huge magnitudes, and infinite where the scale is too small for
+    the relative bound."""
+    from bitnet_model.engine import screen_rows
+
+    rng = np.random.default_rng(9)
+    magnitudes = 10.0 ** rng.uniform(-40, 37, 400)
+    rows = (rng.standard_normal((400, 300)) * magnitudes[:, None]).astype(np.float32)
+    rows[5] = 0.0
+    rows[6, :] = (rng.integers(-126, 126, 300) + 0.5) * 0.5  # scale 0.5: every quotient a tie, off by s / 2
+    rows[6, 0] = 63.5
+    codes, scales, bounds = screen_rows(rows)
+    gap = np.abs(rows.astype(np.float64) - scales.astype(np.float64)[:, None] * codes).max(axis=1)
+    assert (bounds >= gap).all() and bounds[5] == 0.0 and scales[6] == 0.5 and gap[6] == 0.25
+    normal = scales >= 2.0 ** -100
+    assert np.isinf(bounds[~normal & (scales > 0)]).all() and normal.sum() > 300
+    assert (bounds[normal] <= scales[normal] * 0.5001).all()  # and not loose
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_greedy_head_is_the_argmax_and_screens(vector_path, dtype):
+    """The screen picks argmax(table_matmul) exactly, re-scoring a small share of the rows (random tables
+    whose logits spread like a model's: rows ~0.02 N(0, 1), h ~ N(0, 1))."""
+    rng = np.random.default_rng(5)
+    for tokens, rows, width in [(1, 4000, 256), (3, 2500, 130), (2, 300, 37), (1, 9, 3)]:
+        values = rng.standard_normal((rows, width)).astype(np.float32) * 0.02
+        table = bf16_table(values)[0] if dtype == "bf16" else values
+        for _ in range(4):
+            h = rng.standard_normal((tokens, width)).astype(np.float32)
+            got, rescored, full = greedy_both(h, table)
+            np.testing.assert_array_equal(got, full)
+            assert (rescored >= 1).all() and (rescored <= rows).all()
+            if rows >= 2500:
+                assert rescored.max() < rows // 10, rescored  # it screens: few rows read exactly
+
+
+@needs_kernels
+def test_greedy_head_breaks_ties_and_near_ties_as_argmax(vector_path):
+    """Equal best logits give the first index; a best row duplicated with one bf16 step changed anywhere wins
+    or loses by that step alone, far inside the screen's error bound; every row nearly the same (all of them
+    candidates)."""
+    rng = np.random.default_rng(6)
+    rows, width = 600, 96
+    h = rng.standard_normal((1, width)).astype(np.float32)
+    base = rng.standard_normal((rows, width)).astype(np.float32) * 0.02
+    table = bf16_table(base)[0]
+    best = int(greedy_both(h, table)[2][0])
+    tied = table.copy()
+    tied[[3, 400]] = tied[best]  # ties before and after the winner
+    got, _, full = greedy_both(h, tied)
+    assert got[0] == full[0] == min(3, best)
+    for column in rng.integers(0, width, 12):
+        for step in (1, -1):  # one bf16 ulp up or down in one value of a copy of the best row placed first
+            near = table.copy()
+            near[0] = table[best]
+            near[0, column] = np.uint16(int(near[0, column]) + step)
+            got, _, full = greedy_both(h, near)
+            assert got[0] == full[0]
+    same = np.repeat(table[best][None], rows, axis=0)
+    same[np.arange(rows), rng.integers(0, width, rows)] += np.uint16(1)  # each row one step off somewhere
+    got, rescored, full = greedy_both(h, same)
+    assert got[0] == full[0] and rescored[0] == rows
+
+
+@needs_kernels
+def test_greedy_head_nan_inf_and_zero_as_argmax(vector_path):
+    """argmax takes the first NaN; an inf row, an all-zero h (every logit 0: the first row) and a NaN in h
+    (every row re-scored) give argmax's token too."""
+    rng = np.random.default_rng(8)
+    rows, width = 200, 40
+    values = rng.standard_normal((rows, width)).astype(np.float32)
+    h = rng.standard_normal((2, width)).astype(np.float32)
+    h[1] = 0.0
+    for row, value in [(50, np.nan), (70, np.inf), (90, -np.inf)]:
+        table = values.copy()
+        table[row, 3] = value
+        table[120, 5] = np.nan
+        got, _, full = greedy_both(h, table)
+        np.testing.assert_array_equal(got, full)
+    h[0, 7] = np.nan
+    got, rescored, full = greedy_both(h, values)
+    np.testing.assert_array_equal(got, full)
+    assert rescored[0] == rows
+
+
 def attention_float64(q, k, v):
     """Causal softmax(q . k / sqrt(D)) . v per query head, kv head h // G, in float64."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -429,3 +532,12 @@ def test_cache_folder_and_library_key(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "native" and path.name.startswith("bitnet_kernels-")
     assert native.build() == path and path.stat().st_size > 0
     assert list(path.parent.glob("*.so")) == [path]  # the temporary file was renamed, nothing left behind
+
+
+def test_library_key_covers_the_included_kernels(tmp_path, monkeypatch):
+    """kernels.cc includes vector_kernels.inc: a change there must build a new library, not load the old one."""
+    before = native.library_path()
+    changed = tmp_path / "vector_kernels.inc"
+    changed.write_bytes(native.INCLUDES[0].read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "INCLUDES", (changed,))
+    assert native.library_path() != before

@@ -37,15 +37,18 @@ import numpy as np
 from bitnet_core import cache
 
 SOURCE = Path(__file__).with_name("kernels.cc")
+# What SOURCE includes: the kernels written once for every vector width (compiled once per instruction set)
+INCLUDES = (Path(__file__).with_name("vector_kernels.inc"),)
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
+GREEDY_TARGET = "bitnet_greedy_head"
 ATTENTION_TARGET = "bitnet_causal_attention"
 CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
 # -ffp-contract=off: BitLinear's dequantization and residual add must round as XLA's separate products and
 # sums do; with FMA in the target, GCC may otherwise fuse a product and a sum into one rounding.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
-# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes; BENCHMARKS.md,
-# design measurements); set in the library when it loads.
+# From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes; BENCHMARKS.md's
+# kernel notes); set in the library when it loads.
 AMX_MIN_TOKENS = 8
 LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
 BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
@@ -66,7 +69,9 @@ def _compiler() -> str:
 
 def library_path() -> Path:
     """Where the library for this source, jaxlib and compiler lives (built or not)."""
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for source in (SOURCE, *INCLUDES):
+        key.update(source.read_bytes())
     key.update(f"{jaxlib.__version__} {_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
     return cache_dir() / f"bitnet_kernels-{key.hexdigest()[:16]}.so"
 
@@ -118,8 +123,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.bitnet_native_configure.restype = ctypes.c_int
-        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, ATTENTION_TARGET,
-                                                             CACHED_ATTENTION_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, GREEDY_TARGET,
+                                                             ATTENTION_TARGET, CACHED_ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -221,6 +226,17 @@ def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
     _require()
     call = jax.ffi.ffi_call(TABLE_TARGET, jax.ShapeDtypeStruct((h.shape[0], table.shape[0]), jnp.float32))
     return call(h.astype(jnp.float32), table)
+
+
+def greedy_head(h: jax.Array, table: jax.Array, codes: jax.Array, scales: jax.Array, bounds: jax.Array):
+    """The argmax over v of h [N, H] . table [V, H] (uint16 bf16 bits or float32) -> (int32 tokens [N], int32
+    rows re-scored per token [N]): the token jnp.argmax(table_matmul(h, table)) picks, the first of equal maxima,
+    from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_rows) and exact scores of the few
+    rows whose error bound still lets them win (kernels.cc, greedy_rows)."""
+    _require()
+    N, V = h.shape[0], table.shape[0]
+    call = jax.ffi.ffi_call(GREEDY_TARGET, (jax.ShapeDtypeStruct((N,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.int32)))
+    return call(h.astype(jnp.float32), table, codes, scales, bounds)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array):

@@ -26,13 +26,19 @@
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, float32, or int8 codes of the
 //   opt-in int8 head) -> f32 [N, V]: the tied output projection, reading the table once per call instead of
 //   widening it to a float32 copy.
+// bitnet_greedy_head: the argmax token of each h [N, H] against the table, as argmax(table_matmul) picks it,
+//   from an int8 screen of the table and exact scores of the rows that can still win (see greedy_rows()).
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
 // bitnet_cached_attention: the same for new tokens after `start` cached positions, reading one layer of the
 //   stacked caches [L, B, S, KV, D] in place (see cached_attention()).
 //
 // One library holds every instruction set: the kernels of each live in their own namespace (avx2, avx512)
-// compiled under `#pragma GCC target`, everything else (capability checks, static initializers, threading,
+// compiled under `#pragma GCC target`. What is one computation at every vector width (the quantizer and its
+// prologue, the output table, RoPE, the attention's scores, softmax and P . V) is written once, in
+// vector_kernels.inc, against a small traits struct per set (Avx2, Avx512: loads, stores, arithmetic,
+// reductions, exp domain); each namespace includes it after its traits. Each set keeps its own ternary products
+// (VPMADDUBSW, VPDPBUSD, AMX tiles) and key transpose. Everything else (capability checks, static initializers, threading,
 // the loops that hand out work, the handlers) for plain x86-64. The handlers pick the kernels per call from
 // g_level (Kernels below), so a CPU without AVX-512 never executes an AVX-512 instruction; GCC does not inline
 // a function into one compiled for fewer instructions, so nothing crosses those lines.
@@ -49,6 +55,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -97,9 +104,8 @@ int64_t g_amx_min_tokens = 8;
 // --------------------------------------------------------------------------------------------- threading
 
 // Runs body(item) for item in [0, items) on the calling thread and up to pool.num_threads() - 1 helpers: the
-// pool has one thread per core and the caller takes a core too (with one helper more, a 2B4T prefill of 128
-// tokens took 389 against 308 ms at best on the 2-core machine; threads beyond the cores only add switches,
-// each saving and restoring the 8 KB AMX tile state).
+// pool has one thread per core and the caller takes a core too (one helper more was slower, BENCHMARKS.md's
+// kernel notes: threads beyond the cores only add switches, each saving and restoring the 8 KB AMX tile state).
 template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
   struct Shared {
@@ -156,8 +162,8 @@ struct Activations {  // x quantized once per call
 
 // What the engine computes from a layer's tensors before a BitLinear: optionally act(x) * up (the FFN's
 // gated activation, x being the gate), then optionally RMSNorm (x / sqrt(mean(x^2) + eps) * weight). Done
-// here, token by token on its way to the quantizer, it saves XLA's separate passes over [N, K] floats
-// (2B4T, 512 tokens: ~3 ms per layer). Same formulas as engine.rms_norm and modeling._ACTIVATIONS in float32;
+// here, token by token on its way to the quantizer, it saves XLA's separate passes over [N, K] floats.
+// Same formulas as engine.rms_norm and modeling._ACTIVATIONS in float32;
 // the mean sums in another order than XLA's, so a normalized value can differ from XLA's by an ulp.
 enum class Activation : int32_t { kNone = 0, kRelu2 = 1, kSilu = 2 };
 
@@ -170,7 +176,7 @@ struct Prologue {
 };
 
 // Decode reads each weight byte once, straight from DRAM: a prefetch kPrefetchRows rows ahead keeps more
-// misses in flight than the hardware prefetcher's one stream (AVX-512, 9 -> 22 GB/s per core, measured).
+// misses in flight than the hardware prefetcher's one stream (more than twice the bandwidth per core).
 constexpr int64_t kPrefetchRows = 4;
 constexpr int64_t kRowsPerTask = 8;  // packed rows per task of the row loops (32 outputs): 2B4T q_proj is 80
 
@@ -199,8 +205,18 @@ constexpr int64_t kKeyTile = 64;  // keys per score tile: their columns of kt st
 
 // Row length (floats) of kt and of the score rows for n keys: n rounded up to 16, plus 16. The score loop
 // walks D rows of kt at once; rows 2 KB apart (512 keys) all fall in the same few L1 sets and evict each
-// other, one line more spreads them (10.1 -> 7.7 ms for a 2B4T layer at 512 tokens, measured).
+// other, one line more spreads them.
 inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+// A table value as float32, exactly (a scalar table tail: see dot_rows in vector_kernels.inc).
+inline float widen(int8_t value) { return float(value); }
+inline float widen(uint16_t bits) {  // a bf16 is the high half of its float32
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+inline float widen(float value) { return value; }
 
 }  // namespace
 
@@ -211,122 +227,106 @@ inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 namespace {
 namespace avx2 {
 
-// ------------------------------------------------------------------------------------------ float math
-
-// Lanes [0, n) of 8 (n clipped to 0..8), as VMASKMOVPS takes them: masked-off lanes load 0 and never fault.
-inline __m256i first_lanes(int64_t n) {
-  const int32_t count = int32_t(std::clamp<int64_t>(n, 0, 8));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-inline __m256 load(const float* p, __m256i lanes) { return _mm256_maskload_ps(p, lanes); }
-inline void store(float* p, __m256i lanes, __m256 v) { _mm256_maskstore_ps(p, lanes, v); }
-
-inline float reduce_add(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float reduce_max(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline int32_t reduce_add(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
-}
+// ------------------------------------------------------------------------------------------- vector type
 
 // 2^e for integer e in [-126, 127]: the float with that exponent field.
 inline __m256 pow2(__m256i e) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
 }
 
-// e^x for 8 floats, the polynomial of avx512::exp_ps. There is no VSCALEFPS: 2^n (n in [-150, 128]) is
-// applied as two factors that are each a normal float, so a very negative x still gives 0 (or a subnormal)
-// and a large one inf, as exp does.
-inline __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));  // beyond: 0 and inf
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
-  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(whole, half)));
-}
+// 8 float32 lanes, for the kernels of vector_kernels.inc.
+struct Avx2 {
+  using F = __m256;
+  using I = __m256i;     // 8 int32
+  using Mask = __m256i;  // all-ones lanes are selected, as VMASKMOVPS takes them
+  static constexpr int64_t kWidth = 8;
+  // No masked loads of bytes or 16-bit words: a table row's last H % 8 columns are summed in scalar.
+  static constexpr bool kMaskedTableLoads = false;
+  static constexpr int64_t kScoreKeys = 16;  // 4 rows x 2 vectors of scores, 2 of keys, a broadcast: 11 registers
+  static constexpr int kPvVectors = 4;  // 32 dims per P . V tile: 2 rows x 4 accumulators, 4 values, a broadcast
 
-// ------------------------------------------------------------------------------------- one fused call
-
-// The first n (<= 8) of 8 int32 codes in [-128, 127] as int8 at dst.
-inline void store_codes(int8_t* dst, __m256i codes, int64_t n) {
-  const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
-  const __m128i bytes = _mm_packs_epi16(words, words);
-  if (n >= 8) {
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
-    return;
+  // Lanes [0, n) (n clipped to 0..8): masked-off lanes load 0 and never fault.
+  static Mask first_lanes(int64_t n) {
+    const int32_t count = int32_t(std::clamp<int64_t>(n, 0, 8));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  alignas(16) int8_t all[16];
-  _mm_store_si128(reinterpret_cast<__m128i*>(all), bytes);
-  std::memcpy(dst, all, size_t(n));
-}
-
-// One token, as avx512::quantize_row: the same float32 operations in the same order per value (max|x| is a
-// maximum, exact in any order), so the same codes and scale bit for bit.
-void quantize_row(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum) {
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 amax = _mm256_setzero_ps();
-  for (int64_t i = 0; i < K; i += 8)
-    amax = _mm256_max_ps(amax, _mm256_and_ps(load(row + i, first_lanes(K - i)), magnitude));
-  const float s = 127.0f / std::max(reduce_max(amax), 1e-5f);
-  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
-  __m256i total = _mm256_setzero_si256();
-  for (int64_t i = 0; i < K; i += 8) {  // masked-off lanes load 0: code 0
-    const __m256 r = _mm256_round_ps(_mm256_mul_ps(load(row + i, first_lanes(K - i)), sv),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-    total = _mm256_add_epi32(total, codes);
-    store_codes(q + i, codes, K - i);
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static F load_or(const float* p, Mask m, F fallback) {  // fallback's lanes where m is off
+    return _mm256_blendv_ps(fallback, load(p, m), _mm256_castsi256_ps(m));
   }
-  *inv_scale = 1.0f / s;
-  *sum = reduce_add(total);
-}
+  static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store(float* p, Mask m, F v) { _mm256_maskstore_ps(p, m, v); }
+  static F zero_outside(F v, Mask m) { return _mm256_and_ps(v, _mm256_castsi256_ps(m)); }
 
-inline __m256 activate(__m256 gate, Activation act) {
-  if (act == Activation::kRelu2) {
-    const __m256 r = _mm256_max_ps(gate, _mm256_setzero_ps());
-    return _mm256_mul_ps(r, r);
-  }  // silu: x * sigmoid(x) = x / (1 + e^-x)
-  return _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
-}
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  static F abs(F v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+  static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
-// Token t's input to the quantizer in y [K] (see Prologue).
-void prologue_row(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y) {
-  const float* row = x + t * K;
-  const float* up = pr.up ? pr.up + t * K : nullptr;
-  __m256 squares = _mm256_setzero_ps();
-  for (int64_t i = 0; i < K; i += 8) {
-    const __m256i lanes = first_lanes(K - i);
-    __m256 v = load(row + i, lanes);
-    if (pr.act != Activation::kNone) v = _mm256_mul_ps(activate(v, pr.act), load(up + i, lanes));
-    squares = _mm256_fmadd_ps(v, v, squares);
-    store(y + i, lanes, v);
+  static I izero() { return _mm256_setzero_si256(); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I to_int(F v) { return _mm256_cvtps_epi32(v); }
+  // The first n (<= 8) of 8 int32 codes in [-128, 127] as int8 at dst.
+  static void store_codes(int8_t* dst, I codes, int64_t n) {
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    const __m128i bytes = _mm_packs_epi16(words, words);
+    if (n >= 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
+      return;
+    }
+    alignas(16) int8_t all[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(all), bytes);
+    std::memcpy(dst, all, size_t(n));
   }
-  if (pr.norm == nullptr) return;
-  const __m256 rv = _mm256_set1_ps(1.0f / std::sqrt(reduce_add(squares) / float(K) + pr.eps));
-  for (int64_t i = 0; i < K; i += 8) {
-    const __m256i lanes = first_lanes(K - i);
-    store(y + i, lanes, _mm256_mul_ps(_mm256_mul_ps(load(y + i, lanes), rv), load(pr.norm + i, lanes)));
+
+  static float reduce_add(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-}
+  static float reduce_max(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static int32_t reduce_add(I v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+  }
+
+  // For exp (vector_kernels.inc): its domain, beyond which e^x is 0 or inf in float32, and p * 2^n for an
+  // integer-valued n in [-150, 128]. There is no VSCALEFPS: 2^n is applied as two factors that are each a
+  // normal float, so a very negative x still gives 0 (or a subnormal) and a large one inf, as exp does.
+  static F exp_domain(F x) { return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f)); }
+  static F times_pow2(F p, F n) {
+    const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
+    return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(whole, half)));
+  }
+
+  // Table rows as float32, exactly: a bf16 is the high half of its float32, an int8 code (the int8 head) a
+  // small integer.
+  static F load_table(const uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static F load_table(const float* p) { return _mm256_loadu_ps(p); }
+  static F load_table(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+#include "vector_kernels.inc"
+
 
 // ------------------------------------------------------------------------------------------ the product
 
@@ -533,77 +533,7 @@ void product_task(const Projection& p, const Activations& a, int64_t chunk) {
   if (t < a.N) token_rows(p, a, r0, r1, t);
 }
 
-// --------------------------------------------------------------------------------------- output table
-
-inline __m256 load8(const uint16_t* p) {  // a bf16 is the high half of its float32: exact
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) {  // an int8 head row (engine.quantize_table): exact in float32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline float widen(int8_t value) { return float(value); }
-inline float widen(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof value);
-  return value;
-}
-inline float widen(float value) { return value; }
-
-// dot(h[t], table[v]) for NR consecutive table rows from `rows`, into out[0 .. NR): 16 columns per step in
-// two accumulators per row (the FMA latency), the last H % 8 columns in scalar.
-template <int NR, typename T>
-void dot_rows(const float* ht, const T* rows, int64_t H, bool prefetch, float* out) {
-  __m256 acc[NR][2] = {};
-  int64_t i = 0;
-  for (; i + 16 <= H; i += 16) {
-    if (prefetch)  // the rows of three blocks ahead, as avx512::table_rows does
-      for (int j = 3 * NR; j < 4 * NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(rows + j * H + i), _MM_HINT_T0);
-    const __m256 h0 = _mm256_loadu_ps(ht + i), h1 = _mm256_loadu_ps(ht + i + 8);
-    for (int r = 0; r < NR; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(h0, load8(rows + r * H + i), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(h1, load8(rows + r * H + i + 8), acc[r][1]);
-    }
-  }
-  for (; i + 8 <= H; i += 8)
-    for (int r = 0; r < NR; ++r)
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(ht + i), load8(rows + r * H + i), acc[r][0]);
-  for (int r = 0; r < NR; ++r) {
-    float tail = 0.0f;
-    for (int64_t j = i; j < H; ++j) tail += ht[j] * widen(rows[r * H + j]);
-    out[r] = reduce_add(_mm256_add_ps(acc[r][0], acc[r][1])) + tail;
-  }
-}
-
-// out[t, v] = dot(h[t], table[v]) for table rows [v0, v1), four rows at a time (each row read once).
-template <typename T>
-void table_rows(const float* h, int64_t N, int64_t H, const T* table, int64_t V, int64_t v0, int64_t v1,
-                float* out) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4)
-    for (int64_t t = 0; t < N; ++t) dot_rows<4>(h + t * H, table + v * H, H, t == 0, out + t * V + v);
-  for (; v < v1; ++v)
-    for (int64_t t = 0; t < N; ++t) dot_rows<1>(h + t * H, table + v * H, H, false, out + t * V + v);
-}
-
 // ---------------------------------------------------------------------------------- causal attention
-
-// y = x * cos + rotate_half(x) * sin for one head row x [D] at one position, as avx512::rope_row.
-void rope_row(const float* x, const float* cos, const float* sin, int64_t D, float* y) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; i += 8) {
-    const __m256i lanes = first_lanes(half - i);
-    const __m256 a = load(x + i, lanes), b = load(x + half + i, lanes);
-    const __m256 lo = _mm256_add_ps(_mm256_mul_ps(a, load(cos + i, lanes)),
-                                    _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), b), load(sin + i, lanes)));
-    const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, load(cos + half + i, lanes)),
-                                    _mm256_mul_ps(a, load(sin + half + i, lanes)));
-    store(y + i, lanes, lo);
-    store(y + half + i, lanes, hi);
-  }
-}
 
 // Keys [j0, j0 + 16) of kv head kv: rotated into k_out [B, T, KV, D], and transposed into kt[b, kv][d][j]
 // (zeros past T). The transpose is T * D stores per kv head, next to the T^2 * D products of the scores.
@@ -612,115 +542,8 @@ void rotate_and_transpose_keys(const float* k, const float* cos, const float* si
   float* dst = kt + (b * s.KV + kv) * s.D * s.Tp;
   for (int64_t j = j0; j < j0 + 16; ++j) {
     const int64_t at = ((b * s.T + j) * s.KV + kv) * s.D;
-    if (j < s.T) rope_row(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
+    if (j < s.T) rope_row<Avx2>(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
     for (int64_t d = 0; d < s.D; ++d) dst[d * s.Tp + j] = j < s.T ? k_out[at + d] : 0.0f;
-  }
-}
-
-// scores[r][j0 .. j0 + 16) = (q_r . k_j) * scale for the 4 rows from `rows` (pointers to q rows).
-void score_tile16(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, float scale,
-                  float* const* out) {
-  __m256 acc[4][2] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 k0 = _mm256_loadu_ps(kt + d * Tp + j0), k1 = _mm256_loadu_ps(kt + d * Tp + j0 + 8);
-    for (int i = 0; i < 4; ++i) {
-      const __m256 qd = _mm256_broadcast_ss(rows[i] + d);
-      acc[i][0] = _mm256_fmadd_ps(qd, k0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(qd, k1, acc[i][1]);
-    }
-  }
-  const __m256 sv = _mm256_set1_ps(scale);
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(out[i] + j0, _mm256_mul_ps(acc[i][0], sv));
-    _mm256_storeu_ps(out[i] + j0 + 8, _mm256_mul_ps(acc[i][1], sv));
-  }
-}
-
-// The same for `keys` (a multiple of 16) keys from j0.
-void score_tile(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, int64_t keys,
-                float scale, float* const* out) {
-  for (int64_t j = j0; j < j0 + keys; j += 16) score_tile16(rows, kt, Tp, D, j, scale, out);
-}
-
-// p[0 .. n) = softmax(scores[0 .. n)) in place.
-void softmax_row(float* p, int64_t n) {
-  const __m256 none = _mm256_set1_ps(-INFINITY);
-  __m256 top = none;
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256i lanes = first_lanes(n - j);
-    top = _mm256_max_ps(top, _mm256_blendv_ps(none, load(p + j, lanes), _mm256_castsi256_ps(lanes)));
-  }
-  const __m256 m = _mm256_set1_ps(reduce_max(top));
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256i lanes = first_lanes(n - j);
-    const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(load(p + j, lanes), m)), _mm256_castsi256_ps(lanes));
-    total = _mm256_add_ps(total, e);
-    store(p + j, lanes, e);
-  }
-  const __m256 inv = _mm256_set1_ps(1.0f / reduce_add(total));
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256i lanes = first_lanes(n - j);
-    store(p + j, lanes, _mm256_mul_ps(load(p + j, lanes), inv));
-  }
-}
-
-// out rows (NR of them, same query position: n keys each) = p . v over dims [c0, c0 + 8 NV), the last vector
-// `tail`-masked; v rows are `stride` floats apart.
-template <int NR, int NV>
-void pv_tile(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t c0, __m256i tail,
-             float* const* out) {
-  __m256 acc[NR][NV] = {};
-  for (int64_t j = 0; j < n; ++j) {
-    const float* row = v + j * stride + c0;
-    __m256 val[NV];
-    for (int i = 0; i < NV - 1; ++i) val[i] = _mm256_loadu_ps(row + 8 * i);
-    val[NV - 1] = load(row + 8 * (NV - 1), tail);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 pj = _mm256_broadcast_ss(p[r] + j);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(pj, val[i], acc[r][i]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    for (int i = 0; i < NV - 1; ++i) _mm256_storeu_ps(out[r] + c0 + 8 * i, acc[r][i]);
-    store(out[r] + c0 + 8 * (NV - 1), tail, acc[r][NV - 1]);
-  }
-}
-
-// 32 dims per tile: NR = 2 rows of 4 accumulators, the values and a broadcast fill 13 of the 16 registers.
-template <int NR>
-void pv_tiles(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
-  for (int64_t c0 = 0; c0 < D; c0 += 32) {
-    const int64_t width = std::min<int64_t>(32, D - c0), nv = (width + 7) / 8;
-    const __m256i tail = first_lanes(width - 8 * (nv - 1));
-    switch (nv) {
-      case 1: pv_tile<NR, 1>(p, v, stride, n, c0, tail, out); break;
-      case 2: pv_tile<NR, 2>(p, v, stride, n, c0, tail, out); break;
-      case 3: pv_tile<NR, 3>(p, v, stride, n, c0, tail, out); break;
-      default: pv_tile<NR, 4>(p, v, stride, n, c0, tail, out); break;
-    }
-  }
-}
-
-void pv_rows(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
-  if (rows == 2) pv_tiles<2>(p, v, stride, n, D, out);
-  else pv_tiles<1>(p, v, stride, n, D, out);
-}
-
-// out[r][j] = (q_r . key_j) * scale for the `rows` (<= 2) query rows and n keys `stride` floats apart (the
-// cache's [S, KV, D] rows of one kv head): each key is loaded once for both rows. Decode reads few keys per
-// query (the cache of one layer), so AVX2 is fast enough on every level; AVX-512 machines run it too.
-void key_scores(const float* const* q, int rows, const float* keys, int64_t stride, int64_t n, int64_t D,
-                float scale, float* const* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* key = keys + j * stride;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256i lanes = first_lanes(D - d);
-      const __m256 kd = load(key + d, lanes);
-      for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(load(q[r] + d, lanes), kd, acc[r]);
-    }
-    for (int r = 0; r < rows; ++r) out[r][j] = reduce_add(acc[r]) * scale;
   }
 }
 
@@ -730,97 +553,84 @@ void key_scores(const float* const* q, int rows, const float* keys, int64_t stri
 #pragma GCC pop_options
 
 // AVX-512 VNNI, and AMX where the CPU has it: run only where g_level >= kAvx512Vnni.
+// AVX-512 VNNI, and AMX where the CPU has it: run only where g_level >= kAvx512Vnni.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
 
 namespace {
 namespace avx512 {
 
-// ------------------------------------------------------------------------------------------ float math
+// ------------------------------------------------------------------------------------------- vector type
 
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+// 16 float32 lanes, for the kernels of vector_kernels.inc.
+struct Avx512 {
+  using F = __m512;
+  using I = __m512i;  // 16 int32
+  using Mask = __mmask16;
+  static constexpr int64_t kWidth = 16;
+  static constexpr bool kMaskedTableLoads = true;
+  static constexpr int64_t kScoreKeys = kKeyTile;  // 4 rows x 4 vectors of scores, 4 of keys: 32 registers
+  static constexpr int kPvVectors = 8;  // 128 dims per P . V tile
 
-// e^x for 16 floats (softmax: scores minus their row maximum; SiLU: -gate): x = n ln2 + r with |r| <= ln2 / 2,
-// e^r = 1 + r + r^2 P(r) with Cephes' expf polynomial, times 2^n by VSCALEFPS, which gives 0 for a very
-// negative x and inf for a large one, as exp does. XLA's own exp is another approximation: the two agree to
-// float rounding (the attention and SiLU tests bound it), not bit for bit.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this, e^x is 0 in float32 anyway
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+  static Mask first_lanes(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static F load_or(const float* p, Mask m, F fallback) { return _mm512_mask_loadu_ps(fallback, m, p); }
+  static void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, Mask m, F v) { _mm512_mask_storeu_ps(p, m, v); }
+  static F zero_outside(F v, Mask m) { return _mm512_maskz_mov_ps(m, v); }
 
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F abs(F v) { return _mm512_abs_ps(v); }
+  static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
-// ------------------------------------------------------------------------------------- one fused call
-
-// One token x [K]: s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127), as
-// bitlinear.quantize_activations computes it in float32; returns 1 / s and the sum of q through the pointers.
-void quantize_row(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum) {
-  const int64_t full = K & ~int64_t(15);
-  const __mmask16 tail = (K - full) ? __mmask16((1u << (K - full)) - 1) : 0;
-  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t i = 0; i < full; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
-  if (tail) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full)));
-  const float s = 127.0f / std::max(_mm512_reduce_max_ps(amax), 1e-5f);
-  const __m512 sv = _mm512_set1_ps(s);
-  __m512i total = _mm512_setzero_si512();
-  auto one = [&](__m512 v, __mmask16 m, int8_t* dst) {
-    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
-    total = _mm512_add_epi32(total, codes);
-    _mm_mask_storeu_epi8(dst, m, _mm512_cvtsepi32_epi8(codes));
-  };
-  for (int64_t i = 0; i < full; i += 16) one(_mm512_loadu_ps(row + i), 0xFFFF, q + i);
-  if (tail) one(_mm512_maskz_loadu_ps(tail, row + full), tail, q + full);
-  *inv_scale = 1.0f / s;
-  *sum = _mm512_reduce_add_epi32(total);
-}
-
-inline __m512 activate(__m512 gate, Activation act) {
-  if (act == Activation::kRelu2) {
-    const __m512 r = _mm512_max_ps(gate, _mm512_setzero_ps());
-    return _mm512_mul_ps(r, r);
-  }  // silu: x * sigmoid(x) = x / (1 + e^-x)
-  return _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-}
-
-// Token t's input to the quantizer in y [K].
-void prologue_row(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y) {
-  const float* row = x + t * K;
-  const float* up = pr.up ? pr.up + t * K : nullptr;
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t i = 0; i < K; i += 16) {
-    const __mmask16 lanes = first_lanes(K - i);
-    __m512 v = _mm512_maskz_loadu_ps(lanes, row + i);
-    if (pr.act != Activation::kNone) v = _mm512_mul_ps(activate(v, pr.act), _mm512_maskz_loadu_ps(lanes, up + i));
-    squares = _mm512_fmadd_ps(v, v, squares);
-    _mm512_mask_storeu_ps(y + i, lanes, v);
+  static I izero() { return _mm512_setzero_si512(); }
+  static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I to_int(F v) { return _mm512_cvtps_epi32(v); }
+  // The first n of 16 int32 codes in [-128, 127] as int8 at dst.
+  static void store_codes(int8_t* dst, I codes, int64_t n) {
+    _mm_mask_storeu_epi8(dst, first_lanes(n), _mm512_cvtsepi32_epi8(codes));
   }
-  if (pr.norm == nullptr) return;
-  const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / float(K) + pr.eps);
-  const __m512 rv = _mm512_set1_ps(r);
-  for (int64_t i = 0; i < K; i += 16) {
-    const __mmask16 lanes = first_lanes(K - i);
-    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, y + i), rv),
-                                   _mm512_maskz_loadu_ps(lanes, pr.norm + i));
-    _mm512_mask_storeu_ps(y + i, lanes, v);
+
+  static float reduce_add(F v) { return _mm512_reduce_add_ps(v); }
+  static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
+  static int32_t reduce_add(I v) { return _mm512_reduce_add_epi32(v); }
+
+  // For exp (vector_kernels.inc): below its domain e^x is 0 in float32 anyway; VSCALEFPS gives 0 for a very
+  // negative n and inf for a large one, as exp does.
+  static F exp_domain(F x) { return _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); }
+  static F times_pow2(F p, F n) { return _mm512_scalef_ps(p, n); }
+
+  // Table rows as float32, exactly (see Avx2::load_table), whole or the lanes of a mask.
+  static F load_table(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
-}
+  static F load_table(const uint16_t* p, Mask m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  static F load_table(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_table(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static F load_table(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_table(const int8_t* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+};
+
+#include "vector_kernels.inc"
+
 
 // y = acc / s * multiplier for 16 outputs of one token, evaluated as XLA evaluates bitlinear.py's expression:
 // its simplifier turns the division by a broadcast scale into a product with the reciprocal, (acc * (1/s)) * m
-// (1 ulp apart from a true division in ~20% of values; measured against XLA's CPU output).
+// (a true division differs by an ulp in many values).
 inline __m512 dequantize(__m512i acc, float inv_scale, float multiplier) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(inv_scale)), _mm512_set1_ps(multiplier));
 }
@@ -908,7 +718,7 @@ constexpr int64_t kMaxGroupBytes = 1 << 20;  // ... and at most half the L2 of o
 // (Putting x in A and the codes in B saves the transposes of x and of C but transposes every 1 KB of codes,
 // which at 128 tokens cost more than the products.) Both operands are laid out so that the tiles of one k step
 // are 2 KB of consecutive bytes: tile loads with a stride of a whole row (2.5-7 KB) hit the same few cache
-// sets over and over and ran 2-4x slower.
+// sets over and over.
 
 // 16 x 16 dwords: r[i] dword j -> r[j] dword i (32-bit, 64-bit interleaves, then two 128-bit lane shuffles).
 inline void transpose16(__m512i r[16]) {
@@ -1058,85 +868,7 @@ void amx_products(ffi::ThreadPool& pool, std::vector<Projection>& projections, c
 }
 
 
-// --------------------------------------------------------------------------------------- output table
-
-inline __m512 load_row(const uint16_t* p) {
-  // a bf16 is the high half of its float32: exact
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline __m512 load_row_tail(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_row_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_row(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 load_row_tail(const int8_t* p, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-}
-
-// out[t, v] = dot(h[t], table[v]) for table rows [v0, v1), four rows at a time (each row read once).
-template <typename T>
-void table_rows(const float* h, int64_t N, int64_t H, const T* table, int64_t V, int64_t v0, int64_t v1,
-                float* out) {
-  const int64_t full = H & ~int64_t(15);
-  const __mmask16 tail = (H - full) ? __mmask16((1u << (H - full)) - 1) : 0;
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) {
-    const T* rows = table + v * H;
-    for (int64_t t = 0; t < N; ++t) {
-      const float* ht = h + t * H;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < full; i += 16) {
-        if (t == 0)  // the rows of three blocks ahead, as in vnni_rows (10.4 -> 11.9 GB/s per core, measured)
-          for (int j = 12; j < 16; ++j) _mm_prefetch(reinterpret_cast<const char*>(rows + j * H + i), _MM_HINT_T0);
-        const __m512 hv = _mm512_loadu_ps(ht + i);
-        a0 = _mm512_fmadd_ps(hv, load_row(rows + i), a0);
-        a1 = _mm512_fmadd_ps(hv, load_row(rows + H + i), a1);
-        a2 = _mm512_fmadd_ps(hv, load_row(rows + 2 * H + i), a2);
-        a3 = _mm512_fmadd_ps(hv, load_row(rows + 3 * H + i), a3);
-      }
-      if (tail) {
-        const __m512 hv = _mm512_maskz_loadu_ps(tail, ht + full);
-        a0 = _mm512_fmadd_ps(hv, load_row_tail(rows + full, tail), a0);
-        a1 = _mm512_fmadd_ps(hv, load_row_tail(rows + H + full, tail), a1);
-        a2 = _mm512_fmadd_ps(hv, load_row_tail(rows + 2 * H + full, tail), a2);
-        a3 = _mm512_fmadd_ps(hv, load_row_tail(rows + 3 * H + full, tail), a3);
-      }
-      float* o = out + t * V + v;
-      o[0] = _mm512_reduce_add_ps(a0), o[1] = _mm512_reduce_add_ps(a1);
-      o[2] = _mm512_reduce_add_ps(a2), o[3] = _mm512_reduce_add_ps(a3);
-    }
-  }
-  for (; v < v1; ++v) {
-    const T* row = table + v * H;
-    for (int64_t t = 0; t < N; ++t) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t i = 0; i < full; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(h + t * H + i), load_row(row + i), a);
-      if (tail) a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, h + t * H + full), load_row_tail(row + full, tail), a);
-      out[t * V + v] = _mm512_reduce_add_ps(a);
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------- causal attention
-
-// y = x * cos + rotate_half(x) * sin for one head row x [D] at one position (modeling.apply_rope: the NeoX
-// layout, rotate_half(x) = [-x[D/2:], x[:D/2]]), in float32 products and sums as XLA evaluates it.
-void rope_row(const float* x, const float* cos, const float* sin, int64_t D, float* y) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; i += 16) {
-    const __mmask16 lanes = first_lanes(half - i);
-    const __m512 a = _mm512_maskz_loadu_ps(lanes, x + i), b = _mm512_maskz_loadu_ps(lanes, x + half + i);
-    const __m512 lo = _mm512_add_ps(_mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes, cos + i)),
-                                    _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), _mm512_maskz_loadu_ps(lanes, sin + i)));
-    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(b, _mm512_maskz_loadu_ps(lanes, cos + half + i)),
-                                    _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes, sin + half + i)));
-    _mm512_mask_storeu_ps(y + i, lanes, lo);
-    _mm512_mask_storeu_ps(y + half + i, lanes, hi);
-  }
-}
 
 // Keys [j0, j0 + 16) of kv head kv: rotated into k_out [B, T, KV, D] (what the cache keeps), and transposed,
 // kt[b, kv][d][j] = k_out[b, j, kv, d] (zeros past T), one 16 x 16 transpose per 16 dims.
@@ -1144,11 +876,11 @@ void rotate_and_transpose_keys(const float* k, const float* cos, const float* si
                                int64_t kv, int64_t j0, float* k_out, float* kt) {
   for (int64_t j = j0; j < std::min(s.T, j0 + 16); ++j) {
     const int64_t at = ((b * s.T + j) * s.KV + kv) * s.D;
-    rope_row(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
+    rope_row<Avx512>(k + at, cos + j * s.D, sin + j * s.D, s.D, k_out + at);
   }
   float* dst = kt + (b * s.KV + kv) * s.D * s.Tp;
   for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
-    const __mmask16 dims = first_lanes(s.D - d0);
+    const __mmask16 dims = Avx512::first_lanes(s.D - d0);
     __m512i rows[16];
     for (int64_t j = 0; j < 16; ++j)
       rows[j] = j0 + j < s.T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(dims, k_out + ((b * s.T + j0 + j) * s.KV + kv) * s.D + d0))
@@ -1158,102 +890,6 @@ void rotate_and_transpose_keys(const float* k, const float* cos, const float* si
   }
 }
 
-// scores[r][j0 .. j0 + 16 NV) = (q_r . k_j) * scale for the 4 rows from `rows` (pointers to q rows).
-template <int NV>
-void score_block(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, float scale,
-                float* const* out) {
-  __m512 acc[4][NV];
-  for (int i = 0; i < 4; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 key[NV];
-    for (int v = 0; v < NV; ++v) key[v] = _mm512_loadu_ps(kt + d * Tp + j0 + 16 * v);
-    for (int i = 0; i < 4; ++i) {
-      const __m512 qd = _mm512_set1_ps(rows[i][d]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(qd, key[v], acc[i][v]);
-    }
-  }
-  const __m512 sv = _mm512_set1_ps(scale);
-  for (int i = 0; i < 4; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out[i] + j0 + 16 * v, _mm512_mul_ps(acc[i][v], sv));
-}
-
-// p[0 .. n) = softmax(scores[0 .. n)) in place.
-void softmax_row(float* p, int64_t n) {
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first_lanes(n - j), p + j));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(lanes, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + j), m)));
-    total = _mm512_add_ps(total, e);
-    _mm512_mask_storeu_ps(p + j, lanes, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = first_lanes(n - j);
-    _mm512_mask_storeu_ps(p + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, p + j), inv));
-  }
-}
-
-// out rows (NR of them, same query position: n keys each) = p . v over dims [c0, c0 + 16 NV), the last vector
-// `tail`-masked; v rows are `stride` floats apart.
-template <int NR, int NV>
-void pv_tile(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t c0, __mmask16 tail,
-             float* const* out) {
-  __m512 acc[NR][NV];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* row = v + j * stride + c0;
-    __m512 val[NV];
-    for (int i = 0; i < NV; ++i) val[i] = _mm512_maskz_loadu_ps(i == NV - 1 ? tail : __mmask16(0xFFFF), row + 16 * i);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 pj = _mm512_set1_ps(p[r][j]);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(pj, val[i], acc[r][i]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NV; ++i)
-      _mm512_mask_storeu_ps(out[r] + c0 + 16 * i, i == NV - 1 ? tail : __mmask16(0xFFFF), acc[r][i]);
-}
-
-template <int NR>
-void pv_tiles(const float* const* p, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
-  for (int64_t c0 = 0; c0 < D; c0 += 128) {
-    const int64_t width = std::min<int64_t>(128, D - c0), nv = (width + 15) / 16;
-    const __mmask16 tail = first_lanes(width - 16 * (nv - 1));
-    switch (nv) {
-      case 1: pv_tile<NR, 1>(p, v, stride, n, c0, tail, out); break;
-      case 2: pv_tile<NR, 2>(p, v, stride, n, c0, tail, out); break;
-      case 3: pv_tile<NR, 3>(p, v, stride, n, c0, tail, out); break;
-      case 4: pv_tile<NR, 4>(p, v, stride, n, c0, tail, out); break;
-      case 5: pv_tile<NR, 5>(p, v, stride, n, c0, tail, out); break;
-      case 6: pv_tile<NR, 6>(p, v, stride, n, c0, tail, out); break;
-      case 7: pv_tile<NR, 7>(p, v, stride, n, c0, tail, out); break;
-      default: pv_tile<NR, 8>(p, v, stride, n, c0, tail, out); break;
-    }
-  }
-}
-
-// One task: queries [t0, t1) of batch row b for the G heads of kv head `kv`. Score row g * (t1 - t0) + i
-
-// scores[r][j0 .. j0 + keys) for the 4 rows from `rows`, keys a multiple of 16 up to kKeyTile.
-void score_tile(const float* const* rows, const float* kt, int64_t Tp, int64_t D, int64_t j0, int64_t keys,
-                float scale, float* const* out) {
-  switch (keys / 16) {
-    case 1: score_block<1>(rows, kt, Tp, D, j0, scale, out); break;
-    case 2: score_block<2>(rows, kt, Tp, D, j0, scale, out); break;
-    case 3: score_block<3>(rows, kt, Tp, D, j0, scale, out); break;
-    default: score_block<4>(rows, kt, Tp, D, j0, scale, out); break;
-  }
-}
-
-void pv_rows(const float* const* p, int rows, const float* v, int64_t stride, int64_t n, int64_t D, float* const* out) {
-  if (rows == 2) pv_tiles<2>(p, v, stride, n, D, out);
-  else pv_tiles<1>(p, v, stride, n, D, out);
-}
 
 }  // namespace avx512
 }  // namespace
@@ -1288,16 +924,19 @@ struct Kernels {
                      float scale, float* const* out);
 };
 
-constexpr Kernels kAvx2Kernels{avx2::prologue_row, avx2::quantize_row, avx2::product_task,
-                               avx2::table_rows<uint16_t>, avx2::table_rows<float>, avx2::table_rows<int8_t>,
-                               avx2::rope_row,
-                               avx2::rotate_and_transpose_keys, avx2::score_tile, avx2::softmax_row, avx2::pv_rows,
-                               avx2::key_scores};
-constexpr Kernels kAvx512Kernels{avx512::prologue_row, avx512::quantize_row, avx512::vnni_task,
-                                 avx512::table_rows<uint16_t>, avx512::table_rows<float>,
-                                 avx512::table_rows<int8_t>, avx512::rope_row,
-                                 avx512::rotate_and_transpose_keys, avx512::score_tile, avx512::softmax_row,
-                                 avx512::pv_rows, avx2::key_scores};
+// The AVX-512 table takes AVX2's key_scores: decode reads few keys per query (the cache of one layer), and
+// 8 lanes per key row are enough.
+constexpr Kernels kAvx2Kernels{
+    avx2::prologue_row<avx2::Avx2>, avx2::quantize_row<avx2::Avx2>, avx2::product_task,
+    avx2::table_rows<avx2::Avx2, uint16_t>, avx2::table_rows<avx2::Avx2, float>, avx2::table_rows<avx2::Avx2, int8_t>,
+    avx2::rope_row<avx2::Avx2>, avx2::rotate_and_transpose_keys, avx2::score_tile<avx2::Avx2>,
+    avx2::softmax_row<avx2::Avx2>, avx2::pv_rows<avx2::Avx2>, avx2::key_scores<avx2::Avx2>};
+constexpr Kernels kAvx512Kernels{
+    avx512::prologue_row<avx512::Avx512>, avx512::quantize_row<avx512::Avx512>, avx512::vnni_task,
+    avx512::table_rows<avx512::Avx512, uint16_t>, avx512::table_rows<avx512::Avx512, float>,
+    avx512::table_rows<avx512::Avx512, int8_t>, avx512::rope_row<avx512::Avx512>, avx512::rotate_and_transpose_keys,
+    avx512::score_tile<avx512::Avx512>, avx512::softmax_row<avx512::Avx512>, avx512::pv_rows<avx512::Avx512>,
+    avx2::key_scores<avx2::Avx2>};
 
 const Kernels& kernels(int level) { return level >= kAvx512Vnni ? kAvx512Kernels : kAvx2Kernels; }
 
@@ -1339,14 +978,109 @@ void bitlinear(ffi::ThreadPool& pool, int level, const float* x, const Prologue&
 
 // --------------------------------------------------------------------------------------- output table
 
+constexpr int64_t kTableRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
+
 template <typename T>
 void table_matmul(ffi::ThreadPool& pool, const float* h, int64_t N, int64_t H, const T* table, int64_t V,
                   float* out, void (*table_rows)(const float*, int64_t, int64_t, const T*, int64_t, int64_t,
                                                  int64_t, float*)) {
-  constexpr int64_t kRowsPerChunk = 512;  // 2.6 MB of a 2B4T bf16 table per chunk, 251 chunks
-  parallel_for(pool, (V + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t chunk) {
-    table_rows(h, N, H, table, V, chunk * kRowsPerChunk, std::min(V, (chunk + 1) * kRowsPerChunk), out);
+  parallel_for(pool, (V + kTableRowsPerChunk - 1) / kTableRowsPerChunk, [=](int64_t chunk) {
+    table_rows(h, N, H, table, V, chunk * kTableRowsPerChunk, std::min(V, (chunk + 1) * kTableRowsPerChunk), out);
   });
+}
+
+// ------------------------------------------------------------------------------------ greedy output row
+
+// The argmax of h[t] . table[v] over v, the same token as the full product and an argmax of it (the first
+// of equal maxima, a NaN before anything), reading only an int8 copy of the table and a few exact rows.
+//
+// The screen: codes[v] = round(table[v] / scales[v]) and bounds[v] >= max_i |table[v][i] - scales[v] *
+// codes[v][i]| (engine.screen_rows). With the kernel's float32 dot d_v = fl(h . codes[v]) and a_v = s_v d_v
+// (exact in double), the exact logit E_v (this kernel's own fl(h . table[v])) lies within e_v of a_v:
+//   |E_v - h.table[v]| <= g ||h||_1 max|table[v]| <= g ||h||_1 (127 s_v + bounds[v])   (the float sum of E_v)
+//   |h.table[v] - s_v h.codes[v]| <= ||h||_1 bounds[v]                                  (the screen's rounding)
+//   |s_v h.codes[v] - a_v| <= s_v g ||h||_1 127                                          (the float sum of d_v)
+// with g = gamma(H + 16) = n u / (1 - n u), u = 2^-24: every product of a dot passes through at most H + 16
+// roundings (lane sums, the reduction tree, a scalar tail), whatever the width. Rows whose interval
+// [a_v - e_v, a_v + e_v] lies wholly below the best lower bound of any row cannot be the argmax (nor tie
+// with it); the rest are re-scored exactly by the same row kernel as table_matmul, so the winner's logit is
+// bit for bit the full product's. A row that could overflow float32, has a non-finite scale or bound, or an h
+// that is not finite, is always re-scored.
+struct ScreenedRows {
+  const int8_t* codes;   // [V, H]
+  const float* scales;   // [V]
+  const float* bounds;   // [V]
+};
+
+template <typename T>
+void greedy_rows(ffi::ThreadPool& pool, const Kernels& k, const float* h, int64_t N, int64_t H, const T* table,
+                 int64_t V, const ScreenedRows& screen,
+                 void (*exact_rows)(const float*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, float*),
+                 int32_t* tokens, int32_t* candidates) {
+  const double u = std::ldexp(1.0, -24), n = double(H + 16), g = n * u / (1.0 - n * u);
+  // The double arithmetic of the bounds rounded outward: relative to e and, for a +- e, to |a|.
+  constexpr double kSafe = 1.0 + 1e-12;
+  constexpr double kUnderflow = 1e-30;  // subnormal products: at most 2^-150 each, far below this in all
+  const double largest = 0.25 * double(std::numeric_limits<float>::max());
+  std::vector<double> norm1(N);
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t i = 0; i < H; ++i) norm1[t] += std::fabs(double(h[t * H + i]));
+    norm1[t] *= kSafe;
+  }
+  // One pass over the codes: each chunk's dots, then its rows' upper bounds and its best lower bound.
+  const int64_t chunks = (V + kTableRowsPerChunk - 1) / kTableRowsPerChunk;
+  std::vector<float> dots(N * V);
+  std::vector<double> high(N * V), chunk_low(N * chunks);
+  float* dot = dots.data();
+  double* up = high.data();
+  double* best = chunk_low.data();
+  const double* l1 = norm1.data();
+  parallel_for(pool, chunks, [=, &k, &screen](int64_t chunk) {
+    const int64_t v0 = chunk * kTableRowsPerChunk, v1 = std::min(V, v0 + kTableRowsPerChunk);
+    k.i8_table_rows(h, N, H, screen.codes, V, v0, v1, dot);
+    for (int64_t t = 0; t < N; ++t) {
+      double low = -INFINITY;
+      for (int64_t v = v0; v < v1; ++v) {
+        const double s = screen.scales[v], b = screen.bounds[v], reach = l1[t] * (127.0 * s + b);
+        const double a = s * double(dot[t * V + v]);  // exact: two float32 factors
+        double e = INFINITY;  // a row that could overflow, or a non-finite factor: always re-scored
+        if (std::isfinite(reach) && reach * (1.0 + g) < largest)
+          e = (l1[t] * b + g * reach + g * s * 127.0 * l1[t]) * kSafe + std::fabs(a) * 1e-15 + kUnderflow;
+        up[t * V + v] = std::isfinite(e) ? a + e : INFINITY;
+        if (std::isfinite(e)) low = std::max(low, a - e);
+      }
+      best[t * chunks + chunk] = low;
+    }
+  });
+  std::vector<int64_t> rows;
+  std::vector<float> exact;
+  for (int64_t t = 0; t < N; ++t) {
+    const double best_low = *std::max_element(best + t * chunks, best + (t + 1) * chunks);
+    rows.clear();
+    for (int64_t v = 0; v < V; ++v)
+      if (up[t * V + v] >= best_low) rows.push_back(v);
+    exact.resize(rows.size());
+    const float* ht = h + t * H;
+    const int64_t* list = rows.data();
+    const int64_t count = int64_t(rows.size());
+    float* scored = exact.data();
+    constexpr int64_t kRowsPerTask = 64;
+    parallel_for(pool, (count + kRowsPerTask - 1) / kRowsPerTask, [=](int64_t task) {
+      for (int64_t i = task * kRowsPerTask; i < std::min(count, (task + 1) * kRowsPerTask); ++i)
+        exact_rows(ht, 1, H, table + list[i] * H, 1, 0, 1, scored + i);
+    });
+    int64_t winner = rows[0];  // never empty: the row with the best lower bound is a candidate
+    float top = exact[0];
+    for (int64_t i = 0; i < count; ++i) {
+      if (std::isnan(exact[i])) {  // as XLA's argmax: the first NaN wins
+        winner = rows[i];
+        break;
+      }
+      if (exact[i] > top) top = exact[i], winner = rows[i];
+    }
+    tokens[t] = int32_t(winner);
+    candidates[t] = int32_t(count);
+  }
 }
 
 // ---------------------------------------------------------------------------------- causal attention
@@ -1541,6 +1275,29 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
+                      ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> bounds,
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::S32> candidates) {
+  const auto hd = h.dimensions(), td = table.dimensions(), cd = codes.dimensions();
+  if (hd.size() != 2 || td.size() != 2 || hd[1] != td[1] || cd.size() != 2 || cd[0] != td[0] || cd[1] != td[1])
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: expects h [N, H], table and codes [V, H]");
+  const int64_t N = hd[0], H = hd[1], V = td[0];
+  if (V == 0 || scales.element_count() != V || bounds.element_count() != V || tokens->element_count() != N ||
+      candidates->element_count() != N)
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: expects V > 0, scales and bounds [V], outputs [N]");
+  const ScreenedRows screen{codes.typed_data(), scales.typed_data(), bounds.typed_data()};
+  const Kernels& k = kernels(g_level);
+  if (table.element_type() == ffi::U16)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V, screen,
+                k.bf16_table_rows, tokens->typed_data(), candidates->typed_data());
+  else if (table.element_type() == ffi::F32)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V, screen,
+                k.f32_table_rows, tokens->typed_data(), candidates->typed_data());
+  else
+    return ffi::Error::InvalidArgument("bitnet_greedy_head: table must be uint16 (bf16 bits) or float32");
+  return ffi::Error::Success();
+}
+
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out) {
@@ -1613,6 +1370,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_greedy_head, GreedyHead, ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
