@@ -39,6 +39,7 @@ def test_configs_we_cannot_run_are_refused(change, message):
         ModelConfig.from_hf({**tiny_config(384), **change})
 
 
+@pytest.mark.slow
 def test_rope_parameters_checkpoint_matches_transformers(hf_checkpoint, tmp_path):
     """transformers 5 and our model both take theta from rope_parameters: same logits as the top-level spelling."""
     src = hf_checkpoint("autobitlinear")

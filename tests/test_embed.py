@@ -48,6 +48,7 @@ def token_ids(folder, backbone, append_eos):
     ("gemma3", None, "mean"),  # no sentence-transformers files: the default
     ("gemma3", "cls", "cls"),
 ])
+@pytest.mark.slow
 def test_cli_embeddings_match_transformers(tmp_path, backbone, pooling, expected):
     folder = write_embedding_checkpoint(tmp_path / "m", backbone, "small", pooling=pooling)
     args = ["embed", str(folder), "--json", "--batch-size", "2"] + [a for t in TEXTS for a in ("--text", t)]
@@ -74,6 +75,7 @@ def test_cli_embeddings_match_transformers(tmp_path, backbone, pooling, expected
     assert f"pooling: {expected}" in plain.stderr
 
 
+@pytest.mark.slow
 def test_api_embed_texts_ids_and_override(tmp_path):
     folder = write_embedding_checkpoint(tmp_path / "m", "qwen3", "small", pooling="mean")
     by_text = bitnet_convert.embed(folder, TEXTS)

@@ -18,6 +18,7 @@ SIDE_FILES = ("config.json", "modules.json", "1_Pooling/config.json", "tokenizer
 
 
 @pytest.mark.parametrize("backbone", ["qwen3", "gemma3"])
+@pytest.mark.slow
 def test_flax_npz_and_back_to_the_same_layout(tmp_path, backbone):
     src = write_embedding_checkpoint(tmp_path / "src", backbone, "small", pooling="lasttoken")
     flax = api.convert(src, tmp_path / "m-flax", quiet=True)

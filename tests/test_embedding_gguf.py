@@ -111,6 +111,7 @@ def test_every_key_and_tensor_of_bitnet_cpps_embedding_gguf(tmp_path, backbone):
 
 
 @pytest.mark.parametrize("backbone", ["qwen3", "gemma3"])
+@pytest.mark.slow
 def test_read_back_exactly_into_every_format_and_verified(tmp_path, backbone):
     src = _source(tmp_path, backbone)
     gguf = api.convert(src, tmp_path / "m.gguf", quiet=True)
@@ -132,6 +133,7 @@ def test_read_back_exactly_into_every_format_and_verified(tmp_path, backbone):
     assert {api.embed(p, [], pooling=None).pooling for p in (gguf, flax, npz)} == {"last"}
 
 
+@pytest.mark.slow
 def test_embeddings_from_the_gguf_are_the_sources_bit_for_bit(tmp_path):
     src = _source(tmp_path, "qwen3", pooling="mean")
     gguf = api.convert(src, tmp_path / "m.gguf", quiet=True)
@@ -159,6 +161,7 @@ def test_a_gemma_norm_too_small_for_one_plus_w_is_declared_and_verified(tmp_path
     assert weights.figures["tensors_cast"] >= 1
 
 
+@pytest.mark.slow
 def test_verify_fails_a_damaged_gguf(tmp_path):
     src = _source(tmp_path, "gemma3")
     gguf = api.convert(src, tmp_path / "m.gguf", quiet=True)

@@ -180,6 +180,7 @@ def clean_prefix(our_codes, ref_scaled) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backbone, size", CASES)
+@pytest.mark.slow
 def test_hidden_states_and_embeddings_match_transformers(folders, monkeypatch, backbone, size):
     folder = folders(backbone, size)
     model = params.model_from_checkpoint(hf.read(str(folder)))
@@ -217,6 +218,7 @@ def test_hidden_states_and_embeddings_match_transformers(folders, monkeypatch, b
 
 
 @pytest.mark.parametrize("backbone", ["qwen3", "gemma3"])
+@pytest.mark.slow
 def test_padded_batch_equals_each_sequence_alone(folders, backbone):
     """Right padding is invisible to causal attention and per-token quantization: a short sequence embedded in a
     padded batch gives its embedding alone (to float rounding of a differently shaped program)."""

@@ -14,6 +14,7 @@ from bitnet_convert import api, reference
 
 
 @pytest.mark.parametrize("backbone", ["qwen3", "gemma3"])
+@pytest.mark.slow
 def test_parity_of_the_encoder_passes(tmp_path, backbone):
     assert SIZES[backbone]["medium"].get("sliding_window", 0) < 72
     src = write_embedding_checkpoint(tmp_path / "src", backbone, "medium")
@@ -26,6 +27,7 @@ def test_parity_of_the_encoder_passes(tmp_path, backbone):
     assert figures["continuous_max_rel_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_parity_fails_when_the_reference_computes_another_function(tmp_path, monkeypatch):
     src = write_embedding_checkpoint(tmp_path / "src", "gemma3", "medium")
     load = reference.load_embedding_reference

@@ -44,6 +44,7 @@ def assert_close(got, want):
     assert decided.mean() > 0.9
 
 
+@pytest.mark.slow
 def test_pack_unpack_and_product_are_exact():
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, (48, 40)).astype(np.int8)
@@ -67,6 +68,7 @@ def ckpt(request):
 
 
 @pytest.mark.parametrize("option", OPTION_PARAMS)
+@pytest.mark.slow
 def test_prefill_and_decode_match_the_reference(ckpt, option):
     model = params.model_from_checkpoint(ckpt)
     cfg, opts = model.config, OPTIONS[option]
@@ -108,6 +110,7 @@ def test_weights_from_model_equal_weights_from_checkpoint(ckpt):
     assert a.embed.dtype == b.embed.dtype
 
 
+@pytest.mark.slow
 def test_synthetic_weights_have_valid_codes():
     cfg = params.model_from_checkpoint(tiny_checkpoint(seed=0, **SMALL)).config
     w = engine.synthetic_weights(cfg, seed=1)
@@ -118,6 +121,7 @@ def test_synthetic_weights_have_valid_codes():
     assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_without_native_kernels_the_cpu_options_are_xlas_own():
     """BITNET_NATIVE=0 (or no compiler, or no VNNI) leaves the engine on XLA's products, and says why."""
     code = ("from bitnet_model import engine, native; "
@@ -148,6 +152,7 @@ def test_quantize_rows_is_absmax_round_half_even():
 
 
 @pytest.mark.parametrize("option", ["native", "xla"])
+@pytest.mark.slow
 def test_the_int8_head_is_the_model_with_its_table_rounded_once(ckpt, option):
     """weights_from_checkpoint(head="int8") = the engine on the model whose embedding (tied head) is the
     dequantized int8 rows: logits equal to float32 rounding of the output sums (the same function), and the

@@ -155,6 +155,7 @@ def test_rows_that_do_not_fit_tq_blocks_are_written_in_a_float_type_with_a_warni
 
 
 @pytest.mark.parametrize("family", ["falcon3", "1bitllm"])
+@pytest.mark.slow
 def test_transformers_parity(family_folder, family):
     """transformers' LlamaForCausalLM with the BitNet quantizer (Falcon3 layout); for 1bitLLM, transformers'
     BitNetForCausalLM with online quantization (bitnet_convert/reference.py says why that is its arithmetic)."""
@@ -177,6 +178,7 @@ RUNTIME_CASES = [(family, {"target": "bitnet.cpp"}, "ik_llama.cpp") for family i
 
 @pytest.mark.parametrize("family,options,runtime", RUNTIME_CASES,
                          ids=[f"{f}-{r}" for f, _, r in RUNTIME_CASES])
+@pytest.mark.slow
 def test_the_runtime_runs_our_file_as_the_jax_model_does(family_folder, tmp_path, family, options, runtime):
     pytest.importorskip(runtime.replace(".cpp", "_cpp"))
     src = family_folder(family, size="runtime", seed=3)
@@ -271,6 +273,7 @@ def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("family", ["2b4t", "falcon3"])
+@pytest.mark.slow
 def test_ik_llama_cpp_runs_bitnet_cpp_float_files_holding_codes_times_multiplier(family_folder, tmp_path, family,
                                                                                  outtype):
     """No `.scale` tensors: ik_llama.cpp's bitnet-b1.58 and llama loaders take the file as it is, and its graph

@@ -56,6 +56,7 @@ def test_keys_are_nnx_state_paths(ckpt, folder):
     assert {".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)} == set(stored)
 
 
+@pytest.mark.slow
 def test_plain_safetensors_and_nnx_restore_as_documented(ckpt, folder):
     """The recipe in flax_dir's docstring, verbatim in spirit: no bitnet_convert involved."""
     cfg = ModelConfig.from_hf(json.load(open(folder / "config.json")))

@@ -298,6 +298,7 @@ def test_inspect_does_not_warn_about_a_healthy_model(outputs):
     assert _warnings(result.stderr) == []
 
 
+@pytest.mark.slow
 def test_verify_warns_about_degenerate_weights(tmp_path):
     """The candidate is the reference itself, so only the warnings are under test (not the parity)."""
     ckpt = degenerate_checkpoint()

@@ -112,6 +112,7 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_f32_logits_match_the_float_activation_model(files, reference):
     ids, float_acts, _ = reference
     assert rel_err(llama_logits(files["f32"], ids), float_acts) < TIGHT
@@ -123,6 +124,7 @@ def test_f32_logits_near_the_w1_58a8_model(files, reference):
     assert rel_err(llama_logits(files["f32"], ids), w8a8) <= A8_SLACK * a8_effect + TIGHT
 
 
+@pytest.mark.slow
 def test_ternary_types_run(files, reference):
     ids, float_acts, w8a8 = reference
     f32 = llama_logits(files["f32"], ids)

@@ -24,6 +24,7 @@ def toy_sequence(vocab: int) -> jnp.ndarray:
     return jnp.asarray(np.random.default_rng(0).integers(0, vocab, size=(2, 24)), jnp.int32)
 
 
+@pytest.mark.slow
 def test_ternary_checkpoint_loads_as_masters_with_the_same_function(ckpt):
     """Masters built from ternary codes ternarize back to the same codes and multiplier."""
     trained = params.model_from_checkpoint(ckpt, mode="training")
@@ -37,6 +38,7 @@ def test_ternary_checkpoint_loads_as_masters_with_the_same_function(ckpt):
     np.testing.assert_allclose(trained(ids), frozen(ids), rtol=0, atol=1e-4 * float(jnp.abs(frozen(ids)).max()))
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_master_weight(ckpt):
     model = params.model_from_checkpoint(ckpt, mode="training")
     grads = nnx.grad(training.next_token_loss)(model, toy_sequence(ckpt.config["vocab_size"]))
@@ -62,6 +64,7 @@ def test_ste_gradient_is_the_dequantized_linear_gradient():
     np.testing.assert_allclose(gw, jnp.einsum("bto,bti->oi", g, x_dq), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adam_lowers_the_loss_and_export_matches_training_forward(ckpt):
     model = params.model_from_checkpoint(ckpt, mode="training")
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)

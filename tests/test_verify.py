@@ -64,6 +64,7 @@ def test_every_lossless_path_passes_exactly(source, path, tmp_path):
     assert function["top1_agreement"] == 1.0 and report["max_abs_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_an_identical_copy_and_a_round_trip_pass(source, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(source, copy)
@@ -154,6 +155,7 @@ def test_any_loss_fails_and_names_the_tensor(source, damage, tmp_path):
     assert report["layers"]["function"]["passed"] is False  # and the same engine sees another function
 
 
+@pytest.mark.slow
 def test_a_failure_says_where_and_both_values(hf_checkpoint, tmp_path):
     source = hf_checkpoint("autobitlinear", seed=5, **TINY)
     bad, name = damaged_copy(source, tmp_path, flip_one_code)
@@ -210,6 +212,7 @@ def test_a_declared_cast_passes_with_its_loss_reported(hf_checkpoint, tmp_path):
     assert report["layers"]["function"]["max_abs_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_int8_head_runs_on_both_sides_and_its_cast_is_reported(hf_checkpoint, tmp_path):
     """verify --head int8: candidate and reference both run the engine's int8 head (generate --head int8), so
     their logits are still identical; what the cast changes against the stored head is reported, not failed."""
@@ -251,6 +254,7 @@ def test_a_bf16_weight_scale_rounding_is_the_only_multiplier_change_allowed(hf_c
 @pytest.mark.parametrize("layout", ["autobitlinear", "bitlinear", "online"])
 @pytest.mark.parametrize("act, kv_heads", [("relu2", 2), ("silu", 4)], ids=["relu2-gqa", "silu-mha"])
 @pytest.mark.parametrize("stability", STABILITY)
+@pytest.mark.slow
 def test_parity_with_transformers_on_every_layout(hf_checkpoint, layout, act, kv_heads, stability):
     arch = "BitNetForCausalLM" if act == "relu2" else "LlamaForCausalLM"
     source = hf_checkpoint(layout, seed=2, is_chaotic=STABILITY[stability], hidden_act=act, architecture=arch,

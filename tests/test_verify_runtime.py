@@ -31,6 +31,7 @@ def relu2_model(hf_checkpoint):
 
 
 @pytest.mark.parametrize("outtype", ["tq2_0", "tq1_0", "f32"])
+@pytest.mark.slow
 def test_llama_cpp_runs_a_silu_model_as_the_jax_model_does(silu_model, outtype, tmp_path):
     pytest.importorskip("llama_cpp")
     out = api.convert(silu_model, tmp_path / f"m-{outtype}.gguf", outtype=outtype)
