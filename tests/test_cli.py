@@ -131,7 +131,8 @@ def test_list_shows_every_table_entry_the_code_has():
     """`list` is made from the code's own tables: every format, layout, target, outtype, embed type and family."""
     import json
 
-    from bitnet_convert.formats import gguf_types, hf
+    from bitnet_convert.formats import hf
+    from bitnet_convert.formats.gguf import types as gguf_types
     from bitnet_core.config import BITNET_ARCHITECTURES
 
     result = CliRunner().invoke(main, ["list", "--json"])

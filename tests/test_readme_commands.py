@@ -88,7 +88,9 @@ def test_every_command_line_names_options_that_exist(doc):
 
 
 # Options the README names of its other programs: option -> the script that must define it.
-OTHER_PROGRAMS = {"--layers": "benchmarks/bench_embed.py"}
+# options of other programs the documents name, each with the file of ours that passes it
+OTHER_PROGRAMS = {"--layers": "benchmarks/bench_embed.py", "--no-lazy": "tests/test_llama_cpp_converter.py",
+                  "--start": "examples/finetune.py"}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

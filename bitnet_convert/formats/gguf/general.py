@@ -17,6 +17,7 @@ from gguf import GGUFType, Metadata
 from gguf.utility import size_label
 
 from bitnet_convert.formats.gguf.types import SCALE_SUFFIX
+from bitnet_core.names import expected_tensors
 
 
 def add_to(writer, provenance: dict, config: dict, fallback_name: str, total: int) -> None:
@@ -34,7 +35,10 @@ def add_to(writer, provenance: dict, config: dict, fallback_name: str, total: in
     metadata.set_gguf_meta_model(writer)
 
 
-def parameter_count(tensors) -> int:
+def parameter_count(tensors, cfg) -> int:
     """The values of every planned tensor (`.name`, `.shape`) of the model, in every file of a split set, but our
-    `.scale` tensors (llama.cpp's converter writes none)."""
+    `.scale` tensors (llama.cpp's converter writes none); a vocab-only file, which plans none, counts the
+    tensors the config says the model has (its size label is the full file's)."""
+    if not tensors:
+        return sum(int(np.prod(shape)) for shape, _ in expected_tensors(cfg).values())
     return sum(int(np.prod(t.shape)) for t in tensors if not t.name.endswith(SCALE_SUFFIX))

@@ -152,7 +152,7 @@ def gguf_plan(ckpt: Checkpoint, stored: list[StoredTensor], model: GGUFModel,
     tensors = [_planned(t) for t in stored]
     shards = files.shards(tensors)
     arch = model.graph.architecture
-    parameters = general.parameter_count(tensors)
+    parameters = general.parameter_count(tensors, model.cfg)
 
     def keys(writer: BulkGGUFWriter) -> None:
         _add_model_keys(writer, model.graph, model.projection_type, model.cfg, ckpt, model.vocab(), own_keys,
