@@ -1,8 +1,11 @@
 """Every output of every writer, byte for byte: sha256 digests of the built-in tiny model's conversions.
 
-The digests were recorded from the writers as they stood before the output pipeline (fileio/output.py) took
-over publishing, hashing, read-ahead and provenance from each format; a change to how outputs are written
-must leave every one of them as it is. A change that means to change bytes (a new key, a codec default)
+The digests were first recorded from the writers as they stood before the output pipeline (fileio/output.py)
+took over publishing, hashing, read-ahead and provenance from each format, and held unchanged through that
+change and the GGUF package's; then recorded again on purpose when outputs were meant to change: the
+`sha256-model-v3` content hash (every output's provenance record), TQ blocks holding the multiplier and the
+`general.*` keys as llama.cpp's converter writes them (GGUF). A change to how outputs are written must leave
+every one of them as it is. A change that means to change bytes (a new key, a codec default)
 records them again: `BITNET_RECORD_DIGESTS=1 pytest tests/test_output_bytes.py -s` prints the table.
 
 Nothing here varies between runs or machines: the tiny model is built from a seed, its provenance names no
@@ -58,38 +61,38 @@ for _embed in ("f16", "bf16", "f32", "q8_0"):
     CASES[f"gguf-embed-{_embed}"] = ("tiny", "m.gguf", "gguf", {"embed_type": _embed})
 
 EXPECTED: dict[str, str] = {
-    "hf": "51a13310d67a8fe3cb85678fff56a77c255b5871075ae214d6c50bbc28f99c6b",
-    "hf-bitlinear-f32": "af63082bfd44568b14f37b3d10519292520e1617d159c7b8bd5b8d0383c29810",
-    "hf-sharded": "1375e5a1ed0208a5fea6934bbff23e740d1ca2f20127875aeed0be687af109f0",
-    "hf-online-masters": "2a900fbdc152fb8eaad609a885f7b65652f8f89fab31f12851a8917cbb69057c",
-    "flax": "01bbf8ea1ea2e58dd691b54a4f36e0f2246fa0f71535fce430032b1a626a045a",
-    "flax-masters": "c3ce25dfe2e88e9f2e551a6bc13c6e31f0165db02d7a842cf66b11fcace91d84",
-    "npz": "d17768c95682ca575d6aad5815f1aa72a5adcc03d44dd317a995a2fc46a67d61",
-    "npz-masters": "b989566f74429d978ee426dff4d11535c475371b294ba023a87269ab0f735c4d",
-    "gguf-masters": "9c4e6c40e4562fa90b2a8a2836567a0b9bd6a927e50815544c2e4f2aa1a2eaad",
-    "gguf-llama-family": "d2e4d03e8bd5989e562e788cb086da342121e149567ffbf906b99b7a5550898e",
-    "gguf-llama-family-bitnet.cpp": "f7bc8f92ba56cae6bedc9ac8a76f81d69e29fd39a149b4f9a84bfd4788e76d6a",
-    "hf-file-to-gguf": "1450df8db7b4a1d958a233adc145fcd8f42c54e9063405c417e18c02e2f3b013",
-    "hf-file-to-gguf-i2_s": "f6ef74597d12a5f3f1a1566d9c4a3b093ea0ca72785efd0cd6fe9b7e25699ce4",
-    "hf-file-to-npz": "8a1c965e3ec15eecee0155fdbe991c9ee78d57999c987654cf509c7898a431bc",
-    "hf-file-to-flax": "0c52d09d22896fe6fe2cbfbbc4f0054bf6e64762af66bbc71818323a1aa2e535",
-    "hf-file-to-hf-bitlinear": "05623c797dbb5b21fbb6f1c1563460f48777fef59b91915a6ca26e196cb07e8a",
-    "embedding-qwen3-gguf": "8aa7df447a4283958eb4ce721c970cc2d7640e94af6510d83ef508cf5b39de7f",
-    "embedding-gemma3-gguf": "f1544d6a0df190508682d32424650222025f47223141ef2563074d8305cc3b07",
-    "embedding-qwen3-hf": "9e65391af8328a9e98759450183156b7b65aaac9a051724d22f5f637d19316d7",
-    "gguf-llama.cpp-tq1_0": "acb8a210f6578a1a7a3091f76aab48568f7ef525291316374a908276ee577a5f",
-    "gguf-llama.cpp-tq2_0": "7a060722080de5759baa32173e2caaf950d239b5c0ae3d234958709862ac46e5",
-    "gguf-llama.cpp-f16": "665ebaf60c34fadf1b062c89c26ebd1b31781d57b08750ccb95b3dc94c09f4be",
-    "gguf-llama.cpp-bf16": "51ace3a61c665c3bbf389d6c1f4bedf17b0a765e75e4fa1f8679b6f05bce35de",
-    "gguf-llama.cpp-f32": "83bfa43a1ded22a9c30421434dcff54e22d5361546788eaf3fc5f535ae611468",
-    "gguf-bitnet.cpp-i2_s": "7bc4bb425f1f622dc431e06c390d50b69b0dadeffe9369d3934e7d5cffcb0647",
-    "gguf-bitnet.cpp-f16": "483debd499fd92f7224dc88c44749c8956c2cbf17f56222f148c11759efb34af",
-    "gguf-bitnet.cpp-bf16": "54f8f00ce2f3bab98c4899082ad39f2468ca5b6b6d48141c029d0e98154ab9ae",
-    "gguf-bitnet.cpp-f32": "7554dadd34edd2e6518b42e8e24c1b0fbb088af06b53fdfbbda831d4a60a4fb0",
-    "gguf-embed-f16": "7a060722080de5759baa32173e2caaf950d239b5c0ae3d234958709862ac46e5",
-    "gguf-embed-bf16": "b4fac6a761cd620ee3310afc06e0ba7d0b1d47e6408081ecafc90dbbea7a5701",
-    "gguf-embed-f32": "39df1ae60be9db8b81bb6c67783fc39d8387d82cf5302559717207b6ff7cf91c",
-    "gguf-embed-q8_0": "71bfe6f87150a480d0bb772793d69d1c275d58f6216e13f78dd1534416643411",
+    "hf": "a2424c65c2d5c0401bf939516af0cd7ec77314654445d0c95aa8fbf701034c25",
+    "hf-bitlinear-f32": "d718540c2d9fc39f376ee2f2f785c921d14a7457f713ae55861c576b4a3f166f",
+    "hf-sharded": "49b0a1bd43e691ff82251d01052d9bd604bf930a761361cad202a8be0c03b306",
+    "hf-online-masters": "d71b105f0d5c42728d309cc1c0e97db028fdffbc637f37284c90056eb6a5cb6e",
+    "flax": "6500ea55924fef5d962eb556f905adcd295021e46895487eb7f70c9a1923ef5c",
+    "flax-masters": "b575c9ac4d6c7c39d1acb13ae397b86faaff56139d9aac332f5a1df0cb28182c",
+    "npz": "946b91583f16d398387c51f309edb9ff82a0fb95e09c456a8e2379066c278662",
+    "npz-masters": "75e7d2ec219288de59d4cdfced46779f5cb257c73db59681e68d456c656eaa3d",
+    "gguf-masters": "46081f9e81148276d8cdc1dd9eeba347cebf57d52e509894e6806617048fe0a4",
+    "gguf-llama-family": "8981c2fa0ebbebae5dfc46434a4c4f2635a7715264c994bfa0c271bfc816c614",
+    "gguf-llama-family-bitnet.cpp": "117c755fe1b81ded4dcb9e3e66de04b86b9929a981fd16fd770a1840c03316b2",
+    "hf-file-to-gguf": "60a84c56d4983be2d5d166c71e2105098097be9274bd5859e4cf7b95de2da044",
+    "hf-file-to-gguf-i2_s": "9864a031b6bb7d17680227bc97effa37937f4f4b9da9421f292f23e9b73f62f5",
+    "hf-file-to-npz": "be94729c2afdb9ebe0ddbba005a7dc3032e17f733fca65e799f0b4a9e874e416",
+    "hf-file-to-flax": "ebd5a254bc348a0ad32077219a42fd66f7c01912700b3f99f49cf6b196dcdf7e",
+    "hf-file-to-hf-bitlinear": "e5d622567d1e884f6f4a45d0a5680ec1f456744fa9dea290d902cacd4c7448ba",
+    "embedding-qwen3-gguf": "2b7f759b68fe4728a49a2c410fb1900abf6aa363de106a5aa95c5f26533321c0",
+    "embedding-gemma3-gguf": "761216efe63c6985191de5f3f532162be434c3acf9b011bf4ad7f72ffa930014",
+    "embedding-qwen3-hf": "6a8f2ad3622a977ef41a0f180626cdaaa43ea80516af83c742f9324dfbd1e3cf",
+    "gguf-llama.cpp-tq1_0": "440e92fe3c531ac9ed8763970f25afd1d92236824ba14936cafa149cfeefcec9",
+    "gguf-llama.cpp-tq2_0": "b398b525bfacbf289172b94d404d9f1964db5c7dea4c5bb433c1e1e30ef7cc98",
+    "gguf-llama.cpp-f16": "0ea379a3b9d708116094da476a53e0ae802a65a04b8bce687156989acdbb6567",
+    "gguf-llama.cpp-bf16": "d4d4f99b010e4140ad0b7ac5b3f9d834a831f55cc3478628185b7ea36f1d5721",
+    "gguf-llama.cpp-f32": "7da09f6cbe06f4afa783d7f7a4e7dae794fa4037f156c82f1a602992dbf173d2",
+    "gguf-bitnet.cpp-i2_s": "367e9864fc7cc2b71906ad2801e35b4c9575955fbc4917f8fd48d1cd350815f6",
+    "gguf-bitnet.cpp-f16": "ebe69b9bd9695c456db9925fef9b8a2c705a2364de6ca71a88385b8f67f9476d",
+    "gguf-bitnet.cpp-bf16": "54e9f540642d0a096b72e2d91fb281507076c879dffcbbff45a0ece4276382c2",
+    "gguf-bitnet.cpp-f32": "8cb5684d4f9556f66cdd1b35a974b1a983e383bc28cfc929001aef92e7675e63",
+    "gguf-embed-f16": "b398b525bfacbf289172b94d404d9f1964db5c7dea4c5bb433c1e1e30ef7cc98",
+    "gguf-embed-bf16": "c3debb9b42643715f85235dc6f72e48c89c30a194d31b936b9372aa59cbed36c",
+    "gguf-embed-f32": "5f374eb194082c774428d834e4338f5675219d85dcb6693b894140615b8b40ab",
+    "gguf-embed-q8_0": "7e3b9763a92dff5f69f583465e916efc1abb880831c2ee60510d3d8c25cca1e9",
 }
 
 
