@@ -34,9 +34,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m bitnet_model.native
 	touch $(STAMP)
 
+# bitnet.cpp where ../shared/runtimes/bitnet.cpp/build.sh (and .ci/run) puts it, unless BITNET_CPP_DIR says otherwise
+BITNET_CPP_DEFAULT := $(wildcard $(HOME)/.cache/bitnet-cpp-4645960/build/bin)
+
 demo:
 	$(MAKE) --no-print-directory install EXTRAS=$(DEMO_EXTRAS)
-	$(PY) -m bitnet_convert.demo demo-out
+	$(if $(BITNET_CPP_DEFAULT),BITNET_CPP_DIR=$${BITNET_CPP_DIR:-$(HOME)/.cache/bitnet-cpp-4645960}) \
+		$(PY) -m bitnet_convert.demo demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q
