@@ -42,7 +42,6 @@ def source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt, name", [("flax", "m-flax"), ("npz", "m.npz"), ("gguf", "m.gguf")])
-@pytest.mark.slow
 def test_conversions_need_no_extra(source, fmt, name, tmp_path):
     out = tmp_path / name
     done = base(f"hf-to-{fmt}", source, out, "--quiet", cwd=tmp_path)
@@ -54,7 +53,6 @@ def test_conversions_need_no_extra(source, fmt, name, tmp_path):
     assert json.loads(check.stdout)["layers"]["function"]["max_abs_diff"] == 0.0
 
 
-@pytest.mark.slow
 def test_parity_names_the_extra_it_needs(source, tmp_path):
     done = base("verify", source, "--reference", source, "--level", "parity", cwd=tmp_path)
     assert done.returncode == 2

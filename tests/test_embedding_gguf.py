@@ -133,7 +133,6 @@ def test_read_back_exactly_into_every_format_and_verified(tmp_path, backbone):
     assert {api.embed(p, [], pooling=None).pooling for p in (gguf, flax, npz)} == {"last"}
 
 
-@pytest.mark.slow
 def test_embeddings_from_the_gguf_are_the_sources_bit_for_bit(tmp_path):
     src = _source(tmp_path, "qwen3", pooling="mean")
     gguf = api.convert(src, tmp_path / "m.gguf", quiet=True)

@@ -27,7 +27,6 @@ def test_parity_of_the_encoder_passes(tmp_path, backbone):
     assert figures["continuous_max_rel_diff"] < 1e-5
 
 
-@pytest.mark.slow
 def test_parity_fails_when_the_reference_computes_another_function(tmp_path, monkeypatch):
     src = write_embedding_checkpoint(tmp_path / "src", "gemma3", "medium")
     load = reference.load_embedding_reference

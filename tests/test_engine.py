@@ -44,7 +44,6 @@ def assert_close(got, want):
     assert decided.mean() > 0.9
 
 
-@pytest.mark.slow
 def test_pack_unpack_and_product_are_exact():
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, (48, 40)).astype(np.int8)
@@ -121,7 +120,6 @@ def test_synthetic_weights_have_valid_codes():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.slow
 def test_without_native_kernels_the_cpu_options_are_xlas_own():
     """BITNET_NATIVE=0 (or no compiler, or no VNNI) leaves the engine on XLA's products, and says why."""
     code = ("from bitnet_model import engine, native; "

@@ -273,7 +273,6 @@ def test_1bitllm_gguf_carries_its_sentencepiece_tokenizer_and_reads_back_as_silu
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("family", ["2b4t", "falcon3"])
-@pytest.mark.slow
 def test_ik_llama_cpp_runs_bitnet_cpp_float_files_holding_codes_times_multiplier(family_folder, tmp_path, family,
                                                                                  outtype):
     """No `.scale` tensors: ik_llama.cpp's bitnet-b1.58 and llama loaders take the file as it is, and its graph

@@ -196,7 +196,6 @@ def offsets(draw, target: Target) -> int:
 
 
 @pytest.mark.parametrize("file_id", [f for f in FILES if f != "hf-config"])
-@pytest.mark.slow
 def test_truncated_files_are_refused_or_read_unchanged(file_id, targets):
     target = targets(file_id)
     size = len(target.original)
@@ -365,7 +364,6 @@ JSON_VALUES = st.recursive(
 
 @_settings(default=300)
 @given(field=st.sampled_from(CONFIG_FIELDS), value=JSON_VALUES)
-@pytest.mark.slow
 def test_any_json_value_in_any_config_field_is_read_or_refused_cleanly(field, value):
     """validate.model_config is the one gate of every config.json field: whatever JSON a field holds, it
     returns a config or raises ConvertError naming the file (never TypeError, KeyError, ZeroDivisionError ...)."""
@@ -449,7 +447,6 @@ def gguf_values(draw):
     return kind, draw(st.lists(_SCALAR_VALUES[item], max_size=6)), item
 
 
-@pytest.mark.slow
 def test_any_gguf_type_in_any_key_is_read_or_refused_cleanly(targets, tmp_path):
     from test_bad_input import gguf_entry, gguf_rebuilt
 

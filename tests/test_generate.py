@@ -33,7 +33,6 @@ def folder(ckpt, tmp_path_factory):
     return flax_dir.write(ckpt, str(tmp_path_factory.mktemp("gen") / "tiny-flax"))
 
 
-@pytest.mark.slow
 def test_greedy_is_the_argmax_of_the_full_forward_after_each_prefix(ckpt, gen):
     model = params.model_from_checkpoint(ckpt)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, gen.cfg.vocab_size, 11)]
@@ -54,7 +53,6 @@ def test_generation_stops_at_eos(gen):
     assert stopped.stopped_at_eos and stopped.new_ids == free[: free.index(free[2]) + 1]
 
 
-@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(gen):
     gen.eos_ids = set()
     prompt = [3, 1, 4, 1, 5]
@@ -66,7 +64,6 @@ def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(gen):
     assert tiny_p == greedy  # top-p that keeps only the most likely token is greedy
 
 
-@pytest.mark.slow
 def test_sample_keeps_the_nucleus():
     import jax
     import jax.numpy as jnp
@@ -86,7 +83,6 @@ def test_text_stream_emits_whole_characters(gen):
     assert "".join(pieces) == gen.tokenizer.decode(ids) and "\ufffd" not in "".join(pieces)
 
 
-@pytest.mark.slow
 def test_cli_with_prompt_text_and_ids(folder, ckpt, gen):
     runner = CliRunner()
     result = runner.invoke(main, ["generate", str(folder), "--prompt", "The quick brown fox", "--max-new-tokens", "5"])
@@ -115,7 +111,6 @@ def test_cli_errors_are_one_line(folder):
     assert mixed.exit_code == 2 and "--greedy" in mixed.output
 
 
-@pytest.mark.slow
 def test_ids_are_streamed_without_a_tokenizer(tmp_path):
     bare = tiny_checkpoint(seed=4, **SMALL)
     bare.tokenizer_files.clear()
@@ -137,7 +132,6 @@ def test_stats_name_the_kernels_that_ran(folder):
     assert "ms to the first new token" in result.stderr and want in result.stderr
 
 
-@pytest.mark.slow
 def test_the_int8_head_generates_and_says_so(folder):
     """generate --head int8: the opt-in lossy head runs end to end and --stats names it."""
     result = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "4",

@@ -293,7 +293,6 @@ def test_transformers_agrees_with_online_masters_written_as_packed_codes(hf_chec
     np.testing.assert_allclose(logits, fixture_logits["online"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
 def test_transformers_loads_every_cross_layout_output(written):
     # Across BitLinear and AutoBitLinear the float operations differ, and in this tiny relu² model a one-ulp
     # change can flip an int8 activation rounding, so only loading and finiteness are compared here; the

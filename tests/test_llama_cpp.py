@@ -124,7 +124,6 @@ def test_f32_logits_near_the_w1_58a8_model(files, reference):
     assert rel_err(llama_logits(files["f32"], ids), w8a8) <= A8_SLACK * a8_effect + TIGHT
 
 
-@pytest.mark.slow
 def test_ternary_types_run(files, reference):
     ids, float_acts, w8a8 = reference
     f32 = llama_logits(files["f32"], ids)

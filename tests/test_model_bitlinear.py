@@ -31,7 +31,6 @@ def test_the_exact_product_quantizer_rounds_as_bitnet_cpp():
     assert float(scale[0, 0]) == float(their_scale[0, 0]) and theirs.dtype == jnp.int8
 
 
-@pytest.mark.slow
 def test_integer_product_equals_the_formula_and_one_row_padding_is_harmless():
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, (24, 40)).astype(np.int8)
@@ -46,7 +45,6 @@ def test_integer_product_equals_the_formula_and_one_row_padding_is_harmless():
 
 
 @pytest.mark.parametrize("block_bytes", [0, 4 * 40 * 2])  # whole matrix; blocks of 2 packed rows (8 outputs)
-@pytest.mark.slow
 def test_inference_bitlinear_holds_packed_codes_and_computes_exactly(block_bytes):
     """Inference state is uint8 [out/4, in] (rows 4r..4r+3 in packed row r); the product equals the exact int64
     formula, and the blocked (CPU) and whole-matrix unpacks give the same bits, one-token padding included."""

@@ -22,7 +22,6 @@ def model(request):
     return params.model_from_checkpoint(tiny_checkpoint(seed=3, num_key_value_heads=2, **SMALL, **request.param))
 
 
-@pytest.mark.slow
 def test_decode_steps_equal_full_forward(model):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.config.vocab_size, size=(2, 40)).astype(np.int32)
@@ -47,7 +46,6 @@ def test_decode_steps_equal_full_forward(model):
     np.testing.assert_array_equal(cached.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.slow
 def test_greedy_generate_matches_argmax_of_full_forward(model):
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(1, 9)).astype(np.int32)
     out = generation.greedy_generate(model, prompt, max_new_tokens=6)

@@ -211,7 +211,6 @@ CASES = [(edit, variant) for edit, (_, variants) in EDITS.items() for variant in
 
 
 @pytest.mark.parametrize(("edit", "variant"), CASES, ids=[f"{e}-{v}" for e, v in CASES])
-@pytest.mark.slow
 def test_check_fails_on_an_edit_the_tensor_hash_cannot_see(edit, variant, outputs, tmp_path):
     original = outputs[variant]
     path = copy(original, tmp_path / original.name)

@@ -85,7 +85,6 @@ def assert_parity(folder, monkeypatch) -> None:
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 @pytest.mark.parametrize("act", ["relu2", "silu"])
 @pytest.mark.parametrize("layout", ["autobitlinear", "bitlinear", "online"])
-@pytest.mark.slow
 def test_bitnet_layouts_match_transformers(hf_checkpoint, monkeypatch, layout, act, kv_heads):
     assert_parity(hf_checkpoint(layout, hidden_act=act, num_key_value_heads=kv_heads, **SMALL), monkeypatch)
 

@@ -102,7 +102,6 @@ def load_with(setting: str) -> dict:
 
 
 @needs_kernels
-@pytest.mark.slow
 def test_bitnet_native_selects_the_level():
     """BITNET_NATIVE=avx2 holds an AVX-512 machine to the AVX2 kernels (configure() refuses more), 0 turns the
     kernels off, an unknown value too, saying why."""
@@ -175,7 +174,6 @@ def test_bitlinear_is_bitlinear_bit_for_bit(path, tokens, out_features, inputs, 
 
 
 @needs_kernels
-@pytest.mark.slow
 def test_one_call_through_several_projections_and_inside_a_scan(path):
     """q/k/v in one call (one quantization, different widths), the layer number scanned as the engine does."""
     rng = np.random.default_rng(1)
@@ -245,7 +243,6 @@ def test_bitlinear_adds_the_residual_bit_for_bit(path):
 
 
 @needs_kernels
-@pytest.mark.slow
 def test_bitlinear_sums_at_their_largest(path):
     """Rows of all +1, all -1 and alternating codes against tokens of all +127, all -127 and alternating
     activations, over 4133 inputs: the largest sums any loop carries (the AVX2 loop's int16 partial sums,
@@ -426,7 +423,6 @@ ATTENTION_SHAPES = [  # batch, tokens, query heads, kv heads, head size
 
 @needs_kernels
 @pytest.mark.parametrize("batch,tokens,heads,kv_heads,size", ATTENTION_SHAPES)
-@pytest.mark.slow
 def test_causal_attention_matches_float64_and_xla(vector_path, batch, tokens, heads, kv_heads, size):
     """Rope, then attention. Partial 16-query and 16-key blocks, head sizes off the 16-float vector and over
     the 128-float tile, odd and single heads per kv head: equal to float64 within float32 rounding, as XLA's

@@ -89,6 +89,7 @@ def test_adam_lowers_the_loss_and_export_matches_training_forward(ckpt):
     np.testing.assert_array_equal(params.logits(params.model_from_checkpoint(out), ids), params.logits(exported, ids))
 
 
+@pytest.mark.slow
 def test_training_from_scratch_config():
     cfg = ModelConfig.from_hf(tiny_checkpoint(**SMALL).config)
     model = bitnet_model_from_scratch(cfg)

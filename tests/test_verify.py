@@ -64,7 +64,6 @@ def test_every_lossless_path_passes_exactly(source, path, tmp_path):
     assert function["top1_agreement"] == 1.0 and report["max_abs_diff"] == 0.0
 
 
-@pytest.mark.slow
 def test_an_identical_copy_and_a_round_trip_pass(source, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(source, copy)
@@ -155,7 +154,6 @@ def test_any_loss_fails_and_names_the_tensor(source, damage, tmp_path):
     assert report["layers"]["function"]["passed"] is False  # and the same engine sees another function
 
 
-@pytest.mark.slow
 def test_a_failure_says_where_and_both_values(hf_checkpoint, tmp_path):
     source = hf_checkpoint("autobitlinear", seed=5, **TINY)
     bad, name = damaged_copy(source, tmp_path, flip_one_code)
