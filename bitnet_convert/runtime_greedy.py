@@ -70,12 +70,12 @@ def _loadable(runtime: str, path: str, tmp: Path) -> str:
         return path
     from bitnet_convert import api
     from bitnet_convert.verification.report import LayerReport
-    from bitnet_convert.verification.runtime import _prepared
+    from bitnet_convert.verification.runtime import loadable_file
     from bitnet_core.config import ModelConfig
 
     ckpt = api.read(path)
     report = LayerReport("runtime", False)
-    prepared = _prepared(path, ckpt, runtime, ModelConfig.from_hf(ckpt.config), tmp, report)
+    prepared = loadable_file(path, ckpt, runtime, ModelConfig.from_hf(ckpt.config), tmp, report)
     if prepared is None:
         raise ConvertError(f"{path}: {'; '.join(report.failures)}")
     return prepared

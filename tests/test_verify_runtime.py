@@ -66,7 +66,7 @@ def test_ik_llama_cpp_reading_i2_s_directly_is_caught(relu2_model, tmp_path, mon
     the comparison, not the runtime, is what notices."""
     pytest.importorskip("ik_llama_cpp")
     out = api.convert(relu2_model, tmp_path / "m.gguf", target="bitnet.cpp")
-    monkeypatch.setattr(runtime, "_prepared", lambda path, *args: path)
+    monkeypatch.setattr(runtime, "loadable_file", lambda path, *args: path)
     report, layer = run(out, relu2_model, "ik_llama.cpp")
     assert layer.passed is False and "differ from the JAX model's" in layer.failures[0]
 

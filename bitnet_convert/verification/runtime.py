@@ -53,7 +53,7 @@ NO_GRAPH = {("bitnet.cpp", arch): f"bitnet.cpp at this commit (4645960) has no g
                                   f"verify --runtime ik_llama.cpp" for arch in ("bitnet-b1.58", "bitnet-25")}
 
 
-# The GGUF target (gguf.types.TARGETS) whose files each runtime runs (_prepared): ik_llama.cpp runs bitnet.cpp's.
+# The GGUF target (gguf.types.TARGETS) whose files each runtime runs (loadable_file): ik_llama.cpp runs bitnet.cpp's.
 RUNTIME_TARGET = {"llama.cpp": "llama.cpp", "ik_llama.cpp": "bitnet.cpp", "bitnet.cpp": "bitnet.cpp"}
 
 
@@ -83,7 +83,7 @@ def check_runtime(path: str, ckpt: Checkpoint, runtime: str, *, model: Checkpoin
                                f"FFN, this model uses {cfg.hidden_act}")
         return report
     with tempfile.TemporaryDirectory(prefix="bitnet-verify-") as tmp:
-        model_path = _prepared(path, ckpt, runtime, cfg, Path(tmp), report)
+        model_path = loadable_file(path, ckpt, runtime, cfg, Path(tmp), report)
         if model_path is None:
             return report
         ids = _sequence(cfg)
@@ -130,7 +130,7 @@ def _outtype(path: str) -> str | None:
     return (gguf_provenance(path) or {}).get("outtype")
 
 
-def _prepared(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: Path, report) -> str | None:
+def loadable_file(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, tmp: Path, report) -> str | None:
     """The file the runtime loads: ours as it is for llama.cpp and bitnet.cpp; for ik_llama.cpp, requantized to
     IQ2_BN."""
     if runtime == "llama.cpp":
