@@ -94,9 +94,10 @@ def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int 
 
     Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`,
     `screen=True` as `generate --greedy-screen`."""
-    from bitnet_convert.generate_command import load_generator, sampling_request
+    from bitnet_convert.generate_command import check_screen, load_generator, sampling_request
 
     sampling = sampling_request(greedy, temperature, top_p)
+    check_screen(screen, sampling)
     gen = load_generator(os.fspath(src), revision=revision, head=head, screen=screen)
     ids = gen.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     result = gen.generate(ids, max_new_tokens, **sampling, seed=seed)

@@ -133,11 +133,15 @@ _common_output = [
 ]
 
 
+def _check_json(dry_run: bool, as_json: bool) -> None:
+    """Before any work: --json describes a dry run (a conversion reports the path it wrote)."""
+    if as_json and not dry_run:
+        raise ConvertError("--json goes with --dry-run (a conversion reports the path it wrote)")
+
+
 def _written(result, dry_run: bool, as_json: bool) -> None:
     """What a conversion reports: the path written (stderr), or a dry run's description (stdout)."""
     if not dry_run:
-        if as_json:
-            raise ConvertError("--json goes with --dry-run (a conversion reports the path it wrote)")
         click.echo(f"wrote {shown(result)}", err=True)
     elif as_json:
         click.echo(jsonout.dumps(result, indent=2))
@@ -177,6 +181,7 @@ _EXAMPLE_PATHS = {"hf": "./model-hf", "flax": "./model-flax", "npz": "./model.np
 
 def _make_pair_command(src_fmt: str, dst_fmt: str) -> None:
     def command(src, out, revision, force, quiet, metadata, dry_run, as_json, **options):
+        _check_json(dry_run, as_json)
         result = api.convert(src, out, src_format=src_fmt, dst_format=dst_fmt, revision=revision, force=force,
                              quiet=quiet, metadata=metadata, dry_run=dry_run, **options)
         _written(result, dry_run, as_json)
@@ -218,6 +223,7 @@ def convert_command(src, dst, src_format, dst_format, revision, force, quiet, me
       bitnet-convert convert ./model-hf ./model.gguf --dry-run
       bitnet-convert convert ./model-hf ./model.gguf --split-max-size 2G --metadata general.author=me
     """
+    _check_json(dry_run, as_json)
     result = api.convert(src, dst, src_format=src_format, dst_format=dst_format, revision=revision, force=force,
                          quiet=quiet, metadata=metadata, dry_run=dry_run, **options)
     _written(result, dry_run, as_json)
@@ -382,9 +388,10 @@ def _generate_json(src, prompt, prompt_ids, max_new_tokens, greedy, temperature,
     document = {"prompt_ids": result.pop("prompt_ids"), "new_ids": result.pop("ids"), "text": result.pop("text"),
                 "stopped_at_eos": result.pop("stopped_at_eos"), "timings": result}
     if stats:
-        click.echo(f"prompt {len(document['prompt_ids'])} tokens: {result['prefill_s'] * 1e3:.0f} ms to the first "
-                   f"new token; {result['decode_median_s'] * 1e3:.0f} ms/token after (median step), "
-                   f"{result['compile_s']:.2f} s compiling before", err=True)
+        median = result["decode_median_s"]
+        after = "no more" if median != median else f"{median * 1e3:.1f} ms/token after (median step)"  # NaN: none
+        click.echo(f"compilation {result['compile_s']:.2f} s; prompt {len(document['prompt_ids'])} tokens: "
+                   f"{result['prefill_s'] * 1e3:.0f} ms to the first new token; {after}", err=True)
     click.echo(jsonout.dumps(document))
 
 

@@ -213,7 +213,7 @@ class GenerateStats:
     decode_median_s: float | None  # steady-state decode: the median step after the first token (None: no step)
     products: str  # which kernels ran the products
     compilation_cache: str | None  # the persistent compilation cache's folder (None: off)
-    programs_cached: int  # programs of this run loaded from it
+    programs_cached: int  # programs this process loaded from it (the loader's small ones too)
     programs_compiled: int  # and compiled (then written to it)
 
     def as_dict(self) -> dict:
@@ -249,6 +249,13 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
             "top_p": 1.0 if top_p is None else top_p}
 
 
+def check_screen(screen: bool, sampling: dict) -> None:
+    """The greedy screen finds the argmax alone: sampling needs every logit exactly."""
+    if screen and not sampling["greedy"]:
+        raise ConvertError("--greedy-screen is for greedy decoding; sampling (--temperature, --top-p) reads every "
+                           "logit of the stored head")
+
+
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
                  write: Callable[[str], None], stats: Callable[[GenerateStats], None] | None = None,
@@ -258,6 +265,7 @@ def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_ne
     if (prompt is None) == (prompt_ids is None):
         raise ConvertError("give exactly one of --prompt and --prompt-ids")
     sampling = sampling_request(greedy, temperature, top_p)
+    check_screen(screen, sampling)
     start = time.perf_counter()
     import bitnet_model.generation  # noqa: F401  (JAX: timed apart from the load)
 

@@ -6,7 +6,8 @@ llama.cpp and ik_llama.cpp run in a process of their own (`python -m bitnet_conv
 verify runtime layer runs them: they print their loaders' logs and can die on a file they cannot run. ik_llama.cpp
 runs bitnet.cpp's I2_S files after its llama-quantize turns them into IQ2_BN (verification/runtime.py).
 bitnet.cpp runs through `bitnet_convert.verification.bitnet_cpp`. Each step takes the largest logit (the first
-of equal ones, as numpy's and JAX's argmax), with no sampler in between; generation never stops early.
+of equal ones, as numpy's and JAX's argmax), with no sampler in between; llama.cpp and ik_llama.cpp run all
+`max_new_tokens` steps, bitnet.cpp stops after an end-of-generation token, as JAX's generate does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bitnet_core.errors import ConvertError
 RUNTIMES = ("llama.cpp", "ik_llama.cpp", "bitnet.cpp")
 PACKAGES = {"llama.cpp": "llama_cpp", "ik_llama.cpp": "ik_llama_cpp"}
 THREADS = 2
+TIMEOUT_S = 600
 
 
 def available(runtime: str) -> str | None:
@@ -54,9 +56,13 @@ def greedy(runtime: str, path: str, prompt_ids: list[int], max_new_tokens: int) 
     with tempfile.TemporaryDirectory(prefix="bitnet-greedy-") as tmp:
         model_path = _loadable(runtime, path, Path(tmp))
         out = Path(tmp) / "ids.json"
-        done = subprocess.run([sys.executable, "-m", "bitnet_convert.runtime_greedy", runtime, model_path,
-                               ",".join(map(str, prompt_ids)), str(max_new_tokens), str(out)],
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            done = subprocess.run([sys.executable, "-m", "bitnet_convert.runtime_greedy", runtime, model_path,
+                                   ",".join(map(str, prompt_ids)), str(max_new_tokens), str(out)],
+                                  capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            raise ConvertError(f"{path}: {runtime} did not finish within {TIMEOUT_S} s") from None
         if done.returncode != 0 or not out.is_file():
             how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
             last = (done.stderr or "").strip().splitlines()[-1:] or ["no message"]

@@ -144,7 +144,7 @@ class Generator:
     def products(self) -> str:
         """Which kernels run the products: "native <level>" (bitnet_model/native) or "XLA (<why not native>)"."""
         head = "; int8 head (lossy)" if self.weights.embed_scale is not None else ""
-        if self.weights.screen_codes is not None:
+        if self.weights.screen_codes is not None and self.opts.native:  # the screen is a native kernel
             head += "; greedy screen"
         if self.opts.native:
             return f"native {native.level()}{head}"

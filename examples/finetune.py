@@ -1,6 +1,6 @@
 """Fine-tune a BitNet from bf16 master weights, export it, and prove the export.
 
-    python examples/finetune.py OUT_DIR [--start ONLINE_HF] [--steps 30]
+    python examples/finetune.py OUT_DIR [--start ONLINE_HF] [--steps 20]
 
 1. The starting checkpoint: bf16 masters in the `online` layout, as microsoft/bitnet-b1.58-2B-4T-bf16 ships.
    Without --start, the built-in model's codes are made masters (codes x multiplier / density, which ternarize

@@ -162,6 +162,9 @@ def test_the_cli_greedy_screen_says_so(folder):
     assert result.stdout == plain.stdout and "greedy screen" in result.stderr
     both = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1", "--greedy-screen", "--head", "int8"])
     assert both.exit_code == 2 and "error: --greedy-screen screens the stored head" in both.output
+    sampled = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1", "--greedy-screen",
+                                        "--temperature", "0.7"])
+    assert sampled.exit_code == 2 and "error: --greedy-screen is for greedy decoding" in sampled.output
 
 
 def test_the_cli_offers_the_engines_heads():

@@ -120,6 +120,13 @@ def test_dry_run_reads_every_tensor(tmp_path):
     assert entries(tmp_path) == []
 
 
+def test_json_without_dry_run_is_refused_before_anything_is_written(source, tmp_path):
+    out = tmp_path / "m.gguf"
+    assert "--json goes with --dry-run" in one_error_line(run_cli(["convert", source, out, "--json"]))
+    assert "--json goes with --dry-run" in one_error_line(run_cli(["hf-to-npz", source, tmp_path / "m.npz", "--json"]))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_refuses_what_the_conversion_would(source, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"mine")
@@ -326,8 +333,11 @@ def test_metadata_keys_are_stored_recorded_and_hashed(source, tmp_path):
 
 
 @pytest.mark.parametrize("fmt, name", [("npz", "m.npz"), ("hf", "m-hf"), ("flax", "m-flax")])
-def test_metadata_in_the_other_formats_is_recorded_and_hashed(source, tmp_path, fmt, name):
+def test_metadata_in_the_other_formats_is_recorded_and_hashed(source, tmp_path, fmt, name, caplog):
     out = api.convert(source, tmp_path / name, metadata={"general.author": "Ada"})
+    caplog.clear()
+    api.read(out)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # its own members are no strangers
     module = registry.format_module(fmt)
     assert module.recorded_provenance(out)["metadata"] == {"general.author": "Ada"}
     assert run_cli(["inspect", "--check", out]).exit_code == 0

@@ -265,6 +265,8 @@ def main(argv: list[str]) -> int:
                         help="HF folder to write (default: the package's)")
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
+    if args.out.resolve() == MODEL_DIR and args.steps != STEPS:
+        parser.error(f"a run of other than {STEPS} steps needs an OUT folder (it would replace the shipped model)")
     full = args.out.resolve() == MODEL_DIR and args.steps == STEPS
     if full:
         log = run(args.out, args.steps)

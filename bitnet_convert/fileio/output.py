@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -305,8 +304,3 @@ def _raw(piece) -> memoryview:
             piece = piece.astype(piece.dtype.newbyteorder("<"))
         return memoryview(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
     return memoryview(piece).cast("B")
-
-
-def json_bytes(value, indent: int | None = 2) -> bytes:
-    """A document as our writers store JSON (config.json, index, provenance)."""
-    return (json.dumps(value, indent=indent) + "\n").encode()

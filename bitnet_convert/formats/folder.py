@@ -128,11 +128,6 @@ class SideFiles:
     config: bytes
     tokenizer_files: dict[str, bytes]
 
-    def hash_into(self, hasher: integrity.ModelHasher) -> None:
-        hasher.add_config(CONFIG_FILE, self.config)
-        for name, data in self.tokenizer_files.items():
-            hasher.add_tokenizer_file(name, data)
-
     def write(self, folder: Path, record: Mapping) -> None:
         (folder / CONFIG_FILE).write_bytes(self.config)
         for name, data in self.tokenizer_files.items():

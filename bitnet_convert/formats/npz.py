@@ -305,7 +305,7 @@ def read(path: str, *, revision: str | None = None) -> Checkpoint:
                  for key in members if is_tokenizer_file(key[len(TOKENIZER_PREFIX):])}
     warn_not_carried(path, [key for key in members if not is_tokenizer_file(key[len(TOKENIZER_PREFIX):])])
     foreign = [key for key in headers if not key.startswith((TOKENIZER_PREFIX, TENSOR_PREFIX)) and key not in
-               (FORMAT_KEY, CONFIG_KEY, INDEX_KEY, PROVENANCE_KEY)]
+               (FORMAT_KEY, CONFIG_KEY, INDEX_KEY, PROVENANCE_KEY, METADATA_KEY)]
     if foreign:  # a newer version's record, or anything else: never read, never carried
         more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
         log.warning("%s: members that are no part of this format, ignored: %s%s", shown(path),

@@ -71,7 +71,11 @@ def program(root: Path) -> Path:
     def compile_to(tmp: str) -> None:
         cmd = [compiler, *FLAGS, *(f"-I{root / d}" for d in INCLUDE_DIRS), str(SOURCE), "-o", tmp,
                *(f"-L{d}" for d in libraries), "-lllama", "-lggml", *(f"-Wl,-rpath,{d}" for d in libraries)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False,
+                                  timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ConvertError(f"{root}: compiling {SOURCE.name} took over {TIMEOUT_S} s") from None
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
             raise ConvertError(f"{root}: compiling {SOURCE.name} against this bitnet.cpp build failed: "
@@ -85,7 +89,7 @@ def _run(path: str, args: list[str], bitnet_cpp_dir, tmp: Path) -> bytes:
     out = tmp / "out.bin"
     try:
         done = subprocess.run([str(binary), args[0], str(path), *args[1:], str(out)], capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
+                              text=True, errors="replace", timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ConvertError(f"{path}: bitnet.cpp did not finish within {TIMEOUT_S} s") from None
     if done.returncode != 0 or not out.is_file():

@@ -172,9 +172,12 @@ def requantize_iq2_bn(path: str | os.PathLike, out: str | os.PathLike) -> str | 
     binary = find_quantize_bin()
     if binary is None:
         raise ConvertError("ik_llama.cpp's llama-quantize is not installed with its package")
-    done = subprocess.run([str(binary), "--allow-requantize", "--token-embedding-type", "f16",
-                           "--output-tensor-type", "f16", str(path), str(out), "iq2_bn"],
-                          capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run([str(binary), "--allow-requantize", "--token-embedding-type", "f16",
+                               "--output-tensor-type", "f16", str(path), str(out), "iq2_bn"],
+                              capture_output=True, text=True, errors="replace", timeout=600)
+    except subprocess.TimeoutExpired:
+        return "it did not finish within 600 s"
     if done.returncode == 0:
         return None
     lines = (done.stderr + done.stdout).strip().splitlines()
