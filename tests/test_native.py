@@ -37,6 +37,8 @@ needs_kernels = pytest.mark.skipif(not native.available(), reason=f"native kerne
 SHAPES = [  # tokens, output rows, inputs, layers
     (1, 8, 64, 1), (1, 4, 3, 1), (2, 12, 70, 2), (3, 36, 130, 3), (5, 40, 64, 1), (8, 64, 64, 1),
     (9, 100, 200, 2), (17, 4, 3, 1), (33, 68, 129, 2), (40, 96, 256, 1), (64, 256, 512, 1), (3, 8, 2100, 1),
+    # decode's streaming tasks (kStreamTaskBytes of rows each): several per projection, the last one short
+    (1, 1200, 2560, 2), (2, 1208, 2100, 1), (4, 1200, 2561, 1),
 ]
 
 

@@ -58,6 +58,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -127,15 +128,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
 }
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
-// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries), at least `bytes` long, 64-byte
+// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries, 7: h split for a bf16 table), at least `bytes` long, 64-byte
 // aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
 // fresh mmap, and its page faults cost more than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[7];
-  thread_local int64_t sizes[7] = {0, 0, 0, 0, 0, 0, 0};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[8];
+  thread_local int64_t sizes[8] = {};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -175,14 +176,21 @@ struct Prologue {
   bool none() const { return norm == nullptr && act == Activation::kNone; }
 };
 
-// Decode reads each weight byte once, straight from DRAM: a prefetch kPrefetchRows rows ahead keeps more
-// misses in flight than the hardware prefetcher's one stream (more than twice the bandwidth per core).
+// Decode reads each weight byte once, straight from DRAM. From two tokens on the loops compute longer per byte,
+// and a prefetch kPrefetchRows rows ahead keeps more misses in flight than the hardware prefetcher's one stream.
+// One token's loop does so little per byte that the hardware prefetcher keeps up with the one contiguous stream of
+// a large task (kStreamTaskBytes) on its own: there a software prefetch only adds loads (31 against 19 GB/s on the
+// 2-core EPYC, BENCHMARKS.md's kernel notes).
 constexpr int64_t kPrefetchRows = 4;
-constexpr int64_t kRowsPerTask = 8;  // packed rows per task of the row loops (32 outputs): 2B4T q_proj is 80
+// While every token of a call passes each row in one go (Kernels::stream_tokens), a task is this many bytes of
+// consecutive rows: the product then reads long contiguous streams, one per thread. Tasks of 8 rows (20 KB of a 2B4T
+// row) handed out in turn left both threads hopping between short runs at 60% of the read bandwidth.
+constexpr int64_t kStreamTaskBytes = 256 << 10;
+constexpr int64_t kRowsPerTask = 8;  // packed rows per task otherwise (32 outputs; an AVX2 panel): 2B4T q_proj is 80 tasks
 
 struct Task {  // a share of one call's products
   const Projection* p;
-  int64_t first, count;  // row loops: chunk index; AMX: panels [first, first + count)
+  int64_t first, count;  // row loops: packed rows [first, first + count); AMX: panels [first, first + count)
 };
 
 // --------------------------------------------------------------------------------------- attention shape
@@ -208,7 +216,7 @@ constexpr int64_t kKeyTile = 64;  // keys per score tile: their columns of kt st
 // other, one line more spreads them.
 inline int64_t padded_row(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
-// A table value as float32, exactly (a scalar table tail: see dot_rows in vector_kernels.inc).
+// A table value as float32, exactly (a scalar table tail: see dot_row in vector_kernels.inc).
 inline float widen(int8_t value) { return float(value); }
 inline float widen(uint16_t bits) {  // a bf16 is the high half of its float32
   const uint32_t wide = uint32_t(bits) << 16;
@@ -323,6 +331,11 @@ struct Avx2 {
   static F load_table(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  // 2 * kWidth bf16 table values as kWidth lanes of column pairs, and the float32 of each pair's even and odd
+  // column, exactly (see dot_pairs in vector_kernels.inc).
+  static I load_pairs(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F even(I pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+  static F odd(I pairs) { return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(int32_t(0xFFFF0000u)))); }
 };
 
 #include "vector_kernels.inc"
@@ -377,8 +390,7 @@ void token_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r
         }
       };
       int64_t i = b0;
-      for (; i + 32 <= b1; i += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
+      for (; i + 32 <= b1; i += 32) {  // no prefetch for one token: see kPrefetchRows
         step(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)),
              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
       }
@@ -522,8 +534,7 @@ void panel_task(const Projection& p, const Activations& a, int64_t r0, int64_t r
     for (int64_t r = r0; r < r1; ++r) panel_row(p, a, panel + (r - r0) * kValuesPerByte * Kp, Kp, r, t);
 }
 
-void product_task(const Projection& p, const Activations& a, int64_t chunk) {
-  const int64_t r0 = chunk * kRowsPerTask, r1 = std::min(p.R, r0 + kRowsPerTask);
+void product_task(const Projection& p, const Activations& a, int64_t r0, int64_t r1) {
   if (a.N >= kPanelMinTokens) {
     panel_task(p, a, r0, r1);
     return;
@@ -623,6 +634,9 @@ struct Avx512 {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static F load_table(const int8_t* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+  static I load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }  // see Avx2::load_pairs
+  static F even(I pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+  static F odd(I pairs) { return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int32_t(0xFFFF0000u)))); }
 };
 
 #include "vector_kernels.inc"
@@ -664,8 +678,8 @@ void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1
       }
     };
     for (int64_t i = 0; i < full; i += 64) {
-      // see kPrefetchRows
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
+      if constexpr (NT > 1)  // see kPrefetchRows
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
       step(_mm512_loadu_si512(row + i), [&](int t) { return _mm512_loadu_si512(x + t * K + i); });
     }
     if (tail_mask)  // masked-off bytes load as 0: code 0 times activation 0
@@ -684,8 +698,7 @@ void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1
   }
 }
 
-void vnni_task(const Projection& p, const Activations& a, int64_t chunk) {
-  const int64_t r0 = chunk * kRowsPerTask, r1 = std::min(p.R, r0 + kRowsPerTask);
+void vnni_task(const Projection& p, const Activations& a, int64_t r0, int64_t r1) {
   int64_t t = 0;
   for (; t + 4 <= a.N; t += 4) vnni_rows<4>(p, a, r0, r1, t);
   switch (a.N - t) {
@@ -905,7 +918,8 @@ namespace {
 struct Kernels {
   void (*prologue_row)(const float* x, const Prologue& pr, int64_t K, int64_t t, float* y);
   void (*quantize_row)(const float* row, int64_t K, int8_t* q, float* inv_scale, int32_t* sum);
-  void (*product_task)(const Projection& p, const Activations& a, int64_t chunk);  // rows of kRowsPerTask
+  void (*product_task)(const Projection& p, const Activations& a, int64_t r0, int64_t r1);  // packed rows [r0, r1)
+  int64_t stream_tokens;  // up to this many tokens pass each row once (the tasks then stream: kStreamTaskBytes)
   void (*bf16_table_rows)(const float* h, int64_t N, int64_t H, const uint16_t* table, int64_t V, int64_t v0,
                           int64_t v1, float* out);
   void (*f32_table_rows)(const float* h, int64_t N, int64_t H, const float* table, int64_t V, int64_t v0,
@@ -927,12 +941,12 @@ struct Kernels {
 // The AVX-512 table takes AVX2's key_scores: decode reads few keys per query (the cache of one layer), and
 // 8 lanes per key row are enough.
 constexpr Kernels kAvx2Kernels{
-    avx2::prologue_row<avx2::Avx2>, avx2::quantize_row<avx2::Avx2>, avx2::product_task,
+    avx2::prologue_row<avx2::Avx2>, avx2::quantize_row<avx2::Avx2>, avx2::product_task, 2,
     avx2::table_rows<avx2::Avx2, uint16_t>, avx2::table_rows<avx2::Avx2, float>, avx2::table_rows<avx2::Avx2, int8_t>,
     avx2::rope_row<avx2::Avx2>, avx2::rotate_and_transpose_keys, avx2::score_tile<avx2::Avx2>,
     avx2::softmax_row<avx2::Avx2>, avx2::pv_rows<avx2::Avx2>, avx2::key_scores<avx2::Avx2>};
 constexpr Kernels kAvx512Kernels{
-    avx512::prologue_row<avx512::Avx512>, avx512::quantize_row<avx512::Avx512>, avx512::vnni_task,
+    avx512::prologue_row<avx512::Avx512>, avx512::quantize_row<avx512::Avx512>, avx512::vnni_task, 4,
     avx512::table_rows<avx512::Avx512, uint16_t>, avx512::table_rows<avx512::Avx512, float>,
     avx512::table_rows<avx512::Avx512, int8_t>, avx512::rope_row<avx512::Avx512>, avx512::rotate_and_transpose_keys,
     avx512::score_tile<avx512::Avx512>, avx512::softmax_row<avx512::Avx512>, avx512::pv_rows<avx512::Avx512>,
@@ -969,11 +983,14 @@ void bitlinear(ffi::ThreadPool& pool, int level, const float* x, const Prologue&
     avx512::amx_products(pool, projections, a);
     return;
   }
+  const int64_t rows = N <= k.stream_tokens ? std::max(kRowsPerTask, kStreamTaskBytes / K) : kRowsPerTask;
   std::vector<Task> tasks;
   for (const Projection& p : projections)
-    for (int64_t c = 0; c < (p.R + kRowsPerTask - 1) / kRowsPerTask; ++c) tasks.push_back({&p, c, 1});
+    for (int64_t r = 0; r < p.R; r += rows) tasks.push_back({&p, r, std::min(rows, p.R - r)});
   const Task* list = tasks.data();
-  parallel_for(pool, int64_t(tasks.size()), [=, &a, &k](int64_t i) { k.product_task(*list[i].p, a, list[i].first); });
+  parallel_for(pool, int64_t(tasks.size()), [=, &a, &k](int64_t i) {
+    k.product_task(*list[i].p, a, list[i].first, list[i].first + list[i].count);
+  });
 }
 
 // --------------------------------------------------------------------------------------- output table
