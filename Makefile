@@ -51,7 +51,7 @@ converter: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --repeat 5 --update BENCHMARKS.md
 	$(PY) benchmarks/bench_tokenizer.py
-	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2 --int8-head --rounds 3 --repeats 3 \
+	$(PY) benchmarks/bench_generate.py bench-out/2b4t-hf --native-levels avx2 --full-head --int8-head --rounds 3 --repeats 3 \
 		--update BENCHMARKS.md
 	$(PY) benchmarks/bench_native.py
 

@@ -4,10 +4,12 @@
     python benchmarks/bench_generate.py --synthetic       # ours only, random 2B4T weights made in-process (GPU)
 
 The sides, each on the same prompt ids with the same thread count (--threads, default: every core):
-- ours: `generate`'s engine with the stored (exact) 16-bit head; `--native-levels avx2` adds it with its
-  kernels capped at AVX2, `--int8-head` with the opt-in int8 head (lossy: a side of its own, no floor's),
-  `--greedy-screen` with the greedy screen (`generate --greedy-screen`: exact, the same tokens; an int8 copy of
-  the head is read, and the 16-bit rows only where they can still win);
+- ours: `generate`'s engine as it runs by default, greedy: the stored (exact) 16-bit head read in place from
+  the checkpoint's memory map and decoded through the greedy screen (an int8 copy of the head is read, and the
+  16-bit rows only where they can still win: the same tokens as the stored head's argmax); `--native-levels
+  avx2` adds it with its kernels capped at AVX2, `--int8-head` with the opt-in int8 head (lossy: a side of its
+  own, no floor's), `--full-head` without the screen (`generate --no-greedy-screen`: the whole 16-bit table
+  every step, as sampling reads it);
 - llama.cpp TQ2_0: llama-cpp-python on our TQ2_0 file of the checkpoint;
 - ik_llama.cpp IQ2_BN: ik-llama-cpp-python on what its llama-quantize makes of our I2_S file;
 - bitnet.cpp I2_S: its `llama-bench` ($BITNET_CPP_DIR/build/bin, else the build of
@@ -91,8 +93,8 @@ GPU_TARGETS_MS = {"decode": 5.0, "prefill_512": 20.0}
 HEAD_ENV = "BENCH_GENERATE_HEAD"  # our child's `head` (load_generator): the --int8-head side sets it
 BITNET_CPP_BUILD = Path.home() / ".cache" / "bitnet-cpp-4645960"
 MARKERS = ("<!-- generate:begin -->", "<!-- generate:end -->")  # --update writes the report between these
-SCREEN_ENV = "BENCH_GENERATE_SCREEN"  # "1": our child loads the greedy screen (load_generator(screen=True))
-OURS_SCREEN = "ours greedy screen"
+SCREEN_ENV = "BENCH_GENERATE_SCREEN"  # "0": our child decodes without the greedy screen (screen=False)
+OURS_FULL_HEAD = "ours full head"
 
 
 def prompt_ids(vocab_size: int, length: int) -> list[int]:
@@ -124,7 +126,8 @@ def child_ours(path: str, args) -> dict:
     from bitnet_convert.generate_command import load_generator
 
     start = time.perf_counter()
-    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"), screen=os.environ.get(SCREEN_ENV) == "1")
+    gen = load_generator(path, head=os.environ.get(HEAD_ENV, "stored"), screen=False if os.environ.get(SCREEN_ENV) == "0"
+                         else None)
     if args.startup:
         loaded = time.perf_counter()
         run = gen.generate(prompt_ids(gen.cfg.vocab_size, min(args.lengths)), 1)
@@ -484,10 +487,11 @@ def step_bytes(config: dict) -> dict[str, float]:
     rows = layers * (q + 2 * kv + h + 2 * f + h)  # output rows of every projection
     head = config["vocab_size"] * h * 2
     return {
-        OURS: values / 4 + head,
+        # the greedy screen (our default) reads the int8 copy and its scales and bounds; the few 16-bit rows it
+        # re-scores are left out
+        OURS: values / 4 + head / 2 + 8 * config["vocab_size"],
         OURS_INT8: values / 4 + head / 2 + 4 * config["vocab_size"],
-        # the screen reads the int8 copy and its scales and bounds; the few 16-bit rows it re-scores are left out
-        OURS_SCREEN: values / 4 + head / 2 + 8 * config["vocab_size"],
+        OURS_FULL_HEAD: values / 4 + head,
         LLAMA_CPP: values * 66 / 256 + head,  # TQ2_0: 64 bytes of 2-bit codes + an f16 scale per 256 values
         IK_LLAMA_CPP: values / 4 + 4 * rows + head,  # IQ2_BN: 2 bits a value and a float per row
         BITNET_CPP: values / 4 + 32 * 7 * layers + head,  # I2_S: 2 bits a value and a 32-byte tail per tensor
@@ -642,8 +646,8 @@ def compare(args) -> int:
     sides += [Side(f"ours {level}", "ours", {"BITNET_NATIVE": level}, args.path) for level in args.native_levels]
     if args.int8_head:
         sides.append(Side(OURS_INT8, "ours", {HEAD_ENV: "int8"}, args.path))
-    if args.greedy_screen:  # exact (the same tokens), more memory: a side of its own
-        sides.append(Side(OURS_SCREEN, "ours", {SCREEN_ENV: "1"}, args.path))
+    if args.full_head:  # the stored head read whole every step: what sampling reads
+        sides.append(Side(OURS_FULL_HEAD, "ours", {SCREEN_ENV: "0"}, args.path))
     sides += runtime_sides(args.path)
     if not args.skip_transformers:
         transformers = Side(TRANSFORMERS, "transformers", path=args.path)
@@ -669,7 +673,7 @@ def compare(args) -> int:
     bandwidth = read_bandwidth(args.threads)
     moved = step_bytes(config)
     for side in sides:
-        if side.name.startswith("ours ") and side.name not in (OURS_INT8, OURS_SCREEN):
+        if side.name.startswith("ours ") and side.name not in (OURS_INT8, OURS_FULL_HEAD):
             moved[side.name] = moved[OURS]
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
@@ -721,8 +725,8 @@ def main(argv=None) -> int:
                         help="also run our engine with its kernels capped at these levels (e.g. avx2,0)")
     parser.add_argument("--int8-head", action="store_true",
                         help="also run our engine with the opt-in int8 head (generate --head int8; lossy)")
-    parser.add_argument("--greedy-screen", action="store_true",
-                        help="also run our engine with the greedy screen (generate --greedy-screen; exact)")
+    parser.add_argument("--full-head", action="store_true",
+                        help="also run our engine without the greedy screen (generate --no-greedy-screen)")
     parser.add_argument("--update", metavar="FILE",
                         help="also write the report into FILE between its generate markers (BENCHMARKS.md)")
     parser.add_argument("--child", choices=("ours", "transformers", "llama.cpp", "ik_llama.cpp"),

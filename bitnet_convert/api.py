@@ -89,16 +89,17 @@ class Generated:
 
 def generate(src: PathLike, prompt: str | Sequence[int], *, max_new_tokens: int = 32, greedy: bool | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-             revision: str | None = None, head: str = "stored", screen: bool = False) -> Generated:
+             revision: str | None = None, head: str = "stored", screen: bool | None = None) -> Generated:
     """`bitnet-convert generate`: continue PROMPT (text, or token ids) with the packed engine.
 
     Greedy unless `temperature` or `top_p` is given (as the CLI); `head="int8"` as `generate --head int8`,
-    `screen=True` as `generate --greedy-screen`."""
+    `screen=True` / `False` as `generate --greedy-screen` / `--no-greedy-screen` (None: the default, the screen
+    wherever decoding is greedy and the native kernels run)."""
     from bitnet_convert.generate_command import check_screen, load_generator, sampling_request
 
     sampling = sampling_request(greedy, temperature, top_p)
     check_screen(screen, sampling)
-    gen = load_generator(os.fspath(src), revision=revision, head=head, screen=screen)
+    gen = load_generator(os.fspath(src), revision=revision, head=head, screen=screen, greedy=sampling["greedy"])
     ids = gen.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     result = gen.generate(ids, max_new_tokens, **sampling, seed=seed)
     text = None if gen.tokenizer is None else gen.tokenizer.decode(result.new_ids, skip_special_tokens=True)

@@ -336,10 +336,11 @@ def inspect_command(path, as_json, check, revision, against):
 @click.option("--head", type=click.Choice(HEADS), default="stored", show_default=True,
               help="int8: hold the embedding / output table as int8 rows with a scale each (half the bytes a "
                    "decode step reads for 2B4T's bf16 head; lossy, so logits differ from the stored model's).")
-@click.option("--greedy-screen", is_flag=True,
+@click.option("--greedy-screen/--no-greedy-screen", default=None,
               help="Greedy decoding reads an int8 copy of the output table and re-scores exactly only the rows "
-                   "that can still win: the same tokens, fewer bytes per step, one more byte per table value "
-                   "in memory (0.33 GB for 2B4T).")
+                   "that can still win: the same tokens, about half the bytes per step. The default wherever "
+                   "decoding is greedy and the native CPU kernels run; --no-greedy-screen reads the whole table "
+                   "every step.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object when done (prompt_ids, new_ids, text, stopped_at_eos, timings) "
                    "instead of streaming.")

@@ -43,17 +43,23 @@ def eos_token_ids(config: dict, tokenizer_files: dict[str, bytes]) -> set[int]:
     return ids
 
 
-def load_generator(src: str, *, revision: str | None = None, head: str = "stored", screen: bool = False):
+def load_generator(src: str, *, revision: str | None = None, head: str = "stored", screen: bool | None = None,
+                   greedy: bool = True):
     """Read SRC (any format) tensor by tensor into the packed engine, with its tokenizer and eos ids; `head`
     "int8" holds the embedding / output table as int8 rows (engine.HEAD_INT8: faster decode, lossy); `screen`
-    adds the greedy screen (engine.with_screen: faster greedy decode, the same tokens, more memory). Turns on
-    the persistent compilation cache first (bitnet_model/compile_cache.py): a later run loads what this one
-    compiles."""
+    adds the greedy screen (engine.with_screen: faster greedy decode, the same tokens), None: wherever decoding
+    is `greedy`, the head stored and the native kernels run. Where they run, a stored bf16 or float32 table is
+    read in place from the source's memory map (bitnet_model/tables.py): with the screen, greedy decoding then
+    holds the screen and not the table. Turns on the persistent compilation cache first
+    (bitnet_model/compile_cache.py): a later run loads what this one compiles."""
     from bitnet_model import compile_cache, engine
     from bitnet_model.generation import Generator
 
     if screen and head != "stored":
         raise ConvertError("--greedy-screen screens the stored head; the int8 head has nothing to screen")
+    native = engine.Options.for_backend().native
+    if screen is None:
+        screen = greedy and head == "stored" and native
     compile_cache.enable()  # before anything compiles: JAX decides once per process
 
     ckpt = registry.read_checkpoint(src, revision=revision)
@@ -70,10 +76,11 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
-    by_rows = engine.TABLES if head == engine.HEAD_INT8 else ()  # the int8 head reads its tables by rows
-    with ReadAhead(ckpt, skip=by_rows) as ahead:
+    # the int8 head reads its tables by rows, the native kernels in place: neither wants them read ahead whole
+    own_loads = engine.TABLES if head == engine.HEAD_INT8 or native else ()
+    with ReadAhead(ckpt, skip=own_loads) as ahead:
         gen = Generator.from_checkpoint(ahead.checkpoint, tokenizer=tokenizer, eos_ids=eos, release=release,
-                                        head=head, screen=screen)
+                                        head=head, screen=screen, in_place=native and screen)
     del ckpt
     release()
     return gen
@@ -118,7 +125,9 @@ class ReadAhead:
         if packed is not None and len(entry.shape) == 2:
             return dataclasses.replace(entry, load=PackedLoader(entry.load, lambda: self._take(entry, packed)))
         load = lambda: self._take(entry, entry.load)  # noqa: E731
-        return dataclasses.replace(entry, load=RowsLoader(load, rows) if rows is not None else load)
+        if rows is None:
+            return dataclasses.replace(entry, load=load)
+        return dataclasses.replace(entry, load=RowsLoader(load, rows, entry.load_mapped))
 
     def __enter__(self) -> ReadAhead:
         return self
@@ -249,8 +258,9 @@ def sampling_request(greedy: bool | None, temperature: float | None, top_p: floa
             "top_p": 1.0 if top_p is None else top_p}
 
 
-def check_screen(screen: bool, sampling: dict) -> None:
-    """The greedy screen finds the argmax alone: sampling needs every logit exactly."""
+def check_screen(screen: bool | None, sampling: dict) -> None:
+    """The greedy screen finds the argmax alone: sampling needs every logit exactly (asked for, it is refused;
+    by default, None, sampling goes without it)."""
     if screen and not sampling["greedy"]:
         raise ConvertError("--greedy-screen is for greedy decoding; sampling (--temperature, --top-p) reads every "
                            "logit of the stored head")
@@ -259,7 +269,7 @@ def check_screen(screen: bool, sampling: dict) -> None:
 def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, greedy: bool,
                  temperature: float | None, top_p: float | None, seed: int, revision: str | None,
                  write: Callable[[str], None], stats: Callable[[GenerateStats], None] | None = None,
-                 head: str = "stored", screen: bool = False) -> GenerationResult:
+                 head: str = "stored", screen: bool | None = None) -> GenerationResult:
     """The `generate` command: stream the continuation through `write` (text, or ids when SRC has no tokenizer);
     `stats` gets the timings."""
     if (prompt is None) == (prompt_ids is None):
@@ -270,7 +280,7 @@ def run_generate(src: str, *, prompt: str | None, prompt_ids: str | None, max_ne
     import bitnet_model.generation  # noqa: F401  (JAX: timed apart from the load)
 
     imported = time.perf_counter()
-    gen = load_generator(src, revision=revision, head=head, screen=screen)
+    gen = load_generator(src, revision=revision, head=head, screen=screen, greedy=sampling["greedy"])
     load_s = time.perf_counter() - imported
     ids = gen.encode(prompt) if prompt is not None else parse_prompt_ids(prompt_ids)
     if gen.tokenizer is not None:

@@ -79,11 +79,15 @@ class PackedLoader:
 class RowsLoader:
     """A DENSE entry's `load` that can also read rows [start, stop) of the tensor alone (`rows(start, stop)`, a
     fresh array): a streaming writer then converts a 0.66 GB embedding a block of rows at a time instead of
-    holding a copy of it whole. It lives on `load` for the reason PackedLoader does (see TensorEntry)."""
+    holding a copy of it whole. It lives on `load` for the reason PackedLoader does (see TensorEntry).
+    `mapped` (optional): the stored tensor as a read-only view of the source's memory map, no copy, for a
+    reader that keeps reading it in place (the generation engine's tables: bitnet_model/tables.py)."""
 
-    def __init__(self, load: Callable[[], np.ndarray], rows: Callable[[int, int], np.ndarray]):
+    def __init__(self, load: Callable[[], np.ndarray], rows: Callable[[int, int], np.ndarray],
+                 mapped: Callable[[], np.ndarray] | None = None):
         self._load = load
         self.rows = rows
+        self.mapped = mapped
 
     def __call__(self) -> np.ndarray:
         return self._load()
@@ -149,6 +153,11 @@ class TensorEntry:
     def load_rows(self) -> Callable[[int, int], np.ndarray] | None:
         """rows(start, stop) of a DENSE entry whose `load` is a RowsLoader, else None (see load_packed)."""
         return self.load.rows if isinstance(self.load, RowsLoader) else None
+
+    @property
+    def load_mapped(self) -> Callable[[], np.ndarray] | None:
+        """The mapped view of a DENSE entry whose `load` is a RowsLoader that offers one, else None."""
+        return self.load.mapped if isinstance(self.load, RowsLoader) else None
 
     @property
     def nbytes_hint(self) -> int:

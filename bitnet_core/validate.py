@@ -188,14 +188,19 @@ def after_each_load(entry: TensorEntry, after_load: Callable[[Any], None],
         after_load(value)
         return value
 
-    rows = entry.load_rows
+    rows, mapped = entry.load_rows, entry.load_mapped
     if rows is not None and after_rows is not None:
         def load_rows(start: int, stop: int) -> np.ndarray:
             value = rows(start, stop)
             after_rows(value, start, stop)
             return value
 
-        return dataclasses.replace(entry, load=RowsLoader(load, load_rows))
+        def load_mapped() -> np.ndarray:  # the whole tensor: checked as a load is
+            value = mapped()
+            after_load(value)
+            return value
+
+        return dataclasses.replace(entry, load=RowsLoader(load, load_rows, load_mapped if mapped else None))
     packed = entry.load_packed
     if packed is None:
         return dataclasses.replace(entry, load=load)

@@ -6,7 +6,9 @@ train); this file computes the same function for generation, lean and fast:
   * the layers run inside one `jax.lax.scan`, so 30 layers compile once (seconds, not minutes) and the
     temporaries of one layer are reused by the next;
   * a bf16 embedding stays 16-bit (0.66 GB for 2B4T rather than 1.3 GB in float32), held as its raw bits
-    (uint16, see `_to_float32`), and the tied output projection converts it block by block;
+    (uint16, see `_to_float32`), and the tied output projection converts it block by block; with the native
+    kernels and the greedy screen it is not held at all but read in place from the checkpoint's memory map
+    (tables.py), a few rows a step;
   * prefill computes logits at the last prompt token only, not [B, P, V], and its attention skips the keys
     after each block of queries (`modeling.attention`);
   * the KV cache is stacked [L, B, S, KV, D] and donated to each decode step, which writes one position in place;
@@ -42,6 +44,7 @@ from bitnet_model import native
 from bitnet_model import packed as packed_ops
 from bitnet_model.bitlinear import fused_bitlinear, rms_norm
 from bitnet_model.modeling import PRECISION, rope_tables, rotary_attention
+from bitnet_model.tables import MappedTable, drop_pages, in_place
 
 # The engine's names for a layer's tensors -> HF suffix within the layer, from the one role table.
 PROJECTIONS = {role.name: role.hf for role in names.PROJECTIONS.values()}
@@ -93,8 +96,10 @@ class Options:
 class Weights:
     """Everything the engine reads; layer tensors are stacked on a leading layer axis L."""
 
-    embed: jax.Array  # [V, H] float32, or uint16 bits of bf16 (2B4T); also the output projection when tied
-    lm_head: jax.Array | None  # [V, H] untied output projection (same dtypes), or None
+    # [V, H] float32, or uint16 bits of bf16 (2B4T), or either read in place from the file (MappedTable: only
+    # where the native kernels run); also the output projection when tied
+    embed: jax.Array | MappedTable
+    lm_head: jax.Array | MappedTable | None  # [V, H] untied output projection (the same forms), or None
     norm: jax.Array  # f32 [H]
     packed: dict[str, jax.Array]  # projection -> uint8 [L, out/4, in]
     multipliers: dict[str, jax.Array]  # projection -> f32 [L]
@@ -122,6 +127,8 @@ jax.tree_util.register_dataclass(
 HEAD_INT8 = "int8"  # engine tables as int8 rows with a float32 scale each (lossy: see quantize_rows)
 HEAD_TYPES = ("stored", HEAD_INT8)  # `head` of weights_from_checkpoint; "stored": as the checkpoint stores it
 _HEAD_BLOCK_BYTES = 16 << 20  # stored bytes of the rows quantized at a time while loading
+# ... and while screening: its float32 temporaries (~10x the stored bytes) are the peak of a greedy load
+_SCREEN_BLOCK_BYTES = 4 << 20
 
 
 def quantize_rows(values) -> tuple[np.ndarray, np.ndarray]:
@@ -173,8 +180,10 @@ def screen_rows(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def with_screen(w: Weights) -> Weights:
     """`w` with the greedy screen of its output table: greedy decoding (greedy_tokens) then reads the int8
     codes (half a bf16 table's bytes) and re-scores exactly only the rows whose error bound still lets them win:
-    the same tokens as the argmax of the stored table's logits. The stored table stays for everything else
-    (the embedding, sampling, prefill); the screen adds one byte per table value. Needs the native kernels."""
+    the same tokens as the argmax of the stored table's logits (prefill's first token and every decode step's).
+    The stored table stays for the embedding and for sampling; the screen adds one byte per table value, and
+    where the table is read in place (MappedTable) its pages are dropped again once screened. Needs the native
+    kernels."""
     from bitnet_core.aligned import aligned_empty
     from bitnet_core.parallel import for_row_ranges
 
@@ -182,16 +191,19 @@ def with_screen(w: Weights) -> Weights:
     if w.embed_scale is not None:
         raise ValueError("the int8 head is already int8: it has no screen")
     V, H = table.shape
-    host = np.asarray(table)
+    mapped = isinstance(table, MappedTable)
+    host = table.host() if mapped else np.asarray(table)
     codes, scales, bounds = aligned_empty((V, H), np.int8), np.empty(V, np.float32), np.empty(V, np.float32)
     def screen(start: int, stop: int) -> None:
         codes[start:stop], scales[start:stop], bounds[start:stop] = screen_rows(_as_float32(host[start:stop]))
 
-    step = max(1, _HEAD_BLOCK_BYTES // (host.itemsize * H))
+    step = max(1, _SCREEN_BLOCK_BYTES // (host.itemsize * H))
     for start in range(0, V, step):  # a block at a time (its float32 temporaries), on every core
         stop = min(V, start + step)
         for_row_ranges(stop - start, (stop - start) * H * host.itemsize,
                        lambda a, b, start=start: screen(start + a, start + b))
+        if mapped:  # read once: greedy decoding reads the screen, and of the table only the rows that can win
+            drop_pages(host[start:stop])
     return dataclasses.replace(w, screen_codes=jax.device_put(codes), screen_scale=jax.device_put(scales),
                                screen_bound=jax.device_put(bounds))
 
@@ -223,7 +235,7 @@ jax.tree_util.register_dataclass(Cache, data_fields=["keys", "values", "length"]
 
 
 def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str = "stored",
-                            screen: bool = False) -> Weights:
+                            screen: bool = False, in_place: bool = False) -> Weights:
     """Weights from a bitnet_convert Checkpoint, one tensor at a time.
 
     Each projection is packed (`quantize.packed_projection`: HF and Flax bytes are regrouped without making int8
@@ -233,7 +245,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
     `embed_dtype` overrides the stored dtype of the embedding / head (default: keep it); `head="int8"` holds
     them as int8 rows with a scale each instead (HEAD_INT8, quantize_rows: lossy, opt-in), converted a block of
     rows at a time. `screen` adds the greedy screen of the output table (with_screen: exact, +1 byte per
-    table value).
+    table value). `in_place` (only for the native kernels) reads a stored bf16 or float32 table in place from the
+    source's memory map where its reader offers one (tables.py), instead of holding a copy.
     """
     if head not in HEAD_TYPES:
         raise ValueError(f"head must be one of {HEAD_TYPES}, not {head!r}")
@@ -278,6 +291,8 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
                 step = max(1, _HEAD_BLOCK_BYTES // whole.itemsize // whole.shape[1])
                 blocks = (whole[a:a + step] for a in range(0, whole.shape[0], step))
             dense[entry.name], dense[entry.name + ".scale"] = _int8_table(blocks, entry.shape)
+        elif in_place and embed_dtype is None and entry.name in TABLES and (table := _in_place(entry)) is not None:
+            dense[entry.name] = table
         else:
             array = np.asarray(entry.load())
             if entry.name == "model.norm.weight":
@@ -298,6 +313,12 @@ def weights_from_checkpoint(ckpt, *, embed_dtype=None, release=None, head: str =
     )
     _check_complete(weights, cfg)
     return with_screen(weights) if screen else weights
+
+
+def _in_place(entry) -> MappedTable | None:
+    """The table of `entry` read in place from its source's memory map (tables.in_place), or None."""
+    mapped = entry.load_mapped
+    return in_place(mapped()) if mapped is not None else None
 
 
 def check_generates(cfg: ModelConfig, where: str) -> None:
@@ -427,6 +448,8 @@ def _unscaled_logits(opts: Options, table: jax.Array, h: jax.Array) -> jax.Array
     V, H = table.shape
     if opts.native:
         return native.table_matmul(h, table)
+    if isinstance(table, MappedTable):
+        raise ValueError("a table read in place is read by the native kernels only")
 
     def block(rows):  # [r, H] -> [N, r]
         return jnp.einsum("nh,vh->nv", h, _to_float32(rows), precision=PRECISION)
@@ -456,6 +479,8 @@ def _to_float32(table: jax.Array) -> jax.Array:
 
 
 def _embed(w: Weights, token_ids: jax.Array) -> jax.Array:
+    if isinstance(w.embed, MappedTable):  # read in place: the native lookup (the same float32 values)
+        return native.table_rows(token_ids, w.embed)
     rows = jnp.take(w.embed, token_ids, axis=0)  # [B, T, H]
     if w.embed_scale is not None:  # the int8 head's rows: codes times their row's scale
         return rows.astype(jnp.float32) * jnp.take(w.embed_scale, token_ids, axis=0)[..., None]
@@ -468,16 +493,29 @@ def _embed(w: Weights, token_ids: jax.Array) -> jax.Array:
 def prefill(cfg: ModelConfig, opts: Options, w: Weights, token_ids, prompt_length, max_length: int):
     """Right-padded prompts int [B, P] -> (logits [B, V] at the last real token, a Cache of max_length slots
     holding the prompt, length = prompt_length)."""
+    h, cache = _prefill_hidden(cfg, opts, w, token_ids, prompt_length, max_length)
+    return _logits(opts, w, h), cache
+
+
+def prefill_greedy(cfg: ModelConfig, opts: Options, w: Weights, token_ids, prompt_length, max_length: int):
+    """prefill's greedy first token -> (int32 [B] argmax tokens, cache): through the greedy screen where `w` has
+    one, as decode_greedy. Traceable."""
+    h, cache = _prefill_hidden(cfg, opts, w, token_ids, prompt_length, max_length)
+    return greedy_tokens(opts, w, h), cache
+
+
+def _prefill_hidden(cfg: ModelConfig, opts: Options, w: Weights, token_ids, prompt_length, max_length: int):
+    """prefill's layers and final norm at the last real token -> (h [B, H], the Cache)."""
     B, P = token_ids.shape
     positions = jnp.arange(P, dtype=jnp.int32)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x, keys, values = _layers(cfg, opts, w, _embed(w, token_ids), cos, sin, jnp.int32(0), None)
     last = jax.lax.dynamic_index_in_dim(x, prompt_length - 1, axis=1, keepdims=False)  # [B, H]
-    logits = _logits(opts, w, rms_norm(last, w.norm, cfg.rms_norm_eps))
     shape = (cfg.num_hidden_layers, B, max_length, cfg.num_key_value_heads, cfg.head_dim)
     cache_keys = jax.lax.dynamic_update_slice(jnp.zeros(shape, keys.dtype), keys, (0, 0, 0, 0, 0))
     cache_values = jax.lax.dynamic_update_slice(jnp.zeros(shape, values.dtype), values, (0, 0, 0, 0, 0))
-    return logits, Cache(cache_keys, cache_values, jnp.asarray(prompt_length, jnp.int32))
+    cache = Cache(cache_keys, cache_values, jnp.asarray(prompt_length, jnp.int32))
+    return rms_norm(last, w.norm, cfg.rms_norm_eps), cache
 
 
 def decode(cfg: ModelConfig, opts: Options, w: Weights, token_ids, cache: Cache):

@@ -92,6 +92,8 @@ def _jitted():
     """The jitted prefill and decode steps, each with its sampling fused in (compiled ahead of their first call
     by Generator._programs)."""
     def first(cfg, opts, weights, token_ids, prompt_length, key, temperature, top_p, *, max_length, greedy):
+        if greedy:  # as step: through the greedy screen where the weights have one
+            return engine.prefill_greedy(cfg, opts, weights, token_ids, prompt_length, max_length)
         logits, cache = engine.prefill(cfg, opts, weights, token_ids, prompt_length, max_length)
         return sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy), cache
 
@@ -153,10 +155,11 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, tokenizer=None, eos_ids: set[int] | None = None, release=None,
-                        head: str = "stored", screen: bool = False) -> Generator:
-        """Engine weights read from a Checkpoint tensor by tensor (`release`, `head` and `screen` as in
-        engine.weights_from_checkpoint)."""
-        weights = engine.weights_from_checkpoint(ckpt, release=release, head=head, screen=screen)
+                        head: str = "stored", screen: bool = False, in_place: bool = False) -> Generator:
+        """Engine weights read from a Checkpoint tensor by tensor (`release`, `head`, `screen` and `in_place` as
+        in engine.weights_from_checkpoint; `in_place` only where the native kernels run)."""
+        in_place = in_place and engine.Options.for_backend().native
+        weights = engine.weights_from_checkpoint(ckpt, release=release, head=head, screen=screen, in_place=in_place)
         return cls(ModelConfig.from_hf(ckpt.config), weights, tokenizer=tokenizer, eos_ids=eos_ids)
 
     def encode(self, text: str) -> list[int]:

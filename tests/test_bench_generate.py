@@ -80,6 +80,8 @@ def test_bytes_a_decode_step_reads():
     moved = bench.step_bytes(CONFIG)
     values = 30 * (2560 * 2560 * 2 + 2 * 2560 * 640 + 3 * 2560 * 6912)  # 2B4T's ternary weights
     head = 128256 * 2560 * 2
-    assert moved[bench.OURS] == values / 4 + head == pytest.approx(1.18e9, rel=0.01)
+    assert moved[bench.OURS_FULL_HEAD] == values / 4 + head == pytest.approx(1.18e9, rel=0.01)
     assert moved[bench.LLAMA_CPP] == values * 66 / 256 + head
     assert moved[bench.OURS_INT8] == values / 4 + head / 2 + 4 * 128256
+    # the greedy screen (our default): int8 codes, a scale and a bound per row
+    assert moved[bench.OURS] == values / 4 + head / 2 + 8 * 128256 == pytest.approx(0.85e9, rel=0.01)

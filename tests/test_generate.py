@@ -155,11 +155,19 @@ def test_the_greedy_screen_gives_the_same_tokens(ckpt, gen):
 
 
 def test_the_cli_greedy_screen_says_so(folder):
-    result = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "6",
-                                       "--greedy-screen", "--stats"])
-    plain = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "6"])
-    assert result.exit_code == 0 and plain.exit_code == 0, result.output + plain.output
-    assert result.stdout == plain.stdout and "greedy screen" in result.stderr
+    """The screen is greedy decoding's default where the native kernels run; --no-greedy-screen reads the whole
+    table every step: the same tokens either way. Asked for with sampling or the int8 head, it is refused."""
+    def run(*extra):
+        return CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "6",
+                                         "--stats", *extra])
+
+    asked, default, full = run("--greedy-screen"), run(), run("--no-greedy-screen")
+    assert {asked.exit_code, default.exit_code, full.exit_code} == {0}, asked.output + default.output + full.output
+    assert asked.stdout == default.stdout == full.stdout
+    assert "greedy screen" in asked.stderr and "greedy screen" not in full.stderr
+    assert ("greedy screen" in default.stderr) == native.available()
+    sampled_by_default = run("--temperature", "0.7")
+    assert sampled_by_default.exit_code == 0 and "greedy screen" not in sampled_by_default.stderr
     both = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1", "--greedy-screen", "--head", "int8"])
     assert both.exit_code == 2 and "error: --greedy-screen screens the stored head" in both.output
     sampled = CliRunner().invoke(main, ["generate", str(folder), "--prompt-ids", "1", "--greedy-screen",

@@ -304,8 +304,8 @@ def _dense_entry(tensor: StoredTensor, name: str) -> TensorEntry:
     if tensor.dtype.kind != "f" and tensor.dtype != BF16:
         raise ConvertError(f"{tensor.path}: tensor {tensor.name} is {tensor.dtype}, expected floating point")
     load = tensor.read  # a copy: see SourceWatch
-    if len(tensor.shape) >= 2:  # a table: streaming writers may read it a block of rows at a time
-        load = RowsLoader(tensor.read, tensor.read_rows)
+    if len(tensor.shape) >= 2:  # a table: streaming writers may read it a block of rows at a time, and the
+        load = RowsLoader(tensor.read, tensor.read_rows, tensor.array)  # engine in place, from the mapping
     return dense_entry(name, tensor.shape, tensor.dtype, load)
 
 

@@ -35,12 +35,14 @@ import jaxlib
 import numpy as np
 
 from bitnet_core import cache
+from bitnet_model.tables import MappedTable
 
 SOURCE = Path(__file__).with_name("kernels.cc")
 # What SOURCE includes: the kernels written once for every vector width (compiled once per instruction set)
 INCLUDES = (Path(__file__).with_name("vector_kernels.inc"),)
 BITLINEAR_TARGET = "bitnet_bitlinear"
 TABLE_TARGET = "bitnet_table_matmul"
+TABLE_ROWS_TARGET = "bitnet_table_rows"
 GREEDY_TARGET = "bitnet_greedy_head"
 ATTENTION_TARGET = "bitnet_causal_attention"
 CACHED_ATTENTION_TARGET = "bitnet_cached_attention"
@@ -123,8 +125,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_native_level.restype = ctypes.c_int
         lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
         lib.bitnet_native_configure.restype = ctypes.c_int
-        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, GREEDY_TARGET,
-                                                             ATTENTION_TARGET, CACHED_ATTENTION_TARGET)}
+        handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, TABLE_ROWS_TARGET,
+                                                             GREEDY_TARGET, ATTENTION_TARGET, CACHED_ATTENTION_TARGET)}
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
         _reason = str(exc)
         return None
@@ -221,22 +223,41 @@ def bitlinear(x: jax.Array, layer: jax.Array | int, projections, *, norm: jax.Ar
                      eps=np.float32(eps), act=np.int32(ACTIVATIONS[act])))
 
 
-def table_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
-    """float32 h [N, H] x table [V, H] (uint16 bf16 bits or float32) -> float32 [N, V]."""
+def _table(table) -> tuple[jax.Array, dict]:
+    """A table operand and the attributes that say where it is: an array [V, H] as it is, or a MappedTable
+    (tables.py: bytes of the file mapping, the table `offset` into them)."""
+    if isinstance(table, MappedTable):
+        return table.data, table.attributes()
+    return table, {"offset": np.int64(0), "kind": np.int32(0), "rows": np.int64(table.shape[0])}
+
+
+def table_matmul(h: jax.Array, table) -> jax.Array:
+    """float32 h [N, H] x table [V, H] (uint16 bf16 bits, float32 or int8; or a MappedTable) -> float32 [N, V]."""
     _require()
+    operand, where = _table(table)
     call = jax.ffi.ffi_call(TABLE_TARGET, jax.ShapeDtypeStruct((h.shape[0], table.shape[0]), jnp.float32))
-    return call(h.astype(jnp.float32), table)
+    return call(h.astype(jnp.float32), operand, **where)
 
 
-def greedy_head(h: jax.Array, table: jax.Array, codes: jax.Array, scales: jax.Array, bounds: jax.Array):
-    """The argmax over v of h [N, H] . table [V, H] (uint16 bf16 bits or float32) -> (int32 tokens [N], int32
-    rows re-scored per token [N]): the token jnp.argmax(table_matmul(h, table)) picks, the first of equal maxima,
-    from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_rows) and exact scores of the few
-    rows whose error bound still lets them win (kernels.cc, greedy_rows)."""
+def table_rows(ids: jax.Array, table) -> jax.Array:
+    """The embedding lookup: int ids [...] -> float32 rows [..., H] of a bf16-bits or float32 table [V, H] (an array
+    or a MappedTable), exactly; an id outside [0, V) is clamped into it (never read past the table)."""
     _require()
-    N, V = h.shape[0], table.shape[0]
+    operand, where = _table(table)
+    call = jax.ffi.ffi_call(TABLE_ROWS_TARGET, jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), jnp.float32))
+    return call(ids.astype(jnp.int32), operand, **where)
+
+
+def greedy_head(h: jax.Array, table, codes: jax.Array, scales: jax.Array, bounds: jax.Array):
+    """The argmax over v of h [N, H] . table [V, H] (uint16 bf16 bits or float32; or a MappedTable) -> (int32 tokens
+    [N], int32 rows re-scored per token [N]): the token jnp.argmax(table_matmul(h, table)) picks, the first of equal
+    maxima, from the int8 screen (codes [V, H], scales [V], bounds [V]: engine.screen_rows) and exact scores of the
+    few rows whose error bound still lets them win (kernels.cc, greedy_rows)."""
+    _require()
+    N = h.shape[0]
+    operand, where = _table(table)
     call = jax.ffi.ffi_call(GREEDY_TARGET, (jax.ShapeDtypeStruct((N,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.int32)))
-    return call(h.astype(jnp.float32), table, codes, scales, bounds)
+    return call(h.astype(jnp.float32), operand, codes, scales, bounds, **where)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array):

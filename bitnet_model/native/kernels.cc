@@ -28,6 +28,8 @@
 //   widening it to a float32 copy.
 // bitnet_greedy_head: the argmax token of each h [N, H] against the table, as argmax(table_matmul) picks it,
 //   from an int8 screen of the table and exact scores of the rows that can still win (see greedy_rows()).
+// bitnet_table_rows: the embedding lookup, int32 ids [N] -> float32 rows [N, H] of a bf16 or float32 table.
+//   The three table handlers also take a table read in place from a memory-mapped file (see TableView).
 // bitnet_causal_attention: the prefill attention, float32 q [B, T, Hq, D], k and v [B, T, KV, D] and the rope
 //   tables cos, sin [T, D] -> [B, T, Hq * D] and the rotated keys [B, T, KV, D] (see causal_attention()).
 // bitnet_cached_attention: the same for new tokens after `start` cached positions, reading one layer of the
@@ -47,6 +49,7 @@
 // chunks from one atomic counter, so the call finishes even when no helper ever starts.
 
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -57,6 +60,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -128,15 +132,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
 }
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
-// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries, 7: h split for a bf16 table), at least `bytes` long, 64-byte
-// aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a
-// fresh mmap, and its page faults cost more than the product of a small projection.
+// scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries, 7: h split for a bf16 table, 8 and 9:
+// the greedy screen's dots and bounds), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on
+// cache lines). Kept between calls: a fresh multi-MB allocation is a fresh mmap, and its page faults cost more
+// than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[8];
-  thread_local int64_t sizes[8] = {};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[10];
+  thread_local int64_t sizes[10] = {};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -1046,10 +1051,10 @@ void greedy_rows(ffi::ThreadPool& pool, const Kernels& k, const float* h, int64_
   }
   // One pass over the codes: each chunk's dots, then its rows' upper bounds and its best lower bound.
   const int64_t chunks = (V + kTableRowsPerChunk - 1) / kTableRowsPerChunk;
-  std::vector<float> dots(N * V);
-  std::vector<double> high(N * V), chunk_low(N * chunks);
-  float* dot = dots.data();
-  double* up = high.data();
+  std::vector<double> chunk_low(N * chunks);
+  // N * V floats and doubles each step (1.5 MB for 2B4T): kept between calls, as fresh ones fault in every page
+  float* dot = reinterpret_cast<float*>(scratch(8, N * V * int64_t(sizeof(float))));
+  double* up = reinterpret_cast<double*>(scratch(9, N * V * int64_t(sizeof(double))));
   double* best = chunk_low.data();
   const double* l1 = norm1.data();
   parallel_for(pool, chunks, [=, &k, &screen](int64_t chunk) {
@@ -1272,21 +1277,59 @@ ffi::Error Bitlinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// A table [V, H] as the table handlers receive it: an array [V, H] of its own element type (kind 0, offset 0), or
+// a table read in place from a memory-mapped file (bitnet_model/tables.py): a uint8 array from a 64-byte aligned
+// address, the table `offset` bytes into it, its element type `kind` (1: bf16 bits, 2: float32) and rows `rows`.
+struct TableView {
+  const void* data = nullptr;
+  ffi::DataType type = ffi::DataType::INVALID;
+  int64_t V = 0, H = 0;
+};
+
+std::optional<TableView> table_view(const ffi::AnyBuffer& table, int64_t offset, int32_t kind, int64_t rows) {
+  const auto td = table.dimensions();
+  const auto* base = static_cast<const uint8_t*>(table.untyped_data());
+  if (kind == 0) {
+    if (td.size() != 2 || offset != 0) return std::nullopt;
+    return TableView{base, table.element_type(), td[0], td[1]};
+  }
+  const ffi::DataType type = kind == 1 ? ffi::U16 : kind == 2 ? ffi::F32 : ffi::DataType::INVALID;
+  const int64_t size = kind == 1 ? 2 : 4;
+  if (type == ffi::DataType::INVALID || table.element_type() != ffi::U8 || td.size() != 1 || rows <= 0 ||
+      offset < 0 || (td[0] - offset) % (rows * size) != 0 || td[0] - offset <= 0)
+    return std::nullopt;
+  return TableView{base + offset, type, rows, (td[0] - offset) / (rows * size)};
+}
+
+// After a kernel read a few rows of a table read in place: drop its pages from the process's resident set again
+// (madvise MADV_DONTNEED; they are clean file pages, a later read faults them back in from the page cache). A
+// fault maps up to 64 KB of cached pages around it (fault-around, which MADV_RANDOM does not stop), so the ~130
+// rows the greedy screen re-scores per step mapped ~16 MB more each step until the whole table was resident.
+// The range's page tables are mostly empty: dropping them is a short walk, not a pass over the table.
+void release_table_pages(const TableView& t, int32_t kind) {
+  if (kind == 0) return;  // a table of XLA's own memory
+  const int64_t page = sysconf(_SC_PAGESIZE), size = t.type == ffi::U16 ? 2 : 4;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(t.data) + t.V * t.H * size;
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
-                       ffi::ResultBuffer<ffi::F32> out) {
-  const auto hd = h.dimensions(), td = table.dimensions();
-  if (hd.size() != 2 || td.size() != 2 || hd[1] != td[1])
+                       ffi::ResultBuffer<ffi::F32> out, int64_t offset, int32_t kind, int64_t rows) {
+  const auto hd = h.dimensions();
+  const std::optional<TableView> t = table_view(table, offset, kind, rows);
+  if (hd.size() != 2 || !t || hd[1] != t->H)
     return ffi::Error::InvalidArgument("bitnet_table_matmul: expects h [N, H] and table [V, H]");
-  const int64_t N = hd[0], H = hd[1], V = td[0];
-  if (table.element_type() == ffi::U16)
-    table_matmul(pool, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V,
-                 out->typed_data(), kernels(g_level).bf16_table_rows);
-  else if (table.element_type() == ffi::F32)
-    table_matmul(pool, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V,
-                 out->typed_data(), kernels(g_level).f32_table_rows);
-  else if (table.element_type() == ffi::S8)
-    table_matmul(pool, h.typed_data(), N, H, static_cast<const int8_t*>(table.untyped_data()), V,
-                 out->typed_data(), kernels(g_level).i8_table_rows);
+  const int64_t N = hd[0], H = hd[1], V = t->V;
+  if (t->type == ffi::U16)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const uint16_t*>(t->data), V, out->typed_data(),
+                 kernels(g_level).bf16_table_rows);
+  else if (t->type == ffi::F32)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const float*>(t->data), V, out->typed_data(),
+                 kernels(g_level).f32_table_rows);
+  else if (t->type == ffi::S8)
+    table_matmul(pool, h.typed_data(), N, H, static_cast<const int8_t*>(t->data), V, out->typed_data(),
+                 kernels(g_level).i8_table_rows);
   else
     return ffi::Error::InvalidArgument("bitnet_table_matmul: table must be uint16 (bf16 bits), float32 or int8");
   return ffi::Error::Success();
@@ -1294,24 +1337,51 @@ ffi::Error TableMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBu
 
 ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
                       ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> bounds,
-                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::S32> candidates) {
-  const auto hd = h.dimensions(), td = table.dimensions(), cd = codes.dimensions();
-  if (hd.size() != 2 || td.size() != 2 || hd[1] != td[1] || cd.size() != 2 || cd[0] != td[0] || cd[1] != td[1])
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::S32> candidates, int64_t offset,
+                      int32_t kind, int64_t rows) {
+  const auto hd = h.dimensions(), cd = codes.dimensions();
+  const std::optional<TableView> t = table_view(table, offset, kind, rows);
+  if (hd.size() != 2 || !t || hd[1] != t->H || cd.size() != 2 || cd[0] != t->V || cd[1] != t->H)
     return ffi::Error::InvalidArgument("bitnet_greedy_head: expects h [N, H], table and codes [V, H]");
-  const int64_t N = hd[0], H = hd[1], V = td[0];
+  const int64_t N = hd[0], H = hd[1], V = t->V;
   if (V == 0 || scales.element_count() != V || bounds.element_count() != V || tokens->element_count() != N ||
       candidates->element_count() != N)
     return ffi::Error::InvalidArgument("bitnet_greedy_head: expects V > 0, scales and bounds [V], outputs [N]");
   const ScreenedRows screen{codes.typed_data(), scales.typed_data(), bounds.typed_data()};
   const Kernels& k = kernels(g_level);
-  if (table.element_type() == ffi::U16)
-    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const uint16_t*>(table.untyped_data()), V, screen,
+  if (t->type == ffi::U16)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const uint16_t*>(t->data), V, screen,
                 k.bf16_table_rows, tokens->typed_data(), candidates->typed_data());
-  else if (table.element_type() == ffi::F32)
-    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const float*>(table.untyped_data()), V, screen,
+  else if (t->type == ffi::F32)
+    greedy_rows(pool, k, h.typed_data(), N, H, static_cast<const float*>(t->data), V, screen,
                 k.f32_table_rows, tokens->typed_data(), candidates->typed_data());
   else
     return ffi::Error::InvalidArgument("bitnet_greedy_head: table must be uint16 (bf16 bits) or float32");
+  release_table_pages(*t, kind);
+  return ffi::Error::Success();
+}
+
+// The embedding lookup of a table read in place: rows ids [N] of the table -> float32 [N, H], exactly (a bf16 is
+// the high half of its float32). An id outside [0, V) is clamped into it rather than read past the table (the
+// engine's never are: prompts are checked, and new tokens come from the table's rows).
+ffi::Error TableRows(ffi::Buffer<ffi::S32> ids, ffi::AnyBuffer table, ffi::ResultBuffer<ffi::F32> out,
+                     int64_t offset, int32_t kind, int64_t rows) {
+  const std::optional<TableView> t = table_view(table, offset, kind, rows);
+  const int64_t N = ids.element_count();
+  if (!t || t->V == 0 || out->element_count() != N * t->H || (t->type != ffi::U16 && t->type != ffi::F32))
+    return ffi::Error::InvalidArgument("bitnet_table_rows: expects ids [N], a bf16 or float32 table [V, H], out [N, H]");
+  const int64_t H = t->H;
+  float* y = out->typed_data();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t row = std::clamp<int64_t>(ids.typed_data()[n], 0, t->V - 1);
+    if (t->type == ffi::U16) {
+      const uint16_t* src = static_cast<const uint16_t*>(t->data) + row * H;
+      for (int64_t i = 0; i < H; ++i) y[n * H + i] = widen(src[i]);
+    } else {
+      std::memcpy(y + n * H, static_cast<const float*>(t->data) + row * H, size_t(H) * sizeof(float));
+    }
+  }
+  release_table_pages(*t, kind);
   return ffi::Error::Success();
 }
 
@@ -1386,7 +1456,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_matmul, TableMatmul, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int64_t>("rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_table_rows, TableRows, ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int64_t>("rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_greedy_head, GreedyHead, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1396,7 +1477,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_greedy_head, GreedyHead, ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int64_t>("rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_causal_attention, CausalAttention, ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
