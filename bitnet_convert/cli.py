@@ -19,7 +19,7 @@ from bitnet_convert.fileio.sources import printable, shown
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.options import COUNT, FLAG, SIZE
 from bitnet_convert.verification import DEFAULT_LEVELS, LEVELS, RUNTIMES
-from bitnet_core import __version__
+from bitnet_core import __version__, gcpause
 from bitnet_core.errors import CheckFailed, ConvertError
 from bitnet_core.pooling import POOLINGS
 
@@ -32,6 +32,11 @@ HEADS = ("stored", "int8")
 
 class _Cli(click.Group):
     """Turns every error into one line on stderr and a non-zero exit; --debug keeps the traceback."""
+
+    def main(self, args=None, *rest, **kwargs):
+        if args is None:  # the process's own command line: it runs this one command, then exits (gcpause.py)
+            gcpause.freeze_after_pauses()
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx):
         # ctx.params, not sys.argv: main() may be called with its own argument list (tests, other programs)
