@@ -9,10 +9,8 @@ pages of the memory-mapped source released as the weights are packed.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import json
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.tokenizer_files import clear_cache as forget_parsed_tokenizer_files
+from bitnet_core import pages
 from bitnet_core.checkpoint import Checkpoint, PackedLoader, RowsLoader, TensorEntry
 from bitnet_core.errors import ConvertError
 
@@ -76,11 +75,12 @@ def load_generator(src: str, *, revision: str | None = None, head: str = "stored
     tokenizer = LazyTokenizer(ckpt.tokenizer_files["tokenizer.json"], src) if "tokenizer.json" in \
         ckpt.tokenizer_files else None
     eos = eos_token_ids(ckpt.config, ckpt.tokenizer_files)
-    # the int8 head reads its tables by rows, the native kernels in place: neither wants them read ahead whole
-    own_loads = engine.TABLES if head == engine.HEAD_INT8 or native else ()
+    in_place = native and screen  # only the screen reads few enough table rows to read them from the file
+    # the int8 head reads its tables by rows, the screen in place: neither wants them read ahead whole
+    own_loads = engine.TABLES if head == engine.HEAD_INT8 or in_place else ()
     with ReadAhead(ckpt, skip=own_loads) as ahead:
         gen = Generator.from_checkpoint(ahead.checkpoint, tokenizer=tokenizer, eos_ids=eos, release=release,
-                                        head=head, screen=screen, in_place=native and screen)
+                                        head=head, screen=screen, in_place=in_place)
     del ckpt
     release()
     return gen
@@ -171,8 +171,6 @@ def load_tokenizer(tokenizer_files: dict[str, bytes], where: str = "checkpoint")
 
 # --------------------------------------------------------------------------- memory-mapped source pages
 
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
-
 
 def release_mapped_pages(path: str | os.PathLike | None = None) -> bool:
     """Drop from this process the resident pages of read-only shared file mappings (those under `path`, or all);
@@ -180,19 +178,16 @@ def release_mapped_pages(path: str | os.PathLike | None = None) -> bool:
 
     Readers memory-map their sources, and every page a loader touched stays in the process's resident set
     (and its peak RSS) until the mapping closes: 1.2 GB for 2B4T, on top of the 1.2 GB of packed weights.
-    The pages are clean file pages, so dropping them (madvise MADV_DONTNEED) loses nothing: a later read
-    faults them back in from the page cache. Readers map data read-only and shared (np.memmap mode "r");
+    The pages are clean file pages, so dropping them (bitnet_core.pages) loses nothing: a later read faults
+    them back in from the page cache. Readers map data read-only and shared (np.memmap mode "r");
     shared libraries are private mappings and are left alone. Linux only; elsewhere it does nothing.
     """
     root = os.path.realpath(os.fspath(path)) if path is not None else None
     try:
         with open("/proc/self/maps") as fh:
             lines = fh.readlines()
-        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return False
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     found = False
     for line in lines:
         parts = line.split(maxsplit=5)
@@ -201,7 +196,7 @@ def release_mapped_pages(path: str | os.PathLike | None = None) -> bool:
         name = parts[5].strip()
         if root is None or name == root or name.startswith(root.rstrip("/") + "/"):
             begin, end = (int(x, 16) for x in parts[0].split("-"))
-            madvise(begin, end - begin, _MADV_DONTNEED)
+            pages.drop_resident(begin, end)
             found = True
     return found
 

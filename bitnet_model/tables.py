@@ -19,13 +19,14 @@ output is published) leaves the mapping on the old one.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import mmap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bitnet_core import pages
 
 ALIGNMENT = 64  # XLA's CPU buffers: below this a host array is copied, not adopted
 KINDS = {np.dtype(np.uint16): 1, np.dtype(np.float32): 2}  # the kernels' `kind` of a table (bf16 bits, float32)
@@ -45,10 +46,6 @@ class MappedTable:
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
-
-    @property
-    def nbytes(self) -> int:  # the table's own bytes (what a copy would hold)
-        return self.rows * self.cols * self.dtype.itemsize
 
     def host(self) -> np.ndarray:
         """The table as a read-only numpy view of the mapping (reading it faults its pages in)."""
@@ -87,22 +84,10 @@ def in_place(view: np.ndarray) -> MappedTable | None:
     return MappedTable(device, view.shape[0], view.shape[1], dtype, offset)
 
 
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
-_PAGE = mmap.PAGESIZE
-
-
 def drop_pages(view: np.ndarray) -> None:
-    """Drop the whole pages of a memory-mapped read-only `view` from this process's resident set (madvise
-    MADV_DONTNEED): file pages are clean, so nothing is lost, and a later read faults them back in from the
-    page cache. What a reader that passed over a table once (building the screen) does not need resident.
-    Linux; elsewhere nothing."""
-    begin = -(-view.ctypes.data // _PAGE) * _PAGE  # pages wholly inside: a neighbour's rows stay
-    end = (view.ctypes.data + view.nbytes) // _PAGE * _PAGE
-    if end <= begin:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(begin, end - begin, _MADV_DONTNEED)
+    """Drop the whole pages of a memory-mapped read-only `view` from this process's resident set
+    (bitnet_core.pages): what a reader that passed over a table once (building the screen) does not need
+    resident."""
+    begin = -(-view.ctypes.data // pages.PAGE) * pages.PAGE  # pages wholly inside: a neighbour's rows stay
+    end = (view.ctypes.data + view.nbytes) // pages.PAGE * pages.PAGE
+    pages.drop_resident(begin, end)
