@@ -1,7 +1,7 @@
 """Every output says where it came from and can prove it is unchanged (issue #5, part 2).
 
 - Provenance: every format's output records producer, package version, source, source format, revision and a
-  content hash of the model (`sha256-model-v3`, test_model_hash.py, test_chunk_hash.py); a hub source keeps its repo id and commit.
+  content hash of the model (`blake3-model-v4`, test_model_hash.py, test_blake3_hash.py); a hub source keeps its repo id and commit.
 - `inspect --check` recomputes the hash from the file alone: exit 0 on a fresh output of every format and
   GGUF type, exit 1 after one byte of tensor data is flipped (a dense tensor and a ternary one).
 - `inspect` and `verify` warn about degenerate weights: an all-zero tensor, a multiplier far from its

@@ -1,11 +1,12 @@
-"""The model hash (sha256-model-v2) covers everything a runtime reads, and outputs carry only known tokenizer files.
+"""The model hash (sha256-model-v2 and its successors) covers everything a runtime reads, and outputs carry only
+known tokenizer files.
 
-- sha256-model-v2: each edit below passes sha256-tensors-v1 (same tensor names and bytes: asserted) yet makes
+- The model hash (fresh outputs: blake3-model-v4): each edit below passes sha256-tensors-v1 (same tensor names and bytes: asserted) yet makes
   another model, and fails the check with exit 1: a tensor's dtype in a safetensors header (hf, flax) or in
   an npy header (npz, with its index), a GGUF tensor type, config.json's `linear_class`, a config value (flax,
   npz), the GGUF rope base, a swapped tokenizer (every format), an allow-listed tokenizer file added.
 - Fresh outputs pass; files recording sha256-tensors-v1 still check (exit 0, 1 after a tensor byte changes) with a
-  note of what that hash covers; an unknown algorithm is exit 2.
+  note of what that hash covers, v2 and v3 files without one; an unknown algorithm is exit 2.
 - Stray files never travel: a Flax folder's extra files (a `model.safetensors.index.json` among them) and an npz's
   extra `tokenizer/*` members stay behind, with a warning naming them; only allow-listed tokenizer files arrive.
 """
@@ -43,6 +44,7 @@ from bitnet_convert.fileio.integrity import (
     HASH_V1,
     HASH_V2,
     HASH_V3,
+    HASH_V4,
     PROVENANCE_FILE,
     ModelHasher,
     hash_stored,
@@ -225,13 +227,14 @@ def test_check_fails_on_an_edit_the_tensor_hash_cannot_see(edit, variant, output
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_fresh_output_records_and_passes_the_model_hash(variant, outputs):
     record = _module(variant).recorded_provenance(outputs[variant])
-    assert record["hash_algorithm"] == HASH_ALGORITHM == HASH_V3
-    assert record["content_hash"] == _hash(variant, outputs[variant], HASH_V3)
-    assert record["content_hash"] != _hash(variant, outputs[variant], HASH_V2)
+    assert record["hash_algorithm"] == HASH_ALGORITHM == HASH_V4
+    assert record["content_hash"] == _hash(variant, outputs[variant], HASH_V4)
+    assert record["content_hash"] not in (_hash(variant, outputs[variant], HASH_V3),
+                                          _hash(variant, outputs[variant], HASH_V2))
     result = run_cli(["inspect", "--check", "--json", outputs[variant]])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V3, None)
+    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V4, None)
 
 
 def test_files_the_model_hash_does_not_cover(outputs, tmp_path):
@@ -258,7 +261,7 @@ def _model_digest(tensors, background: bool = False, in_pieces: bool = False, do
     return hasher.hexdigest()
 
 
-@pytest.mark.parametrize("algorithm", [HASH_V2, HASH_V3])
+@pytest.mark.parametrize("algorithm", [HASH_V2, HASH_V3, HASH_V4])
 def test_the_model_hash_streams_and_describes_each_tensor(algorithm):
     """Pieces, a thread of its own and the order of the documents give one digest; a dtype or shape another."""
     tensors = [("a", "U8", np.arange(20, dtype=np.uint8)), ("b", "F32", np.ones((2, 3), np.float32))]
@@ -314,13 +317,14 @@ def test_a_v1_hash_still_fails_when_a_tensor_byte_changes(outputs, tmp_path):
     assert result.exit_code == 1 and "MISMATCH" in result.stdout
 
 
+@pytest.mark.parametrize("algorithm", [HASH_V2, HASH_V3])
 @pytest.mark.parametrize("variant", ["hf", "flax", "npz", "gguf-tq2_0"])
-def test_a_v2_hash_still_checks_without_a_note(variant, outputs, tmp_path):
-    """Files of the version before v3 record sha256-model-v2: it covers what v3 does, so no note; a changed
+def test_v2_and_v3_hashes_still_check_without_a_note(variant, algorithm, outputs, tmp_path):
+    """Files of earlier versions record sha256-model-v2 or v3: they cover what v4 does, so no note; a changed
     byte still fails."""
-    path = _record_older(variant, copy(outputs[variant], tmp_path / outputs[variant].name), HASH_V2)
+    path = _record_older(variant, copy(outputs[variant], tmp_path / outputs[variant].name), algorithm)
     report = json.loads(run_cli(["inspect", "--check", "--json", path]).stdout)
-    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, HASH_V2, None)
+    assert (report["check_passed"], report["hash_algorithm"], report["hash_note"]) == (True, algorithm, None)
     if variant == "hf":
         xor_byte(path / "model.safetensors", safetensors_offsets(path / "model.safetensors")[NORM][0])
         result = _check(path)

@@ -4,7 +4,8 @@ The digests were first recorded from the writers as they stood before the output
 took over publishing, hashing, read-ahead and provenance from each format, and held unchanged through that
 change and the GGUF package's; then recorded again on purpose when outputs were meant to change: the
 `sha256-model-v3` content hash (every output's provenance record), TQ blocks holding the multiplier and the
-`general.*` keys as llama.cpp's converter writes them (GGUF). A change to how outputs are written must leave
+`general.*` keys as llama.cpp's converter writes them (GGUF), the `blake3-model-v4` content hash (held
+unchanged through the native codecs first, with v3 recorded). A change to how outputs are written must leave
 every one of them as it is. A change that means to change bytes (a new key, a codec default)
 records them again: `BITNET_RECORD_DIGESTS=1 pytest tests/test_output_bytes.py -s` prints the table.
 
@@ -61,38 +62,38 @@ for _embed in ("f16", "bf16", "f32", "q8_0"):
     CASES[f"gguf-embed-{_embed}"] = ("tiny", "m.gguf", "gguf", {"embed_type": _embed})
 
 EXPECTED: dict[str, str] = {
-    "hf": "a2424c65c2d5c0401bf939516af0cd7ec77314654445d0c95aa8fbf701034c25",
-    "hf-bitlinear-f32": "d718540c2d9fc39f376ee2f2f785c921d14a7457f713ae55861c576b4a3f166f",
-    "hf-sharded": "49b0a1bd43e691ff82251d01052d9bd604bf930a761361cad202a8be0c03b306",
-    "hf-online-masters": "d71b105f0d5c42728d309cc1c0e97db028fdffbc637f37284c90056eb6a5cb6e",
-    "flax": "6500ea55924fef5d962eb556f905adcd295021e46895487eb7f70c9a1923ef5c",
-    "flax-masters": "b575c9ac4d6c7c39d1acb13ae397b86faaff56139d9aac332f5a1df0cb28182c",
-    "npz": "946b91583f16d398387c51f309edb9ff82a0fb95e09c456a8e2379066c278662",
-    "npz-masters": "75e7d2ec219288de59d4cdfced46779f5cb257c73db59681e68d456c656eaa3d",
-    "gguf-masters": "46081f9e81148276d8cdc1dd9eeba347cebf57d52e509894e6806617048fe0a4",
-    "gguf-llama-family": "8981c2fa0ebbebae5dfc46434a4c4f2635a7715264c994bfa0c271bfc816c614",
-    "gguf-llama-family-bitnet.cpp": "117c755fe1b81ded4dcb9e3e66de04b86b9929a981fd16fd770a1840c03316b2",
-    "hf-file-to-gguf": "60a84c56d4983be2d5d166c71e2105098097be9274bd5859e4cf7b95de2da044",
-    "hf-file-to-gguf-i2_s": "9864a031b6bb7d17680227bc97effa37937f4f4b9da9421f292f23e9b73f62f5",
-    "hf-file-to-npz": "be94729c2afdb9ebe0ddbba005a7dc3032e17f733fca65e799f0b4a9e874e416",
-    "hf-file-to-flax": "ebd5a254bc348a0ad32077219a42fd66f7c01912700b3f99f49cf6b196dcdf7e",
-    "hf-file-to-hf-bitlinear": "e5d622567d1e884f6f4a45d0a5680ec1f456744fa9dea290d902cacd4c7448ba",
-    "embedding-qwen3-gguf": "2b7f759b68fe4728a49a2c410fb1900abf6aa363de106a5aa95c5f26533321c0",
-    "embedding-gemma3-gguf": "761216efe63c6985191de5f3f532162be434c3acf9b011bf4ad7f72ffa930014",
-    "embedding-qwen3-hf": "6a8f2ad3622a977ef41a0f180626cdaaa43ea80516af83c742f9324dfbd1e3cf",
-    "gguf-llama.cpp-tq1_0": "440e92fe3c531ac9ed8763970f25afd1d92236824ba14936cafa149cfeefcec9",
-    "gguf-llama.cpp-tq2_0": "b398b525bfacbf289172b94d404d9f1964db5c7dea4c5bb433c1e1e30ef7cc98",
-    "gguf-llama.cpp-f16": "0ea379a3b9d708116094da476a53e0ae802a65a04b8bce687156989acdbb6567",
-    "gguf-llama.cpp-bf16": "d4d4f99b010e4140ad0b7ac5b3f9d834a831f55cc3478628185b7ea36f1d5721",
-    "gguf-llama.cpp-f32": "7da09f6cbe06f4afa783d7f7a4e7dae794fa4037f156c82f1a602992dbf173d2",
-    "gguf-bitnet.cpp-i2_s": "367e9864fc7cc2b71906ad2801e35b4c9575955fbc4917f8fd48d1cd350815f6",
-    "gguf-bitnet.cpp-f16": "ebe69b9bd9695c456db9925fef9b8a2c705a2364de6ca71a88385b8f67f9476d",
-    "gguf-bitnet.cpp-bf16": "54e9f540642d0a096b72e2d91fb281507076c879dffcbbff45a0ece4276382c2",
-    "gguf-bitnet.cpp-f32": "8cb5684d4f9556f66cdd1b35a974b1a983e383bc28cfc929001aef92e7675e63",
-    "gguf-embed-f16": "b398b525bfacbf289172b94d404d9f1964db5c7dea4c5bb433c1e1e30ef7cc98",
-    "gguf-embed-bf16": "c3debb9b42643715f85235dc6f72e48c89c30a194d31b936b9372aa59cbed36c",
-    "gguf-embed-f32": "5f374eb194082c774428d834e4338f5675219d85dcb6693b894140615b8b40ab",
-    "gguf-embed-q8_0": "7e3b9763a92dff5f69f583465e916efc1abb880831c2ee60510d3d8c25cca1e9",
+    "hf": "1300eeda7ce71ced646e8d9d4008e3e76e442876d2adf9a51320b6b24bd34736",
+    "hf-bitlinear-f32": "c793c4ae6f75e147bc658580cd237cfa4b0c63399d46dc1fced7101c3f652fd3",
+    "hf-sharded": "e464b96d1456b60ce1aa590bdfb6e58b55653dc2c9bc7aa0950333538a1598e9",
+    "hf-online-masters": "59a3f0942466ec5575d7724f7477626aefe8d6de4e058abb4a536812338e2e77",
+    "flax": "1ef7be3770ca9bfb472319716adb75f813a3a52cdbb77e7f96762042f07ee043",
+    "flax-masters": "5d5e76a4c35797ac22e8956811b5a74a0a2e2dfcd0cf87c428938c264e5c931f",
+    "npz": "8a92d23478961e52a61dddb806565ee35db673f44a563f18f4bbb19332df030b",
+    "npz-masters": "1432f1ea18f1430d783bb6d8a3faa2972efbfa53d31738879020acabae3c71e9",
+    "gguf-masters": "a6427907178cfb49bfd97a628e6fd0a75a7663c75b3ce2456ad67e9cd9111d00",
+    "gguf-llama-family": "f1707a9e573e0352c9fba92f65e985e60f953921c33558e929c66ba879cb0d12",
+    "gguf-llama-family-bitnet.cpp": "4ab6e9243538b1889227b206dd1437dd84ac6a0bddf83296093133c7d62db0d5",
+    "hf-file-to-gguf": "fe80808dffdfa20448a4d76302d5fd91bedd392d29904c7d36c64103abc9c224",
+    "hf-file-to-gguf-i2_s": "154b52826cab51ad28972c404db40eee1bda64f8322c7c5faaaa82cf4b66451e",
+    "hf-file-to-npz": "1657c0e758543ac3dc718645f3dcee8a6b4ad433da3ee6a3d23f42e1e597b727",
+    "hf-file-to-flax": "10486bbd8d17e132ad1095093864f59dcb2de8d1c48c98340add2897e447a6ee",
+    "hf-file-to-hf-bitlinear": "70753ddbae20bf8d44b40fc04ef354f865b2f695c7db4fb8297680005f23cd94",
+    "embedding-qwen3-gguf": "82a06be1f711e5b4837de795e721986266aa9efdb2db701b0c503b646b9f6618",
+    "embedding-gemma3-gguf": "15b4f9fd3500c941bbe1ea7264a693590e30a6c255941d1d14b03da4bf237874",
+    "embedding-qwen3-hf": "9fe359bb7421022719426476b7b0c51c9a82d882f5a67649ef0981695b386ad0",
+    "gguf-llama.cpp-tq1_0": "e6a5c6d1330e42855f87971cc03d00a6eb44ddbac9574fa5800e96b0be9cb750",
+    "gguf-llama.cpp-tq2_0": "b42f9f5bc4744c8cd25fb9f82f3d1a474329ae738539374d8825bd8a5828266b",
+    "gguf-llama.cpp-f16": "12cb92c965d1124b64c83908e7204d69a17124de75e5938feae26fe69c1aa843",
+    "gguf-llama.cpp-bf16": "f8ca69eeaf43a7cb9ec67be0b2d24ae6de14cdb00439f656da6b8d658fa2323f",
+    "gguf-llama.cpp-f32": "4ed35cc42c8b1a2980fe6fe5d5791ab192274b527b5d0dd79819b9cd732b8909",
+    "gguf-bitnet.cpp-i2_s": "08bffc9a7101a03ebd35045118a7723b67a50eabc8dea551d0d7e88039110756",
+    "gguf-bitnet.cpp-f16": "171d59687e5c435cbd4b1517eb32c062fdc6b2ea7035fd1c8982a0f7c4636117",
+    "gguf-bitnet.cpp-bf16": "748903d4472c69131bd42f4fd4c4702220f2e66dbe85d297fdc88e0350813943",
+    "gguf-bitnet.cpp-f32": "ac1b320c7539b1d5276bcbb3d2c1ed049b9ab4c2b0a1895bd8b898bf78448f5e",
+    "gguf-embed-f16": "b42f9f5bc4744c8cd25fb9f82f3d1a474329ae738539374d8825bd8a5828266b",
+    "gguf-embed-bf16": "22c912f1714afbe002169174efeb47389d91d9e3af1c5d40692a36b8a28f47a1",
+    "gguf-embed-f32": "a43ebe839783c8ae4574a719083034d59b4a6a377c42a357f95b5524e80e41c0",
+    "gguf-embed-q8_0": "b23c9e0c6b19f710ef0468f542ea6e6dab8565643107af4c81bca57a9a23eb45",
 }
 
 

@@ -1,15 +1,16 @@
 """What every output records about itself: its source and a content hash of the model it stores.
 
-The hash, `sha256-model-v3`, is taken of a canonical description of everything a runtime reads in the file:
+The hash, `blake3-model-v4`, is taken of a canonical description of everything a runtime reads in the file:
 its config documents, its tokenizer files, and every tensor's name, stored dtype, shape and bytes in the order
 the file stores them (docs/formats.md §9). `inspect --check` recomputes it from the file alone, without trusting
 any header field it checks. Each format says what it stores (`stored_tensor_bytes`, a StoredModel); writers
 feed the same description to a ModelHasher as they write.
 
-v3 describes each tensor's bytes by the digests of its fixed-size chunks, which every core hashes at once: one
-sha256 stream over all the bytes (v2) runs on one core and was the longest step of a conversion. Outputs of
-earlier versions record `sha256-model-v2` (the same description, one stream over the tensor bytes) or
-`sha256-tensors-v1` (tensor names and bytes only): both still checked, v1 with a note of what it covers.
+v4 describes each tensor's bytes by their BLAKE3 digest: one core hashes a 2B4T output (1.2 GB) in ~0.3 s
+beside the writer, where SHA-256 took ~0.7 s of CPU even split over every core. Outputs of earlier versions
+record `sha256-model-v3` (the same description, each tensor by the SHA-256 digests of its 1 MiB chunks),
+`sha256-model-v2` (one SHA-256 stream over the tensor bytes) or `sha256-tensors-v1` (tensor names and bytes
+only): all still checked, v1 with a note of what it covers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import blake3
 import numpy as np
 
 from bitnet_convert.fileio.sources import shown
@@ -36,14 +38,16 @@ from bitnet_core.errors import ConvertError
 HASH_V1 = "sha256-tensors-v1"
 HASH_V2 = "sha256-model-v2"
 HASH_V3 = "sha256-model-v3"
-HASH_ALGORITHM = HASH_V3  # what writers record
+HASH_V4 = "blake3-model-v4"
+HASH_ALGORITHM = HASH_V4  # what writers record
 # What each algorithm's hash covers, as inspect reports it.
 HASH_COVERAGE = {
     HASH_V1: "tensor names and bytes only (not dtypes, shapes, config or tokenizer files)",
     HASH_V2: "config, tokenizer files, and every tensor's name, dtype, shape and bytes",
     HASH_V3: "config, tokenizer files, and every tensor's name, dtype, shape and bytes",
+    HASH_V4: "config, tokenizer files, and every tensor's name, dtype, shape and bytes",
 }
-FULL_COVERAGE = (HASH_V2, HASH_V3)  # a file recording one of these needs no note of what its hash leaves out
+FULL_COVERAGE = (HASH_V2, HASH_V3, HASH_V4)  # a file recording one of these needs no note of what it leaves out
 CHUNK_BYTES = 1 << 20  # v3's chunk: large enough that a pool task costs little beside it, small for a 2-core split
 PROVENANCE_FILE = "bitnet_convert.json"  # inside folder formats (hf, flax)
 
@@ -191,6 +195,81 @@ class ChunkHasher:
         self._pool.shutdown(wait=True)
 
 
+class TensorDigests:
+    """blake3-model-v4's tensor bytes: each tensor's BLAKE3 digest, fed in file order (`begin` + `update`s, or
+    `add`). With `background`, the pieces are hashed in order on a thread of their own (blake3 releases the
+    GIL) and must stay unchanged until `digests` or `close`, as for TensorHasher; at most QUEUED wait."""
+
+    QUEUED = 16  # pieces (<= 16 MB each) waiting for the hash thread
+
+    def __init__(self, background: bool = False) -> None:
+        self._digests: list = []  # per tensor, its blake3 hasher
+        self._pending: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._errors: list[BaseException] = []
+        if background:
+            self._pending = queue.Queue(maxsize=self.QUEUED)
+            self._worker = threading.Thread(target=_hash_pieces_of_tensors,
+                                            args=(self._pending, self._digests, self._errors),
+                                            name="bitnet-convert-hash", daemon=True)
+            self._worker.start()
+            self._finalizer = weakref.finalize(self, self._pending.put, None)  # as TensorHasher's
+            self._finalizer.atexit = False
+
+    def add(self, name: str, data) -> None:
+        raw = raw_bytes(data)
+        self.begin(name, raw.nbytes)
+        self.update(raw)
+
+    def begin(self, name: str, nbytes: int) -> None:
+        """Start the next tensor (its name and size are the ModelHasher's description's, not hashed here)."""
+        self._feed(_NEXT_TENSOR)
+
+    def update(self, piece) -> None:
+        self._feed(memoryview(piece).cast("B"))
+
+    def _feed(self, item) -> None:
+        if self._pending is None:
+            _hash_piece(item, self._digests)
+        else:
+            self._pending.put(item)
+
+    def close(self) -> None:
+        """Hash what was given, then end the thread (idempotent; writers call it on failure too)."""
+        if self._worker is not None:
+            self._finalizer()
+            self._worker.join()
+            self._worker = None
+
+    def digests(self) -> list[str]:
+        """Each tensor's digest (hex), in the order they were fed."""
+        self.close()
+        if self._errors:
+            raise self._errors[0]
+        return [digest.hexdigest() for digest in self._digests]
+
+
+_NEXT_TENSOR = object()
+
+
+def _hash_piece(item, digests: list) -> None:
+    if item is _NEXT_TENSOR:
+        digests.append(blake3.blake3())
+    else:
+        digests[-1].update(item)
+
+
+def _hash_pieces_of_tensors(pending: queue.Queue, digests: list, errors: list) -> None:
+    """A background TensorDigests' thread (no reference to the hasher itself, so a dropped one can be
+    collected)."""
+    while (item := pending.get()) is not None:
+        if not errors:
+            try:
+                _hash_piece(item, digests)
+            except BaseException as exc:  # re-raised by digests
+                errors.append(exc)
+
+
 def raw_bytes(data) -> memoryview:
     """The bytes of an array (any dtype, bf16 included: it has no buffer format) or of a bytes-like object."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -232,19 +311,21 @@ class StoredModel:
 
 
 class ModelHasher:
-    """The content hash by `algorithm` (sha256-model-v3, or v2 for checking older files), fed as a writer stores
-    the model: tensors in file order (`add`, or `begin` + `update`s), config documents and tokenizer files
-    (`add_config`, `add_tokenizer_file`) in any order, then `hexdigest`.
+    """The content hash by `algorithm` (blake3-model-v4, or v3 / v2 for checking older files), fed as a writer
+    stores the model: tensors in file order (`add`, or `begin` + `update`s), config documents and tokenizer
+    files (`add_config`, `add_tokenizer_file`) in any order, then `hexdigest`.
 
-    Tensor bytes stream through a ChunkHasher (v3) or TensorHasher (v2), beside the writer with `background`
-    (see there); what describes them, and the documents, are kept to build the description the digest is
-    taken of."""
+    Tensor bytes stream through a TensorDigests (v4), ChunkHasher (v3) or TensorHasher (v2), beside the writer
+    with `background` (see there); what describes them, and the documents, are kept to build the description
+    the digest is taken of."""
 
     def __init__(self, background: bool = False, algorithm: str = HASH_ALGORITHM) -> None:
         if algorithm not in FULL_COVERAGE:
-            raise ValueError(f"ModelHasher computes {' and '.join(FULL_COVERAGE)}, not {algorithm!r}")
+            raise ValueError(f"ModelHasher computes {', '.join(FULL_COVERAGE)}, not {algorithm!r}")
         self.algorithm = algorithm
-        self._tensor_bytes = ChunkHasher(background) if algorithm == HASH_V3 else TensorHasher(background)
+        self._tensor_bytes = {HASH_V4: TensorDigests, HASH_V3: ChunkHasher}.get(algorithm, TensorHasher)(background)
+        # v4 digests everything by BLAKE3, the earlier versions by SHA-256
+        self._digest = blake3.blake3 if algorithm == HASH_V4 else hashlib.sha256
         self._tensors: list[dict] = []
         self._config: dict[str, str] = {}
         self._tokenizer_files: dict[str, str] = {}
@@ -257,7 +338,7 @@ class ModelHasher:
     def begin(self, name: str, dtype: str, shape, nbytes: int) -> None:
         """Start a tensor whose `nbytes` stored bytes follow through `update` (as TensorHasher.begin)."""
         self._tensors.append(_tensor_record(name, dtype, shape))
-        if self.algorithm == HASH_V3:
+        if self.algorithm != HASH_V2:
             self._tensors[-1]["nbytes"] = int(nbytes)
         self._tensor_bytes.begin(name, nbytes)
 
@@ -265,10 +346,10 @@ class ModelHasher:
         self._tensor_bytes.update(piece)
 
     def add_config(self, name: str, data) -> None:
-        self._config[name] = hashlib.sha256(data).hexdigest()
+        self._config[name] = self._digest(data).hexdigest()
 
     def add_tokenizer_file(self, name: str, data) -> None:
-        self._tokenizer_files[name] = hashlib.sha256(data).hexdigest()
+        self._tokenizer_files[name] = self._digest(data).hexdigest()
 
     def close(self) -> None:
         self._tensor_bytes.close()
@@ -279,11 +360,15 @@ class ModelHasher:
         if self.algorithm == HASH_V2:
             return {"algorithm": HASH_V2, "tensors": self._tensors, "tensor_bytes": self._tensor_bytes.hexdigest(),
                     **documents}
+        if self.algorithm == HASH_V4:
+            digests = self._tensor_bytes.digests()
+            return {"algorithm": HASH_V4, "tensors": [dict(record, blake3=digest) for record, digest in
+                                                      zip(self._tensors, digests)], **documents}
         tensors = [dict(record, chunks=digest) for record, digest in zip(self._tensors, self._tensor_bytes.digests())]
         return {"algorithm": HASH_V3, "chunk_bytes": CHUNK_BYTES, "tensors": tensors, **documents}
 
     def hexdigest(self) -> str:
-        return hashlib.sha256(canonical_json(self.description())).hexdigest()
+        return self._digest(canonical_json(self.description())).hexdigest()
 
 
 def _tensor_record(name: str, dtype: str, shape) -> dict:

@@ -12,7 +12,7 @@ A format says what it stores and where the bytes go:
 - direct writes: every file a layout opens is a DirectFile (direct.py);
 - read-ahead: the tensors are produced on a second core, ahead of the layout (prefetch.py);
 - hashing: each tensor as stored, piece by piece, and the side documents, into the content hash
-  (sha256-model-v3: chunks hashed on every core; integrity.py);
+  (blake3-model-v4, on a thread of its own; integrity.py);
 - the progress bar, and the provenance record (written by the layout once the hash is known, or patched into
   a fixed-width placeholder where the format stores the record before the data: GGUF's header).
 """

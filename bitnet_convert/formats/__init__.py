@@ -9,7 +9,7 @@
         # streams tensor by tensor through bitnet_convert.fileio.atomic.atomic_path (all or nothing),
         # shows fileio.progress unless quiet, records provenance + content hash (fileio.integrity).
     def stored_tensor_bytes(path) -> integrity.StoredModel
-        # what the content hash covers (sha256-model-v3): each tensor's name, stored dtype, shape and bytes in
+        # what the content hash covers (blake3-model-v4): each tensor's name, stored dtype, shape and bytes in
         # file order, the config documents and tokenizer files; iterating it gives (name, bytes) pairs.
     def recorded_provenance(path) -> dict | None  # what the writer recorded (None for foreign files)
 

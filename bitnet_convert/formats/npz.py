@@ -18,7 +18,7 @@ Keys (zip member = key + ".npy"; all members stored uncompressed, written in thi
 | `meta/provenance.json`         | uint8         | [n]                    | `integrity.provenance_record`: source, producer, `content_hash` |
 
 Arrays are C order, little-endian. `<hf name>` is the Hugging Face tensor name, e.g. `tensor/model.layers.0.mlp.down_proj.weight/codes`.
-`content_hash` is `sha256-model-v3` (docs/formats.md §9) over every member but the provenance record: the
+`content_hash` is `blake3-model-v4` (docs/formats.md §9) over every member but the provenance record: the
 `tensor/...` members (key without `.npy`, npy dtype, shape, array bytes) in file order, the `tokenizer/...`
 members and the `meta/...` ones. Byte arrays decode with `bytes(z["meta/config.json"])`.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitnet_core import parallel
+from bitnet_core.codecs import native
 
 _FIELD_LOW_BITS = np.uint64(0x5555555555555555)
 
@@ -18,6 +19,8 @@ _FIELD_LOW_BITS = np.uint64(0x5555555555555555)
 def has_code3(packed: np.ndarray) -> bool:
     """Any 2-bit field of these bytes equal to 3 (the invalid code of the HF, I2_S and TQ2_0 layouts)."""
     flat = np.ascontiguousarray(packed).reshape(-1)
+    if native.available():
+        return native.has_code3(flat)
     head = flat[: flat.size - flat.size % 8].view(np.uint64)  # 8 bytes per operation where the length allows
     found = []
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitnet_core import parallel
-
+from bitnet_core.codecs import native
 from bitnet_core.codecs._bits import field, has_code3, transpose_fields
 from bitnet_core.errors import CorruptData
 
@@ -84,11 +84,15 @@ def to_rows(packed: np.ndarray, reverse_groups: bool, out: np.ndarray | None = N
     fields (rows g, columns k), and the four bytes wanted for k = 0..3 are its transpose.
     """
     rows, n_in = packed.shape
+    shape = (4, rows, n_in // 128, 32)
+    planes = np.empty(shape, np.uint8) if out is None else out.reshape(shape)
+    if native.available() and packed.flags.c_contiguous and planes.flags.c_contiguous:
+        parallel.for_row_ranges(rows, packed.nbytes,
+                                lambda start, stop: native.to_rows(packed, reverse_groups, planes, start, stop))
+        return planes
     groups = packed.reshape(rows, n_in // 128, 4, 32).transpose(2, 0, 1, 3)  # [g, R, J, 32], a strided view
     if reverse_groups:
         groups = groups[::-1]
-    shape = (4, rows, n_in // 128, 32)
-    planes = np.empty(shape, np.uint8) if out is None else out.reshape(shape)
 
     def part(start: int, stop: int) -> None:  # HF rows [start, stop) become output rows k*R + start.. for each k
         np.copyto(planes[:, start:stop], groups[:, start:stop])

@@ -32,7 +32,7 @@ from bitnet_convert.formats.gguf import tq
 from bitnet_convert.formats.gguf.types import FALLBACK_FLOAT, I2_S, SCALE_SUFFIX, GGMLType, Graph, OutType
 from bitnet_core import parallel
 from bitnet_core.checkpoint import TensorEntry, Ternary, row_blocks
-from bitnet_core.codecs import hf2bit, i2s
+from bitnet_core.codecs import hf2bit, i2s, native
 from bitnet_core.errors import ConvertError
 from bitnet_core.quantize import as_ternary, check_multiplier, projection_bytes
 
@@ -108,11 +108,18 @@ def float_tensor(entry: TensorEntry, name: str, ggml_type, where: str) -> Stored
 
 def encode_float(values: np.ndarray, ggml_type, name: str, where: str) -> np.ndarray:
     if ggml_type == GGMLType.F16 and values.dtype == BF16:
-        # bf16 -> f16 directly: ml_dtypes rounds exactly as bf16 -> f32 -> f16 does (bf16 -> f32 is exact)
-        # for every value whose magnitude bits are under _BF16_F16_SAFE; the rest (too large, inf, NaN) take
-        # the checked float32 way below.
-        if values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _BF16_F16_SAFE:
-            out = np.empty(values.shape, np.float16)
+        # bf16 -> f16 directly: native.bf16_to_f16 (checking the range in the same pass) and ml_dtypes round
+        # exactly as bf16 -> f32 -> f16 does (bf16 -> f32 is exact) for every value whose magnitude bits are
+        # under _BF16_F16_SAFE; the rest (too large, inf, NaN) take the checked float32 way below.
+        out = np.empty(values.shape, np.float16)
+        if native.available() and values.flags.c_contiguous:
+            bits, out_bits = values.view(np.uint16), out.view(np.uint16)
+            fits = []
+            parallel.for_row_ranges(len(values), out.nbytes, lambda a, b: fits.append(
+                native.bf16_to_f16(bits[a:b], out_bits[a:b], _BF16_F16_SAFE)))
+            if all(fits):
+                return out
+        elif values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _BF16_F16_SAFE:
             parallel.for_row_ranges(len(values), out.nbytes, lambda a, b: np.copyto(out[a:b], values[a:b],
                                                                                    casting="unsafe"))
             return out

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from bitnet_core import parallel
-from bitnet_core.codecs import hf2bit, i2s
+from bitnet_core.codecs import hf2bit, i2s, native
 from bitnet_core.codecs._bits import pack_biased
 from bitnet_core.errors import CorruptData
 
@@ -78,6 +78,10 @@ def tq2_0_from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
     planes = hf2bit.to_rows(packed, reverse_groups=False)  # value m + 32l at bits 2l
     qs = planes.reshape(-1, _QS_BYTES)  # [blocks of the [out, in] matrix, 64], in row-major order
     out = np.empty((qs.shape[0], _TQ2_0_BLOCK_BYTES), np.uint8)
+    if native.available():
+        one = int(_ONE_F16.view(np.uint16)[0])
+        parallel.for_row_ranges(qs.shape[0], out.nbytes, lambda a, b: native.tq2_0_blocks(qs[a:b], out[a:b], one))
+        return out.reshape(4 * rows, row_bytes(TQ2_0, n_in))
 
     def part(start: int, stop: int) -> None:
         out[start:stop, :_QS_BYTES] = qs[start:stop]

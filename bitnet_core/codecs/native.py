@@ -1,0 +1,147 @@
+"""The codecs' hot loops in C++ (native.cc), compiled on first use; the numpy versions stay, for machines
+without a C++ compiler and as the reference the tests hold these to, byte for byte.
+
+Why: a 2B4T conversion spent most of its producer's time in whole-array numpy passes (the 24 byte-wise
+operations of a 2-bit field transpose, a bf16 -> f16 cast, the code-3 scan): native.cc does each in one pass,
+7-15x faster (BENCHMARKS.md, design measurements). ctypes releases the GIL during a call, so callers split rows
+over the cores with bitnet_core.parallel as they did for numpy.
+
+The library is built like the engine's kernels (`$CXX`, default g++; bitnet_core.cache's folder, keyed by the
+source and the compiler) and loaded once per process. `BITNET_NATIVE_CODECS=0` keeps the numpy versions;
+`available()` is False then, as it is where the build fails (`reason()` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from bitnet_core import cache
+
+SOURCE = Path(__file__).with_name("native.cc")
+FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
+LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}  # `level` in native.cc
+
+_reason = ""
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(f"{_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
+    return cache.cache_dir("native") / f"bitnet_codecs-{key.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """The library for this source and compiler, compiled unless it is there (RuntimeError with the compiler's
+    message when it cannot be)."""
+    compiler = shutil.which(_compiler())
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
+
+    def compile_to(tmp: str) -> None:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+
+    return cache.compiled(library_path(), compile_to, force=force)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get("BITNET_NATIVE_CODECS", "1") == "0":
+        _reason = "disabled by BITNET_NATIVE_CODECS=0"
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.bitnet_codecs_level.restype = ctypes.c_int
+        lib.bitnet_hf2bit_to_rows.argtypes = [pointer, size, size, ctypes.c_int, pointer, size, size, ctypes.c_int]
+        lib.bitnet_hf2bit_to_rows.restype = None
+        lib.bitnet_tq2_0_blocks.argtypes = [pointer, size, ctypes.c_uint16, pointer]
+        lib.bitnet_tq2_0_blocks.restype = None
+        lib.bitnet_has_code3.argtypes = [pointer, size, ctypes.c_int]
+        lib.bitnet_has_code3.restype = ctypes.c_int
+        lib.bitnet_bf16_to_f16.argtypes = [pointer, pointer, size, ctypes.c_uint16, ctypes.c_int]
+        lib.bitnet_bf16_to_f16.restype = ctypes.c_int
+    except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: a symbol missing from the library
+        _reason = str(exc)
+        return None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def reason() -> str:
+    """Why `available()` is false ("" when it is true)."""
+    _library()
+    return _reason
+
+
+def cpu_level() -> int:
+    """The highest level this CPU runs (LEVELS); the functions below use it unless told another."""
+    return _library().bitnet_codecs_level()
+
+
+def _level(level: int | None) -> int:
+    best = cpu_level()
+    if level is None:
+        return best
+    if not 0 <= level <= best:
+        raise ValueError(f"level {level} is not one this CPU runs (0 to {best})")
+    return level
+
+
+def to_rows(packed: np.ndarray, reverse_groups: bool, planes: np.ndarray, start: int, stop: int,
+            level: int | None = None) -> None:
+    """hf2bit.to_rows of HF rows [start, stop) of C-contiguous uint8 `packed` [R, in] into C-contiguous
+    `planes` [4, R, in/128, 32]."""
+    rows, n_in = packed.shape
+    _require(packed, planes)
+    _library().bitnet_hf2bit_to_rows(packed.ctypes.data, rows, n_in, int(reverse_groups), planes.ctypes.data, start,
+                                     stop, _level(level))
+
+
+def tq2_0_blocks(qs: np.ndarray, out: np.ndarray, one: int) -> None:
+    """TQ2_0 blocks out [blocks, 66] from their code bytes qs [blocks, 64] (both C-contiguous uint8): the codes,
+    then `d` = the f16 bits `one`, or +0 where a block's codes are all zero."""
+    _require(qs, out)
+    if qs.shape[0] != out.shape[0] or qs.shape[1:] != (64,) or out.shape[1:] != (66,):
+        raise ValueError(f"tq2_0_blocks takes [blocks, 64] and [blocks, 66], got {qs.shape} and {out.shape}")
+    _library().bitnet_tq2_0_blocks(qs.ctypes.data, qs.shape[0], one, out.ctypes.data)
+
+
+def has_code3(flat: np.ndarray, level: int | None = None) -> bool:
+    """_bits.has_code3 of C-contiguous uint8 `flat`."""
+    _require(flat)
+    return bool(_library().bitnet_has_code3(flat.ctypes.data, flat.size, _level(level)))
+
+
+def bf16_to_f16(src: np.ndarray, dst: np.ndarray, limit: int, level: int | None = None) -> bool:
+    """dst (float16 bits) = src (bf16 bits), both C-contiguous uint16 of one size, rounded to nearest even as
+    ml_dtypes casts; True when every value's magnitude bits are below `limit`, False otherwise (dst then holds
+    nothing the caller may use)."""
+    _require(src, dst)
+    if src.size != dst.size or src.itemsize != 2 or dst.itemsize != 2:
+        raise ValueError("bf16_to_f16 takes two 16-bit arrays of one size")
+    return not _library().bitnet_bf16_to_f16(src.ctypes.data, dst.ctypes.data, src.size, limit, _level(level))
+
+
+def _require(*arrays: np.ndarray) -> None:
+    for array in arrays:
+        if not array.flags.c_contiguous:
+            raise ValueError("the native codecs take C-contiguous arrays")
