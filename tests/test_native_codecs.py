@@ -10,7 +10,7 @@ import pytest
 
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.gguf import stored, tq
-from bitnet_core.codecs import _bits, hf2bit, native
+from bitnet_core.codecs import _bits, hf2bit, native, trits
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native codecs unavailable: {native.reason()}")
 
@@ -53,6 +53,29 @@ def test_to_rows_is_the_layout(level, rows, n_in, reverse):
         assert np.array_equal(part[:, 1:-1], expected[:, 1:-1])
         assert (part[:, [0, -1]] == 0xAB).all()
     assert np.array_equal(hf2bit.to_rows(packed, reverse), expected)  # what the transcoders call
+
+
+def _trits_by_definition(packed: np.ndarray) -> np.ndarray:
+    """trits' layout from its docstring: the flattened codes' digits (code + 1; value row k*R + r is field k of
+    HF row r), padded with digit 1 to a multiple of five, byte i = d[5i] + 3 d[5i+1] + ... + 81 d[5i+4]."""
+    digits = np.concatenate([((packed >> (2 * k)) & 3).reshape(-1) for k in range(4)]).astype(np.int64)
+    digits = np.concatenate([digits, np.ones(-digits.size % 5, np.int64)]).reshape(-1, 5)
+    return (digits @ 3 ** np.arange(5)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("rows", "n_in"), [(1, 1), (1, 2), (3, 7), (5, 13), (64, 256), (640, 2560)])
+def test_to_trits_is_the_layout(rows, n_in):
+    packed = _hf_bytes(np.random.default_rng(rows + n_in), rows, n_in)
+    expected = _trits_by_definition(packed)
+    out = np.full(expected.size, 0xFF, np.uint8)
+    native.to_trits(packed, out, 0, out.size)
+    assert np.array_equal(out, expected)
+    for cut in {1, out.size // 2, out.size - 1} - {0, out.size}:  # two ranges, as two threads make them
+        part = np.full_like(out, 0xFF)
+        native.to_trits(packed, part, 0, cut)
+        native.to_trits(packed, part, cut, out.size)
+        assert np.array_equal(part, expected), cut
+    assert np.array_equal(trits.from_hf2bit(packed, 4 * rows), expected)  # what the npz writer calls
 
 
 @pytest.mark.parametrize("level", _levels())
@@ -109,6 +132,8 @@ def test_the_functions_refuse_what_they_cannot_read():
         native.has_code3(packed[:, ::2])
     with pytest.raises(ValueError, match="level"):
         native.has_code3(packed.reshape(-1), native.cpu_level() + 1)
+    with pytest.raises(ValueError, match="to_trits"):
+        native.to_trits(packed, np.zeros(5, np.uint8), 0, 5)
     with pytest.raises(ValueError, match="one size"):
         native.bf16_to_f16(np.zeros(4, np.uint16), np.zeros(5, np.uint16), 0x4780)
 
@@ -117,22 +142,22 @@ SIZES = {"small": {"hidden_size": 256, "intermediate_size": 512, "num_attention_
          "wider": {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8}}
 
 
-@pytest.mark.parametrize("options", [{"target": "bitnet.cpp"}, {"target": "llama.cpp", "outtype": "tq2_0"}])
+@pytest.mark.parametrize(("fmt", "options", "transcoder"), [("gguf", {"target": "bitnet.cpp"}, "to_rows"),
+                                                         ("gguf", {"outtype": "tq2_0"}, "to_rows"),
+                                                         ("npz", {}, "to_trits")])
 @pytest.mark.parametrize(("size", "chaotic"), [("small", False), ("wider", True)])
-def test_conversions_are_the_same_bytes_without_the_library(options, size, chaotic, hf_checkpoint, tmp_path,
-                                                            monkeypatch):
+def test_conversions_are_the_same_bytes_without_the_library(fmt, options, transcoder, size, chaotic, hf_checkpoint,
+                                                            tmp_path, monkeypatch):
     """An HF folder written with transformers' packing: its projections take the transcoding paths."""
     folder = hf_checkpoint(is_chaotic=chaotic, **SIZES[size])
     calls = []
-    to_rows = native.to_rows
-    monkeypatch.setattr(native, "to_rows", lambda *args, **kw: calls.append(1) or to_rows(*args, **kw))
-    registry.format_module("gguf").write(registry.read_checkpoint(str(folder)), str(tmp_path / "native.gguf"),
-                                         **options)
+    function = getattr(native, transcoder)
+    monkeypatch.setattr(native, transcoder, lambda *args, **kw: calls.append(1) or function(*args, **kw))
+    registry.format_module(fmt).write(registry.read_checkpoint(str(folder)), str(tmp_path / "native"), **options)
     assert calls  # the library made the projections
     monkeypatch.setattr(native, "available", lambda: False)
-    registry.format_module("gguf").write(registry.read_checkpoint(str(folder)), str(tmp_path / "numpy.gguf"),
-                                         **options)
-    assert (tmp_path / "native.gguf").read_bytes() == (tmp_path / "numpy.gguf").read_bytes()
+    registry.format_module(fmt).write(registry.read_checkpoint(str(folder)), str(tmp_path / "numpy"), **options)
+    assert (tmp_path / "native").read_bytes() == (tmp_path / "numpy").read_bytes()
 
 
 def test_without_a_compiler_the_numpy_codecs_stay(tmp_path, monkeypatch):

@@ -7,6 +7,10 @@
 //   numpy makes 24 passes over the tensor for them; here one pass keeps the four bytes in registers.
 // bitnet_tq2_0_blocks: tq.tq2_0_from_hf2bit's blocks from to_rows' bytes: each block's 64 code bytes, then its
 //   f16 `d`: `one`, or +0 for a block of zero codes only (every byte 0x55).
+// bitnet_hf2bit_to_trits: trits.from_hf2bit (HF bytes [R, in] -> five base-3 digits per byte), output bytes
+//   [j0, j1): the digits in order are field k of every HF byte, for k = 0..3 (the flattened codes' row blocks),
+//   then digit 1 up to a multiple of five; byte j = sum of 3^m * digit 5j + m. numpy spread the digits over a
+//   buffer 4x the input first.
 // bitnet_has_code3: _bits.has_code3 (any 2-bit field equal to 3).
 // bitnet_bf16_to_f16: bf16 -> f16 bits rounded to nearest even, as ml_dtypes casts, for values whose magnitude
 //   bits (sign cleared) are below `limit`; returns 1 if any value is not (the caller then takes its checked
@@ -17,6 +21,7 @@
 // says the highest this CPU runs. Vector code is compiled under `#pragma GCC target` and only called at a
 // level the CPU has.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -104,6 +109,39 @@ void tq2_0_blocks(const uint8_t* qs, int64_t blocks, uint16_t one, uint8_t* out)
     const uint16_t d = differ ? one : 0;
     std::memcpy(block + kCodeBytes, &d, 2);  // little endian, as every GGUF field
   }
+}
+
+// Digit n of the HF bytes `packed` (n_bytes of them): field n / n_bytes of byte n % n_bytes; past the last
+// digit, the padding digit 1.
+inline uint32_t hf_digit(const uint8_t* packed, int64_t n_bytes, int64_t n) {
+  if (n >= 4 * n_bytes) return 1;
+  return (packed[n % n_bytes] >> (2 * (n / n_bytes))) & 3u;
+}
+
+void hf2bit_to_trits(const uint8_t* packed, int64_t n_bytes, uint8_t* out, int64_t j0, int64_t j1) {
+  // Five digits of one plane k in bytes 0..4 of a little-endian word (field k of 5 consecutive HF bytes, masked
+  // to 2 bits each), times kPlaces, put d0 + 3 d1 + 9 d2 + 27 d3 + 81 d4 in bits 32..39: every partial sum
+  // stays under 256, so no carry reaches bit 40 and nothing from above bit 39 lands in the byte.
+  constexpr uint64_t kPlaces = 81ull | 27ull << 8 | 9ull << 16 | 3ull << 24 | 1ull << 32;
+  constexpr uint64_t kFields = 0x0303030303ull;  // the low 2 bits of bytes 0..4
+  auto one_by_one = [&](int64_t j) {  // bytes across two planes, near the input's end, or of padding
+    uint32_t byte = 0;
+    for (int m = 4; m >= 0; --m) byte = 3 * byte + hf_digit(packed, n_bytes, 5 * j + m);
+    out[j] = uint8_t(byte);
+  };
+  int64_t j = j0;
+  for (int k = 0; k < 4 && j < j1; ++k) {
+    // bytes whose five digits lie in plane k with the 8-byte load inside the input: 5j >= k n, 5j + 8 <= (k + 1) n
+    const int64_t first = (k * n_bytes + 4) / 5, end = std::max(first, ((k + 1) * n_bytes - 8) / 5 + 1);
+    for (; j < std::min(first, j1); ++j) one_by_one(j);
+    const uint8_t* at = packed + (5 * j - k * n_bytes);
+    for (; j < std::min(end, j1); ++j, at += 5) {
+      uint64_t w;
+      std::memcpy(&w, at, 8);
+      out[j] = uint8_t((((w >> (2 * k)) & kFields) * kPlaces) >> 32);
+    }
+  }
+  for (; j < j1; ++j) one_by_one(j);
 }
 
 int has_code3_scalar(const uint8_t* p, int64_t n, int64_t from) {
@@ -229,6 +267,10 @@ void bitnet_hf2bit_to_rows(const uint8_t* packed, int64_t R, int64_t n_in, int r
   if (level >= 1) return to_rows_avx2(packed, R, n_in, reverse, out, r0, r1);  // 32 bytes are one group
 #endif
   to_rows_scalar(packed, R, n_in, reverse, out, r0, r1);
+}
+
+void bitnet_hf2bit_to_trits(const uint8_t* packed, int64_t n_bytes, uint8_t* out, int64_t j0, int64_t j1) {
+  hf2bit_to_trits(packed, n_bytes, out, j0, j1);
 }
 
 void bitnet_tq2_0_blocks(const uint8_t* qs, int64_t blocks, uint16_t one, uint8_t* out) {

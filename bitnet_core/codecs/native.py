@@ -2,7 +2,8 @@
 without a C++ compiler and as the reference the tests hold these to, byte for byte.
 
 Why: a 2B4T conversion spent most of its producer's time in whole-array numpy passes (the 24 byte-wise
-operations of a 2-bit field transpose, a bf16 -> f16 cast, the code-3 scan): native.cc does each in one pass,
+operations of a 2-bit field transpose, a bf16 -> f16 cast, the code-3 scan, base-3 digits spread over a buffer
+four times the input): native.cc does each in one pass,
 7-15x faster (BENCHMARKS.md, design measurements). ctypes releases the GIL during a call, so callers split rows
 over the cores with bitnet_core.parallel as they did for numpy.
 
@@ -70,6 +71,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_codecs_level.restype = ctypes.c_int
         lib.bitnet_hf2bit_to_rows.argtypes = [pointer, size, size, ctypes.c_int, pointer, size, size, ctypes.c_int]
         lib.bitnet_hf2bit_to_rows.restype = None
+        lib.bitnet_hf2bit_to_trits.argtypes = [pointer, size, pointer, size, size]
+        lib.bitnet_hf2bit_to_trits.restype = None
         lib.bitnet_tq2_0_blocks.argtypes = [pointer, size, ctypes.c_uint16, pointer]
         lib.bitnet_tq2_0_blocks.restype = None
         lib.bitnet_has_code3.argtypes = [pointer, size, ctypes.c_int]
@@ -114,6 +117,15 @@ def to_rows(packed: np.ndarray, reverse_groups: bool, planes: np.ndarray, start:
     _require(packed, planes)
     _library().bitnet_hf2bit_to_rows(packed.ctypes.data, rows, n_in, int(reverse_groups), planes.ctypes.data, start,
                                      stop, _level(level))
+
+
+def to_trits(packed: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """trits.from_hf2bit's bytes [start, stop) of `out` (uint8 [ceil(4 n / 5)]) from the n C-contiguous HF bytes
+    `packed`."""
+    _require(packed, out)
+    if out.size != -(-4 * packed.size // 5) or not 0 <= start <= stop <= out.size:
+        raise ValueError(f"to_trits: {out.size} output bytes for {packed.size} HF bytes, range [{start}, {stop})")
+    _library().bitnet_hf2bit_to_trits(packed.ctypes.data, packed.size, out.ctypes.data, start, stop)
 
 
 def tq2_0_blocks(qs: np.ndarray, out: np.ndarray, one: int) -> None:

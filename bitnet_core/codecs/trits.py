@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitnet_core.codecs import hf2bit
+from bitnet_core import parallel
+from bitnet_core.codecs import hf2bit, native
 from bitnet_core.codecs._bits import field
 from bitnet_core.errors import CorruptData
 
@@ -58,6 +59,10 @@ def from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
         return pack(hf2bit.unpack(packed, out_features))
     packed = hf2bit.check(packed, out_features)
     count = packed.size * hf2bit.VALUES_PER_BYTE
+    if native.available() and packed.flags.c_contiguous:
+        out = np.empty(packed_size(count), np.uint8)
+        parallel.for_row_ranges(out.size, out.nbytes, lambda start, stop: native.to_trits(packed, out, start, stop))
+        return out
     digits = _digit_buffer(count)
     planes = digits[:count].reshape(hf2bit.VALUES_PER_BYTE, *packed.shape)  # rows k*R + r = row r of plane k
     for k in range(hf2bit.VALUES_PER_BYTE):
