@@ -10,7 +10,7 @@ import pytest
 
 from bitnet_convert.formats import registry
 from bitnet_convert.formats.gguf import stored, tq
-from bitnet_core.codecs import _bits, hf2bit, native, trits
+from bitnet_core.codecs import _bits, hf2bit, native, rows4, trits
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native codecs unavailable: {native.reason()}")
 
@@ -53,6 +53,32 @@ def test_to_rows_is_the_layout(level, rows, n_in, reverse):
         assert np.array_equal(part[:, 1:-1], expected[:, 1:-1])
         assert (part[:, [0, -1]] == 0xAB).all()
     assert np.array_equal(hf2bit.to_rows(packed, reverse), expected)  # what the transcoders call
+
+
+def _rows4_by_definition(packed: np.ndarray) -> np.ndarray:
+    """rows4's layout from its docstring: byte (r, i) holds value row 4r + k in field k; value row k*R + r is
+    field k of HF row r."""
+    rows = packed.shape[0]
+    values = np.concatenate([(packed >> (2 * k)) & 3 for k in range(4)])  # value rows in order
+    grouped = values.reshape(rows, 4, -1)  # [r, k]: value row 4r + k
+    return (grouped[:, 0] | grouped[:, 1] << 2 | grouped[:, 2] << 4 | grouped[:, 3] << 6).astype(np.uint8)
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize(("rows", "n_in"), [(4, 1), (4, 37), (8, 64), (20, 100), (640, 2560)])
+def test_to_rows4_is_the_layout(level, rows, n_in):
+    packed = _hf_bytes(np.random.default_rng(rows * n_in), rows, n_in)
+    expected = _rows4_by_definition(packed)
+    out = np.full_like(packed, 0xAB)
+    native.to_rows4(packed, out, 0, rows // 4, level)
+    assert np.array_equal(out, expected)
+    if rows >= 8:  # a range of groups writes their rows and nothing else
+        part = np.full_like(packed, 0xAB)
+        native.to_rows4(packed, part, 1, rows // 4, level)
+        written = np.ones(rows, bool)
+        written[[k * (rows // 4) for k in range(4)]] = False  # group 0's four rows
+        assert np.array_equal(part[written], expected[written]) and (part[~written] == 0xAB).all()
+    assert np.array_equal(rows4.from_hf2bit(packed, 4 * rows), expected)  # what the Flax writer calls
 
 
 def _trits_by_definition(packed: np.ndarray) -> np.ndarray:
@@ -144,7 +170,7 @@ SIZES = {"small": {"hidden_size": 256, "intermediate_size": 512, "num_attention_
 
 @pytest.mark.parametrize(("fmt", "options", "transcoder"), [("gguf", {"target": "bitnet.cpp"}, "to_rows"),
                                                          ("gguf", {"outtype": "tq2_0"}, "to_rows"),
-                                                         ("npz", {}, "to_trits")])
+                                                         ("npz", {}, "to_trits"), ("flax", {}, "to_rows4")])
 @pytest.mark.parametrize(("size", "chaotic"), [("small", False), ("wider", True)])
 def test_conversions_are_the_same_bytes_without_the_library(fmt, options, transcoder, size, chaotic, hf_checkpoint,
                                                             tmp_path, monkeypatch):
@@ -157,7 +183,14 @@ def test_conversions_are_the_same_bytes_without_the_library(fmt, options, transc
     assert calls  # the library made the projections
     monkeypatch.setattr(native, "available", lambda: False)
     registry.format_module(fmt).write(registry.read_checkpoint(str(folder)), str(tmp_path / "numpy"), **options)
-    assert (tmp_path / "native").read_bytes() == (tmp_path / "numpy").read_bytes()
+    assert _contents(tmp_path / "native") == _contents(tmp_path / "numpy")
+
+
+def _contents(path) -> dict:
+    """A file's bytes, or a folder's files' bytes by name."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_without_a_compiler_the_numpy_codecs_stay(tmp_path, monkeypatch):

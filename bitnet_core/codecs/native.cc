@@ -7,6 +7,8 @@
 //   numpy makes 24 passes over the tensor for them; here one pass keeps the four bytes in registers.
 // bitnet_tq2_0_blocks: tq.tq2_0_from_hf2bit's blocks from to_rows' bytes: each block's 64 code bytes, then its
 //   f16 `d`: `one`, or +0 for a block of zero codes only (every byte 0x55).
+// bitnet_hf2bit_to_rows4: rows4.from_hf2bit (HF bytes [R, in] -> rows4 bytes [R, in]: HF rows 4q + j, j = 0..3,
+//   hold in field k what rows4 row k*R/4 + q holds in field j: the same 4x4 transpose), for q in [q0, q1).
 // bitnet_hf2bit_to_trits: trits.from_hf2bit (HF bytes [R, in] -> five base-3 digits per byte), output bytes
 //   [j0, j1): the digits in order are field k of every HF byte, for k = 0..3 (the flattened codes' row blocks),
 //   then digit 1 up to a multiple of five; byte j = sum of 3^m * digit 5j + m. numpy spread the digits over a
@@ -118,6 +120,27 @@ inline uint32_t hf_digit(const uint8_t* packed, int64_t n_bytes, int64_t n) {
   return (packed[n % n_bytes] >> (2 * (n / n_bytes))) & 3u;
 }
 
+// Bytes [at, at + n), n <= 8, of the four rows in[j], their 4x4 matrices of fields transposed into rows out[k].
+inline void transpose_rows_scalar(const uint8_t* const in[4], uint8_t* const out[4], int64_t at, int64_t n) {
+  uint64_t v[4] = {0, 0, 0, 0};
+  for (int j = 0; j < 4; ++j) std::memcpy(&v[j], in[j] + at, n);
+  delta_swap(v[0], v[2], 4, kLow4);
+  delta_swap(v[1], v[3], 4, kLow4);
+  delta_swap(v[0], v[1], 2, kLow2Pairs);
+  delta_swap(v[2], v[3], 2, kLow2Pairs);
+  for (int k = 0; k < 4; ++k) std::memcpy(out[k] + at, &v[k], n);
+}
+
+void to_rows4_scalar(const uint8_t* packed, int64_t R, int64_t n_in, uint8_t* out, int64_t q0, int64_t q1,
+                     int64_t from) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const uint8_t* in[4];
+    uint8_t* to[4];
+    for (int j = 0; j < 4; ++j) in[j] = packed + (4 * q + j) * n_in, to[j] = out + (j * (R / 4) + q) * n_in;
+    for (int64_t i = from; i < n_in; i += 8) transpose_rows_scalar(in, to, i, std::min<int64_t>(8, n_in - i));
+  }
+}
+
 void hf2bit_to_trits(const uint8_t* packed, int64_t n_bytes, uint8_t* out, int64_t j0, int64_t j1) {
   // Five digits of one plane k in bytes 0..4 of a little-endian word (field k of 5 consecutive HF bytes, masked
   // to 2 bits each), times kPlaces, put d0 + 3 d1 + 9 d2 + 27 d3 + 81 d4 in bits 32..39: every partial sum
@@ -189,6 +212,24 @@ void to_rows_avx2(const uint8_t* packed, int64_t R, int64_t n_in, int reverse, u
       uint8_t* o = out + r * row_bytes + 32 * j;
       for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * plane), v[k]);
     }
+}
+
+void to_rows4_avx2(const uint8_t* packed, int64_t R, int64_t n_in, uint8_t* out, int64_t q0, int64_t q1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2_pairs = _mm256_set1_epi8(0x33);
+  const int64_t whole = n_in - n_in % 32;
+  for (int64_t q = q0; q < q1; ++q)
+    for (int64_t i = 0; i < whole; i += 32) {
+      __m256i v[4];
+      for (int j = 0; j < 4; ++j)
+        v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + (4 * q + j) * n_in + i));
+      delta_swap(v[0], v[2], 4, low4);
+      delta_swap(v[1], v[3], 4, low4);
+      delta_swap(v[0], v[1], 2, low2_pairs);
+      delta_swap(v[2], v[3], 2, low2_pairs);
+      for (int k = 0; k < 4; ++k)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k * (R / 4) + q) * n_in + i), v[k]);
+    }
+  if (whole < n_in) to_rows4_scalar(packed, R, n_in, out, q0, q1, whole);
 }
 
 int has_code3_avx2(const uint8_t* p, int64_t n) {
@@ -267,6 +308,14 @@ void bitnet_hf2bit_to_rows(const uint8_t* packed, int64_t R, int64_t n_in, int r
   if (level >= 1) return to_rows_avx2(packed, R, n_in, reverse, out, r0, r1);  // 32 bytes are one group
 #endif
   to_rows_scalar(packed, R, n_in, reverse, out, r0, r1);
+}
+
+void bitnet_hf2bit_to_rows4(const uint8_t* packed, int64_t R, int64_t n_in, uint8_t* out, int64_t q0, int64_t q1,
+                            int level) {
+#if defined(__x86_64__)
+  if (level >= 1) return to_rows4_avx2(packed, R, n_in, out, q0, q1);
+#endif
+  to_rows4_scalar(packed, R, n_in, out, q0, q1, 0);
 }
 
 void bitnet_hf2bit_to_trits(const uint8_t* packed, int64_t n_bytes, uint8_t* out, int64_t j0, int64_t j1) {

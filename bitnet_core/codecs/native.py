@@ -71,6 +71,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bitnet_codecs_level.restype = ctypes.c_int
         lib.bitnet_hf2bit_to_rows.argtypes = [pointer, size, size, ctypes.c_int, pointer, size, size, ctypes.c_int]
         lib.bitnet_hf2bit_to_rows.restype = None
+        lib.bitnet_hf2bit_to_rows4.argtypes = [pointer, size, size, pointer, size, size, ctypes.c_int]
+        lib.bitnet_hf2bit_to_rows4.restype = None
         lib.bitnet_hf2bit_to_trits.argtypes = [pointer, size, pointer, size, size]
         lib.bitnet_hf2bit_to_trits.restype = None
         lib.bitnet_tq2_0_blocks.argtypes = [pointer, size, ctypes.c_uint16, pointer]
@@ -117,6 +119,16 @@ def to_rows(packed: np.ndarray, reverse_groups: bool, planes: np.ndarray, start:
     _require(packed, planes)
     _library().bitnet_hf2bit_to_rows(packed.ctypes.data, rows, n_in, int(reverse_groups), planes.ctypes.data, start,
                                      stop, _level(level))
+
+
+def to_rows4(packed: np.ndarray, out: np.ndarray, start: int, stop: int, level: int | None = None) -> None:
+    """rows4.from_hf2bit of C-contiguous HF bytes `packed` [R, in] (R a multiple of 4) into C-contiguous `out`
+    [R, in], for the groups of four HF rows [start, stop)."""
+    _require(packed, out)
+    rows, n_in = packed.shape
+    if rows % 4 or out.shape != packed.shape or not 0 <= start <= stop <= rows // 4:
+        raise ValueError(f"to_rows4: {packed.shape} into {out.shape}, groups [{start}, {stop})")
+    _library().bitnet_hf2bit_to_rows4(packed.ctypes.data, rows, n_in, out.ctypes.data, start, stop, _level(level))
 
 
 def to_trits(packed: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:

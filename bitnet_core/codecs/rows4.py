@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitnet_core.codecs import hf2bit
+from bitnet_core import parallel
+from bitnet_core.codecs import hf2bit, native
 from bitnet_core.codecs._bits import field, has_code3, transpose_fields
 from bitnet_core.errors import CorruptData
 
@@ -86,6 +87,11 @@ def from_hf2bit(packed: np.ndarray, out_features: int) -> np.ndarray:
     if packed.ndim != 2 or not _fast(*packed.shape):
         return pack(hf2bit.unpack(packed, out_features))
     rows, n_in = packed.shape
+    if native.available() and packed.flags.c_contiguous:
+        out = np.empty_like(packed)
+        parallel.for_row_ranges(rows // VALUES_PER_BYTE, packed.nbytes,
+                                lambda start, stop: native.to_rows4(packed, out, start, stop))
+        return out
     planes = np.empty((VALUES_PER_BYTE, rows // VALUES_PER_BYTE, n_in), np.uint8)
     np.copyto(planes, packed.reshape(rows // VALUES_PER_BYTE, VALUES_PER_BYTE, n_in).transpose(1, 0, 2))
     transpose_fields(planes)  # plane k is now rows4 packed rows k*R/4 .. (k+1)*R/4 - 1
