@@ -1,4 +1,5 @@
-"""Whole-array bit tricks the 2-bit codecs share (hf2bit, i2s, tq); numpy only, no per-value Python.
+"""Whole-array bit tricks the 2-bit codecs share (hf2bit, i2s, tq); numpy only, no per-value Python. Where the
+codecs' C++ library is built (native.py), the hot ones run there in one pass instead, to the same bytes.
 
 Why they are written this way (`benchmarks/bench_codecs.py`; BENCHMARKS.md, design measurements): byte-wise
 shifts, masks and adds on uint8/int8 arrays written into preallocated outputs (`out=`) vectorize; int16

@@ -13,7 +13,7 @@ Packing reads five digit bytes as one unaligned little-endian uint64 (a stride-5
 constant that sums the digits with their place values into one byte of the product: one multiply per byte
 instead of Horner's rule over five stride-5 columns (BENCHMARKS.md, design measurements). `from_hf2bit` takes
 the digits straight from HF packed bytes' 2-bit fields: the HF planes k = 0..3 are the row blocks of the
-flattened matrix, in order.
+flattened matrix, in order (native.cc's version reads five HF bytes as one word per output byte instead).
 """
 
 from __future__ import annotations
