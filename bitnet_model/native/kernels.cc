@@ -18,9 +18,10 @@
 //       summed in int16 over blocks of columns short enough not to overflow, then widened with VPMADDWD. One
 //       token reads the packed bytes directly; from two on, a task unpacks its rows' codes once and runs tiles
 //       of 4 outputs x 3 tokens over them.
-//     * AVX-512 VNNI (few tokens): each 64-byte load of a packed row gives four rows of 64 codes (shift +
-//       mask) for VPDPBUSD. Both loops read each packed byte once: decode is bound by memory bandwidth,
-//       0.52 GB of weights per 2B4T token.
+//     * AVX-512 VNNI (few tokens; every token count on a CPU without AMX): each 64-byte load of a packed row
+//       gives four rows of 64 codes (shift + mask) for VPDPBUSD, into tiles of 4 outputs x up to 4 tokens
+//       whose 16 accumulators stay in registers (see vnni_rows). Both loops read each packed byte once: decode
+//       is bound by memory bandwidth, 0.52 GB of weights per 2B4T token.
 //     * AMX (many tokens): a panel of 32 output rows is unpacked once to signed int8 codes and multiplied
 //       by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, float32, or int8 codes of the
@@ -656,45 +657,64 @@ inline __m512 dequantize(__m512i acc, float inv_scale, float multiplier) {
 
 // ---------------------------------------------------------------------------------- VNNI (few tokens)
 
-// out[t, 4r + k] for packed rows [r0, r1) of `p` and the NT tokens from t0.
+// acc[4t + k] += the codes of bits 2k..2k+1 of `bytes` times x[t], for one block of 64 columns.
+template <int NT>
+inline void vnni_block(__m512i (&acc)[NT * kValuesPerByte], __m512i bytes, const __m512i (&x)[NT]) {
+  const __m512i three = _mm512_set1_epi8(3);
+  const __m512i c0 = _mm512_and_si512(bytes, three);
+  const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(bytes, 2), three);
+  const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), three);
+  const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(bytes, 6), three);
+  for (int t = 0; t < NT; ++t) {
+    acc[4 * t + 0] = _mm512_dpbusd_epi32(acc[4 * t + 0], c0, x[t]);
+    acc[4 * t + 1] = _mm512_dpbusd_epi32(acc[4 * t + 1], c1, x[t]);
+    acc[4 * t + 2] = _mm512_dpbusd_epi32(acc[4 * t + 2], c2, x[t]);
+    acc[4 * t + 3] = _mm512_dpbusd_epi32(acc[4 * t + 3], c3, x[t]);
+  }
+}
+
+// sums[4t + k] += the products of the last n < 64 columns (at `bytes`, and x + t * K): a function of its own,
+// with accumulators of its own (see vnni_rows).
+template <int NT>
+__attribute__((noinline)) void vnni_tail(const uint8_t* bytes, const int8_t* x, int64_t K, int64_t n,
+                                         int32_t (&sums)[NT * kValuesPerByte]) {
+  const __mmask64 mask = (~0ULL) >> (64 - n);  // masked-off bytes load as 0: code 0 times activation 0
+  __m512i acc[NT * kValuesPerByte], xs[NT];
+  for (__m512i& sum : acc) sum = _mm512_setzero_si512();
+  for (int t = 0; t < NT; ++t) xs[t] = _mm512_maskz_loadu_epi8(mask, x + t * K);
+  vnni_block<NT>(acc, _mm512_maskz_loadu_epi8(mask, bytes), xs);
+  for (int i = 0; i < NT * kValuesPerByte; ++i) sums[i] += _mm512_reduce_add_epi32(acc[i]);
+}
+
+// out[t, 4r + k] for packed rows [r0, r1) of `p` and the NT tokens from t0. The accumulators stay in registers
+// only while nothing else shares the function with them: with the float epilogue reading them, or a second block
+// loop for the last columns, GCC 12 kept a copy of every accumulator on the stack and stored all 16 per block of
+// 4 tokens (up to 1.27x slower, BENCHMARKS.md's kernel notes). So the sums leave the accumulators before the
+// epilogue, and the last K % 64 columns run in vnni_tail.
 template <int NT>
 void vnni_rows(const Projection& p, const Activations& a, int64_t r0, int64_t r1, int64_t t0) {
   const int64_t K = a.K, O = p.R * kValuesPerByte;
   const int8_t* x = a.q + t0 * K;
-  const __m512i three = _mm512_set1_epi8(3);
   const int64_t full = K & ~int64_t(63);
-  const __mmask64 tail_mask = (K - full) ? ((~0ULL) >> (64 - (K - full))) : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.packed + r * K;
-    __m512i acc[NT][kValuesPerByte];
-    for (int t = 0; t < NT; ++t)
-      for (int k = 0; k < kValuesPerByte; ++k) acc[t][k] = _mm512_setzero_si512();
-    auto step = [&](__m512i bytes, auto load_x) {
-      const __m512i c0 = _mm512_and_si512(bytes, three);
-      const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(bytes, 2), three);
-      const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), three);
-      const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(bytes, 6), three);
-      for (int t = 0; t < NT; ++t) {
-        const __m512i xv = load_x(t);
-        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], c0, xv);
-        acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], c1, xv);
-        acc[t][2] = _mm512_dpbusd_epi32(acc[t][2], c2, xv);
-        acc[t][3] = _mm512_dpbusd_epi32(acc[t][3], c3, xv);
-      }
-    };
+    __m512i acc[NT * kValuesPerByte];  // acc[4t + k]: token t0 + t, output 4r + k
+    for (__m512i& sum : acc) sum = _mm512_setzero_si512();
     for (int64_t i = 0; i < full; i += 64) {
       if constexpr (NT > 1)  // see kPrefetchRows
         _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + i), _MM_HINT_T0);
-      step(_mm512_loadu_si512(row + i), [&](int t) { return _mm512_loadu_si512(x + t * K + i); });
+      __m512i xs[NT];
+      for (int t = 0; t < NT; ++t) xs[t] = _mm512_loadu_si512(x + t * K + i);
+      vnni_block<NT>(acc, _mm512_loadu_si512(row + i), xs);
     }
-    if (tail_mask)  // masked-off bytes load as 0: code 0 times activation 0
-      step(_mm512_maskz_loadu_epi8(tail_mask, row + full),
-           [&](int t) { return _mm512_maskz_loadu_epi8(tail_mask, x + t * K + full); });
+    int32_t sums[NT * kValuesPerByte];
+    for (int i = 0; i < NT * kValuesPerByte; ++i) sums[i] = _mm512_reduce_add_epi32(acc[i]);
+    if (full < K) vnni_tail<NT>(row + full, x + full, K, K - full, sums);
     for (int t = 0; t < NT; ++t) {
       const int64_t token = t0 + t;
       const float inv_scale = a.inv_scale[token];
       for (int k = 0; k < kValuesPerByte; ++k) {  // scalar dequantize()
-        const int32_t sum = _mm512_reduce_add_epi32(acc[t][k]) - a.sum[token];
+        const int32_t sum = sums[4 * t + k] - a.sum[token];
         const int64_t at = token * O + r * kValuesPerByte + k;
         const float y = (float(sum) * inv_scale) * p.multiplier;
         p.out[at] = p.residual ? p.residual[at] + y : y;
