@@ -4,8 +4,13 @@ executables):
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -38,3 +43,36 @@ def compiled(path: Path, compile_to, *, force: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def compiler() -> str:
+    """The C++ compiler the tool builds with: `$CXX`, else g++."""
+    return os.environ.get("CXX", "g++")
+
+
+def library_path(kind: str, name: str, sources: Sequence[Path], flags: Sequence[str], key: str = "") -> Path:
+    """Where the library built from `sources` (the file compiled, then what it includes) lives, built or not:
+    `name-KEY.so` in the folder of `kind`, KEY covering their bytes, the compiler, `flags`, the machine and
+    `key` (what else the build depends on)."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    digest.update(f"{key} {compiler()} {' '.join(flags)} {platform.machine()}".encode())
+    return cache_dir(kind) / f"{name}-{digest.hexdigest()[:16]}.so"
+
+
+def build_library(path: Path, source: Path, flags: Sequence[str], *, force: bool = False) -> Path:
+    """`path` (a library_path), compiled from `source` with `flags` unless it is there (`compiled` says how);
+    RuntimeError with the compiler's message when it cannot be."""
+    if path.exists() and not force:
+        return path
+    found = shutil.which(compiler())
+    if found is None:
+        raise RuntimeError(f"no C++ compiler ({compiler()}) on PATH")
+
+    def compile_to(tmp: str) -> None:
+        done = subprocess.run([found, *flags, str(source), "-o", tmp], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {source.name} failed: {done.stderr.strip()[-2000:]}")
+
+    return compiled(path, compile_to, force=force)

@@ -12,10 +12,11 @@ import json
 import threading
 
 import blake3
+import model_hashing
 import numpy as np
 import pytest
 
-from bitnet_convert.fileio.integrity import HASH_ALGORITHM, HASH_V4, ModelHasher, TensorDigests
+from bitnet_convert.fileio.integrity import HASH_ALGORITHM, HASH_V4, TensorDigests
 
 SIZES = {"blk.0.w": 3 * 1024 * 1024 + 12_345, "norm": 1000, "empty": 0}
 # Of these tensors with config.json "{}": a change to the algorithm that keeps both computations in step shows here.
@@ -25,9 +26,7 @@ EMPTY_BLAKE3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262
 
 
 def _tensors() -> dict[str, np.ndarray]:
-    """Bytes that repeat only every 251 (a prime)."""
-    return {name: ((np.arange(size, dtype=np.int64) * 131 + len(name)) % 251).astype(np.uint8)
-            for name, size in SIZES.items()}
+    return model_hashing.patterned(SIZES)
 
 
 def _independent_digest(tensors: dict[str, np.ndarray], config: bytes) -> str:
@@ -39,20 +38,8 @@ def _independent_digest(tensors: dict[str, np.ndarray], config: bytes) -> str:
     return blake3.blake3(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _digest(tensors: dict[str, np.ndarray], *, background: bool = False, piece: int | None = None,
-            config: bytes = b"{}") -> str:
-    hasher = ModelHasher(background, HASH_V4)
-    for name, data in tensors.items():
-        if piece is None:
-            hasher.add(name, "U8", data.shape, data)
-            continue
-        hasher.begin(name, "U8", data.shape, data.nbytes)
-        for start in range(0, data.nbytes, piece):
-            hasher.update(data[start : start + piece].copy())  # fresh pieces, as writers hand over
-    hasher.add_config("config.json", config)
-    digest = hasher.hexdigest()
-    hasher.close()
-    return digest
+def _digest(tensors: dict[str, np.ndarray], **how) -> str:
+    return model_hashing.digest(tensors, HASH_V4, **how)
 
 
 def test_writers_record_v4():

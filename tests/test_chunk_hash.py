@@ -11,10 +11,11 @@ import hashlib
 import json
 import threading
 
+import model_hashing
 import numpy as np
 import pytest
 
-from bitnet_convert.fileio.integrity import CHUNK_BYTES, HASH_V3, ChunkHasher, ModelHasher
+from bitnet_convert.fileio.integrity import CHUNK_BYTES, HASH_V3, ChunkHasher
 
 # Three tensors: one of two whole chunks and a short third, one shorter than a chunk, one empty.
 SIZES = {"blk.0.w": 2 * CHUNK_BYTES + 12_345, "norm": 1000, "empty": 0}
@@ -23,9 +24,7 @@ KNOWN_DIGEST = "4b6b8f83cca5f72cd7cdec5ac52c646a706677bd15daf67ebe4882990f9277a5
 
 
 def _tensors() -> dict[str, np.ndarray]:
-    """Bytes that repeat only every 251 (a prime): no two chunks alike."""
-    return {name: ((np.arange(size, dtype=np.int64) * 131 + len(name)) % 251).astype(np.uint8)
-            for name, size in SIZES.items()}
+    return model_hashing.patterned(SIZES)
 
 
 def _independent_digest(tensors: dict[str, np.ndarray], config: bytes) -> str:
@@ -41,20 +40,8 @@ def _independent_digest(tensors: dict[str, np.ndarray], config: bytes) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _digest(tensors: dict[str, np.ndarray], *, background: bool = False, piece: int | None = None,
-            config: bytes = b"{}") -> str:
-    hasher = ModelHasher(background, HASH_V3)
-    for name, data in tensors.items():
-        if piece is None:
-            hasher.add(name, "U8", data.shape, data)
-            continue
-        hasher.begin(name, "U8", data.shape, data.nbytes)
-        for start in range(0, data.nbytes, piece):
-            hasher.update(data[start : start + piece].copy())  # fresh pieces, as writers hand over
-    hasher.add_config("config.json", config)
-    digest = hasher.hexdigest()
-    hasher.close()
-    return digest
+def _digest(tensors: dict[str, np.ndarray], **how) -> str:
+    return model_hashing.digest(tensors, HASH_V3, **how)
 
 
 def test_the_digest_is_the_described_one():

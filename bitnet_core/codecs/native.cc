@@ -78,6 +78,14 @@ inline void delta_swap(uint64_t& a, uint64_t& b, int shift, uint64_t mask) {
 
 constexpr uint64_t kLow4 = 0x0F0F0F0F0F0F0F0Full, kLow2Pairs = 0x3333333333333333ull;
 
+// _bits.transpose_fields on 8 bytes of each of four planes: field j of v[i] <-> field i of v[j].
+inline void transpose_fields(uint64_t (&v)[4]) {
+  delta_swap(v[0], v[2], 4, kLow4);  // the off-diagonal 2x2 blocks, then each 2x2 block
+  delta_swap(v[1], v[3], 4, kLow4);
+  delta_swap(v[0], v[1], 2, kLow2Pairs);
+  delta_swap(v[2], v[3], 2, kLow2Pairs);
+}
+
 void to_rows_scalar(const uint8_t* packed, int64_t R, int64_t n_in, int reverse, uint8_t* out, int64_t r0,
                     int64_t r1) {
   const int64_t row_bytes = n_in / 4, plane = R * row_bytes;
@@ -87,10 +95,7 @@ void to_rows_scalar(const uint8_t* packed, int64_t R, int64_t n_in, int reverse,
         const uint8_t* in = packed + r * n_in + 128 * j + p;
         uint64_t v[4];
         for (int g = 0; g < 4; ++g) std::memcpy(&v[g], in + 32 * (reverse ? 3 - g : g), 8);
-        delta_swap(v[0], v[2], 4, kLow4);
-        delta_swap(v[1], v[3], 4, kLow4);
-        delta_swap(v[0], v[1], 2, kLow2Pairs);
-        delta_swap(v[2], v[3], 2, kLow2Pairs);
+        transpose_fields(v);
         uint8_t* o = out + r * row_bytes + 32 * j + p;
         for (int k = 0; k < 4; ++k) std::memcpy(o + k * plane, &v[k], 8);
       }
@@ -124,10 +129,7 @@ inline uint32_t hf_digit(const uint8_t* packed, int64_t n_bytes, int64_t n) {
 inline void transpose_rows_scalar(const uint8_t* const in[4], uint8_t* const out[4], int64_t at, int64_t n) {
   uint64_t v[4] = {0, 0, 0, 0};
   for (int j = 0; j < 4; ++j) std::memcpy(&v[j], in[j] + at, n);
-  delta_swap(v[0], v[2], 4, kLow4);
-  delta_swap(v[1], v[3], 4, kLow4);
-  delta_swap(v[0], v[1], 2, kLow2Pairs);
-  delta_swap(v[2], v[3], 2, kLow2Pairs);
+  transpose_fields(v);
   for (int k = 0; k < 4; ++k) std::memcpy(out[k] + at, &v[k], n);
 }
 
@@ -195,37 +197,37 @@ inline void delta_swap(__m256i& a, __m256i& b, int shift, __m256i mask) {
   a = _mm256_xor_si256(a, _mm256_slli_epi16(t, shift));
 }
 
+inline void transpose_fields(__m256i (&v)[4]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2_pairs = _mm256_set1_epi8(0x33);
+  delta_swap(v[0], v[2], 4, low4);
+  delta_swap(v[1], v[3], 4, low4);
+  delta_swap(v[0], v[1], 2, low2_pairs);
+  delta_swap(v[2], v[3], 2, low2_pairs);
+}
+
 void to_rows_avx2(const uint8_t* packed, int64_t R, int64_t n_in, int reverse, uint8_t* out, int64_t r0,
                   int64_t r1) {
   const int64_t row_bytes = n_in / 4, plane = R * row_bytes;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2_pairs = _mm256_set1_epi8(0x33);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t j = 0; j < n_in / 128; ++j) {  // one 128-value chunk: its 4 groups of 32 bytes
       const uint8_t* in = packed + r * n_in + 128 * j;
       __m256i v[4];
       for (int g = 0; g < 4; ++g)
         v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 32 * (reverse ? 3 - g : g)));
-      delta_swap(v[0], v[2], 4, low4);
-      delta_swap(v[1], v[3], 4, low4);
-      delta_swap(v[0], v[1], 2, low2_pairs);
-      delta_swap(v[2], v[3], 2, low2_pairs);
+      transpose_fields(v);
       uint8_t* o = out + r * row_bytes + 32 * j;
       for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * plane), v[k]);
     }
 }
 
 void to_rows4_avx2(const uint8_t* packed, int64_t R, int64_t n_in, uint8_t* out, int64_t q0, int64_t q1) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2_pairs = _mm256_set1_epi8(0x33);
   const int64_t whole = n_in - n_in % 32;
   for (int64_t q = q0; q < q1; ++q)
     for (int64_t i = 0; i < whole; i += 32) {
       __m256i v[4];
       for (int j = 0; j < 4; ++j)
         v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + (4 * q + j) * n_in + i));
-      delta_swap(v[0], v[2], 4, low4);
-      delta_swap(v[1], v[3], 4, low4);
-      delta_swap(v[0], v[1], 2, low2_pairs);
-      delta_swap(v[2], v[3], 2, low2_pairs);
+      transpose_fields(v);
       for (int k = 0; k < 4; ++k)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k * (R / 4) + q) * n_in + i), v[k]);
     }

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +30,14 @@ LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}  # `level` in native.cc
 _reason = ""
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX", "g++")
-
-
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(f"{_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
-    return cache.cache_dir("native") / f"bitnet_codecs-{key.hexdigest()[:16]}.so"
+    return cache.library_path("native", "bitnet_codecs", [SOURCE], FLAGS)
 
 
 def build(force: bool = False) -> Path:
     """The library for this source and compiler, compiled unless it is there (RuntimeError with the compiler's
     message when it cannot be)."""
-    compiler = shutil.which(_compiler())
-    if compiler is None:
-        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
-
-    def compile_to(tmp: str) -> None:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
-
-    return cache.compiled(library_path(), compile_to, force=force)
+    return cache.build_library(library_path(), SOURCE, FLAGS, force=force)
 
 
 @functools.cache

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import jax
@@ -65,36 +62,15 @@ def cache_dir() -> Path:
     return cache.cache_dir("native")
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX", "g++")
-
-
 def library_path() -> Path:
     """Where the library for this source, jaxlib and compiler lives (built or not)."""
-    key = hashlib.sha256()
-    for source in (SOURCE, *INCLUDES):
-        key.update(source.read_bytes())
-    key.update(f"{jaxlib.__version__} {_compiler()} {' '.join(FLAGS)} {platform.machine()}".encode())
-    return cache_dir() / f"bitnet_kernels-{key.hexdigest()[:16]}.so"
+    return cache.library_path("native", "bitnet_kernels", [SOURCE, *INCLUDES], FLAGS, key=jaxlib.__version__)
 
 
 def build(force: bool = False) -> Path:
     """Compile kernels.cc (unless built already); a temporary file renamed into place, so concurrent builds
     (test workers) never load a half-written library. Raises RuntimeError with the compiler's message."""
-    path = library_path()
-    if path.exists() and not force:
-        return path
-    compiler = shutil.which(_compiler())
-    if compiler is None:
-        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
-
-    def compile_to(tmp: str) -> None:
-        done = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
-
-    return cache.compiled(path, compile_to, force=force)
+    return cache.build_library(library_path(), SOURCE, [*FLAGS, "-I", jax.ffi.include_dir()], force=force)
 
 
 def _requested_level() -> int | None:
