@@ -3,9 +3,9 @@ without a C++ compiler and as the reference the tests hold these to, byte for by
 
 Why: a 2B4T conversion spent most of its producer's time in whole-array numpy passes (the 24 byte-wise
 operations of a 2-bit field transpose, a bf16 -> f16 cast, the code-3 scan, base-3 digits spread over a buffer
-four times the input): native.cc does each in one pass,
-7-15x faster (BENCHMARKS.md, design measurements). ctypes releases the GIL during a call, so callers split rows
-over the cores with bitnet_core.parallel as they did for numpy.
+four times the input): native.cc does each in one pass, 2.5-15x faster (BENCHMARKS.md, design measurements).
+ctypes releases the GIL during a call, so callers split rows over the cores with bitnet_core.parallel as they
+did for numpy.
 
 The library is built like the engine's kernels (`$CXX`, default g++; bitnet_core.cache's folder, keyed by the
 source and the compiler) and loaded once per process. `BITNET_NATIVE_CODECS=0` keeps the numpy versions;
@@ -25,7 +25,7 @@ from bitnet_core import cache
 
 SOURCE = Path(__file__).with_name("native.cc")
 FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
-LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}  # `level` in native.cc
+LEVELS = ("scalar", "avx2", "avx512")  # `level` in native.cc: 0, 1, 2
 
 _reason = ""
 
@@ -88,7 +88,7 @@ def _level(level: int | None) -> int:
     if level is None:
         return best
     if not 0 <= level <= best:
-        raise ValueError(f"level {level} is not one this CPU runs (0 to {best})")
+        raise ValueError(f"level {level} is not one this CPU runs (0 to {best}: {', '.join(LEVELS[:best + 1])})")
     return level
 
 
