@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -52,76 +53,91 @@ CHUNK_BYTES = 1 << 20  # v3's chunk: large enough that a pool task costs little 
 PROVENANCE_FILE = "bitnet_convert.json"  # inside folder formats (hf, flax)
 
 
-class TensorHasher:
-    """sha256-tensors-v1 of tensors fed in file order: `add`, or `begin` + `update`s (names and bytes only; a
-    ModelHasher hashes the tensor bytes of sha256-model-v2 through one).
-
-    With `background`, sha256 runs on a thread of its own (hashlib releases the GIL) beside the writer that
-    feeds it and the producer that makes the next tensor: hashing a 2B4T output (1.2 GB) takes a large part of a
-    core for a conversion (BENCHMARKS.md, design measurements). The pieces must then stay unchanged until
-    `hexdigest` or `close` (writers hand over fresh arrays or views of their open input); at most QUEUED wait at
-    a time."""
+class _Feed:
+    """Items handed to `consume` in order: at once, or with `background` on a thread of its own beside the
+    writer that feeds it and the producer that makes the next tensor (hashlib and blake3 release the GIL;
+    BENCHMARKS.md, design measurements). In the background the items must stay unchanged until `close`
+    (writers hand over fresh arrays or views of their open input), and at most QUEUED wait at a time; an
+    exception of `consume` is kept for `check`."""
 
     QUEUED = 16  # pieces (<= 16 MB each) waiting: the producer runs ahead of a hash thread the others preempt
 
-    def __init__(self, background: bool = False) -> None:
-        self._sha = hashlib.sha256()
+    def __init__(self, consume: Callable, background: bool) -> None:
+        self._consume = consume
         self._pending: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._errors: list[BaseException] = []
         if background:
             self._pending = queue.Queue(maxsize=self.QUEUED)
-            self._worker = threading.Thread(target=_hash_pieces, args=(self._pending, self._sha, self._errors),
+            self._worker = threading.Thread(target=_consume_all, args=(self._pending, consume, self._errors),
                                             name="bitnet-convert-hash", daemon=True)
             self._worker.start()
-            # A hasher dropped without close() (its writer failed early) still ends its thread.
+            # A feed dropped without close() (its writer failed early) still ends its thread.
             self._finalizer = weakref.finalize(self, self._pending.put, None)
             self._finalizer.atexit = False  # at exit the daemon thread just ends; never wait on its queue
 
-    def _feed(self, data) -> None:
+    def put(self, item) -> None:
         if self._pending is None:
-            self._sha.update(data)
+            self._consume(item)
         else:
-            self._pending.put(data)
-
-    def add(self, name: str, data) -> None:
-        raw = memoryview(np.ascontiguousarray(data)).cast("B") if not isinstance(data, (bytes, memoryview)) else data
-        raw = memoryview(raw).cast("B")
-        self.begin(name, raw.nbytes)
-        self._feed(raw)
-
-    def begin(self, name: str, nbytes: int) -> None:
-        """Start a tensor of `nbytes` stored bytes that follow in pieces through `update`: begin + updates
-        give the digest `add` gives for the joined bytes (the writer must deliver exactly `nbytes`)."""
-        encoded = name.encode()
-        self._feed(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", nbytes))
-
-    def update(self, piece) -> None:
-        self._feed(memoryview(piece).cast("B"))
+            self._pending.put(item)
 
     def close(self) -> None:
-        """Let the background thread hash what it was given, then end it (idempotent; writers call it on
-        failure too, so no thread outlives them holding their pieces)."""
+        """Let the thread consume what it was given, then end it (idempotent; writers call it on failure too, so
+        no thread outlives them holding their pieces)."""
         if self._worker is not None:
             self._finalizer()  # puts the end marker, once
             self._worker.join()
             self._worker = None
 
-    def hexdigest(self) -> str:
+    def check(self) -> None:
+        """Close, and raise what `consume` raised in the background."""
         self.close()
         if self._errors:
             raise self._errors[0]
-        return self._sha.hexdigest()
 
 
-def _hash_pieces(pending: queue.Queue, sha, errors: list) -> None:
-    """A background hasher's thread (no reference to the hasher itself, so a dropped one can be collected)."""
-    while (piece := pending.get()) is not None:
+def _consume_all(pending: queue.Queue, consume: Callable, errors: list) -> None:
+    """A feed's thread (no reference to the feed itself, so a dropped one can be collected)."""
+    while (item := pending.get()) is not None:
         if not errors:
             try:
-                sha.update(piece)
-            except BaseException as exc:  # re-raised by hexdigest
+                consume(item)
+            except BaseException as exc:  # re-raised by check
                 errors.append(exc)
+
+
+class TensorHasher:
+    """sha256-tensors-v1 of tensors fed in file order: `add`, or `begin` + `update`s (names and bytes only; a
+    ModelHasher hashes the tensor bytes of sha256-model-v2 through one). With `background`, sha256 runs on a
+    thread of its own (_Feed: the pieces must then stay unchanged until `hexdigest` or `close`)."""
+
+    def __init__(self, background: bool = False) -> None:
+        self._sha = hashlib.sha256()
+        self._feed = _Feed(self._sha.update, background)
+
+    def add(self, name: str, data) -> None:
+        raw = memoryview(np.ascontiguousarray(data)).cast("B") if not isinstance(data, (bytes, memoryview)) else data
+        raw = memoryview(raw).cast("B")
+        self.begin(name, raw.nbytes)
+        self._feed.put(raw)
+
+    def begin(self, name: str, nbytes: int) -> None:
+        """Start a tensor of `nbytes` stored bytes that follow in pieces through `update`: begin + updates
+        give the digest `add` gives for the joined bytes (the writer must deliver exactly `nbytes`)."""
+        encoded = name.encode()
+        self._feed.put(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", nbytes))
+
+    def update(self, piece) -> None:
+        self._feed.put(memoryview(piece).cast("B"))
+
+    def close(self) -> None:
+        """Hash what was given and end the background thread (idempotent)."""
+        self._feed.close()
+
+    def hexdigest(self) -> str:
+        self._feed.check()
+        return self._sha.hexdigest()
 
 
 class ChunkHasher:
@@ -197,24 +213,11 @@ class ChunkHasher:
 
 class TensorDigests:
     """blake3-model-v4's tensor bytes: each tensor's BLAKE3 digest, fed in file order (`begin` + `update`s, or
-    `add`). With `background`, the pieces are hashed in order on a thread of their own (blake3 releases the
-    GIL) and must stay unchanged until `digests` or `close`, as for TensorHasher; at most QUEUED wait."""
-
-    QUEUED = 16  # pieces (<= 16 MB each) waiting for the hash thread
+    `add`); with `background`, hashed on a thread of its own (_Feed, as TensorHasher)."""
 
     def __init__(self, background: bool = False) -> None:
         self._digests: list = []  # per tensor, its blake3 hasher
-        self._pending: queue.Queue | None = None
-        self._worker: threading.Thread | None = None
-        self._errors: list[BaseException] = []
-        if background:
-            self._pending = queue.Queue(maxsize=self.QUEUED)
-            self._worker = threading.Thread(target=_hash_pieces_of_tensors,
-                                            args=(self._pending, self._digests, self._errors),
-                                            name="bitnet-convert-hash", daemon=True)
-            self._worker.start()
-            self._finalizer = weakref.finalize(self, self._pending.put, None)  # as TensorHasher's
-            self._finalizer.atexit = False
+        self._feed = _Feed(functools.partial(_hash_piece, self._digests), background)
 
     def add(self, name: str, data) -> None:
         raw = raw_bytes(data)
@@ -223,51 +226,29 @@ class TensorDigests:
 
     def begin(self, name: str, nbytes: int) -> None:
         """Start the next tensor (its name and size are the ModelHasher's description's, not hashed here)."""
-        self._feed(_NEXT_TENSOR)
+        self._feed.put(_NEXT_TENSOR)
 
     def update(self, piece) -> None:
-        self._feed(memoryview(piece).cast("B"))
-
-    def _feed(self, item) -> None:
-        if self._pending is None:
-            _hash_piece(item, self._digests)
-        else:
-            self._pending.put(item)
+        self._feed.put(memoryview(piece).cast("B"))
 
     def close(self) -> None:
-        """Hash what was given, then end the thread (idempotent; writers call it on failure too)."""
-        if self._worker is not None:
-            self._finalizer()
-            self._worker.join()
-            self._worker = None
+        """Hash what was given and end the background thread (idempotent)."""
+        self._feed.close()
 
     def digests(self) -> list[str]:
         """Each tensor's digest (hex), in the order they were fed."""
-        self.close()
-        if self._errors:
-            raise self._errors[0]
+        self._feed.check()
         return [digest.hexdigest() for digest in self._digests]
 
 
 _NEXT_TENSOR = object()
 
 
-def _hash_piece(item, digests: list) -> None:
+def _hash_piece(digests: list, item) -> None:
     if item is _NEXT_TENSOR:
         digests.append(blake3.blake3())
     else:
         digests[-1].update(item)
-
-
-def _hash_pieces_of_tensors(pending: queue.Queue, digests: list, errors: list) -> None:
-    """A background TensorDigests' thread (no reference to the hasher itself, so a dropped one can be
-    collected)."""
-    while (item := pending.get()) is not None:
-        if not errors:
-            try:
-                _hash_piece(item, digests)
-            except BaseException as exc:  # re-raised by digests
-                errors.append(exc)
 
 
 def raw_bytes(data) -> memoryview:
