@@ -5,13 +5,14 @@
 For each token count, one decoder layer's BitLinear work as the engine groups it (q/k/v from one input,
 o, gate/up from one input, down) is timed at every kernel level this CPU runs: XLA (the engine's CPU path
 without the kernels: quantize, block-wise unpack + int8 dot, dequantize), the native AVX2 loop, the AVX-512
-VNNI loop and AMX tiles (each: quantize, product and dequantize inside one kernel call). For one token the
+VNNI loop, VNNI + table lookups and AMX tiles (each: quantize, product and dequantize inside one kernel call). For one token the
 rate at which each reads the layer's packed weights is shown too (decode is bound by memory bandwidth). Then
 the tied 128256 x 2560 bf16 output projection for one token, XLA's block-wise widening against each native
 level, greedy decoding's head (the full product's argmax against the greedy screen, medians of interleaved
 rounds), and one layer's prefill attention with its rope at 128 and 512 tokens. Best of --repeat rounds after
 a warm-up; ratios are XLA time / native time. The fastest native path per token count is what sets the
-VNNI/AMX crossover (`AMX_MIN_TOKENS` in bitnet_model/native); weights are random packed bytes (the speed does
+crossovers from the VNNI loop to AMX and to table lookups (`AMX_MIN_TOKENS`, `LUT_MIN_TOKENS` in
+bitnet_model/native); weights are random packed bytes (the speed does
 not depend on the values). `BITNET_NATIVE=avx2` limits the run to the AVX2 kernels.
 """
 
@@ -39,7 +40,8 @@ GROUPS = {  # input width -> projections (out features) fed by one input, as in 
     "gate/up": (HIDDEN, (FFN, FFN)),
     "down": (FFN, (HIDDEN,)),
 }
-NAMES = {"avx2": "AVX2", "avx512-vnni": "VNNI", "avx512-vnni+amx": "AMX"}
+NAMES = {"avx2": "AVX2", "avx512-vnni": "VNNI", "avx512-vnni+lut": "VNNI+LUT", "avx512-vnni+amx": "AMX"}
+NEVER = 1 << 40  # a token count no call reaches
 
 
 def best(fn, args, repeat: int) -> float:
@@ -52,12 +54,20 @@ def best(fn, args, repeat: int) -> float:
     return min(times)
 
 
-def at_each_level(fn, args, repeat: int) -> dict[str, float]:
-    """Best time of fn(*args) at every native level this process may choose (AMX from the first token)."""
+def product_paths() -> list[str]:
+    """The BitLinear paths measured here: each level, and VNNI + table lookups beside the VNNI loop."""
+    levels = native.levels()
+    return [p for level in levels for p in ([level, "avx512-vnni+lut"] if level == "avx512-vnni" else [level])]
+
+
+def at_each_level(fn, args, repeat: int, paths: list[str] | None = None) -> dict[str, float]:
+    """Best time of fn(*args) at every native level this process may choose, or at each of `paths`: AMX and
+    the table lookups from the first token on, the VNNI loop with neither."""
     times = {}
-    for level in native.levels():
-        native.configure(level=level, amx_min_tokens=1)
-        times[level] = best(fn, args, repeat)
+    for path in paths or native.levels():
+        level, lookups = path.removesuffix("+lut"), path.endswith("+lut")
+        native.configure(level=level, amx_min_tokens=1, lut_min_tokens=1 if lookups else NEVER)
+        times[path] = best(fn, args, repeat)
     native.configure()  # back to the defaults
     return times
 
@@ -127,7 +137,7 @@ def layer_bytes(weights) -> int:
 def bench_layers(rng, token_counts, repeat: int) -> None:
     weights = random_layer(rng)
     xla, ours = layer_program(weights, engine.Options.xla_cpu()), layer_program(weights, engine.Options(native=True))
-    levels = native.levels()
+    levels = product_paths()
     print(f"one 2B4T layer's products ({layer_bytes(weights) / 1e6:.1f} MB packed), ms, best of {repeat}")
     print(f"{'tokens':>6} {'XLA':>9}" + "".join(f" {NAMES[level]:>9}" for level in levels)
           + "".join(f" {'XLA/' + NAMES[level]:>9}" for level in levels))
@@ -135,7 +145,7 @@ def bench_layers(rng, token_counts, repeat: int) -> None:
         inputs = {group: jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
                   for group, (width, _) in GROUPS.items()}
         xla_s = best(xla, (inputs,), repeat)
-        times = at_each_level(ours, (inputs,), repeat)
+        times = at_each_level(ours, (inputs,), repeat, levels)
         print(f"{tokens:>6} {xla_s * 1e3:9.2f}" + "".join(f" {times[level] * 1e3:9.2f}" for level in levels)
               + "".join(f" {xla_s / times[level]:8.1f}x" for level in levels))
         if tokens == 1:

@@ -3,9 +3,11 @@ the output table and prefill attention against float64, at every kernel level th
 machine with it, AVX-512 VNNI and AMX where present).
 
 Shapes are chosen to reach every edge of the kernels: token counts on both sides of the VNNI/AMX and the AVX2
-16-token (unpacked panel) crossovers and not multiples of the 2- or 3-token (AVX2), 4-token (VNNI) or 32-token
-(AMX) blocks, inputs not multiples of 32 or 64 (partial loads) or of 4 (a partial activation group) and over
-the AVX2 int16 block of 2048, output rows not multiples of the 32-row AMX panel, and a layer of a stack.
+16-token (unpacked panel) crossovers and not multiples of the 2- or 3-token (AVX2), 4-token (VNNI, table
+lookups) or 32-token (AMX) blocks, over one 128-token slab of the table lookups, inputs not multiples of 32 or 64
+(partial loads), of 4 (a partial activation group) or of the lookups' 288-column chunk, over one chunk and over
+the AVX2 int16 block of 2048, output rows not multiples of the 32-row AMX panel or the lookups' 64-row block,
+and a layer of a stack.
 """
 
 import json
@@ -39,21 +41,29 @@ SHAPES = [  # tokens, output rows, inputs, layers
     (9, 100, 200, 2), (17, 4, 3, 1), (33, 68, 129, 2), (40, 96, 256, 1), (64, 256, 512, 1), (3, 8, 2100, 1),
     # decode's streaming tasks (kStreamTaskBytes of rows each): several per projection, the last one short
     (1, 1200, 2560, 2), (2, 1208, 2100, 1), (4, 1200, 2561, 1),
+    # the table lookups' slabs of at most 128 tokens (kLutSlabTokens): three of 100
+    (300, 68, 130, 1),
 ]
 
 
-def select(level: str, amx_min_tokens: int = native.AMX_MIN_TOKENS):
+def select(level: str, amx_min_tokens: int = native.AMX_MIN_TOKENS, lut_min_tokens: int = native.LUT_MIN_TOKENS):
     """Run the test at kernel level `level` (skipped where this CPU, or BITNET_NATIVE, does not allow it)."""
     if level not in native.levels():
         pytest.skip(f"{level} kernels not available here (CPU: {native.cpu_level()})")
-    native.configure(level=level, amx_min_tokens=amx_min_tokens)
+    native.configure(level=level, amx_min_tokens=amx_min_tokens, lut_min_tokens=lut_min_tokens)
 
 
-@pytest.fixture(params=["avx2", "avx512-vnni", "avx512-vnni+amx"], ids=["avx2", "vnni", "amx"])
+NEVER = 1 << 40  # a token count no call reaches
+
+
+@pytest.fixture(params=[("avx2", NEVER), ("avx512-vnni", NEVER), ("avx512-vnni", 1), ("avx512-vnni+amx", NEVER)],
+                ids=["avx2", "vnni", "lut", "amx"])
 def path(request):
-    """Every BitLinear loop: AVX2, the VNNI loop (AMX off), AMX tiles from the first token."""
-    select(request.param, amx_min_tokens=1)
-    yield request.param
+    """Every BitLinear loop from the first token: AVX2, the VNNI loop (AMX and table lookups off), VNNI + table
+    lookups, AMX tiles."""
+    level, lut_min_tokens = request.param
+    select(level, amx_min_tokens=1, lut_min_tokens=lut_min_tokens)
+    yield level
     native.configure()  # the defaults
 
 

@@ -49,6 +49,9 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 # From this many tokens AMX tiles beat the VNNI loop (benchmarks/bench_native.py on 2B4T shapes; BENCHMARKS.md's
 # kernel notes); set in the library when it loads.
 AMX_MIN_TOKENS = 8
+# From this many tokens, where AMX does not take a product, VNNI + table lookups beat the VNNI loop (measured the
+# same way); set in the library when it loads.
+LUT_MIN_TOKENS = 32
 LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
 BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
 
@@ -99,7 +102,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
         lib.bitnet_native_level.restype = ctypes.c_int
-        lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long]
+        lib.bitnet_native_configure.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long]
         lib.bitnet_native_configure.restype = ctypes.c_int
         handlers = {target: getattr(lib, target) for target in (BITLINEAR_TARGET, TABLE_TARGET, TABLE_ROWS_TARGET,
                                                              GREEDY_TARGET, ATTENTION_TARGET, CACHED_ATTENTION_TARGET)}
@@ -113,7 +116,7 @@ def _library() -> ctypes.CDLL | None:
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     _default_level = min(_cpu_level, requested)
-    _active_level = lib.bitnet_native_configure(_default_level, AMX_MIN_TOKENS)
+    _active_level = lib.bitnet_native_configure(_default_level, AMX_MIN_TOKENS, LUT_MIN_TOKENS)
     return lib
 
 
@@ -145,10 +148,11 @@ def levels() -> list[str]:
     return [LEVELS[number] for number in range(1, _default_level + 1)]
 
 
-def configure(*, level: str | None = None, amx_min_tokens: int = AMX_MIN_TOKENS) -> None:
+def configure(*, level: str | None = None, amx_min_tokens: int = AMX_MIN_TOKENS,
+              lut_min_tokens: int = LUT_MIN_TOKENS) -> None:
     """Tests and benchmarks: run the kernels of `level` (one of `levels()`; "avx512-vnni" turns AMX off) and
-    move the token count from which AMX takes a product; `configure()` restores the loader's choice. Takes
-    effect at the next call of a kernel, compiled programs included."""
+    move the token counts from which AMX, or else VNNI + table lookups, take a product; `configure()` restores
+    the loader's choice. Takes effect at the next call of a kernel, compiled programs included."""
     global _active_level
     lib = _library()
     if lib is None:
@@ -156,7 +160,7 @@ def configure(*, level: str | None = None, amx_min_tokens: int = AMX_MIN_TOKENS)
     if level is not None and level not in levels():
         raise ValueError(f"kernel level {level!r} is not available here (choose from {', '.join(levels())})")
     number = _default_level if level is None else {name: n for n, name in LEVELS.items()}[level]
-    _active_level = lib.bitnet_native_configure(number, int(amx_min_tokens))
+    _active_level = lib.bitnet_native_configure(number, int(amx_min_tokens), int(lut_min_tokens))
 
 
 def _require() -> None:

@@ -18,12 +18,15 @@
 //       summed in int16 over blocks of columns short enough not to overflow, then widened with VPMADDWD. One
 //       token reads the packed bytes directly; from two on, a task unpacks its rows' codes once and runs tiles
 //       of 4 outputs x 3 tokens over them.
-//     * AVX-512 VNNI (few tokens; every token count on a CPU without AMX): each 64-byte load of a packed row
+//     * AVX-512 VNNI (few tokens; up to LUT_MIN_TOKENS on a CPU without AMX): each 64-byte load of a packed row
 //       gives four rows of 64 codes (shift + mask) for VPDPBUSD, into tiles of 4 outputs x up to 4 tokens
 //       whose 16 accumulators stay in registers (see vnni_rows). Both loops read each packed byte once: decode
 //       is bound by memory bandwidth, 0.52 GB of weights per 2B4T token.
 //     * AMX (many tokens): a panel of 32 output rows is unpacked once to signed int8 codes and multiplied
 //       by every 32-token block of x with TDPBSSD (16 x 16 x 64 products per instruction).
+//     * VNNI + table lookups (many tokens on a CPU without AMX): two thirds of the columns through VPDPBUSD
+//       with one output per lane, a third through VPERMW lookups of 27-entry tables of three activations'
+//       sums, the two interleaved so that the lookups run beside the VPDPBUSDs (see lut_products).
 // bitnet_table_matmul: float32 h [N, H] x table [V, H] (bf16 bits as uint16, float32, or int8 codes of the
 //   opt-in int8 head) -> f32 [N, V]: the tied output projection, reading the table once per call instead of
 //   widening it to a float32 copy.
@@ -106,6 +109,9 @@ int g_level = kCpuLevel;  // the kernels in use: bitnet_native_configure() may l
 // Below this many tokens the VNNI loop (no panel, no blocked copy of x) is faster than AMX tiles; the loader
 // sets it (AMX_MIN_TOKENS in __init__.py, measured with benchmarks/bench_native.py).
 int64_t g_amx_min_tokens = 8;
+// From this many tokens the VNNI + table lookup products (lut_products) beat the VNNI loop where AMX does not
+// take them (LUT_MIN_TOKENS in __init__.py, measured with benchmarks/bench_native.py).
+int64_t g_lut_min_tokens = 32;
 
 // --------------------------------------------------------------------------------------------- threading
 
@@ -134,15 +140,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
 // scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries, 7: h split for a bf16 table, 8 and 9:
-// the greedy screen's dots and bounds), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on
+// the greedy screen's dots and bounds, 10 to 13: the table lookups' padded x, tables, panel and sums), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on
 // cache lines). Kept between calls: a fresh multi-MB allocation is a fresh mmap, and its page faults cost more
 // than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
     void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<int8_t[], Free> buffers[10];
-  thread_local int64_t sizes[10] = {};
+  thread_local std::unique_ptr<int8_t[], Free> buffers[14];
+  thread_local int64_t sizes[14] = {};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<int8_t*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -570,7 +576,6 @@ void rotate_and_transpose_keys(const float* k, const float* cos, const float* si
 #pragma GCC pop_options
 
 // AVX-512 VNNI, and AMX where the CPU has it: run only where g_level >= kAvx512Vnni.
-// AVX-512 VNNI, and AMX where the CPU has it: run only where g_level >= kAvx512Vnni.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
 
@@ -906,6 +911,352 @@ void amx_products(ffi::ThreadPool& pool, std::vector<Projection>& projections, c
 }
 
 
+// ----------------------------------------------------------------- VNNI + table lookups (many tokens, no AMX)
+
+// From g_lut_min_tokens tokens on, where AMX does not take the products. The VNNI loop's ceiling is VPDPBUSD's
+// one instruction (64 MACs) per cycle, but Zen 4 issues a VPERMW + VPADDW pair beside every three VPDPBUSDs at
+// no cost to them (BENCHMARKS.md's kernel notes). So a third of the columns are summed by table lookup instead
+// (as T-MAC and bitnet.cpp's TL kernels do, here exactly): for three columns a, b, c of a token, entry i of a
+// 32-entry int16 table is d0(i) x[a] + d1(i) x[b] + d2(i) x[c] for the base-3 digits d of i < 27, so a row
+// whose codes there are (c0, c1, c2) reads its three products at index c0 + 3 c1 + 9 c2, and one VPERMW looks
+// up 32 rows at once (96 MACs). The codes are the same c = t + 1 as the VNNI columns', and the sum of the
+// activations is subtracted once per token as there.
+//
+// Both need an output row per vector lane, not the packed layout's four rows per byte: a task unpacks its rows
+// once per call into a panel (see unpack_chunk) that every token then reads.
+//   * Blocks of 16 packed rows (64 outputs): VNNI lane l of group g (16 int32 lanes) is output 16 g + l, its
+//     four bytes four consecutive columns, multiplied by one token's four activations broadcast; a lookup's 32
+//     int16 lanes are outputs 32 h + l of half h.
+//   * A superstep is 3 VNNI steps of 4 columns (12 columns, 48 VPDPBUSD for 4 tokens) and 2 table groups (6
+//     columns, 16 VPERMW for 4 tokens): 1 KB of panel, 768 bytes of codes then 4 x 64 bytes of indices.
+//     With S supersteps the first 12 S columns go through VNNI, the last 6 S through tables (zero padded).
+//   * A chunk is 16 supersteps: a 16 KB panel that stays in L1 while every group of 4 tokens passes it, with
+//     32 lookups per int16 sum (32 x 762 < 2^15) before the sums are widened into the int32 accumulators.
+//     Per chunk the accumulators of each (block, 4 tokens) go to memory and back: 1 KB against 3072 VPDPBUSD.
+constexpr int64_t kLutBlockRows = 16;            // packed rows of a block: 64 outputs
+constexpr int64_t kSuperstepBytes = 1024;        // of panel: 3 x 4 x 64 bytes of codes, 4 x 64 of indices
+constexpr int64_t kIndexOffset = 768;            // where a superstep's indices start
+constexpr int64_t kChunkSteps = 16;              // supersteps of a chunk
+constexpr int64_t kChunkColumns = 18 * kChunkSteps;  // 192 VNNI + 96 table columns
+constexpr int64_t kChunkPanel = kChunkSteps * kSuperstepBytes;
+constexpr int64_t kTableBytes = 64;              // one table: 32 int16 entries
+constexpr int64_t kChunkTables = 2 * kChunkSteps * kTableBytes;  // one token's tables of a chunk: 2 KB
+constexpr int64_t kAccumulatorBytes = 16 * 64;   // 4 tokens x 4 groups of int32 sums
+constexpr int64_t kLutSlabTokens = 128;          // tokens per pass over the weights (see lut_products)
+
+struct LutShape {
+  int64_t chunks;  // of kChunkSteps supersteps
+  int64_t Kv;      // columns [0, Kv) through VNNI, [Kv, Kp) through tables
+  int64_t Kp;      // the padded width, 18 supersteps' columns
+  explicit LutShape(int64_t K)
+      : chunks((K + kChunkColumns - 1) / kChunkColumns), Kv(12 * kChunkSteps * chunks), Kp(kChunkColumns * chunks) {}
+};
+
+// The codes of packed rows [r0, r0 + 16) at columns [c0, c0 + n) (n = 32 or 64, c0 % 4 == 0), per group g of 16
+// outputs as lanes: step(d, g, v) gets columns c0 + 4d .. c0 + 4d + 3 (zero past K or R). Output 16 g + l sits in
+// packed row 4 g + l / 4 at bits 2 (l % 4): lane l takes dword d of that row and shifts it by 2 (l % 4).
+template <typename Step>
+inline void lanes(const uint8_t* packed, int64_t R, int64_t K, int64_t r0, int64_t c0, int n, Step step) {
+  const __m512i three = _mm512_set1_epi8(3);
+  const __m512i shift = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
+  const int64_t valid = std::clamp<int64_t>(K - c0, 0, n);
+  const __mmask64 mask = valid == 0 ? 0 : (~0ULL) >> (64 - valid);
+  for (int g = 0; g < 4; ++g) {
+    __m512i z[4];  // packed rows 4 g .. 4 g + 3
+    for (int q = 0; q < 4; ++q) {
+      const int64_t r = r0 + 4 * g + q;
+      if (r >= R) z[q] = _mm512_setzero_si512();
+      else if (valid == 64) z[q] = _mm512_loadu_si512(packed + r * K + c0);  // masked loads ran slower (Zen 4)
+      else z[q] = _mm512_maskz_loadu_epi8(mask, packed + r * K + c0);
+    }
+    // A 4 x 4 transpose in each 128-bit lane: lane m of w[k] holds dword 4 m + k of z[0], z[1], z[2], z[3].
+    const __m512i lo01 = _mm512_unpacklo_epi32(z[0], z[1]), hi01 = _mm512_unpackhi_epi32(z[0], z[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi32(z[2], z[3]), hi23 = _mm512_unpackhi_epi32(z[2], z[3]);
+    const __m512i w[4] = {_mm512_unpacklo_epi64(lo01, lo23), _mm512_unpackhi_epi64(lo01, lo23),
+                          _mm512_unpacklo_epi64(hi01, hi23), _mm512_unpackhi_epi64(hi01, hi23)};
+    for (int d = 0; d < n / 4; ++d) {
+      const int m = d / 4;  // lane l reads dword 4 m + l / 4 of w[d % 4]: z[l / 4]'s dword d
+      const __m512i spread = _mm512_set_epi32(4 * m + 3, 4 * m + 3, 4 * m + 3, 4 * m + 3, 4 * m + 2, 4 * m + 2,
+                                              4 * m + 2, 4 * m + 2, 4 * m + 1, 4 * m + 1, 4 * m + 1, 4 * m + 1,
+                                              4 * m, 4 * m, 4 * m, 4 * m);
+      const __m512i row = _mm512_permutexvar_epi32(spread, w[d % 4]);
+      step(d, g, _mm512_and_si512(_mm512_srlv_epi32(row, shift), three));
+    }
+  }
+}
+
+// Chunk c of the block of packed rows from r0 as its panel. Superstep s holds at s KB + 256 k + 64 g the codes
+// of its VNNI step k (columns 192 c + 12 s + 4 k ..) for group g, then at s KB + 768 + 128 (G % 2) + 64 h the
+// indices of table group G = 2 s or 2 s + 1 for half h. Table group G reads the columns
+// Kv + 96 c + 12 (G / 4) + G % 4 + {0, 4, 8}: byte G % 4 of three consecutive steps of the table columns.
+void unpack_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& shape, int64_t r0, int64_t c,
+                  uint8_t* panel) {
+  for (int i = 0; i < 3; ++i)  // the 192 VNNI columns: 48 steps
+    lanes(packed, R, K, r0, 192 * c + 64 * i, 64, [&](int d, int g, __m512i codes) {
+      const int step = 16 * i + d;
+      _mm512_store_si512(panel + (step / 3) * kSuperstepBytes + (step % 3) * 256 + g * 64, codes);
+    });
+  alignas(64) uint8_t steps[24][4][64];  // the 96 table columns: 24 steps
+  const int64_t first = shape.Kv + 96 * c;
+  lanes(packed, R, K, r0, first, 64, [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[d][g], codes); });
+  lanes(packed, R, K, r0, first + 64, 32, [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[16 + d][g], codes); });
+  const __m512i low_byte = _mm512_set1_epi32(0xFF);
+  for (int u = 0; u < 8; ++u) {
+    __m512i index[4];  // byte j of lane l: c0 + 3 c1 + 9 c2 of output 16 g + l, table group 4 u + j
+    for (int g = 0; g < 4; ++g) {
+      const __m512i c0 = _mm512_load_si512(steps[3 * u][g]), c1 = _mm512_load_si512(steps[3 * u + 1][g]);
+      const __m512i c2 = _mm512_load_si512(steps[3 * u + 2][g]);
+      const __m512i c1x3 = _mm512_add_epi8(_mm512_add_epi8(c1, c1), c1), c2x3 = _mm512_add_epi8(_mm512_add_epi8(c2, c2), c2);
+      index[g] = _mm512_add_epi8(_mm512_add_epi8(c0, c1x3), _mm512_add_epi8(_mm512_add_epi8(c2x3, c2x3), c2x3));
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int G = 4 * u + j;
+      for (int h = 0; h < 2; ++h) {  // outputs 32 h .. 32 h + 31 as int16 lanes
+        const __m256i lo = _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(index[2 * h], 8 * j), low_byte));
+        const __m256i hi = _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(index[2 * h + 1], 8 * j), low_byte));
+        _mm512_store_si512(panel + (G / 2) * kSuperstepBytes + kIndexOffset + ((G % 2) * 2 + h) * 64,
+                           _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      }
+    }
+  }
+}
+
+// The packed bytes unpack_chunk reads for chunk c of packed rows [r0, r1), on their way into L1. Each row first
+// gets a real load on each page it reads: a software prefetch whose page is not in the TLB did nothing here
+// (Zen 4: unpacking took 2.4x its time with the data in cache; with the loads 1.4x). The 16 rows of a block lie
+// 2.5-7 KB apart in a 2B4T projection, on 10-27 pages.
+void prefetch_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& shape, int64_t r0, int64_t r1,
+                    int64_t c) {
+  for (int64_t r = r0; r < std::min(R, r1); ++r) {
+    const char* row = reinterpret_cast<const char*>(packed + r * K);
+    if (192 * c < K) (void)*reinterpret_cast<const volatile char*>(row + 192 * c);  // the page walks
+    const int64_t first = shape.Kv + 96 * c, last = std::min(K, first + 96) - 1;  // 96 bytes: 2 or 3 lines
+    if (first < K) (void)*reinterpret_cast<const volatile char*>(row + first);
+    for (int64_t i = 192 * c; i < std::min(K, 192 * (c + 1)); i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
+    for (int64_t i = first; i <= last; i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
+    if (last >= first) _mm_prefetch(row + last, _MM_HINT_T0);
+  }
+}
+
+// Token t's row of x [N, K] zero padded to xp [N, Kp], and its tables: tables[(c N + t) * 32 + G], 32 int16 each.
+void lut_token(const int8_t* x, int64_t K, const LutShape& shape, int64_t N, int64_t t, int8_t* xp, int16_t* tables) {
+  int8_t* row = xp + t * shape.Kp;
+  std::memcpy(row, x + t * K, K);
+  std::memset(row + K, 0, shape.Kp - K);
+  alignas(64) int16_t digits[3][32];
+  for (int i = 0; i < 32; ++i) {  // entries 27..31 are never looked up
+    digits[0][i] = i < 27 ? i % 3 : 0;
+    digits[1][i] = i < 27 ? i / 3 % 3 : 0;
+    digits[2][i] = i < 27 ? i / 9 : 0;
+  }
+  const __m512i d0 = _mm512_load_si512(digits[0]), d1 = _mm512_load_si512(digits[1]), d2 = _mm512_load_si512(digits[2]);
+  for (int64_t c = 0; c < shape.chunks; ++c)
+    for (int G = 0; G < 2 * kChunkSteps; ++G) {
+      const int8_t* a = row + shape.Kv + 96 * c + 12 * (G / 4) + G % 4;
+      const __m512i entries = _mm512_add_epi16(
+          _mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(a[0])), _mm512_mullo_epi16(d1, _mm512_set1_epi16(a[4]))),
+          _mm512_mullo_epi16(d2, _mm512_set1_epi16(a[8])));
+      _mm512_store_si512(tables + ((c * N + t) * 2 * kChunkSteps + G) * 32, entries);
+    }
+}
+
+// One chunk for 4 tokens: acc (int32 [4 tokens][4 groups][16]) += the chunk's products. zmm(4t + g): token t,
+// group g; zmm(16 + 4h + t): token t's int16 lookup sums of half h; zmm24-27 one step's codes, zmm28 a broadcast
+// token, zmm29 indices, zmm30 a lookup. Written out in assembly: the same loop in intrinsics (chunk_tokens<4>)
+// ran 1.44x slower, GCC 12 keeping copies of the 24 accumulators on the stack.
+#define LUT_CODES(at) \
+  "vmovdqa64 " #at "+0(%[panel]), %%zmm24\n\t" "vmovdqa64 " #at "+64(%[panel]), %%zmm25\n\t" \
+  "vmovdqa64 " #at "+128(%[panel]), %%zmm26\n\t" "vmovdqa64 " #at "+192(%[panel]), %%zmm27\n\t"
+#define LUT_TOKEN(x, a0, a1, a2, a3) \
+  "vpbroadcastd " x ", %%zmm28\n\t" \
+  "vpdpbusd %%zmm28, %%zmm24, %%zmm" #a0 "\n\t" "vpdpbusd %%zmm28, %%zmm25, %%zmm" #a1 "\n\t" \
+  "vpdpbusd %%zmm28, %%zmm26, %%zmm" #a2 "\n\t" "vpdpbusd %%zmm28, %%zmm27, %%zmm" #a3 "\n\t"
+#define LUT_STEP(at, x) \
+  LUT_CODES(at) \
+  LUT_TOKEN(#x "(%[x0])", 0, 1, 2, 3) LUT_TOKEN(#x "(%[x0],%[k],1)", 4, 5, 6, 7) \
+  LUT_TOKEN(#x "(%[x0],%[k],2)", 8, 9, 10, 11) LUT_TOKEN(#x "(%[x3])", 12, 13, 14, 15)
+#define LUT_LOOKUP(index, table, a0, a1, a2, a3) \
+  "vmovdqa64 " #index "(%[panel]), %%zmm29\n\t" \
+  "vpermw " #table "+0(%[tables]), %%zmm29, %%zmm30\n\t" "vpaddw %%zmm30, %%zmm" #a0 ", %%zmm" #a0 "\n\t" \
+  "vpermw " #table "+2048(%[tables]), %%zmm29, %%zmm30\n\t" "vpaddw %%zmm30, %%zmm" #a1 ", %%zmm" #a1 "\n\t" \
+  "vpermw " #table "+4096(%[tables]), %%zmm29, %%zmm30\n\t" "vpaddw %%zmm30, %%zmm" #a2 ", %%zmm" #a2 "\n\t" \
+  "vpermw " #table "+6144(%[tables]), %%zmm29, %%zmm30\n\t" "vpaddw %%zmm30, %%zmm" #a3 ", %%zmm" #a3 "\n\t"
+#define LUT_WIDEN(sums, g0, g1) \
+  "vpmovsxwd %%ymm" #sums ", %%zmm30\n\t" "vpaddd %%zmm30, %%zmm" #g0 ", %%zmm" #g0 "\n\t" \
+  "vextracti64x4 $1, %%zmm" #sums ", %%ymm30\n\t" "vpmovsxwd %%ymm30, %%zmm30\n\t" \
+  "vpaddd %%zmm30, %%zmm" #g1 ", %%zmm" #g1 "\n\t"
+
+void chunk4(const uint8_t* panel, const int8_t* x, int64_t Kp, const int16_t* tables, int32_t* acc) {
+  static_assert(kChunkTables == 2048 && kSuperstepBytes == 1024 && kIndexOffset == 768, "offsets in the assembly");
+  const int8_t* x3 = x + 3 * Kp;
+  int64_t left;
+  __asm__ volatile(
+      "vmovdqa64 0(%[acc]), %%zmm0\n\t" "vmovdqa64 64(%[acc]), %%zmm1\n\t" "vmovdqa64 128(%[acc]), %%zmm2\n\t"
+      "vmovdqa64 192(%[acc]), %%zmm3\n\t" "vmovdqa64 256(%[acc]), %%zmm4\n\t" "vmovdqa64 320(%[acc]), %%zmm5\n\t"
+      "vmovdqa64 384(%[acc]), %%zmm6\n\t" "vmovdqa64 448(%[acc]), %%zmm7\n\t" "vmovdqa64 512(%[acc]), %%zmm8\n\t"
+      "vmovdqa64 576(%[acc]), %%zmm9\n\t" "vmovdqa64 640(%[acc]), %%zmm10\n\t" "vmovdqa64 704(%[acc]), %%zmm11\n\t"
+      "vmovdqa64 768(%[acc]), %%zmm12\n\t" "vmovdqa64 832(%[acc]), %%zmm13\n\t" "vmovdqa64 896(%[acc]), %%zmm14\n\t"
+      "vmovdqa64 960(%[acc]), %%zmm15\n\t"
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t" "vpxord %%zmm17, %%zmm17, %%zmm17\n\t" "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
+      "vpxord %%zmm19, %%zmm19, %%zmm19\n\t" "vpxord %%zmm20, %%zmm20, %%zmm20\n\t" "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+      "vpxord %%zmm22, %%zmm22, %%zmm22\n\t" "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+      "movl $16, %k[left]\n\t"
+      "1:\n\t"
+      // Lookups between the VNNI steps: all lookups after all steps ran at 59 cycles a superstep instead of 49
+      // (Zen 4, data in L1), the scheduler not reaching far enough ahead to pair them.
+      LUT_STEP(0, 0) LUT_LOOKUP(768, 0, 16, 17, 18, 19)       // table group 2 s, half 0
+      LUT_STEP(256, 4) LUT_LOOKUP(832, 0, 20, 21, 22, 23)     // half 1
+      LUT_STEP(512, 8) LUT_LOOKUP(896, 64, 16, 17, 18, 19)    // table group 2 s + 1
+      LUT_LOOKUP(960, 64, 20, 21, 22, 23)
+      "addq $1024, %[panel]\n\t" "addq $12, %[x0]\n\t" "addq $12, %[x3]\n\t" "addq $128, %[tables]\n\t"
+      "decl %k[left]\n\t" "jnz 1b\n\t"
+      LUT_WIDEN(16, 0, 1) LUT_WIDEN(17, 4, 5) LUT_WIDEN(18, 8, 9) LUT_WIDEN(19, 12, 13)
+      LUT_WIDEN(20, 2, 3) LUT_WIDEN(21, 6, 7) LUT_WIDEN(22, 10, 11) LUT_WIDEN(23, 14, 15)
+      "vmovdqa64 %%zmm0, 0(%[acc])\n\t" "vmovdqa64 %%zmm1, 64(%[acc])\n\t" "vmovdqa64 %%zmm2, 128(%[acc])\n\t"
+      "vmovdqa64 %%zmm3, 192(%[acc])\n\t" "vmovdqa64 %%zmm4, 256(%[acc])\n\t" "vmovdqa64 %%zmm5, 320(%[acc])\n\t"
+      "vmovdqa64 %%zmm6, 384(%[acc])\n\t" "vmovdqa64 %%zmm7, 448(%[acc])\n\t" "vmovdqa64 %%zmm8, 512(%[acc])\n\t"
+      "vmovdqa64 %%zmm9, 576(%[acc])\n\t" "vmovdqa64 %%zmm10, 640(%[acc])\n\t" "vmovdqa64 %%zmm11, 704(%[acc])\n\t"
+      "vmovdqa64 %%zmm12, 768(%[acc])\n\t" "vmovdqa64 %%zmm13, 832(%[acc])\n\t" "vmovdqa64 %%zmm14, 896(%[acc])\n\t"
+      "vmovdqa64 %%zmm15, 960(%[acc])\n\t"
+      : [panel] "+r"(panel), [x0] "+r"(x), [x3] "+r"(x3), [tables] "+r"(tables), [left] "=&r"(left)
+      : [k] "r"(Kp), [acc] "r"(acc)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+        "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30");
+}
+#undef LUT_CODES
+#undef LUT_TOKEN
+#undef LUT_STEP
+#undef LUT_LOOKUP
+#undef LUT_WIDEN
+
+// chunk4's arithmetic for the last T < 4 tokens of a call, in intrinsics (few registers: no spills).
+template <int T>
+void chunk_tokens(const uint8_t* panel, const int8_t* x, int64_t Kp, const int16_t* tables, int32_t* acc) {
+  __m512i sums[T][4], lookups[T][2];
+  for (int t = 0; t < T; ++t)
+    for (int g = 0; g < 4; ++g) sums[t][g] = _mm512_load_si512(acc + (4 * t + g) * 16);
+  for (auto& token : lookups) token[0] = token[1] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < kChunkSteps; ++s) {
+    const uint8_t* at = panel + s * kSuperstepBytes;
+    for (int k = 0; k < 3; ++k)
+      for (int g = 0; g < 4; ++g) {
+        const __m512i codes = _mm512_load_si512(at + k * 256 + g * 64);
+        for (int t = 0; t < T; ++t) {
+          int32_t four;
+          std::memcpy(&four, x + t * Kp + 12 * s + 4 * k, 4);
+          sums[t][g] = _mm512_dpbusd_epi32(sums[t][g], codes, _mm512_set1_epi32(four));
+        }
+      }
+    for (int G = 0; G < 2; ++G)
+      for (int h = 0; h < 2; ++h) {
+        const __m512i index = _mm512_load_si512(at + kIndexOffset + (2 * G + h) * 64);
+        for (int t = 0; t < T; ++t) {
+          const __m512i table = _mm512_load_si512(tables + t * (kChunkTables / 2) + (2 * s + G) * 32);
+          lookups[t][h] = _mm512_add_epi16(lookups[t][h], _mm512_permutexvar_epi16(index, table));
+        }
+      }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      sums[t][2 * h] = _mm512_add_epi32(sums[t][2 * h], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(lookups[t][h])));
+      sums[t][2 * h + 1] = _mm512_add_epi32(sums[t][2 * h + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lookups[t][h], 1)));
+    }
+  for (int t = 0; t < T; ++t)
+    for (int g = 0; g < 4; ++g) _mm512_store_si512(acc + (4 * t + g) * 16, sums[t][g]);
+}
+
+// out[t0 .. t0 + T, 64 outputs of the block from r0] from the accumulators of chunk4's layout.
+void lut_outputs(const Projection& p, const Activations& a, const int32_t* acc, int64_t T, int64_t r0, int64_t t0) {
+  const int64_t O = p.R * kValuesPerByte;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t token = t0 + t;
+    for (int g = 0; g < 4 && r0 * kValuesPerByte + 16 * g < O; ++g) {
+      const int64_t o = r0 * kValuesPerByte + 16 * g, at = token * O + o;
+      const __mmask16 lanes = Avx512::first_lanes(O - o);
+      const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(acc + (4 * t + g) * 16), _mm512_set1_epi32(a.sum[token]));
+      __m512 y = dequantize(sum, a.inv_scale[token], p.multiplier);
+      if (p.residual) y = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, p.residual + at), y);  // as XLA's x + y
+      _mm512_mask_storeu_ps(p.out + at, lanes, y);
+    }
+  }
+}
+
+// The products of tokens through VNNI and table lookups, x already quantized in `a` (see lut_products).
+void lut_slab(ffi::ThreadPool& pool, std::vector<Projection>& projections, const Activations& a) {
+  const int64_t N = a.N, K = a.K, groups = (N + 3) / 4;
+  const LutShape shape(K);
+  int8_t* xp = scratch(10, N * shape.Kp + 64);
+  int16_t* tables = reinterpret_cast<int16_t*>(scratch(11, shape.chunks * N * kChunkTables));
+  parallel_for(pool, N, [=, &a](int64_t t) { lut_token(a.q, K, shape, N, t, xp, tables); });
+  // A task is a group of blocks: per chunk, every block's panel and every token group, so each chunk's tables
+  // (N x 2 KB) serve the whole group from L2. Groups as large as keeps at least four per thread (two left a
+  // thread idle at the end of a call: a 2B4T layer 1.05x slower at 128 tokens).
+  int64_t blocks = 0;
+  for (const Projection& p : projections) blocks += (p.R + kLutBlockRows - 1) / kLutBlockRows;
+  const int64_t per_group = std::clamp<int64_t>(blocks / (4 * (pool.num_threads() + 1)), 1, 8);
+  std::vector<Task> tasks;
+  for (const Projection& p : projections) {
+    const int64_t own = (p.R + kLutBlockRows - 1) / kLutBlockRows;
+    for (int64_t first = 0; first < own; first += per_group) tasks.push_back({&p, first, std::min(per_group, own - first)});
+  }
+  const Task* list = tasks.data();
+  parallel_for(pool, int64_t(tasks.size()), [=, &a, &shape](int64_t i) {
+    const Task& task = list[i];
+    const Projection& p = *task.p;
+    uint8_t* panel = reinterpret_cast<uint8_t*>(scratch(12, kChunkPanel));
+    int32_t* acc = reinterpret_cast<int32_t*>(scratch(13, task.count * groups * kAccumulatorBytes));
+    std::memset(acc, 0, task.count * groups * kAccumulatorBytes);
+    for (int64_t c = 0; c < shape.chunks; ++c)
+      for (int64_t j = 0; j < task.count; ++j) {
+        const int64_t r0 = (task.first + j) * kLutBlockRows;
+        unpack_chunk(p.packed, p.R, K, shape, r0, c, panel);
+        // The next block's rows are fetched while this one runs, a few rows per token group: all 80-odd lines at
+        // once left most of them still missing when unpacked (more misses than the core keeps in flight).
+        const bool next = j + 1 < task.count || c + 1 < shape.chunks;
+        const int64_t next_r0 = j + 1 < task.count ? r0 + kLutBlockRows : task.first * kLutBlockRows;
+        const int64_t next_c = j + 1 < task.count ? c : c + 1;
+        const int16_t* chunk_tables = tables + c * N * (kChunkTables / 2);
+        int32_t* block_acc = acc + j * groups * (kAccumulatorBytes / 4);
+        for (int64_t g = 0; g < groups; ++g) {
+          if (next)
+            prefetch_chunk(p.packed, p.R, K, shape, next_r0 + kLutBlockRows * g / groups,
+                           next_r0 + kLutBlockRows * (g + 1) / groups, next_c);
+          const int8_t* x = xp + 4 * g * shape.Kp + 192 * c;
+          const int16_t* token_tables = chunk_tables + 4 * g * (kChunkTables / 2);
+          int32_t* sums = block_acc + g * (kAccumulatorBytes / 4);
+          switch (std::min<int64_t>(4, N - 4 * g)) {
+            case 4: chunk4(panel, x, shape.Kp, token_tables, sums); break;
+            case 3: chunk_tokens<3>(panel, x, shape.Kp, token_tables, sums); break;
+            case 2: chunk_tokens<2>(panel, x, shape.Kp, token_tables, sums); break;
+            default: chunk_tokens<1>(panel, x, shape.Kp, token_tables, sums); break;
+          }
+        }
+      }
+    for (int64_t j = 0; j < task.count; ++j)
+      for (int64_t g = 0; g < groups; ++g)
+        lut_outputs(p, a, acc + (j * groups + g) * (kAccumulatorBytes / 4), std::min<int64_t>(4, N - 4 * g),
+                    (task.first + j) * kLutBlockRows, 4 * g);
+  });
+}
+
+// The products of a call through VNNI and table lookups, x already quantized in `a`: in slabs of at most
+// kLutSlabTokens tokens, whose tables of one chunk (2 KB a token) stay in L2 while the tasks read them (at 512
+// tokens in one slab the lookups gained nothing over the VNNI loop). Each slab unpacks the weights again.
+void lut_products(ffi::ThreadPool& pool, const std::vector<Projection>& projections, const Activations& a) {
+  const int64_t slabs = (a.N + kLutSlabTokens - 1) / kLutSlabTokens;
+  const int64_t per_slab = ((a.N + slabs - 1) / slabs + 3) & ~int64_t(3);  // whole groups of 4 tokens
+  for (int64_t t0 = 0; t0 < a.N; t0 += per_slab) {
+    const int64_t n = std::min(per_slab, a.N - t0);
+    std::vector<Projection> shifted = projections;
+    for (Projection& p : shifted) {
+      p.out += t0 * p.R * kValuesPerByte;
+      if (p.residual) p.residual += t0 * p.R * kValuesPerByte;
+    }
+    lut_slab(pool, shifted, {a.q + t0 * a.K, a.inv_scale + t0, a.sum + t0, n, a.K});
+  }
+}
+
 // ---------------------------------------------------------------------------------- causal attention
 
 // Keys [j0, j0 + 16) of kv head kv: rotated into k_out [B, T, KV, D] (what the cache keeps), and transposed,
@@ -1006,6 +1357,10 @@ void bitlinear(ffi::ThreadPool& pool, int level, const float* x, const Prologue&
   const Activations a = quantize_tokens(pool, k, x, prologue, N, K, inv_scale.data(), sum.data());
   if (level == kAmx && N >= g_amx_min_tokens) {
     avx512::amx_products(pool, projections, a);
+    return;
+  }
+  if (level >= kAvx512Vnni && N >= g_lut_min_tokens) {
+    avx512::lut_products(pool, projections, a);
     return;
   }
   const int64_t rows = N <= k.stream_tokens ? std::max(kRowsPerTask, kStreamTaskBytes / K) : kRowsPerTask;
@@ -1532,9 +1887,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bitnet_cached_attention, CachedAttention, ffi::Ffi
 extern "C" int bitnet_native_level() { return kCpuLevel; }
 
 // The loader, tests and benchmarks: run the kernels of `level` (at most the CPU's; AMX from amx_min_tokens
-// tokens on, where amx_min_tokens > 0). Returns the level now in use.
-extern "C" int bitnet_native_configure(int level, long amx_min_tokens) {
+// tokens on, the table lookups from lut_min_tokens, where each is > 0). Returns the level now in use.
+extern "C" int bitnet_native_configure(int level, long amx_min_tokens, long lut_min_tokens) {
   g_level = std::clamp(level, int(kNone), kCpuLevel);
   if (amx_min_tokens > 0) g_amx_min_tokens = amx_min_tokens;
+  if (lut_min_tokens > 0) g_lut_min_tokens = lut_min_tokens;
   return g_level;
 }
