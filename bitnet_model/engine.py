@@ -386,12 +386,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32)
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cache: Cache | None):
-    """All decoder layers in one scan: x [B, T, H] -> (x, new keys, new values [L, B, T, KV, D])."""
+def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cache: Cache | None, last=None):
+    """All decoder layers in one scan: x [B, T, H] -> (x, new keys, new values [L, B, T, KV, D]).
+
+    With `last` (prefill: the index of the last real token) and the native kernels, the final layer runs its
+    o_proj and FFN for that token only, as llama.cpp does: nothing reads the other positions after the last
+    layer (the cache holds keys and values, made before them), and the kernels treat each token on its own, so
+    its result is bit for bit the same (tests/test_engine.py); the other positions keep the layer's input. XLA's
+    own products stay on every position: there a [B, 1, H] norm or quantization can round an ulp away from the
+    same row inside [B, T, H]."""
     B, T, _ = x.shape
     eps = cfg.rms_norm_eps
 
-    def layer(x, xs):
+    def layer(x, xs, only=None):  # only: the one position to finish after the attention (see `last`)
         packed, multipliers, norms, cached_k, cached_v, index = xs  # this layer's weights (see below), cache slices
 
         def bitlinear(h, *names, norm, up=None, residual=None):  # norm: the name of the norm before it
@@ -409,9 +416,15 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
         else:
             attn, k, v = rotary_attention(q, k, v, cos, sin, cached_k, cached_v, start, query_block=opts.query_block,
                                           native_kernel=opts.native)  # k, v: rotated, as the cache holds them
+        every = x
+        if only is not None:
+            attn = jax.lax.dynamic_slice_in_dim(attn, only, 1, axis=1)
+            x = jax.lax.dynamic_slice_in_dim(x, only, 1, axis=1)
         x = bitlinear(attn, "o_proj", norm="attn_sub_norm", residual=x)[0]  # Llama-family: no sub-norms
         gate, up = bitlinear(x, "gate_proj", "up_proj", norm="post_attention_layernorm")
         x = bitlinear(gate, "down_proj", norm="ffn_sub_norm", up=up, residual=x)[0]  # act(gate) * up: [B, T, F]
+        if only is not None:
+            x = jax.lax.dynamic_update_slice_in_dim(every, x, only, axis=1)
         return x, (k, v)
 
     L = cfg.num_hidden_layers
@@ -428,8 +441,11 @@ def _layers(cfg: ModelConfig, opts: Options, w: Weights, x, cos, sin, start, cac
         packed, multipliers, norms, cached_k, cached_v, index = xs
         if opts.native:
             packed, multipliers = w.packed, w.multipliers
-        return layer(x, (packed, multipliers, norms, cached_k if sliced_cache else None,
-                         cached_v if sliced_cache else None, index))
+        xs = (packed, multipliers, norms, cached_k if sliced_cache else None, cached_v if sliced_cache else None,
+              index)
+        if last is None or T == 1 or not opts.native:
+            return layer(x, xs)
+        return jax.lax.cond(index == L - 1, lambda: layer(x, xs, only=last), lambda: layer(x, xs))
 
     x, (keys, values) = jax.lax.scan(body, x, xs)
     return x, keys, values
@@ -509,7 +525,8 @@ def _prefill_hidden(cfg: ModelConfig, opts: Options, w: Weights, token_ids, prom
     B, P = token_ids.shape
     positions = jnp.arange(P, dtype=jnp.int32)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    x, keys, values = _layers(cfg, opts, w, _embed(w, token_ids), cos, sin, jnp.int32(0), None)
+    x, keys, values = _layers(cfg, opts, w, _embed(w, token_ids), cos, sin, jnp.int32(0), None,
+                              last=prompt_length - 1)
     last = jax.lax.dynamic_index_in_dim(x, prompt_length - 1, axis=1, keepdims=False)  # [B, H]
     shape = (cfg.num_hidden_layers, B, max_length, cfg.num_key_value_heads, cfg.head_dim)
     cache_keys = jax.lax.dynamic_update_slice(jnp.zeros(shape, keys.dtype), keys, (0, 0, 0, 0, 0))

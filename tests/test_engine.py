@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,6 +89,36 @@ def test_prefill_and_decode_match_the_reference(ckpt, option):
         steps.append(np.asarray(logits))
     assert int(cache.length) == ids.shape[1]
     assert_close(np.stack(steps, axis=1), full[:, prompt - 1 :])
+
+
+@needs_native
+def test_prefill_finishes_only_the_last_token_in_the_last_layer(ckpt):
+    """With the native kernels prefill runs the last layer's o_proj and FFN for the last real token only: its
+    logits are forward's at that position bit for bit, and its cache holds every layer's keys and values as the
+    full layers make them."""
+    model = params.model_from_checkpoint(ckpt)
+    cfg, opts = model.config, OPTIONS["native"]
+    weights = engine.weights_from_checkpoint(ckpt)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 24)).astype(np.int32)
+    for prompt in (24, 17, 1):  # the whole row, a padded tail, one token
+        logits, cache = engine.prefill(cfg, opts, weights, ids, np.int32(prompt), 32)
+        full = np.asarray(engine.forward(cfg, opts, weights, ids[:, :prompt]))
+        np.testing.assert_array_equal(np.asarray(logits), full[:, -1])
+        want_k, want_v = every_layers_keys(cfg, opts, weights, ids[:, :prompt])
+        np.testing.assert_array_equal(np.asarray(cache.keys)[:, :, :prompt], want_k)
+        np.testing.assert_array_equal(np.asarray(cache.values)[:, :, :prompt], want_v)
+
+
+def every_layers_keys(cfg, opts, weights, ids):
+    """The rotated keys and values of every layer for ids [B, T], from the layers without the shortcut (the
+    rope tables made inside the program, as prefill makes them)."""
+
+    def run(ids):
+        cos, sin = engine.rope_tables(jnp.arange(ids.shape[1], dtype=jnp.int32), cfg.head_dim, cfg.rope_theta)
+        return engine._layers(cfg, opts, weights, engine._embed(weights, ids), cos, sin, jnp.int32(0), None)[1:]
+
+    keys, values = jax.jit(run)(ids)
+    return np.asarray(keys), np.asarray(values)
 
 
 def test_weights_from_model_equal_weights_from_checkpoint(ckpt):
