@@ -915,8 +915,8 @@ void amx_products(ffi::ThreadPool& pool, std::vector<Projection>& projections, c
 
 // From g_lut_min_tokens tokens on, where AMX does not take the products. The VNNI loop's ceiling is VPDPBUSD's
 // one instruction (64 MACs) per cycle, but Zen 4 issues a VPERMW + VPADDW pair beside every three VPDPBUSDs at
-// no cost to them (BENCHMARKS.md's kernel notes). So a third of the columns are summed by table lookup instead
-// (as T-MAC and bitnet.cpp's TL kernels do, here exactly): for three columns a, b, c of a token, entry i of a
+// no cost to them (BENCHMARKS.md, "VNNI + table lookups"). So a third of the columns are summed by table lookup
+// instead (as T-MAC and bitnet.cpp's TL kernels do, here exactly): for three columns a, b, c of a token, entry i of a
 // 32-entry int16 table is d0(i) x[a] + d1(i) x[b] + d2(i) x[c] for the base-3 digits d of i < 27, so a row
 // whose codes there are (c0, c1, c2) reads its three products at index c0 + 3 c1 + 9 c2, and one VPERMW looks
 // up 32 rows at once (96 MACs). The codes are the same c = t + 1 as the VNNI columns', and the sum of the
