@@ -5,15 +5,15 @@
 For each token count, one decoder layer's BitLinear work as the engine groups it (q/k/v from one input,
 o, gate/up from one input, down) is timed at every kernel level this CPU runs: XLA (the engine's CPU path
 without the kernels: quantize, block-wise unpack + int8 dot, dequantize), the native AVX2 loop, the AVX-512
-VNNI loop, VNNI + table lookups and AMX tiles (each: quantize, product and dequantize inside one kernel call). For one token the
-rate at which each reads the layer's packed weights is shown too (decode is bound by memory bandwidth). Then
-the tied 128256 x 2560 bf16 output projection for one token, XLA's block-wise widening against each native
-level, greedy decoding's head (the full product's argmax against the greedy screen, medians of interleaved
-rounds), and one layer's prefill attention with its rope at 128 and 512 tokens. Best of --repeat rounds after
-a warm-up; ratios are XLA time / native time. The fastest native path per token count is what sets the
-crossovers from the VNNI loop to AMX and to table lookups (`AMX_MIN_TOKENS`, `LUT_MIN_TOKENS` in
-bitnet_model/native); weights are random packed bytes (the speed does
-not depend on the values). `BITNET_NATIVE=avx2` limits the run to the AVX2 kernels.
+VNNI loop, VNNI + table lookups and AMX tiles (each: quantize, product and dequantize inside one kernel call).
+For one token the rate at which each reads the layer's packed weights is shown too (decode is bound by memory
+bandwidth). Then the tied 128256 x 2560 bf16 output projection for one token, XLA's block-wise widening against
+each native level, greedy decoding's head (the full product's argmax against the greedy screen, medians of
+interleaved rounds), and one layer's prefill attention with its rope at 128 and 512 tokens. Best of --repeat
+rounds after a warm-up; ratios are XLA time / native time. The fastest native path per token count is what sets
+the crossovers from the VNNI loop to AMX and to table lookups (`AMX_MIN_TOKENS`, `LUT_MIN_TOKENS` in
+bitnet_model/native); weights are random packed bytes (the speed does not depend on the values).
+`BITNET_NATIVE=avx2` limits the run to the AVX2 kernels.
 """
 
 from __future__ import annotations

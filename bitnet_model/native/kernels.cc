@@ -140,8 +140,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, Body body) {
 
 // This thread's scratch buffer `slot` (0: unpacked panels, 1: blocked tokens, 2: quantized x, 3: attention
 // scores, 4: transposed keys, 5: one token's prologue, 6: rotated queries, 7: h split for a bf16 table, 8 and 9:
-// the greedy screen's dots and bounds, 10 to 13: the table lookups' padded x, tables, panel and sums), at least `bytes` long, 64-byte aligned (aligned stores, tile rows on
-// cache lines). Kept between calls: a fresh multi-MB allocation is a fresh mmap, and its page faults cost more
+// the greedy screen's dots and bounds, 10 to 13: the table lookups' padded x, tables, panel and sums), at least
+// `bytes` long, 64-byte aligned (aligned stores, tile rows on cache lines). Kept between calls: a fresh multi-MB allocation is a fresh mmap, and its page faults cost more
 // than the product of a small projection.
 int8_t* scratch(int slot, int64_t bytes) {
   struct Free {
@@ -999,21 +999,25 @@ void unpack_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& s
   alignas(64) uint8_t steps[24][4][64];  // the 96 table columns: 24 steps
   const int64_t first = shape.Kv + 96 * c;
   lanes(packed, R, K, r0, first, 64, [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[d][g], codes); });
-  lanes(packed, R, K, r0, first + 64, 32, [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[16 + d][g], codes); });
+  lanes(packed, R, K, r0, first + 64, 32,
+        [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[16 + d][g], codes); });
   const __m512i low_byte = _mm512_set1_epi32(0xFF);
   for (int u = 0; u < 8; ++u) {
     __m512i index[4];  // byte j of lane l: c0 + 3 c1 + 9 c2 of output 16 g + l, table group 4 u + j
     for (int g = 0; g < 4; ++g) {
       const __m512i c0 = _mm512_load_si512(steps[3 * u][g]), c1 = _mm512_load_si512(steps[3 * u + 1][g]);
       const __m512i c2 = _mm512_load_si512(steps[3 * u + 2][g]);
-      const __m512i c1x3 = _mm512_add_epi8(_mm512_add_epi8(c1, c1), c1), c2x3 = _mm512_add_epi8(_mm512_add_epi8(c2, c2), c2);
+      const __m512i c1x3 = _mm512_add_epi8(_mm512_add_epi8(c1, c1), c1);
+      const __m512i c2x3 = _mm512_add_epi8(_mm512_add_epi8(c2, c2), c2);
       index[g] = _mm512_add_epi8(_mm512_add_epi8(c0, c1x3), _mm512_add_epi8(_mm512_add_epi8(c2x3, c2x3), c2x3));
     }
     for (int j = 0; j < 4; ++j) {
       const int G = 4 * u + j;
       for (int h = 0; h < 2; ++h) {  // outputs 32 h .. 32 h + 31 as int16 lanes
-        const __m256i lo = _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(index[2 * h], 8 * j), low_byte));
-        const __m256i hi = _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(index[2 * h + 1], 8 * j), low_byte));
+        auto byte_j = [&](__m512i v) {  // byte j of each lane, as 16 int16
+          return _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), low_byte));
+        };
+        const __m256i lo = byte_j(index[2 * h]), hi = byte_j(index[2 * h + 1]);
         _mm512_store_si512(panel + (G / 2) * kSuperstepBytes + kIndexOffset + ((G % 2) * 2 + h) * 64,
                            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
       }
@@ -1049,13 +1053,14 @@ void lut_token(const int8_t* x, int64_t K, const LutShape& shape, int64_t N, int
     digits[1][i] = i < 27 ? i / 3 % 3 : 0;
     digits[2][i] = i < 27 ? i / 9 : 0;
   }
-  const __m512i d0 = _mm512_load_si512(digits[0]), d1 = _mm512_load_si512(digits[1]), d2 = _mm512_load_si512(digits[2]);
+  const __m512i d0 = _mm512_load_si512(digits[0]), d1 = _mm512_load_si512(digits[1]);
+  const __m512i d2 = _mm512_load_si512(digits[2]);
   for (int64_t c = 0; c < shape.chunks; ++c)
     for (int G = 0; G < 2 * kChunkSteps; ++G) {
       const int8_t* a = row + shape.Kv + 96 * c + 12 * (G / 4) + G % 4;
-      const __m512i entries = _mm512_add_epi16(
-          _mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(a[0])), _mm512_mullo_epi16(d1, _mm512_set1_epi16(a[4]))),
-          _mm512_mullo_epi16(d2, _mm512_set1_epi16(a[8])));
+      const __m512i entries = _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(a[0])),
+                                                                _mm512_mullo_epi16(d1, _mm512_set1_epi16(a[4]))),
+                                               _mm512_mullo_epi16(d2, _mm512_set1_epi16(a[8])));
       _mm512_store_si512(tables + ((c * N + t) * 2 * kChunkSteps + G) * 32, entries);
     }
 }
@@ -1097,8 +1102,9 @@ void chunk4(const uint8_t* panel, const int8_t* x, int64_t Kp, const int16_t* ta
       "vmovdqa64 576(%[acc]), %%zmm9\n\t" "vmovdqa64 640(%[acc]), %%zmm10\n\t" "vmovdqa64 704(%[acc]), %%zmm11\n\t"
       "vmovdqa64 768(%[acc]), %%zmm12\n\t" "vmovdqa64 832(%[acc]), %%zmm13\n\t" "vmovdqa64 896(%[acc]), %%zmm14\n\t"
       "vmovdqa64 960(%[acc]), %%zmm15\n\t"
-      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t" "vpxord %%zmm17, %%zmm17, %%zmm17\n\t" "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
-      "vpxord %%zmm19, %%zmm19, %%zmm19\n\t" "vpxord %%zmm20, %%zmm20, %%zmm20\n\t" "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t" "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+      "vpxord %%zmm18, %%zmm18, %%zmm18\n\t" "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+      "vpxord %%zmm20, %%zmm20, %%zmm20\n\t" "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
       "vpxord %%zmm22, %%zmm22, %%zmm22\n\t" "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
       "movl $16, %k[left]\n\t"
       "1:\n\t"
@@ -1160,7 +1166,8 @@ void chunk_tokens(const uint8_t* panel, const int8_t* x, int64_t Kp, const int16
   for (int t = 0; t < T; ++t)
     for (int h = 0; h < 2; ++h) {
       sums[t][2 * h] = _mm512_add_epi32(sums[t][2 * h], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(lookups[t][h])));
-      sums[t][2 * h + 1] = _mm512_add_epi32(sums[t][2 * h + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lookups[t][h], 1)));
+      const __m512i high = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lookups[t][h], 1));
+      sums[t][2 * h + 1] = _mm512_add_epi32(sums[t][2 * h + 1], high);
     }
   for (int t = 0; t < T; ++t)
     for (int g = 0; g < 4; ++g) _mm512_store_si512(acc + (4 * t + g) * 16, sums[t][g]);
@@ -1198,7 +1205,8 @@ void lut_slab(ffi::ThreadPool& pool, std::vector<Projection>& projections, const
   std::vector<Task> tasks;
   for (const Projection& p : projections) {
     const int64_t own = (p.R + kLutBlockRows - 1) / kLutBlockRows;
-    for (int64_t first = 0; first < own; first += per_group) tasks.push_back({&p, first, std::min(per_group, own - first)});
+    for (int64_t first = 0; first < own; first += per_group)
+      tasks.push_back({&p, first, std::min(per_group, own - first)});
   }
   const Task* list = tasks.data();
   parallel_for(pool, int64_t(tasks.size()), [=, &a, &shape](int64_t i) {
