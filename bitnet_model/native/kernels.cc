@@ -1025,17 +1025,15 @@ void unpack_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& s
   }
 }
 
-// The packed bytes unpack_chunk reads for chunk c of packed rows [r0, r1), on their way into L1. Each row first
-// gets a real load on each page it reads: a software prefetch whose page is not in the TLB did nothing here
-// (Zen 4: unpacking took 2.4x its time with the data in cache; with the loads 1.4x). The 16 rows of a block lie
-// 2.5-7 KB apart in a 2B4T projection, on 10-27 pages.
+// The packed bytes unpack_chunk reads for chunk c of packed rows [r0, r1), on their way into L1: software
+// prefetches only. A real load per page first (for the page walk, which a prefetch that misses the TLB may skip)
+// held up retirement for the whole trip to DRAM: in the 2B4T prefill the loads cost more than they saved, on 2 MB
+// pages (where XLA's weight buffers sit here) and with transparent huge pages turned off alike (BENCHMARKS.md).
 void prefetch_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& shape, int64_t r0, int64_t r1,
                     int64_t c) {
   for (int64_t r = r0; r < std::min(R, r1); ++r) {
     const char* row = reinterpret_cast<const char*>(packed + r * K);
-    if (192 * c < K) (void)*reinterpret_cast<const volatile char*>(row + 192 * c);  // the page walks
     const int64_t first = shape.Kv + 96 * c, last = std::min(K, first + 96) - 1;  // 96 bytes: 2 or 3 lines
-    if (first < K) (void)*reinterpret_cast<const volatile char*>(row + first);
     for (int64_t i = 192 * c; i < std::min(K, 192 * (c + 1)); i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
     for (int64_t i = first; i <= last; i += 64) _mm_prefetch(row + i, _MM_HINT_T0);
     if (last >= first) _mm_prefetch(row + last, _MM_HINT_T0);
