@@ -11,7 +11,9 @@ The sides, each on the same prompt ids with the same thread count (--threads, de
   own, no floor's), `--full-head` without the screen (`generate --no-greedy-screen`: the whole 16-bit table
   every step, as sampling reads it);
 - llama.cpp TQ2_0: llama-cpp-python on our TQ2_0 file of the checkpoint;
-- ik_llama.cpp IQ2_BN: ik-llama-cpp-python on what its llama-quantize makes of our I2_S file;
+- ik_llama.cpp IQ2_BN: ik-llama-cpp-python on what its llama-quantize makes of our I2_S file, and ik_llama.cpp
+  IQ2_BN_R4 on its llama-quantize's repacked layout of it (the same codes, rows interleaved by four for its CPU
+  kernels; each of the two may be the faster at a measure);
 - bitnet.cpp I2_S: its `llama-bench` ($BITNET_CPP_DIR/build/bin, else the build of
   ../shared/runtimes/bitnet.cpp/build.sh in ~/.cache/bitnet-cpp-4645960) on our I2_S file of a SiLU variant of
   the checkpoint: bitnet.cpp cannot read 2B4T's architecture `bitnet-b1.58` (relu2), so its file is `bitnet`,
@@ -77,7 +79,8 @@ GIB = 1 << 30
 SEED = 1234
 OURS, OURS_INT8 = "ours", "ours int8 head"
 LLAMA_CPP, IK_LLAMA_CPP, BITNET_CPP = "llama.cpp TQ2_0", "ik_llama.cpp IQ2_BN", "bitnet.cpp I2_S"
-RUNTIMES = (LLAMA_CPP, IK_LLAMA_CPP, BITNET_CPP)  # the BitNet runtimes: the floors' "fastest peer"
+IK_LLAMA_CPP_R4 = "ik_llama.cpp IQ2_BN_R4"
+RUNTIMES = (LLAMA_CPP, IK_LLAMA_CPP, IK_LLAMA_CPP_R4, BITNET_CPP)  # the BitNet runtimes: the floors' "fastest peer"
 TRANSFORMERS = "transformers"
 # ours / ours capped at AVX2 against the fastest runtime per measure (peer time / ours), and targets beyond
 FLOORS = {"decode": 1.0, "prefill 128": 2.0}
@@ -336,13 +339,13 @@ def i2_s_file(hf_dir: str) -> str:
     return str(out)
 
 
-def ik_llama_cpp_file(hf_dir: str) -> str:
-    """ik_llama.cpp's IQ2_BN of our I2_S file (its `bitnet-b1.58` graph computes 2B4T's relu2)."""
+def ik_llama_cpp_file(hf_dir: str, layout: str = "iq2_bn") -> str:
+    """ik_llama.cpp's IQ2_BN (or `layout`) of our I2_S file (its `bitnet-b1.58` graph computes 2B4T's relu2)."""
     from bitnet_convert.verification.runtime import requantize_iq2_bn
 
-    out = _beside(hf_dir, "-iq2_bn.gguf")
+    out = _beside(hf_dir, f"-{layout}.gguf")
     if not out.exists():
-        refused = requantize_iq2_bn(i2_s_file(hf_dir), out)
+        refused = requantize_iq2_bn(i2_s_file(hf_dir), out, layout)
         if refused is not None:
             raise SystemExit(f"ik_llama.cpp's llama-quantize refused {i2_s_file(hf_dir)}: {refused}")
     return str(out)
@@ -375,7 +378,7 @@ class Side:
     """One column of the table: what runs, on which file, and what it measured (best over rounds)."""
 
     name: str
-    kind: str  # ours | llama.cpp | ik_llama.cpp | bitnet.cpp | transformers
+    kind: str  # ours | llama.cpp | ik_llama.cpp | bitnet.cpp | transformers: the code that runs it
     env: dict = dataclasses.field(default_factory=dict)
     path: str = ""  # the checkpoint or file it runs
     absent: str | None = None  # why it could not run
@@ -402,30 +405,33 @@ class Side:
                 self.best[key] = value
 
 
-FILES = {"llama.cpp": llama_cpp_file, "ik_llama.cpp": ik_llama_cpp_file, "bitnet.cpp": bitnet_cpp_file}
+# The file each runtime side runs, by side name (--prepare writes one).
+FILES = {LLAMA_CPP: llama_cpp_file, IK_LLAMA_CPP: ik_llama_cpp_file,
+         IK_LLAMA_CPP_R4: lambda hf_dir: ik_llama_cpp_file(hf_dir, "iq2_bn_r4"), BITNET_CPP: bitnet_cpp_file}
 
 
-def prepared_file(kind: str, hf_dir: str) -> str:
-    """The file `kind` runs, written (once) by a child process: a conversion in this process would raise its
-    peak RSS, which every child it starts inherits in ru_maxrss (the high-water mark survives fork and exec)."""
-    done = subprocess.run([sys.executable, __file__, "--prepare", kind, hf_dir], stdout=subprocess.PIPE, text=True)
+def prepared_file(name: str, hf_dir: str) -> str:
+    """The file side `name` runs, written (once) by a child process: a conversion in this process would raise
+    its peak RSS, which every child it starts inherits in ru_maxrss (the high-water mark survives fork and
+    exec)."""
+    done = subprocess.run([sys.executable, __file__, "--prepare", name, hf_dir], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"could not write the file {kind} runs (exit {done.returncode})")
+        raise SystemExit(f"could not write the file {name} runs (exit {done.returncode})")
     return done.stdout.strip().splitlines()[-1]
 
 
 def runtime_sides(hf_dir: str) -> list[Side]:
-    """The three BitNet runtimes, each on its file, or absent with the reason."""
+    """The BitNet runtimes, each on its file, or absent with the reason."""
     sides = []
     for name, kind, module in ((LLAMA_CPP, "llama.cpp", "llama_cpp"), (IK_LLAMA_CPP, "ik_llama.cpp", "ik_llama_cpp"),
-                               (BITNET_CPP, "bitnet.cpp", None)):
+                               (IK_LLAMA_CPP_R4, "ik_llama.cpp", "ik_llama_cpp"), (BITNET_CPP, "bitnet.cpp", None)):
         side = Side(name, kind)
         if module is not None and importlib.util.find_spec(module) is None:
             side.absent = f"absent: the Python package {module} is not installed"
         elif kind == "bitnet.cpp" and not llama_bench_binary().is_file():
             side.absent = f"absent: no {llama_bench_binary()} (../shared/runtimes/bitnet.cpp/build.sh builds it)"
         else:
-            side.path = prepared_file(kind, hf_dir)
+            side.path = prepared_file(name, hf_dir)
         sides.append(side)
     return sides
 
@@ -494,6 +500,7 @@ def step_bytes(config: dict) -> dict[str, float]:
         OURS_FULL_HEAD: values / 4 + head,
         LLAMA_CPP: values * 66 / 256 + head,  # TQ2_0: 64 bytes of 2-bit codes + an f16 scale per 256 values
         IK_LLAMA_CPP: values / 4 + 4 * rows + head,  # IQ2_BN: 2 bits a value and a float per row
+        IK_LLAMA_CPP_R4: values / 4 + 4 * rows + head,  # the same bytes, rows interleaved by four
         BITNET_CPP: values / 4 + 32 * 7 * layers + head,  # I2_S: 2 bits a value and a 32-byte tail per tensor
     }
 

@@ -62,6 +62,18 @@ def test_floors_are_checked_against_the_fastest_runtime(capsys):
     assert "1.30 GiB against ik_llama.cpp IQ2_BN's 1.25 GiB" in missed
 
 
+def test_ik_llama_cpp_runs_both_its_layouts_and_the_faster_one_sets_the_floor(capsys):
+    assert set(bench.FILES) == set(bench.RUNTIMES)  # every runtime side has a file to prepare
+    sides = [_side(bench.OURS, "ours", 40, 0.6, startup=6.0, rss_gib=1.2),
+             _side(bench.LLAMA_CPP, "llama.cpp", 50, 2.8, load=1.0, rss_gib=1.3),
+             _side(bench.IK_LLAMA_CPP, "ik_llama.cpp", 46, 1.4, rss_gib=1.25),
+             _side(bench.IK_LLAMA_CPP_R4, "ik_llama.cpp", 42, 1.5, rss_gib=1.25)]
+    code, out = _run(sides, capsys)
+    assert "ours decode: 1.05x ik_llama.cpp IQ2_BN_R4" in out  # repacked: the faster decode
+    assert "ours prefill 128: 2.33x ik_llama.cpp IQ2_BN " in out  # not repacked: the faster prefill
+    assert code == 0
+
+
 def test_an_absent_runtime_is_reported_and_none_at_all_is_no_verdict(capsys):
     sides = [_side(bench.OURS, "ours", 40, 0.6),
              _side(bench.LLAMA_CPP, "llama.cpp", 0, 0, absent="absent: the Python package llama_cpp is not installed")]
@@ -82,6 +94,8 @@ def test_bytes_a_decode_step_reads():
     head = 128256 * 2560 * 2
     assert moved[bench.OURS_FULL_HEAD] == values / 4 + head == pytest.approx(1.18e9, rel=0.01)
     assert moved[bench.LLAMA_CPP] == values * 66 / 256 + head
+    rows = 30 * (2560 + 2 * 640 + 2560 + 2 * 6912 + 2560)  # q, k, v, o, gate, up, down: a float scale each
+    assert moved[bench.IK_LLAMA_CPP_R4] == moved[bench.IK_LLAMA_CPP] == values / 4 + 4 * rows + head
     assert moved[bench.OURS_INT8] == values / 4 + head / 2 + 4 * 128256
     # the greedy screen (our default): int8 codes, a scale and a bound per row
     assert moved[bench.OURS] == values / 4 + head / 2 + 8 * 128256 == pytest.approx(0.85e9, rel=0.01)

@@ -61,6 +61,26 @@ def test_ik_llama_cpp_runs_our_i2_s_file_after_requantizing(relu2_model, tmp_pat
     assert any("requantized to IQ2_BN" in note for note in layer.notes)
 
 
+def test_ik_llama_cpp_repacks_our_i2_s_file_by_four_rows(relu2_model, tmp_path):
+    """bench_generate's IQ2_BN_R4 side: the same bytes in another order, which ik_llama.cpp runs with another
+    activation quantizer (its logits differ by ~1% of their size here) to the same greedy tokens."""
+    pytest.importorskip("ik_llama_cpp")
+    import json
+
+    from bitnet_core.config import ModelConfig
+
+    i2_s = api.convert(relu2_model, tmp_path / "m.gguf", target="bitnet.cpp")
+    ids = runtime._sequence(ModelConfig.from_hf(json.loads((relu2_model / "config.json").read_text())))
+    files, logits = {}, {}
+    for layout in ("iq2_bn", "iq2_bn_r4"):
+        files[layout] = tmp_path / f"m-{layout}.gguf"
+        assert runtime.requantize_iq2_bn(i2_s, files[layout], layout) is None
+        logits[layout] = runtime._runtime_logits("ik_llama.cpp", str(files[layout]), ids, tmp_path)
+    plain, repacked = (files[k].read_bytes() for k in ("iq2_bn", "iq2_bn_r4"))
+    assert len(plain) == len(repacked) and plain != repacked
+    assert (logits["iq2_bn"].argmax(-1) == logits["iq2_bn_r4"].argmax(-1)).all()
+
+
 def test_ik_llama_cpp_reading_i2_s_directly_is_caught(relu2_model, tmp_path, monkeypatch):
     """ik_llama.cpp has no I2_S matmul and runs such a file with wrong logits and no error (docs/formats.md §10):
     the comparison, not the runtime, is what notices."""

@@ -164,9 +164,10 @@ def loadable_file(path: str, ckpt: Checkpoint, runtime: str, cfg: ModelConfig, t
     return str(out)
 
 
-def requantize_iq2_bn(path: str | os.PathLike, out: str | os.PathLike) -> str | None:
-    """ik_llama.cpp's llama-quantize of an I2_S file to IQ2_BN (f16 embeddings and head) at `out`; None when
-    it succeeds, else the line of its output that says why not."""
+def requantize_iq2_bn(path: str | os.PathLike, out: str | os.PathLike, layout: str = "iq2_bn") -> str | None:
+    """ik_llama.cpp's llama-quantize of an I2_S file to IQ2_BN (f16 embeddings and head) at `out`, or to
+    `layout` "iq2_bn_r4" (the same codes, rows interleaved by four for its CPU kernels); None when it succeeds,
+    else the line of its output that says why not."""
     from ik_llama_cpp.quantize import find_quantize_bin
 
     binary = find_quantize_bin()
@@ -174,7 +175,7 @@ def requantize_iq2_bn(path: str | os.PathLike, out: str | os.PathLike) -> str | 
         raise ConvertError("ik_llama.cpp's llama-quantize is not installed with its package")
     try:
         done = subprocess.run([str(binary), "--allow-requantize", "--token-embedding-type", "f16",
-                               "--output-tensor-type", "f16", str(path), str(out), "iq2_bn"],
+                               "--output-tensor-type", "f16", str(path), str(out), layout],
                               capture_output=True, text=True, errors="replace", timeout=600)
     except subprocess.TimeoutExpired:
         return "it did not finish within 600 s"
