@@ -1025,14 +1025,13 @@ void unpack_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& s
   }
 }
 
-// PREFETCHT0 of the line at p, as an asm statement: GCC 12 dropped every _mm_prefetch of prefetch_chunk, a
-// function with no other effect, from the library (objdump showed none in lut_slab).
+// PREFETCHT0 of the line at p, as an asm statement: GCC 12 compiled prefetch_chunk, a function of nothing but
+// _mm_prefetch, to nothing (objdump showed no prefetch in lut_slab), which first looked like prefetches that
+// Zen 4 drops on a TLB miss; they do work here, on 4 KB pages too (BENCHMARKS.md).
 inline void prefetch_line(const char* p) { __asm__ volatile("prefetcht0 %0" : : "m"(*p)); }
 
-// The packed bytes unpack_chunk reads for chunk c of packed rows [r0, r1), on their way into L1: software
-// prefetches only. A real load per page first (for the page walk, which a prefetch that misses the TLB may skip)
-// held up retirement for the whole trip to DRAM: in the 2B4T prefill the loads cost more than they saved, on 2 MB
-// pages (where XLA's weight buffers sit here) and with transparent huge pages turned off alike (BENCHMARKS.md).
+// The packed bytes unpack_chunk reads for chunk c of packed rows [r0, r1), on their way into L1: prefetches only
+// (a real load would hold up retirement for its whole trip to DRAM).
 void prefetch_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& shape, int64_t r0, int64_t r1,
                     int64_t c) {
   for (int64_t r = r0; r < std::min(R, r1); ++r) {
