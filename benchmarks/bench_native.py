@@ -41,7 +41,6 @@ GROUPS = {  # input width -> projections (out features) fed by one input, as in 
     "down": (FFN, (HIDDEN,)),
 }
 NAMES = {"avx2": "AVX2", "avx512-vnni": "VNNI", "avx512-vnni+lut": "VNNI+LUT", "avx512-vnni+amx": "AMX"}
-NEVER = 1 << 40  # a token count no call reaches
 
 
 def best(fn, args, repeat: int) -> float:
@@ -66,7 +65,7 @@ def at_each_level(fn, args, repeat: int, paths: list[str] | None = None) -> dict
     times = {}
     for path in paths or native.levels():
         level, lookups = path.removesuffix("+lut"), path.endswith("+lut")
-        native.configure(level=level, amx_min_tokens=1, lut_min_tokens=1 if lookups else NEVER)
+        native.configure(level=level, amx_min_tokens=1, lut_min_tokens=1 if lookups else native.NEVER)
         times[path] = best(fn, args, repeat)
     native.configure()  # back to the defaults
     return times

@@ -53,7 +53,7 @@ def select(level: str, amx_min_tokens: int = native.AMX_MIN_TOKENS, lut_min_toke
     native.configure(level=level, amx_min_tokens=amx_min_tokens, lut_min_tokens=lut_min_tokens)
 
 
-NEVER = 1 << 40  # a token count no call reaches
+NEVER = native.NEVER
 
 
 @pytest.fixture(params=[("avx2", NEVER), ("avx512-vnni", NEVER), ("avx512-vnni", 1), ("avx512-vnni+amx", NEVER)],

@@ -52,6 +52,7 @@ AMX_MIN_TOKENS = 8
 # From this many tokens, where AMX does not take a product, VNNI + table lookups beat the VNNI loop (measured the
 # same way); set in the library when it loads.
 LUT_MIN_TOKENS = 32
+NEVER = 1 << 40  # a token count no call reaches: configure()'s way to turn AMX or the table lookups off
 LEVELS = {0: "none", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni+amx"}  # Level in kernels.cc
 BEST = "1"  # BITNET_NATIVE's default: the best level of this CPU
 
