@@ -952,76 +952,88 @@ struct LutShape {
       : chunks((K + kChunkColumns - 1) / kChunkColumns), Kv(12 * kChunkSteps * chunks), Kp(kChunkColumns * chunks) {}
 };
 
-// The codes of packed rows [r0, r0 + 16) at columns [c0, c0 + n) (n = 32 or 64, c0 % 4 == 0), per group g of 16
-// outputs as lanes: step(d, g, v) gets columns c0 + 4d .. c0 + 4d + 3 (zero past K or R). Output 16 g + l sits in
-// packed row 4 g + l / 4 at bits 2 (l % 4): lane l takes dword d of that row and shifts it by 2 (l % 4).
-template <typename Step>
-inline void lanes(const uint8_t* packed, int64_t R, int64_t K, int64_t r0, int64_t c0, int n, Step step) {
-  const __m512i three = _mm512_set1_epi8(3);
-  const __m512i shift = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
+// Packed rows r0 + 4 g .. r0 + 4 g + 3 at columns [c0, c0 + n) (zero past K or R), transposed in each 128-bit
+// lane: lane m of w[k] holds dword 4 m + k of the four rows.
+template <int n>
+inline void group_columns(const uint8_t* packed, int64_t R, int64_t K, int64_t r0, int g, int64_t c0, __m512i w[4]) {
   const int64_t valid = std::clamp<int64_t>(K - c0, 0, n);
   const __mmask64 mask = valid == 0 ? 0 : (~0ULL) >> (64 - valid);
-  for (int g = 0; g < 4; ++g) {
-    __m512i z[4];  // packed rows 4 g .. 4 g + 3
-    for (int q = 0; q < 4; ++q) {
-      const int64_t r = r0 + 4 * g + q;
-      if (r >= R) z[q] = _mm512_setzero_si512();
-      else if (valid == 64) z[q] = _mm512_loadu_si512(packed + r * K + c0);  // masked loads ran slower (Zen 4)
-      else z[q] = _mm512_maskz_loadu_epi8(mask, packed + r * K + c0);
-    }
-    // A 4 x 4 transpose in each 128-bit lane: lane m of w[k] holds dword 4 m + k of z[0], z[1], z[2], z[3].
-    const __m512i lo01 = _mm512_unpacklo_epi32(z[0], z[1]), hi01 = _mm512_unpackhi_epi32(z[0], z[1]);
-    const __m512i lo23 = _mm512_unpacklo_epi32(z[2], z[3]), hi23 = _mm512_unpackhi_epi32(z[2], z[3]);
-    const __m512i w[4] = {_mm512_unpacklo_epi64(lo01, lo23), _mm512_unpackhi_epi64(lo01, lo23),
-                          _mm512_unpacklo_epi64(hi01, hi23), _mm512_unpackhi_epi64(hi01, hi23)};
-    for (int d = 0; d < n / 4; ++d) {
-      const int m = d / 4;  // lane l reads dword 4 m + l / 4 of w[d % 4]: z[l / 4]'s dword d
-      const __m512i spread = _mm512_set_epi32(4 * m + 3, 4 * m + 3, 4 * m + 3, 4 * m + 3, 4 * m + 2, 4 * m + 2,
-                                              4 * m + 2, 4 * m + 2, 4 * m + 1, 4 * m + 1, 4 * m + 1, 4 * m + 1,
-                                              4 * m, 4 * m, 4 * m, 4 * m);
-      const __m512i row = _mm512_permutexvar_epi32(spread, w[d % 4]);
-      step(d, g, _mm512_and_si512(_mm512_srlv_epi32(row, shift), three));
-    }
+  __m512i z[4];
+  for (int q = 0; q < 4; ++q) {
+    const int64_t r = r0 + 4 * g + q;
+    if (r >= R) z[q] = _mm512_setzero_si512();
+    else if (valid == 64) z[q] = _mm512_loadu_si512(packed + r * K + c0);  // masked loads ran slower (Zen 4)
+    else z[q] = _mm512_maskz_loadu_epi8(mask, packed + r * K + c0);
   }
+  const __m512i lo01 = _mm512_unpacklo_epi32(z[0], z[1]), hi01 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i lo23 = _mm512_unpacklo_epi32(z[2], z[3]), hi23 = _mm512_unpackhi_epi32(z[2], z[3]);
+  w[0] = _mm512_unpacklo_epi64(lo01, lo23), w[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  w[2] = _mm512_unpacklo_epi64(hi01, hi23), w[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
+// Step d (columns c0 + 4 d .. c0 + 4 d + 3) of group_columns' w as 16 output lanes: output 16 g + l is packed row
+// 4 g + l / 4 at bits 2 (l % 4), so lane l takes dword d of row l / 4 (lane d / 4 of w[d % 4]) shifted by 2 (l % 4).
+inline __m512i step_codes(const __m512i w[4], int d) {
+  const int m = d / 4;
+  const __m512i spread = _mm512_add_epi32(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                          _mm512_set1_epi32(4 * m));
+  const __m512i shift = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
+  const __m512i row = _mm512_permutexvar_epi32(spread, w[d % 4]);
+  return _mm512_and_si512(_mm512_srlv_epi32(row, shift), _mm512_set1_epi8(3));
 }
 
 // Chunk c of the block of packed rows from r0 as its panel. Superstep s holds at s KB + 256 k + 64 g the codes
 // of its VNNI step k (columns 192 c + 12 s + 4 k ..) for group g, then at s KB + 768 + 128 (G % 2) + 64 h the
 // indices of table group G = 2 s or 2 s + 1 for half h. Table group G reads the columns
 // Kv + 96 c + 12 (G / 4) + G % 4 + {0, 4, 8}: byte G % 4 of three consecutive steps of the table columns.
+// Every loop over steps is unrolled, so that each store's place in the panel is a constant: with the steps
+// counted at run time, the scalar arithmetic of those places, not the vector work, set the pace.
 void unpack_chunk(const uint8_t* packed, int64_t R, int64_t K, const LutShape& shape, int64_t r0, int64_t c,
                   uint8_t* panel) {
+#pragma GCC unroll 3
   for (int i = 0; i < 3; ++i)  // the 192 VNNI columns: 48 steps
-    lanes(packed, R, K, r0, 192 * c + 64 * i, 64, [&](int d, int g, __m512i codes) {
-      const int step = 16 * i + d;
-      _mm512_store_si512(panel + (step / 3) * kSuperstepBytes + (step % 3) * 256 + g * 64, codes);
-    });
-  alignas(64) uint8_t steps[24][4][64];  // the 96 table columns: 24 steps
-  const int64_t first = shape.Kv + 96 * c;
-  lanes(packed, R, K, r0, first, 64, [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[d][g], codes); });
-  lanes(packed, R, K, r0, first + 64, 32,
-        [&](int d, int g, __m512i codes) { _mm512_store_si512(steps[16 + d][g], codes); });
-  const __m512i low_byte = _mm512_set1_epi32(0xFF);
-  for (int u = 0; u < 8; ++u) {
-    __m512i index[4];  // byte j of lane l: c0 + 3 c1 + 9 c2 of output 16 g + l, table group 4 u + j
     for (int g = 0; g < 4; ++g) {
-      const __m512i c0 = _mm512_load_si512(steps[3 * u][g]), c1 = _mm512_load_si512(steps[3 * u + 1][g]);
-      const __m512i c2 = _mm512_load_si512(steps[3 * u + 2][g]);
-      const __m512i c1x3 = _mm512_add_epi8(_mm512_add_epi8(c1, c1), c1);
-      const __m512i c2x3 = _mm512_add_epi8(_mm512_add_epi8(c2, c2), c2);
-      index[g] = _mm512_add_epi8(_mm512_add_epi8(c0, c1x3), _mm512_add_epi8(_mm512_add_epi8(c2x3, c2x3), c2x3));
-    }
-    for (int j = 0; j < 4; ++j) {
-      const int G = 4 * u + j;
-      for (int h = 0; h < 2; ++h) {  // outputs 32 h .. 32 h + 31 as int16 lanes
-        auto byte_j = [&](__m512i v) {  // byte j of each lane, as 16 int16
-          return _mm512_cvtepi32_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), low_byte));
-        };
-        const __m256i lo = byte_j(index[2 * h]), hi = byte_j(index[2 * h + 1]);
-        _mm512_store_si512(panel + (G / 2) * kSuperstepBytes + kIndexOffset + ((G % 2) * 2 + h) * 64,
-                           _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      __m512i w[4];
+      group_columns<64>(packed, R, K, r0, g, 192 * c + 64 * i, w);
+#pragma GCC unroll 16
+      for (int d = 0; d < 16; ++d) {
+        const int step = 16 * i + d;
+        _mm512_store_si512(panel + (step / 3) * kSuperstepBytes + (step % 3) * 256 + g * 64, step_codes(w, d));
       }
     }
+  // The 96 table columns: 24 steps; index[u][g] byte j of lane l: c0 + 3 c1 + 9 c2 of output 16 g + l in table
+  // group 4 u + j, from steps 3 u, 3 u + 1, 3 u + 2 (c <= 2: every sum stays in its byte).
+  __m512i index[8][4];
+  const int64_t first = shape.Kv + 96 * c;
+  for (int g = 0; g < 4; ++g) {
+    __m512i lo[4], hi[4];
+    group_columns<64>(packed, R, K, r0, g, first, lo);
+    group_columns<32>(packed, R, K, r0, g, first + 64, hi);
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) {
+      __m512i code[3];
+      for (int e = 0; e < 3; ++e)
+        code[e] = 3 * u + e < 16 ? step_codes(lo, 3 * u + e) : step_codes(hi, 3 * u + e - 16);
+      const __m512i upper = _mm512_add_epi8(code[1], _mm512_add_epi8(code[2], _mm512_add_epi8(code[2], code[2])));
+      index[u][g] = _mm512_add_epi8(code[0], _mm512_add_epi8(upper, _mm512_add_epi8(upper, upper)));
+    }
+  }
+  // Table group G = 4 u + j, half h: int16 lane m is output 32 h + m, byte j of lane m % 16 of
+  // index[u][2 h + m / 16]. VPERMT2W picks the word that holds it (bit 5 of a control word picks the second
+  // source), then a shift or a mask leaves that byte alone in the lane (VBMI's byte permute would do it at once,
+  // but the AVX-512 level does not require VBMI: Cascade Lake has VNNI without it).
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) int16_t control[32];
+    for (int m = 0; m < 32; ++m) control[m] = int16_t((m / 16) * 32 + 2 * (m % 16) + j / 2);
+    const __m512i pick = _mm512_load_si512(control);
+    for (int u = 0; u < 8; ++u)
+      for (int h = 0; h < 2; ++h) {
+        const int G = 4 * u + j;
+        const __m512i words = _mm512_permutex2var_epi16(index[u][2 * h], pick, index[u][2 * h + 1]);
+        _mm512_store_si512(panel + (G / 2) * kSuperstepBytes + kIndexOffset + ((G % 2) * 2 + h) * 64,
+                           j % 2 ? _mm512_srli_epi16(words, 8) : _mm512_and_si512(words, _mm512_set1_epi16(0xff)));
+      }
   }
 }
 
