@@ -1186,7 +1186,9 @@ void chunk_tokens(const uint8_t* panel, const int8_t* x, int64_t Kp, const int16
     for (int g = 0; g < 4; ++g) _mm512_store_si512(acc + (4 * t + g) * 16, sums[t][g]);
 }
 
-// out[t0 .. t0 + T, 64 outputs of the block from r0] from the accumulators of chunk4's layout.
+// out[t0 .. t0 + T, 64 outputs of the block from r0] from the accumulators of chunk4's layout. Whole lines go out
+// as non-temporal stores: nothing reads them again in this call, and a plain store first reads each line it
+// writes (1.3 to 3.5 MB an output at 128 tokens, more than L2 holds).
 void lut_outputs(const Projection& p, const Activations& a, const int32_t* acc, int64_t T, int64_t r0, int64_t t0) {
   const int64_t O = p.R * kValuesPerByte;
   for (int64_t t = 0; t < T; ++t) {
@@ -1197,7 +1199,8 @@ void lut_outputs(const Projection& p, const Activations& a, const int32_t* acc, 
       const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(acc + (4 * t + g) * 16), _mm512_set1_epi32(a.sum[token]));
       __m512 y = dequantize(sum, a.inv_scale[token], p.multiplier);
       if (p.residual) y = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, p.residual + at), y);  // as XLA's x + y
-      _mm512_mask_storeu_ps(p.out + at, lanes, y);
+      if (lanes == 0xffff && reinterpret_cast<uintptr_t>(p.out + at) % 64 == 0) _mm512_stream_ps(p.out + at, y);
+      else _mm512_mask_storeu_ps(p.out + at, lanes, y);
     }
   }
 }
@@ -1258,6 +1261,7 @@ void lut_slab(ffi::ThreadPool& pool, std::vector<Projection>& projections, const
       for (int64_t g = 0; g < groups; ++g)
         lut_outputs(p, a, acc + (j * groups + g) * (kAccumulatorBytes / 4), std::min<int64_t>(4, N - 4 * g),
                     (task.first + j) * kLutBlockRows, 4 * g);
+    _mm_sfence();  // the non-temporal stores are weakly ordered: done before parallel_for counts the task done
   });
 }
 
